@@ -1,0 +1,36 @@
+# The commands the README gives.  Settings come from the environment
+# (REDIS_*, MYSQL_*, EVENTSOURCE_*: see the README's table); extra
+# arguments go in ARGS, e.g. `make run ARGS="--row-timeout=2"`.
+
+PYTHON ?= python3
+VENV := .venv
+# The README's developer install: the compat mode keeps twisted/plugins on
+# sys.path, which the default editable mode hides from twistd.
+DEV_INSTALL := pip install -e . --config-settings editable_mode=compat
+
+.PHONY: run test lint bench config-table
+
+## run: set up .venv and run the server in the foreground, against local Redis and MariaDB
+run: $(VENV)/.installed
+	exec $(VENV)/bin/twistd --nodaemon --pidfile= eventsource $(ARGS)
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m $(DEV_INSTALL)
+	touch $@
+
+## test: the whole suite, every Python found, lint and packaging checks
+test:
+	$(PYTHON) -m pip install -q 'tox>=4' && $(PYTHON) -m tox $(ARGS)
+
+## lint: ruff check
+lint:
+	$(PYTHON) -m pip install -q 'tox>=4' && $(PYTHON) -m tox -e lint
+
+## bench: install the package into $(PYTHON) and run the benchmark
+bench:
+	$(PYTHON) -m $(DEV_INSTALL) -q && $(PYTHON) -m eventsource.bench $(ARGS)
+
+## config-table: print the README's configuration table from the real options
+config-table:
+	@$(PYTHON) -c 'from eventsource.tap import settings_table; print(settings_table())'

@@ -1,0 +1,559 @@
+"""
+The ``eventsource`` command: persist and fetch events from a shell, and run
+the server without knowing twistd.
+
+    eventsource persist --pid P --domain D --name N --data '{"k": 1}'
+    eventsource fetch --pid P
+    eventsource serve --table db.events
+
+``persist`` and ``fetch`` talk to the server through Redis with
+:mod:`eventsource.client`, under :func:`twisted.internet.task.react`.  Every
+failure ends with one line on standard error and an exit status that says
+what went wrong (see :data:`EXIT_CODES`).
+
+:func:`run` is the whole command with its streams and ``connect`` passed in,
+so tests drive it without a subprocess.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import textwrap
+from typing import Any, Dict, List, Mapping, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, react
+
+from eventsource import client as client_module
+from eventsource.client import (
+    DEFAULT_REPLY_PREFIX,
+    DEFAULT_TIMEOUT,
+    EventSourceError,
+    NoServerError,
+    RedisConnectionError,
+    ReplyTimeout,
+    ServerError,
+    StreamTimeout,
+)
+
+PROG = "eventsource"
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_SERVER = 3
+EXIT_TIMEOUT = 4
+EXIT_REDIS = 5
+EXIT_INTERRUPTED = 130
+
+#: exit status and meaning, for --help and the docs
+EXIT_CODES = (
+    (EXIT_OK, "success"),
+    (EXIT_SERVER_ERROR, "the server answered \"error\" (bad query or document, refused "
+                        "table, database failure)"),
+    (EXIT_USAGE, "bad command line or bad JSON argument/input"),
+    (EXIT_NO_SERVER, "no eventsource server is listening on that Redis"),
+    (EXIT_TIMEOUT, "no answer within --timeout, or the server's row timeout"),
+    (EXIT_REDIS, "Redis cannot be reached, or the connection dropped"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); an open fetch is told \"end\""),
+)
+
+#: default --window of fetch: version 1 (window 1) is one round trip per row
+DEFAULT_WINDOW = 100
+#: a read shows its progress line once it has run this long (seconds)
+PROGRESS_DELAY = 1.0
+PROGRESS_INTERVAL = 0.5
+#: widest cell of --format table before it is cut
+TABLE_CELL_WIDTH = 60
+
+
+class UsageError(Exception):
+    """A bad argument or input found after parsing: exit 2 with its message."""
+
+
+def _error_code(error: BaseException) -> int:
+    if isinstance(error, NoServerError):
+        return EXIT_NO_SERVER
+    if isinstance(error, (ReplyTimeout, StreamTimeout)):
+        return EXIT_TIMEOUT
+    if isinstance(error, RedisConnectionError):
+        return EXIT_REDIS
+    return EXIT_SERVER_ERROR
+
+
+# -- argument parsing ------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on standard error, exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {_cut(text, 40)}") from None
+
+
+def _json_object(text: str) -> Dict[str, Any]:
+    value = _json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {_cut(text, 40)}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return value
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _para(text: str) -> str:
+    return textwrap.fill(text, 79)
+
+
+def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    """
+    The parser of every command.  Connection defaults come from ``environ``
+    (``os.environ`` when ``None``): the variables the server reads too.
+    """
+    environ = os.environ if environ is None else environ
+    exit_codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
+    parser = _Parser(
+        prog=PROG,
+        description="Persist and fetch events of an eventsource server through Redis, "
+                    "or run the server.",
+        epilog=f"Exit status:\n{exit_codes}\n\nRun '{PROG} COMMAND --help' for the flags "
+               "of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    connection = _Parser(add_help=False)
+    group = connection.add_argument_group(
+        "connection", "Where the server listens: the Redis it uses.")
+    group.add_argument(
+        "--redis-host", default=environ.get("REDIS_HOST") or "127.0.0.1", metavar="HOST",
+        help="Redis host name or address [env REDIS_HOST; default: 127.0.0.1].")
+    group.add_argument(
+        "--redis-port", type=_port, default=environ.get("REDIS_PORT") or "6379",
+        metavar="PORT", help="Redis port [env REDIS_PORT; default: 6379].")
+    group.add_argument(
+        "--redis-user", default=environ.get("REDIS_USER") or None, metavar="USER",
+        help="Redis ACL user name [env REDIS_USER; default: none].")
+    group.add_argument(
+        "--redis-password", default=environ.get("REDIS_PASS") or None, metavar="PASSWORD",
+        help="Redis password [env REDIS_PASS; default: none].")
+    group.add_argument(
+        "--redis-endpoint", default=None, metavar="ENDPOINT",
+        help="A Twisted client endpoint string used instead of host and port, e.g. "
+             "'unix:path=/run/redis.sock' or 'tls:redis.example:6380'.")
+    group.add_argument(
+        "--channel-prefix", default=environ.get("EVENTSOURCE_CHANNEL_PREFIX") or "",
+        metavar="PREFIX",
+        help="The server's --channel-prefix: prepended to the request channels persist, "
+             "fetch and fetch-next [env EVENTSOURCE_CHANNEL_PREFIX; default: empty].")
+    group.add_argument(
+        "--reply-prefix", default=environ.get("EVENTSOURCE_REPLY_PREFIX") or
+        DEFAULT_REPLY_PREFIX, metavar="PREFIX",
+        help="Start of the reply channel names, for Redis ACLs that allow clients only "
+             f"some channels [env EVENTSOURCE_REPLY_PREFIX; default: {DEFAULT_REPLY_PREFIX}].")
+    group.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="Seconds to wait for Redis, and for each answer of the server "
+             f"[default: {DEFAULT_TIMEOUT:g}].")
+
+    persist = commands.add_parser(
+        "persist", parents=[connection], help="append events",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Append one event given by flags, or many given as JSON lines "
+                    "(one object per line) on standard input, appended together in one "
+                    "request (all or nothing).  Prints the server's result as one JSON "
+                    "line: affectedRows, insertId, ..."),
+        epilog="examples:\n"
+               f"  {PROG} persist --pid order-1 --domain order --name created "
+               "--data '{\"total\": 12}'\n"
+               f"  printf '%s\\n' '{{\"pid\": \"p\", \"domain\": \"d\", \"name\": \"a\"}}' "
+               f"| {PROG} persist")
+    persist.add_argument("--pid", help="Process (aggregate) id of the event.")
+    persist.add_argument("--domain", help="Domain of the event.")
+    persist.add_argument("--name", help="Name of the event.")
+    persist.add_argument("--data", type=_json_value, metavar="JSON",
+                         help="Payload of the event: any JSON value [default: null].")
+    persist.add_argument("--table", metavar="DB.TABLE",
+                         help="Events table [default: the server's].")
+
+    fetch = commands.add_parser(
+        "fetch", parents=[connection], help="read events",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Read events, in the order they were appended unless the query says "
+                    "otherwise.  Filter with --pid/--domain/--name (combined), or give a "
+                    "$where object, or a whole {\"$select\": ...} query.  Prints one JSON "
+                    "object per row, with data decoded, or a table."),
+        epilog="examples:\n"
+               f"  {PROG} fetch --pid order-1\n"
+               f"  {PROG} fetch --where '{{\"domain\": \"order\", \"name\": "
+               "{\"$in\": [\"created\", \"paid\"]}}'\n"
+               f"  {PROG} fetch --query '{{\"$select\": {{\"$columns\": [\"pid\"], "
+               "\"$distinct\": true}}' --format table")
+    what = fetch.add_argument_group("what to read")
+    what.add_argument("--pid", help="Only events of this process (aggregate) id.")
+    what.add_argument("--domain", help="Only events of this domain.")
+    what.add_argument("--name", help="Only events of this name.")
+    what.add_argument("--where", type=_json_object, metavar="JSON",
+                      help="A $where object of the query language, e.g. "
+                           "'{\"pid\": {\"$startsWith\": \"order-\"}}'.")
+    what.add_argument("--query", type=_json_object, metavar="JSON",
+                      help="A whole query: '{\"$select\": {...}}' ($columns, $where, $orderBy, "
+                           "$limit, ...).")
+    what.add_argument("--table", metavar="DB.TABLE",
+                      help="Events table to read [default: the server's].")
+    what.add_argument("--limit", type=_positive_int, metavar="N",
+                      help="At most N rows.")
+    out = fetch.add_argument_group("output")
+    out.add_argument("--format", choices=("json", "table"), default="json",
+                     help="json: one JSON object per line (default); table: aligned "
+                          "columns, for people (reads every row first).")
+    out.add_argument("--raw", action="store_true",
+                     help="Print rows exactly as the server sends them (data as JSON text).")
+    out.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
+                     help="Rows the server may send ahead of acceptances; 1 is the original "
+                          f"protocol, one round trip per row [default: {DEFAULT_WINDOW}; "
+                          "the server caps it].")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="No progress line on standard error (shown only when it is a "
+                          "terminal and the read takes over a second).")
+
+    commands.add_parser(
+        "serve", add_help=False, help="run the server: twistd -n eventsource ...",
+        description=_para("Run the eventsource server in the foreground: the same as "
+                    "'twistd -n --pidfile= eventsource [OPTIONS]'.  '--help' lists the "
+                    "server's options."))
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def _documents(args, stdin) -> Any:
+    flags = [args.pid, args.domain, args.name]
+    if any(flag is not None for flag in flags) or args.data is not None:
+        if not all(flags):
+            raise UsageError("persist needs --pid, --domain and --name (or JSON lines on "
+                             "standard input, without those flags)")
+        return {"pid": args.pid, "domain": args.domain, "name": args.name, "data": args.data}
+    if stdin is None or (hasattr(stdin, "isatty") and stdin.isatty()):
+        raise UsageError("give --pid, --domain and --name, or pipe events as JSON lines into "
+                         "standard input")
+    documents = []
+    for number, line in enumerate(stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"line {number} of standard input is not valid JSON ({e})") \
+                from None
+        if not isinstance(document, dict):
+            raise UsageError(f"line {number} of standard input is not a JSON object")
+        documents.append(document)
+    if not documents:
+        raise UsageError("no events on standard input (one JSON object per line)")
+    return documents
+
+
+def fetch_query(args) -> Dict[str, Any]:
+    """The ``{"$select": ...}`` query the fetch flags describe."""
+    simple = {key: value for key, value in
+              (("pid", args.pid), ("domain", args.domain), ("name", args.name))
+              if value is not None}
+    given = [name for name, value in (("--where", args.where), ("--query", args.query))
+             if value is not None]
+    if simple:
+        given.insert(0, "/".join(f"--{k}" for k in simple))
+    if len(given) > 1:
+        raise UsageError(f"give only one of {' and '.join(given)}")
+    if args.query is not None:
+        query = args.query
+        if "$select" not in query:
+            query = {"$select": query}
+        if set(query) != {"$select"} or not isinstance(query["$select"], dict):
+            raise UsageError("--query must be {\"$select\": {...}}")
+        select = dict(query["$select"])
+    else:
+        select = {}
+        where = args.where if args.where is not None else simple
+        if where:
+            select["$where"] = where
+    if args.table is not None:
+        select["$from"] = args.table
+    if args.limit is not None:
+        select["$limit"] = args.limit
+    return {"$select": select}
+
+
+class Progress:
+    """
+    ``12345 rows, 6789 rows/s`` on one rewritten line of standard error,
+    for reads that take longer than :data:`PROGRESS_DELAY`.
+    """
+
+    def __init__(self, clock, stream, delay=PROGRESS_DELAY, interval=PROGRESS_INTERVAL):
+        self._clock = clock
+        self._stream = stream
+        self._delay = delay
+        self._started = clock.seconds()
+        self._shown = False
+        self.rows = 0
+        self._loop = LoopingCall(self._show)
+        self._loop.clock = clock
+        self._loop.start(interval, now=False)
+
+    def _line(self):
+        elapsed = max(self._clock.seconds() - self._started, 1e-9)
+        return f"{self.rows} rows, {self.rows / elapsed:.0f} rows/s, {elapsed:.1f} s"
+
+    def _show(self):
+        if self._clock.seconds() - self._started < self._delay:
+            return
+        self._shown = True
+        self._stream.write("\r" + self._line() + "\x1b[K")
+        self._stream.flush()
+
+    def stop(self):
+        """Stop; a read long enough to have shown progress leaves its total."""
+        if self._loop.running:
+            self._loop.stop()
+        if self._shown:
+            self._stream.write("\r" + self._line() + "\x1b[K\n")
+            self._stream.flush()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = text.replace("\n", " ")
+    return _cut(text, TABLE_CELL_WIDTH)
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Rows as aligned text columns, the columns in the order they first appear."""
+    columns: List[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    cells = [[_cell(row.get(column, "")) if column in row else "" for column in columns]
+             for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells])
+              for i, column in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    lines = [line(columns), line(["-" * w for w in widths])]
+    lines += [line(values) for values in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+async def _persist(client, args, stdout, documents) -> int:
+    result = await client.persist(documents, table=args.table)
+    stdout.write(json.dumps(result.raw, separators=(",", ":")) + "\n")
+    stdout.flush()
+    return EXIT_OK
+
+
+async def _fetch(client, args, stdout, stderr, clock, query, holder) -> int:
+    stream = client.fetch(query, window=args.window, raw=args.raw)
+    holder.append(stream)
+    progress = None
+    if args.progress and hasattr(stderr, "isatty") and stderr.isatty():
+        progress = Progress(clock, stderr)
+    rows = []
+    try:
+        async with stream:
+            async for row in stream:
+                if progress is not None:
+                    progress.rows += 1
+                if args.format == "table":
+                    rows.append(row)
+                else:
+                    stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if args.format == "table":
+            if progress is not None:
+                progress.stop()
+                progress = None
+            stdout.write(format_table(rows) + "\n")
+        stdout.flush()
+    finally:
+        if progress is not None:
+            progress.stop()
+    return EXIT_OK
+
+
+async def execute(reactor, args, stdout, stderr, stdin=None, connect=None,
+                  holder=None) -> int:
+    """
+    Run a parsed ``persist`` or ``fetch``; returns the exit status.
+
+    ``connect`` replaces :func:`eventsource.client.connect` (in tests);
+    ``holder`` collects the open fetch stream, so an interrupt can end it.
+    """
+    connect = connect or client_module.connect
+    holder = [] if holder is None else holder
+    prog = f"{PROG} {args.command}"
+    try:
+        if args.command == "persist":
+            documents = _documents(args, stdin)
+        else:
+            query = fetch_query(args)
+    except UsageError as e:
+        stderr.write(f"{prog}: error: {e}\n")
+        return EXIT_USAGE
+    try:
+        client = await connect(
+            host=args.redis_host, port=args.redis_port, password=args.redis_password,
+            username=args.redis_user, endpoint=args.redis_endpoint, reactor=reactor,
+            timeout=args.timeout, connect_timeout=args.timeout,
+            reply_prefix=args.reply_prefix, channel_prefix=args.channel_prefix)
+    except EventSourceError as e:
+        where = args.redis_endpoint or f"{args.redis_host}:{args.redis_port}"
+        stderr.write(f"{prog}: error: {e} ({where})\n")
+        return _error_code(e)
+    try:
+        if args.command == "persist":
+            return await _persist(client, args, stdout, documents)
+        return await _fetch(client, args, stdout, stderr, reactor, query, holder)
+    except ServerError as e:
+        stderr.write(f"{prog}: error: the server refused the request (answered \"error\"); "
+                     f"its log says why, under reply channel {e.channel}\n")
+        return _error_code(e)
+    except EventSourceError as e:
+        stderr.write(f"{prog}: error: {e}\n")
+        return _error_code(e)
+    except BrokenPipeError:
+        # `eventsource fetch ... | head`: the reader left; the stream was ended
+        _silence_stdout(stdout)
+        return EXIT_OK
+    finally:
+        await client.disconnect()
+
+
+def _silence_stdout(stdout) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+async def run(reactor, argv, stdout, stderr, stdin=None, environ=None, connect=None) -> int:
+    """The whole ``eventsource`` command for ``argv`` (without the program name)."""
+    parser = build_parser(environ)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.command == "serve":
+        stderr.write(f"{PROG} serve: not available here; run it from a shell\n")
+        return EXIT_USAGE
+    return await execute(reactor, args, stdout, stderr, stdin, connect)
+
+
+async def _react_main(reactor, args):
+    """Under react: run the command; Ctrl-C ends an open fetch with "end" first."""
+    holder = []
+    finished = Deferred()
+    work = Deferred.fromCoroutine(execute(reactor, args, sys.stdout, sys.stderr, sys.stdin,
+                                          holder=holder))
+    work.addBoth(lambda result: (finished.callback(None), result)[1])
+
+    def interrupted():
+        if finished.called:
+            return None
+        work.cancel()
+        waiting = Deferred()
+        finished.addBoth(lambda _: waiting.callback(None) if not waiting.called else None)
+        return waiting.addTimeout(2, reactor).addErrback(lambda _: None)
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    try:
+        code = await work
+    except defer.CancelledError:
+        sys.stderr.write(f"{PROG} {args.command}: interrupted\n")
+        code = EXIT_INTERRUPTED
+    if code:
+        raise SystemExit(code)
+
+
+def serve(arguments: List[str]) -> int:
+    """``twistd -n --pidfile= eventsource ARGUMENTS``, in this process."""
+    if "--help" in arguments or "-h" in arguments:
+        print(f"usage: {PROG} serve [OPTIONS]\n\nRuns 'twistd -n --pidfile= eventsource "
+              "[OPTIONS]': the server, in the foreground, logging to standard output.  "
+              "Stop it with Ctrl-C (or SIGTERM).  Its options:\n", flush=True)
+        arguments = ["--help" if a == "-h" else a for a in arguments]
+    else:
+        # the server's own options, checked first for a one-line error
+        from twisted.python import usage
+
+        from eventsource.tap import Options
+
+        try:
+            Options().parseOptions(arguments)
+        except usage.UsageError as e:
+            sys.stderr.write(f"{PROG} serve: error: {e} (see {PROG} serve --help)\n")
+            return EXIT_USAGE
+    from twisted.scripts.twistd import run as twistd
+
+    sys.argv = ["twistd", "-n", "--pidfile=", "eventsource", *arguments]
+    twistd()
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None):
+    """The console script: ``eventsource COMMAND ...``; exits with the status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        sys.exit(serve(argv[1:]))
+    args = build_parser().parse_args(argv)
+    react(_react_main, (args,))

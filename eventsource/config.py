@@ -1,0 +1,80 @@
+"""
+The server's settings, as one immutable value.
+
+``eventsource.tap`` builds a :class:`Config` from the command line and the
+environment; everything else only reads it.  Keeping the settings in one
+plain value means the service can be built in tests without twistd.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+REQUEST_CHANNELS = ("persist", "fetch", "fetch-next")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the server, with the defaults the README documents."""
+
+    # Redis
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_user: Optional[str] = None
+    redis_password: Optional[str] = field(default=None, repr=False)
+    redis_tls: bool = False
+    redis_tls_ca: Optional[str] = None
+    redis_tls_cert: Optional[str] = None
+    redis_tls_key: Optional[str] = None
+    #: upper bound of the reconnect backoff, seconds
+    redis_max_delay: float = 2.0
+
+    # MySQL / MariaDB
+    mysql_host: str = "127.0.0.1"
+    mysql_port: int = 3306
+    mysql_user: str = "root"
+    mysql_password: str = field(default="", repr=False)
+    mysql_charset: str = "utf8mb4"
+    mysql_tls_ca: Optional[str] = None
+    mysql_tls_cert: Optional[str] = None
+    mysql_tls_key: Optional[str] = None
+    mysql_tls_verify: bool = False
+    pool_size: int = 10
+
+    # the events table, ``database.table``
+    table: str = "eventsource.event"
+
+    # streaming
+    row_timeout: float = 5.0
+    page_size: int = 1000
+    max_window: int = 1000
+
+    # limits
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_streams: int = 10000
+    max_documents: int = 10000
+    max_query_depth: int = 32
+    max_query_terms: int = 1000
+    max_in_list: int = 1000
+
+    read_only: bool = False
+
+    #: prepended to the request channels (``persist`` becomes
+    #: ``<prefix>persist``), so several deployments can share one Redis;
+    #: empty (version 1 clients' channels) by default
+    channel_prefix: str = ""
+
+    @property
+    def request_channels(self) -> dict:
+        """The Redis channel of each request kind, prefix applied."""
+        return {kind: self.channel_prefix + kind for kind in REQUEST_CHANNELS}
+
+    @property
+    def database(self) -> str:
+        """The database part of :attr:`table`."""
+        return self.table.split(".", 1)[0]
+
+    @property
+    def table_name(self) -> str:
+        """The table part of :attr:`table`."""
+        return self.table.split(".", 1)[1]

@@ -1,0 +1,932 @@
+"""
+The JSON query language: turns a client's ``$select`` / ``$insert`` into
+parameterised SQL for MariaDB.
+
+This is the only place where SQL text is built from client input, so it is
+deliberately small and strict:
+
+* identifiers come only from the table's own columns (and, where allowed,
+  the query's own aliases), and are always backquoted by us;
+* every value becomes a bound ``%s`` parameter, never SQL text;
+* anything not understood (unknown ``$keys``, other tables, joins, raw-SQL
+  helpers, wrong types) is refused with a :class:`QueryError` whose message
+  is a short sentence safe to log and to show to the client;
+* the size of a query is bounded by :class:`Limits`.
+
+The module is pure: no reactor, no database driver, no I/O.  The server
+compiles a query once into a :class:`SelectPlan` and then asks the plan for
+the SQL of each page it fetches.  The syntax is a safe subset of
+json-sql-builder2's, which the original Node.js service exposed; see
+``docs/QUERY.md`` for the user documentation.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Optional
+
+
+__all__ = [
+    "QueryError",
+    "Limits",
+    "TableSchema",
+    "SelectPlan",
+    "InsertPlan",
+    "compile_select",
+    "compile_insert",
+    "parse_timestamp",
+]
+
+
+class QueryError(ValueError):
+    """
+    A refused or malformed query.
+
+    ``str(exc)`` is a short human sentence that is safe to log and to send
+    back: quoted input is truncated, containers are described, not dumped.
+    """
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on the size of one query, so no request can make us (or the
+    database) do unbounded work."""
+
+    #: nesting depth of ``$where``/``$having`` objects and lists
+    max_depth: int = 32
+    #: total number of conditions, values and listed columns in a query
+    max_terms: int = 1000
+    #: maximum length of one ``$in``/``$nin`` list
+    max_in_list: int = 1000
+
+
+# Characters that may never appear in an identifier we emit: the quote
+# character itself, pymysql's format character and NUL.
+_BAD_IDENTIFIER_CHARS = ("`", "%", "\x00")
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """
+    The events table a query may read or write.
+
+    Only these columns can ever appear in SQL; ``default_columns`` is what a
+    ``$select`` without ``$columns`` returns (the original service's columns:
+    ``id`` only when asked for explicitly); ``datetime_columns`` are the
+    columns whose string values are ISO-8601 timestamps.
+    """
+
+    database: str
+    name: str
+    columns: tuple = ("id", "timestamp", "pid", "domain", "name", "data")
+    default_columns: tuple = ("timestamp", "pid", "domain", "name", "data")
+    datetime_columns: tuple = ("timestamp",)
+
+    def __post_init__(self):
+        for ident in (self.database, self.name) + tuple(self.columns):
+            if (not isinstance(ident, str) or not ident
+                    or any(c in ident for c in _BAD_IDENTIFIER_CHARS)):
+                raise ValueError("invalid identifier in table schema: %r" % (ident,))
+        if "id" not in self.columns:
+            raise ValueError("the events table must have an `id` column")
+        for extra in (self.default_columns, self.datetime_columns):
+            if not set(extra) <= set(self.columns):
+                raise ValueError("schema names columns the table does not have")
+
+    def matches(self, ref) -> bool:
+        """True when ``ref`` names this table: ``"database.table"`` or the
+        bare ``"table"``.  Anything else (other tables, non-strings) is
+        False."""
+        if not isinstance(ref, str):
+            return False
+        return ref == self.name or ref == "%s.%s" % (self.database, self.name)
+
+    @property
+    def quoted(self) -> str:
+        """The fully qualified, backquoted table name for SQL."""
+        return "%s.%s" % (_quote_ident(self.database), _quote_ident(self.name))
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+#: ``$limit``/``$offset`` upper bound: the largest integer a JavaScript
+#: client can send exactly.
+MAX_COUNT = 2 ** 53 - 1
+
+#: VARCHAR(255) columns written by ``$insert``
+MAX_FIELD_LENGTH = 255
+
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?)?\Z"
+)
+
+
+def _show(value) -> str:
+    """A short, safe rendering of a piece of input for an error message."""
+    if isinstance(value, str):
+        # readable Unicode, escaped control characters and lone surrogates,
+        # at most ~60 characters of it
+        text = json.dumps(value[:61], ensure_ascii=False)[1:-1]
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return '"%s"' % (text[:57] + "..." if len(text) > 60 else text,)
+    if value is None or isinstance(value, (bool, int, float)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 10 ** 30:
+                return "a very large number"
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return "a %s" % (type(value).__name__,)
+
+
+def _quote_ident(name: str) -> str:
+    """Backquote an identifier that is already known to be allowed."""
+    if any(c in name for c in _BAD_IDENTIFIER_CHARS):
+        raise QueryError("identifier %s is not allowed" % (_show(name),))
+    return "`%s`" % (name,)
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (``bool`` is not an integer here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(text: str, what: str) -> str:
+    """Refuse strings MariaDB cannot store (lone UTF-16 surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QueryError("%s is not valid Unicode text" % (what,)) from None
+    return text
+
+
+def parse_timestamp(text, what: str = "timestamp") -> datetime:
+    """
+    Parse an ISO-8601 timestamp into a naive UTC :class:`datetime`.
+
+    Accepts ``2020-04-06``, ``2020-04-06T11:35``, ``2020-04-06T11:35:18.414Z``
+    and the same with ``+02:00``/``+0200``/``+02`` offsets; no zone means
+    UTC.  Fractions beyond microseconds are truncated.  Raises QueryError.
+    """
+    if not isinstance(text, str):
+        raise QueryError("%s must be an ISO-8601 string, not %s" % (what, _show(text)))
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        raise QueryError("%s %s is not an ISO-8601 timestamp" % (what, _show(text)))
+    (year, month, day, hour, minute, second, fraction,
+     _zulu, sign, off_hours, off_minutes) = match.groups()
+    try:
+        moment = datetime(
+            int(year), int(month), int(day),
+            int(hour or 0), int(minute or 0), int(second or 0),
+            int((fraction or "0")[:6].ljust(6, "0")),
+        )
+        if sign:
+            off_h, off_m = int(off_hours), int(off_minutes or 0)
+            if off_h > 23 or off_m > 59:
+                raise ValueError("offset out of range")
+            offset = timedelta(hours=off_h, minutes=off_m)
+            moment = moment - offset if sign == "+" else moment + offset
+    except (ValueError, OverflowError):
+        raise QueryError("%s %s is not a valid date and time" % (what, _show(text))) from None
+    return moment
+
+
+# --------------------------------------------------------------------------
+# conditions: $where and $having
+
+#: value kinds of a referenceable name
+_PLAIN, _DATETIME = "plain", "datetime"
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Something a condition or an ordering may name: its SQL and the kind
+    of values it holds (datetime values get ISO-8601 conversion)."""
+
+    sql: str
+    kind: str = _PLAIN
+
+
+class _Budget:
+    """Counts the terms of one query against ``Limits.max_terms``."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.used = 0
+
+    def spend(self, count: int = 1):
+        self.used += count
+        if self.used > self.limits.max_terms:
+            raise QueryError(
+                "query is too large: more than %d terms" % (self.limits.max_terms,))
+
+
+class _Conditions:
+    """
+    Compiles one ``$where`` or ``$having`` tree into SQL text, collecting
+    the bound values in ``params`` in the order their ``%s`` appear.
+    """
+
+    def __init__(self, clause: str, names: dict, budget: _Budget):
+        self.clause = clause        # "$where" or "$having", for messages
+        self.names = names          # name -> _Ref
+        self.budget = budget
+        self.limits = budget.limits
+        self.params = []
+
+    def compile(self, tree) -> str:
+        """The SQL of the whole tree; the top level is not parenthesised
+        (the caller wraps it where it combines it with more conditions)."""
+        return self.where_object(tree, 1, top=True)
+
+    # -- structure
+
+    def enter(self, depth: int):
+        if depth > self.limits.max_depth:
+            raise QueryError("%s is nested too deeply (more than %d levels)"
+                             % (self.clause, self.limits.max_depth))
+
+    def where_object(self, obj, depth: int, top: bool = False) -> str:
+        """A where-object: its keys are AND-ed."""
+        self.enter(depth)
+        if not isinstance(obj, dict):
+            raise QueryError("%s must be an object, not %s" % (self.clause, _show(obj)))
+        if not obj:
+            self.budget.spend()
+            return "TRUE"
+        parts = [self.condition(key, value, depth) for key, value in obj.items()]
+        return " AND ".join(parts) if top else _join(parts, "AND")
+
+    def condition(self, key, value, depth: int) -> str:
+        """One key of a where-object: a logical operator or a column."""
+        if not isinstance(key, str):
+            raise QueryError("%s keys must be strings" % (self.clause,))
+        if key.startswith("$"):
+            handler = _LOGICAL_OPERATORS.get(key)
+            if handler is None:
+                raise _unknown_key(key, self.clause)
+            return handler(self, key, value, depth)
+        ref = self.resolve(key)
+        if isinstance(value, dict):
+            self.enter(depth + 1)
+            if not value:
+                raise QueryError("no operator given for %s" % (_show(key),))
+            parts = [self.column_operator(ref, key, op, operand, depth + 1)
+                     for op, operand in value.items()]
+            return _join(parts, "AND")
+        if isinstance(value, list):
+            raise QueryError("a list is not a value (use $in) for %s" % (_show(key),))
+        return _op_compare(self, ref, key, "$eq", value, depth)
+
+    def column_operator(self, ref, column, op, operand, depth) -> str:
+        if not isinstance(op, str):
+            raise QueryError("operator names must be strings")
+        handler = _COLUMN_OPERATORS.get(op)
+        if handler is None:
+            raise _unknown_key(op, self.clause)
+        return handler(self, ref, column, op, operand, depth)
+
+    # -- names and values
+
+    def resolve(self, name: str) -> _Ref:
+        ref = self.names.get(name)
+        if ref is None:
+            raise QueryError("unknown column %s in %s" % (_show(name), self.clause))
+        return ref
+
+    def bind(self, ref: _Ref, column: str, value) -> str:
+        """Bind one non-null scalar for ``ref`` and return its placeholder."""
+        self.params.append(_value(ref, column, value))
+        return "%s"
+
+
+def _join(parts, word: str) -> str:
+    """Join condition fragments with AND/OR, parenthesised when needed."""
+    if len(parts) == 1:
+        return parts[0]
+    return "(" + (" %s " % word).join(parts) + ")"
+
+
+def _unknown_key(key: str, where: str) -> QueryError:
+    """The error for a ``$key`` we do not implement (or refuse on purpose)."""
+    if key == "$join" or key.endswith("Join"):
+        return QueryError("joins are not supported")
+    if key.startswith("$__"):
+        return QueryError("raw SQL helpers such as $__ are not allowed")
+    return QueryError("unknown key %s in %s" % (_show(key), where))
+
+
+def _value(ref: _Ref, column: str, value):
+    """Validate one JSON scalar value (not null) and convert it for the
+    database: ISO-8601 strings become naive UTC datetimes for datetime
+    columns."""
+    if isinstance(value, (dict, list)):
+        raise QueryError("objects and lists are not values (column %s)" % (_show(column),))
+    if value is None:
+        raise QueryError("null is not allowed here (column %s)" % (_show(column),))
+    if ref.kind == _DATETIME:
+        if not isinstance(value, str):
+            raise QueryError("values for %s must be ISO-8601 strings, not %s"
+                             % (_show(column), _show(value)))
+        return parse_timestamp(value, "value for %s" % (_show(column),))
+    if isinstance(value, str):
+        return _check_text(value, "a value for %s" % (_show(column),))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise QueryError("NaN and Infinity are not values (column %s)" % (_show(column),))
+        return value
+    if isinstance(value, (bool, int)):
+        return value
+    raise QueryError("%s is not a JSON value" % (_show(value),))
+
+
+# -- logical operators: (conditions, key, operand, depth) -> sql
+
+def _logical_list(ctx: _Conditions, key: str, operand, depth: int) -> str:
+    """``$and`` / ``$or``: a non-empty list of where-objects (an object is
+    accepted too, each of its keys being one term)."""
+    ctx.enter(depth + 1)
+    if isinstance(operand, dict):
+        operand = [{k: v} for k, v in operand.items()]
+    if not isinstance(operand, list) or not operand:
+        raise QueryError("%s needs a non-empty list of conditions" % (key,))
+    parts = [ctx.where_object(item, depth + 2) for item in operand]
+    return _join(parts, "AND" if key == "$and" else "OR")
+
+
+def _logical_not(ctx: _Conditions, key: str, operand, depth: int) -> str:
+    """``$not``: negates a where-object."""
+    return "NOT (%s)" % (ctx.where_object(operand, depth + 1),)
+
+
+_LOGICAL_OPERATORS = {
+    "$and": _logical_list,
+    "$or": _logical_list,
+    "$not": _logical_not,
+}
+
+
+# -- column operators: (conditions, ref, column, op, operand, depth) -> sql
+
+_COMPARISONS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+
+
+def _op_compare(ctx, ref, column, op, operand, depth) -> str:
+    """``$eq $ne $gt $gte $lt $lte``; ``null`` with $eq/$ne is IS [NOT] NULL."""
+    ctx.budget.spend()
+    if operand is None:
+        if op == "$eq":
+            return "%s IS NULL" % (ref.sql,)
+        if op == "$ne":
+            return "%s IS NOT NULL" % (ref.sql,)
+    return "%s %s %s" % (ref.sql, _COMPARISONS[op], ctx.bind(ref, column, operand))
+
+
+def _op_membership(ctx, ref, column, op, operand, depth) -> str:
+    """``$in`` / ``$nin``: a non-empty list of scalars (no nulls)."""
+    ctx.enter(depth + 1)
+    if not isinstance(operand, list) or not operand:
+        raise QueryError("%s needs a non-empty list of values (column %s)" % (op, _show(column)))
+    if len(operand) > ctx.limits.max_in_list:
+        raise QueryError("%s list is too long: %d values, at most %d"
+                         % (op, len(operand), ctx.limits.max_in_list))
+    ctx.budget.spend(len(operand))
+    for item in operand:
+        if item is None:
+            raise QueryError("null is not allowed in %s (use $isNull)" % (op,))
+    marks = ", ".join(ctx.bind(ref, column, item) for item in operand)
+    return "%s %s (%s)" % (ref.sql, "IN" if op == "$in" else "NOT IN", marks)
+
+
+def _pattern_operand(column, op, operand) -> str:
+    if not isinstance(operand, str):
+        raise QueryError("%s needs a string (column %s), not %s" % (op, _show(column), _show(operand)))
+    return _check_text(operand, "the %s value" % (op,))
+
+
+def _op_like(ctx, ref, column, op, operand, depth) -> str:
+    """``$like``: the client's own LIKE pattern (``%``, ``_``, ``\\``)."""
+    ctx.budget.spend()
+    ctx.params.append(_pattern_operand(column, op, operand))
+    return "%s LIKE %%s" % (ref.sql,)
+
+
+def _escape_like(text: str) -> str:
+    """Make ``text`` match itself literally in a LIKE pattern with escape
+    character backslash."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+_PATTERN_SHAPES = {
+    "$startsWith": "{}%",
+    "$endsWith": "%{}",
+    "$contains": "%{}%",
+}
+
+
+def _op_pattern(ctx, ref, column, op, operand, depth) -> str:
+    """``$startsWith $endsWith $contains``: the value matches literally."""
+    ctx.budget.spend()
+    text = _escape_like(_pattern_operand(column, op, operand))
+    ctx.params.append(_PATTERN_SHAPES[op].format(text))
+    # SQL text: ... LIKE %s ESCAPE '\\'   (a one-backslash string literal)
+    return "%s LIKE %%s ESCAPE '\\\\'" % (ref.sql,)
+
+
+def _op_between(ctx, ref, column, op, operand, depth) -> str:
+    """``$between``: ``{"$min": a, "$max": b}``, both bounds inclusive."""
+    ctx.enter(depth + 1)
+    ctx.budget.spend()
+    if not isinstance(operand, dict):
+        raise QueryError('$between needs {"$min": ..., "$max": ...} (column %s)' % (_show(column),))
+    for key in operand:
+        if key not in ("$min", "$max"):
+            raise _unknown_key(key, "$between")
+    if "$min" not in operand or "$max" not in operand:
+        raise QueryError("$between needs both $min and $max (column %s)" % (_show(column),))
+    low = ctx.bind(ref, column, operand["$min"])
+    high = ctx.bind(ref, column, operand["$max"])
+    return "%s BETWEEN %s AND %s" % (ref.sql, low, high)
+
+
+def _op_is_null(ctx, ref, column, op, operand, depth) -> str:
+    """``$isNull``: true is IS NULL, false is IS NOT NULL."""
+    ctx.budget.spend()
+    if not isinstance(operand, bool):
+        raise QueryError("$isNull needs true or false (column %s)" % (_show(column),))
+    return "%s IS %sNULL" % (ref.sql, "" if operand else "NOT ")
+
+
+_COLUMN_OPERATORS = {
+    **{op: _op_compare for op in _COMPARISONS},
+    "$in": _op_membership,
+    "$nin": _op_membership,
+    "$like": _op_like,
+    **{op: _op_pattern for op in _PATTERN_SHAPES},
+    "$between": _op_between,
+    "$isNull": _op_is_null,
+}
+
+
+# --------------------------------------------------------------------------
+# $select
+
+_ASC, _DESC = "ASC", "DESC"
+
+_AGGREGATES = {"$count": "COUNT", "$min": "MIN", "$max": "MAX", "$sum": "SUM", "$avg": "AVG"}
+
+_DIRECTIONS = {
+    1: _ASC, -1: _DESC, True: _ASC, False: _DESC,
+    "ASC": _ASC, "DESC": _DESC, "asc": _ASC, "desc": _DESC,
+}
+
+_SELECT_KEYS = frozenset((
+    "$columns", "$distinct", "$from", "$where", "$groupBy", "$having",
+    "$orderBy", "$limit", "$offset",
+))
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """
+    A compiled ``$select``: what it returns and how to fetch it page by page.
+
+    ``columns`` are the output keys in SELECT order.  ``keyset`` plans are
+    paged with :meth:`page_sql` (by ``id``, never skipping or repeating a
+    row); all others with :meth:`offset_sql`.  Both bound the result by a
+    high-water ``id`` taken once per fetch, so paging an append-only table
+    sees one stable snapshot.  The fields after ``offset`` are the compiled
+    SQL fragments; they are internal.
+    """
+
+    columns: tuple
+    keyset: bool
+    limit: Optional[int]
+    offset: int
+    table_sql: str = field(default="", repr=False)
+    select_sql: str = field(default="", repr=False)
+    distinct: bool = field(default=False, repr=False)
+    where_sql: Optional[str] = field(default=None, repr=False)
+    where_params: tuple = field(default=(), repr=False)
+    group_sql: Optional[str] = field(default=None, repr=False)
+    having_sql: Optional[str] = field(default=None, repr=False)
+    having_params: tuple = field(default=(), repr=False)
+    order_sql: Optional[str] = field(default=None, repr=False)
+
+    def _where(self, bounds: str) -> str:
+        if self.where_sql is None:
+            return " WHERE " + bounds
+        return " WHERE (%s) AND %s" % (self.where_sql, bounds)
+
+    def page_sql(self, after_id: int, high_water: int, size: int) -> tuple:
+        """
+        Keyset plans only: rows with ``after_id < id <= high_water`` that
+        match the query, in ``id`` order, at most ``size`` of them.  The
+        last column, ``__keyset``, is the row's id, for the next page; the
+        caller strips it.
+        """
+        if not self.keyset:
+            raise ValueError("page_sql() needs a keyset plan; use offset_sql()")
+        _check_counts(after_id=after_id, high_water=high_water, size=size)
+        sql = ("SELECT " + self.select_sql + ", `id` AS `__keyset` FROM " + self.table_sql
+               + self._where("`id` > %s AND `id` <= %s")
+               + " ORDER BY `id` LIMIT %s")
+        return sql, self.where_params + (after_id, high_water, size)
+
+    def offset_sql(self, skip: int, high_water: int, size: int) -> tuple:
+        """
+        Any plan: the rows of the query over ``id <= high_water``, in the
+        query's order (made total by a tie-breaker, so pages do not
+        overlap), skipping ``skip`` rows and returning at most ``size``.
+        The caller adds the user's ``$offset`` to ``skip`` and clamps
+        ``size`` to the user's ``$limit``.
+        """
+        _check_counts(skip=skip, high_water=high_water, size=size)
+        sql = ("SELECT " + ("DISTINCT " if self.distinct else "") + self.select_sql
+               + " FROM " + self.table_sql + self._where("`id` <= %s"))
+        if self.group_sql:
+            sql += " GROUP BY " + self.group_sql
+        if self.having_sql is not None:
+            sql += " HAVING " + self.having_sql
+        if self.order_sql:
+            sql += " ORDER BY " + self.order_sql
+        sql += " LIMIT %s OFFSET %s"
+        return sql, self.where_params + (high_water,) + self.having_params + (size, skip)
+
+
+def _check_counts(**counts):
+    """Paging arguments come from the server, not the client: a wrong one
+    is a programming error."""
+    for name, value in counts.items():
+        if not _is_int(value) or value < 0:
+            raise ValueError("%s must be a non-negative int, not %r" % (name, value))
+
+
+class _Output:
+    """One SELECT list item while compiling ``$columns``."""
+
+    __slots__ = ("name", "sql", "ref", "aggregate")
+
+    def __init__(self, name, sql, ref, aggregate):
+        self.name, self.sql, self.ref, self.aggregate = name, sql, ref, aggregate
+
+
+def _alias(name, schema: TableSchema, column: Optional[str] = None) -> str:
+    """Check an output name given by the client: a plain identifier that
+    does not shadow another column and is not reserved."""
+    if name == column:
+        return name
+    if not isinstance(name, str) or not _ALIAS.match(name) or name.startswith("__"):
+        raise QueryError("alias %s is not allowed (letters, digits and _ only)" % (_show(name),))
+    if name.lower() in (c.lower() for c in schema.columns):
+        # MariaDB compares column names and aliases case-insensitively
+        raise QueryError("alias %s is the name of a column" % (_show(name),))
+    return name
+
+
+def _column_ref(schema: TableSchema, name, what: str) -> str:
+    """A name that must be one of the table's columns."""
+    if not isinstance(name, str):
+        raise QueryError("%s must name a column, not %s" % (what, _show(name)))
+    if name not in schema.columns:
+        raise QueryError("unknown column %s in %s" % (_show(name), what))
+    return name
+
+
+def _kind(schema: TableSchema, column: str) -> str:
+    return _DATETIME if column in schema.datetime_columns else _PLAIN
+
+
+def _plain_output(schema: TableSchema, column: str, alias: str) -> _Output:
+    sql = _quote_ident(column)
+    if alias != column:
+        sql += " AS " + _quote_ident(alias)
+    return _Output(alias, sql, _Ref(_quote_ident(alias), _kind(schema, column)), False)
+
+
+def _aggregate_output(schema: TableSchema, alias, spec) -> _Output:
+    """``{"alias": {"$count": "*"|col}}`` and ``$min $max $sum $avg`` over a column."""
+    alias = _alias(alias, schema)
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise QueryError("column %s needs exactly one of %s"
+                         % (_show(alias), ", ".join(sorted(_AGGREGATES))))
+    (op, arg), = spec.items()
+    function = _AGGREGATES.get(op) if isinstance(op, str) else None
+    if function is None:
+        raise _unknown_key(op if isinstance(op, str) else "?", "$columns")
+    if op == "$count" and arg == "*":
+        inner, kind = "*", _PLAIN
+    else:
+        column = _column_ref(schema, arg, op)
+        inner = _quote_ident(column)
+        kind = _kind(schema, column) if op in ("$min", "$max") else _PLAIN
+    sql = "%s(%s) AS %s" % (function, inner, _quote_ident(alias))
+    return _Output(alias, sql, _Ref(_quote_ident(alias), kind), True)
+
+
+def _column_entry(schema: TableSchema, key, value) -> list:
+    """One entry of the object form ``{"col": true|1|false|0|"alias"}`` or
+    ``{"alias": {"$count": ...}}``; returns zero or one outputs."""
+    if not isinstance(key, str):
+        raise QueryError("$columns keys must be strings")
+    if key.startswith("$"):
+        raise _unknown_key(key, "$columns")
+    if isinstance(value, dict):
+        return [_aggregate_output(schema, key, value)]
+    column = _column_ref(schema, key, "$columns")
+    if value is True or (_is_int(value) and value == 1):
+        return [_plain_output(schema, column, column)]
+    if value is False or (_is_int(value) and value == 0):
+        return []
+    if isinstance(value, str):
+        return [_plain_output(schema, column, _alias(value, schema, column))]
+    raise QueryError("$columns entry %s must be true, false, an alias or an aggregate"
+                     % (_show(key),))
+
+
+def _columns(schema: TableSchema, spec, budget: _Budget) -> list:
+    """``$columns``: a list of names / single-key objects, an object, a
+    single name, or absent (the default columns).  ``"*"`` means the
+    default columns."""
+    if spec is None:
+        return [_plain_output(schema, c, c) for c in schema.default_columns]
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, dict):
+        spec = [{key: value} for key, value in spec.items()]
+    if not isinstance(spec, list):
+        raise QueryError("$columns must be a list of columns, not %s" % (_show(spec),))
+    outputs = []
+    for item in spec:
+        budget.spend()
+        if item == "*":
+            outputs.extend(_plain_output(schema, c, c) for c in schema.default_columns)
+        elif isinstance(item, str):
+            column = _column_ref(schema, item, "$columns")
+            outputs.append(_plain_output(schema, column, column))
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                outputs.extend(_column_entry(schema, key, value))
+        else:
+            raise QueryError("$columns items must be names or objects, not %s" % (_show(item),))
+    if not outputs:
+        raise QueryError("$columns selects no column")
+    seen = set()
+    for output in outputs:
+        if output.name.lower() in seen:
+            raise QueryError("%s is selected twice" % (_show(output.name),))
+        seen.add(output.name.lower())
+    return outputs
+
+
+_INVALID = object()
+
+
+def _order_direction(flag):
+    """An ``$orderBy`` value: 1/true/"ASC"/"asc" or -1/false/"DESC"/"desc";
+    0 leaves the column out (as in json-sql-builder2)."""
+    if _is_int(flag) and flag == 0:
+        return None
+    if isinstance(flag, (str, bool, int)):
+        return _DIRECTIONS.get(flag, _INVALID)
+    return _INVALID
+
+
+def _group_flag(flag):
+    """A ``$groupBy`` object value: true/1 groups by the column, false/0
+    leaves it out."""
+    if flag is True or (_is_int(flag) and flag == 1):
+        return _ASC
+    if flag is False or (_is_int(flag) and flag == 0):
+        return None
+    return _INVALID
+
+
+def _name_list(spec, what: str, budget: _Budget, meaning) -> list:
+    """
+    The shared shape of ``$groupBy`` and ``$orderBy``: a name, a list of
+    names or single-key objects, or an object ``{name: flag}`` whose flags
+    ``meaning`` interprets.  Returns ``[(name, direction)]`` in order.
+    """
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, dict):
+        spec = [{key: value} for key, value in spec.items()]
+    if not isinstance(spec, list):
+        raise QueryError("%s must be a list or an object, not %s" % (what, _show(spec)))
+    entries, seen = [], set()
+    for item in spec:
+        budget.spend()
+        if isinstance(item, dict):
+            pairs = [(name, meaning(flag)) for name, flag in item.items()]
+        else:
+            pairs = [(item, _ASC)]
+        for name, direction in pairs:
+            if not isinstance(name, str):
+                raise QueryError("%s items must be names, not %s" % (what, _show(name)))
+            if name.startswith("$"):
+                raise _unknown_key(name, what)
+            if direction is _INVALID:
+                raise QueryError("%s has an invalid value for %s" % (what, _show(name)))
+            if direction is None:
+                continue
+            if name in seen:
+                raise QueryError("%s lists %s twice" % (what, _show(name)))
+            seen.add(name)
+            entries.append((name, direction))
+    return entries
+
+
+def _count(value, what: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise QueryError("%s must be a non-negative integer, not %s" % (what, _show(value)))
+    if value > MAX_COUNT:
+        raise QueryError("%s is too large" % (what,))
+    return value
+
+
+def compile_select(select, schema: TableSchema, limits: Limits = Limits()) -> SelectPlan:
+    """
+    Compile the JSON value of ``"$select"`` for ``schema``'s table.
+
+    Raises :class:`QueryError` for anything refused or malformed; no other
+    exception escapes for any JSON input.
+    """
+    try:
+        return _compile_select(select, schema, limits)
+    except RecursionError:
+        raise QueryError("query is nested too deeply") from None
+
+
+def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
+    if not isinstance(select, dict):
+        raise QueryError("$select must be an object, not %s" % (_show(select),))
+    for key in select:
+        if key not in _SELECT_KEYS:
+            if isinstance(key, str) and key.startswith("$"):
+                raise _unknown_key(key, "$select")
+            raise QueryError("unknown key %s in $select" % (_show(key),))
+    budget = _Budget(limits)
+
+    if "$from" in select and not schema.matches(select["$from"]):
+        raise QueryError("table %s is not available" % (_show(select["$from"]),))
+
+    distinct = select.get("$distinct", False)
+    if not isinstance(distinct, bool):
+        raise QueryError("$distinct must be true or false")
+
+    outputs = _columns(schema, select.get("$columns"), budget)
+    aggregated = any(output.aggregate for output in outputs)
+
+    column_refs = {c: _Ref(_quote_ident(c), _kind(schema, c)) for c in schema.columns}
+    where_sql, where_params = None, ()
+    if "$where" in select:
+        where = _Conditions("$where", column_refs, budget)
+        where_sql, where_params = where.compile(select["$where"]), tuple(where.params)
+
+    groups = [_column_ref(schema, name, "$groupBy")
+              for name, _ in _name_list(select.get("$groupBy", []), "$groupBy", budget, _group_flag)]
+
+    # $having and $orderBy may name the outputs (aliases) and the columns
+    aliases = {o.name: o.ref for o in outputs if o.name not in schema.columns}
+    having_sql, having_params = None, ()
+    if "$having" in select:
+        visible = {o.name: o.ref for o in outputs}
+        visible.update((g, column_refs[g]) for g in groups)
+        having = _Conditions("$having", visible, budget)
+        having_sql, having_params = having.compile(select["$having"]), tuple(having.params)
+
+    orderable = dict(column_refs, **aliases)
+    order = []
+    for name, direction in _name_list(select.get("$orderBy", []), "$orderBy", budget, _order_direction):
+        if name not in orderable:
+            raise QueryError("unknown column %s in $orderBy" % (_show(name),))
+        order.append((orderable[name].sql, direction))
+
+    limit = None if select.get("$limit") is None else _count(select["$limit"], "$limit")
+    offset = 0 if select.get("$offset") is None else _count(select["$offset"], "$offset")
+
+    keyset = (not distinct and not groups and having_sql is None and not aggregated
+              and offset == 0 and order in ([], [("`id`", _ASC)]))
+
+    # A total order, so that offset pages neither overlap nor skip: the rows
+    # are unique by id, distinct rows by their outputs, groups by their keys.
+    if distinct:
+        tie_breakers = [o.ref.sql for o in outputs]
+    elif groups:
+        tie_breakers = [_quote_ident(g) for g in groups]
+    elif aggregated:
+        tie_breakers = []            # a single row
+    else:
+        tie_breakers = ["`id`"]
+    ordered = [sql for sql, _ in order]
+    if tie_breakers == ["`id`"] and "`id`" in ordered:
+        order = order[:ordered.index("`id`") + 1]   # nothing after a unique key matters
+    else:
+        order += [(sql, _ASC) for sql in tie_breakers if sql not in ordered]
+
+    return SelectPlan(
+        columns=tuple(o.name for o in outputs),
+        keyset=keyset,
+        limit=limit,
+        offset=offset,
+        table_sql=schema.quoted,
+        select_sql=", ".join(o.sql for o in outputs),
+        distinct=distinct,
+        where_sql=where_sql,
+        where_params=where_params,
+        group_sql=", ".join(_quote_ident(g) for g in groups) or None,
+        having_sql=having_sql,
+        having_params=having_params,
+        order_sql=", ".join("%s %s" % pair for pair in order) or None,
+    )
+
+
+# --------------------------------------------------------------------------
+# $insert
+
+_INSERT_KEYS = frozenset(("$table", "$documents"))
+_REQUIRED_FIELDS = ("pid", "domain", "name")
+_DOCUMENT_KEYS = frozenset(_REQUIRED_FIELDS + ("data", "timestamp"))
+
+
+@dataclass(frozen=True)
+class InsertPlan:
+    """
+    A validated ``$insert``: one tuple per document,
+    ``(pid, domain, name, data_json_text, timestamp_or_None)``.  A None
+    timestamp means "now" (the column default, ``NOW(6)``).
+    """
+
+    rows: tuple
+
+
+def _document(doc, index: int):
+    """Validate one document into its row tuple."""
+    where = "document %d" % (index,)
+    if not isinstance(doc, dict):
+        raise QueryError("%s must be an object, not %s" % (where, _show(doc)))
+    for key in doc:
+        if key not in _DOCUMENT_KEYS:
+            raise QueryError("%s has unknown field %s (allowed: pid, domain, name, data, timestamp)"
+                             % (where, _show(key)))
+    values = []
+    for name in _REQUIRED_FIELDS:
+        value = doc.get(name)
+        if not isinstance(value, str) or not value:
+            raise QueryError("%s needs %s as a non-empty string" % (where, name))
+        if len(value) > MAX_FIELD_LENGTH:
+            raise QueryError("%s: %s is longer than %d characters" % (where, name, MAX_FIELD_LENGTH))
+        values.append(_check_text(value, "%s: %s" % (where, name)))
+    try:
+        data = json.dumps(doc.get("data"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise QueryError("%s: data contains NaN or Infinity, which JSON cannot store" % (where,)) from None
+    except (TypeError, RecursionError):
+        raise QueryError("%s: data is not storable JSON" % (where,)) from None
+    values.append(_check_text(data, "%s: data" % (where,)))
+    timestamp = doc.get("timestamp")
+    if timestamp is not None:
+        timestamp = parse_timestamp(timestamp, "%s: timestamp" % (where,))
+        if not 1000 <= timestamp.year <= 9999:
+            raise QueryError("%s: timestamp is out of range (years 1000 to 9999)" % (where,))
+    values.append(timestamp)
+    return tuple(values)
+
+
+def compile_insert(insert, schema: TableSchema, max_documents: int = 10000) -> InsertPlan:
+    """
+    Validate the JSON value of ``"$insert"``:
+    ``{"$table": optional, "$documents": object | non-empty list}``.
+
+    Raises :class:`QueryError` for anything refused or malformed.
+    """
+    if not isinstance(insert, dict):
+        raise QueryError("$insert must be an object, not %s" % (_show(insert),))
+    for key in insert:
+        if key not in _INSERT_KEYS:
+            if isinstance(key, str) and key.startswith("$"):
+                raise _unknown_key(key, "$insert")
+            raise QueryError("unknown key %s in $insert" % (_show(key),))
+    if "$table" in insert and not schema.matches(insert["$table"]):
+        raise QueryError("table %s is not available" % (_show(insert["$table"]),))
+    if "$documents" not in insert:
+        raise QueryError("$insert needs $documents")
+    documents = insert["$documents"]
+    if isinstance(documents, dict):
+        documents = [documents]
+    if not isinstance(documents, list) or not documents:
+        raise QueryError("$documents must be an object or a non-empty list of objects")
+    if len(documents) > max_documents:
+        raise QueryError("too many documents: %d, at most %d" % (len(documents), max_documents))
+    return InsertPlan(rows=tuple(_document(doc, i) for i, doc in enumerate(documents)))

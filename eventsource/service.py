@@ -1,0 +1,321 @@
+"""
+The service that wires Redis, MySQL and the reply-channel machines together.
+
+A message enters at :meth:`EventSourceService.message_received`; SQL is built
+by :mod:`eventsource.query`; rows leave through :class:`eventsource.channel.Stream`
+and :meth:`eventsource.bus.RedisBus.publish`.  Every failure of one request
+becomes ``"error"``, ``"end"`` on its reply channel (or a log line when it
+has none) and touches nothing else.
+"""
+
+import signal
+from collections import OrderedDict
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from eventsource import query, wire
+from eventsource.channel import Stream
+from eventsource.config import Config
+
+log = Logger()
+
+#: how many recently closed reply channels are remembered, so that late
+#: acceptances there are ignored instead of answered
+RECENTLY_CLOSED = 10000
+
+FIRST_EVENT_HINT = (
+    "redis-cli SUBSCRIBE reply-1   # in one terminal; then in another:\n"
+    "redis-cli PUBLISH persist '{\"channel\": \"reply-1\", \"query\": {\"$insert\": "
+    "{\"$documents\": {\"pid\": \"p1\", \"domain\": \"user\", \"name\": \"created\", "
+    "\"data\": {\"foo\": \"bar\"}}}}}'"
+)
+
+
+def _ignore_publish_failure(failure):
+    # A publish only fails when Redis went away; the connection-lost handler
+    # deals with the streams, so there is nothing to add per message.
+    return None
+
+
+class EventSourceService(service.MultiService):
+    """
+    The eventsource server.
+
+    :param config: a :class:`eventsource.config.Config`.
+    :param reactor: the reactor (also the clock of every row timer); the
+        global one when omitted.
+    :param bus: the Redis boundary (:class:`eventsource.bus.RedisBus` when
+        omitted; :class:`eventsource.testing.MemoryBus` in unit tests).
+    :param store: the MySQL boundary (:class:`eventsource.store.Store` when
+        omitted; :class:`eventsource.testing.MemoryStore` in unit tests).
+    """
+
+    def __init__(self, config=None, reactor=None, bus=None, store=None):
+        super().__init__()
+        self.config = config or Config()
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        if bus is None:
+            from eventsource.bus import RedisBus
+
+            bus = RedisBus(self.config, reactor, self.message_received,
+                           on_connection_lost=self.redis_lost)
+        if store is None:
+            from eventsource.store import Store
+
+            store = Store(self.config, reactor)
+        self.bus = bus
+        self.store = store
+        self.schema = query.TableSchema(self.config.database, self.config.table_name)
+        self.limits = query.Limits(
+            max_depth=self.config.max_query_depth,
+            max_terms=self.config.max_query_terms,
+            max_in_list=self.config.max_in_list,
+        )
+        channels = self.config.request_channels
+        self._handlers = {
+            channels["persist"]: ("persist", self._persist),
+            channels["fetch"]: ("fetch", self._fetch),
+            channels["fetch-next"]: ("fetch-next", self._fetch_next),
+        }
+        self._reserved = frozenset(channels.values()) | frozenset(channels)
+        self.streams = {}
+        self._recently_closed = OrderedDict()
+        self._persists = set()
+        self._accepting = False
+        self.ready = defer.Deferred()
+
+    # -- life cycle -----------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        d = defer.maybeDeferred(self.store.start)
+        d.addCallback(self._schema_ready)
+        d.addCallback(lambda _: self.bus.start())
+        d.addCallbacks(self._started, self._start_failed)
+
+    def _schema_ready(self, changes):
+        log.info("events table {table} ready ({changes})", table=self.config.table,
+                 changes=", ".join(changes or []) or "unchanged")
+
+    def _started(self, _):
+        self._accepting = True
+        log.info(
+            "eventsource serving {table} on Redis {redis_host}:{redis_port}, "
+            "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
+            table=self.config.table,
+            redis_host=self.config.redis_host, redis_port=self.config.redis_port,
+            mysql_host=self.config.mysql_host, mysql_port=self.config.mysql_port,
+            hint=FIRST_EVENT_HINT,
+        )
+        self.ready.callback(self)
+
+    def _start_failed(self, failure):
+        log.failure("eventsource could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+        if self._reactor.running and getattr(self, "stop_reactor_on_failure", True):
+            self._reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop taking requests, finish persists in flight, end streams, close connections."""
+        self._accepting = False
+        if self._persists:
+            log.info("waiting for {count} persists in flight", count=len(self._persists))
+            yield defer.DeferredList(list(self._persists))
+        for stream in list(self.streams.values()):
+            stream.fail("the server is shutting down")
+        yield super().stopService()
+        yield self.bus.stop()
+        yield self.store.stop()
+        # twistd re-raises the signal that stopped the reactor, so after this
+        # clean shutdown a SIGTERM'd server would still exit "killed by
+        # SIGTERM"; a graceful stop is a success: exit code 0.
+        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
+            self._reactor._exitSignal = None
+
+    # -- messages in ------------------------------------------------------
+
+    def message_received(self, channel, body):
+        """Every message on every subscribed channel enters here."""
+        handler = self._handlers.get(channel)
+        if handler is not None:
+            self._request(handler[0], body, handler[1])
+        else:
+            stream = self.streams.get(channel)
+            if stream is not None:
+                control = wire.parse_control(body)
+                if control == wire.ACCEPTED:
+                    stream.accept(1)
+                elif control == wire.END:
+                    stream.end()
+
+    def _request(self, request_channel, body, handler):
+        if not self._accepting:
+            log.info("refused a {request_channel} request: the server is not serving",
+                     request_channel=request_channel)
+            self._answer_refusal(request_channel, body, "the server is shutting down")
+            return
+        try:
+            request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
+                                         self._reserved)
+        except wire.BadRequest as bad:
+            self._bad_request(request_channel, body, bad.reason, bad.channel)
+            return
+        handler(request)
+
+    def _answer_refusal(self, request_channel, body, reason):
+        try:
+            request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
+                                         self._reserved)
+        except wire.BadRequest:
+            return
+        if request_channel != "fetch-next":
+            self._reply_error(request.channel, reason)
+
+    def _bad_request(self, request_channel, body, reason, channel):
+        if channel is None:
+            log.warn("unanswerable request on {request_channel}: {reason}; body: {body}",
+                     request_channel=request_channel, reason=reason, body=wire.truncate(body))
+            return
+        log.info("bad request on {request_channel} for {channel}: {reason}",
+                 request_channel=request_channel, channel=channel, reason=reason)
+        self._refuse(channel, reason)
+
+    def _refuse(self, channel, reason):
+        """Answer ``"error"``, ``"end"``; a live stream on that channel ends with it."""
+        stream = self.streams.get(channel)
+        if stream is not None:
+            log.info("reply channel {channel} is busy; ending its stream: {reason}",
+                     channel=channel, reason=reason)
+            stream.fail(reason)
+        else:
+            self._reply_error(channel, reason)
+
+    def _reply_error(self, channel, reason):
+        self.publish(channel, wire.ERROR_BODY)
+        self.publish(channel, wire.END_BODY)
+
+    def publish(self, channel, body):
+        d = self.bus.publish(channel, body)
+        d.addErrback(_ignore_publish_failure)
+
+    # -- persist --------------------------------------------------------
+
+    def _persist(self, request):
+        channel = request.channel
+        if channel in self.streams:
+            self._refuse(channel, "the reply channel is streaming another request")
+            return
+        if self.config.read_only:
+            log.info("refused persist on {channel}: read-only mode", channel=channel)
+            self._reply_error(channel, "read-only")
+            return
+        try:
+            plan = query.compile_insert(request.insert, self.schema, self.config.max_documents)
+        except query.QueryError as error:
+            self._bad_request("persist", None, str(error), channel)
+            return
+        d = self.store.insert(plan)
+        self._persists.add(d)
+        d.addCallbacks(self._persisted, self._persist_failed,
+                       callbackArgs=(channel,), errbackArgs=(channel,))
+        d.addBoth(self._persist_done, d)
+
+    def _persisted(self, result, channel):
+        affected, insert_id = result
+        self.publish(channel, wire.encode_ok_packet(affected, insert_id))
+        self.publish(channel, wire.END_BODY)
+
+    def _persist_failed(self, failure, channel):
+        log.failure("persist for {channel} failed", failure, channel=channel)
+        self._reply_error(channel, "the database refused the insert")
+
+    def _persist_done(self, _, d):
+        self._persists.discard(d)
+
+    # -- fetch ----------------------------------------------------------
+
+    def _fetch(self, request):
+        channel = request.channel
+        if channel in self.streams:
+            self._refuse(channel, "the reply channel is already streaming")
+            return
+        if len(self.streams) >= self.config.max_streams:
+            log.warn("refused fetch on {channel}: {count} streams open (the limit)",
+                     channel=channel, count=len(self.streams))
+            self._reply_error(channel, "too many open streams")
+            return
+        try:
+            plan = query.compile_select(request.select, self.schema, self.limits)
+        except query.QueryError as error:
+            self._bad_request("fetch", None, str(error), channel)
+            return
+        self._recently_closed.pop(channel, None)
+        pager = self.store.pager(plan)
+        subscribed = self.bus.subscribe(channel)
+        first = [True]
+
+        def fetch_more(stream):
+            d = pager.next_page()
+            if first[0]:
+                # The first row goes out only once Redis confirmed our
+                # subscription, or an early "accepted" could be missed.
+                first[0] = False
+                d = defer.gatherResults([subscribed, d], consumeErrors=True)
+                d.addCallback(lambda results: results[1])
+            d.addCallbacks(lambda page: stream.receive(*page), self._stream_failed,
+                           errbackArgs=(stream,))
+
+        stream = Stream.open(
+            channel,
+            window=min(request.window, self.config.max_window),
+            row_timeout=self.config.row_timeout,
+            clock=self._reactor,
+            publish=self.publish,
+            fetch_more=fetch_more,
+            closed=self._stream_closed,
+        )
+        if stream.is_live:  # (a test double may have answered synchronously)
+            self.streams[channel] = stream
+
+    def _stream_failed(self, failure, stream):
+        if isinstance(failure.value, defer.FirstError):
+            failure = failure.value.subFailure
+        if stream.is_live:
+            log.failure("stream on {channel} failed", failure, channel=stream.channel)
+            stream.fail(str(failure.value))
+
+    def _stream_closed(self, stream):
+        channel = stream.channel
+        if self.streams.get(channel) is stream:
+            del self.streams[channel]
+        self._recently_closed[channel] = None
+        if len(self._recently_closed) > RECENTLY_CLOSED:
+            self._recently_closed.popitem(last=False)
+        log.debug("stream {channel} {state} after {rows} rows", channel=channel,
+                  state=stream.state.value, rows=stream.rows_sent)
+        self.bus.unsubscribe(channel).addErrback(_ignore_publish_failure)
+
+    def _fetch_next(self, request):
+        stream = self.streams.get(request.channel)
+        if stream is not None:
+            stream.accept(request.accepted)
+        elif request.channel in self._recently_closed:
+            log.debug("late acceptance on {channel} ignored", channel=request.channel)
+        else:
+            self._bad_request("fetch-next", None, "no stream is open on this channel",
+                              request.channel)
+
+    # -- faults ---------------------------------------------------------
+
+    def redis_lost(self):
+        """The subscriber connection dropped: no acceptance can reach open streams."""
+        if self.streams:
+            log.warn("Redis connection lost: ending {count} open streams", count=len(self.streams))
+        for stream in list(self.streams.values()):
+            stream.fail("lost the Redis connection")

@@ -1,0 +1,283 @@
+"""
+The ``twistd eventsource`` command line: options in, a service out.
+
+Every setting comes from, in this order, the command line, the environment,
+and the default in :class:`eventsource.config.Config`.  :data:`SETTINGS` is
+the one table that ties an option to its environment variable, its coerce
+function and its help; :func:`config_from` is the one place the environment
+is read, from a mapping passed in, so tests need not touch ``os.environ``.
+
+Nothing here imports the reactor: twistd imports this module to print
+``--help`` before it has chosen one.
+"""
+
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.python import usage
+
+from eventsource.config import Config
+
+
+# Coerce functions: text in, typed value out, ValueError with the end of a
+# sentence ("must be ..., not '...'") for anything else.  Used for values from
+# the command line and from the environment alike.
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_$]+")
+
+
+def _integer(text: str, wanted: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"must be {wanted}, not {text!r}") from None
+
+
+def port(text: str) -> int:
+    """A TCP port number, 1 to 65535."""
+    wanted = "a port number from 1 to 65535"
+    value = _integer(text, wanted)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be {wanted}, not {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count or a size: an integer of at least 1."""
+    wanted = "a whole number of at least 1"
+    value = _integer(text, wanted)
+    if value < 1:
+        raise ValueError(f"must be {wanted}, not {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds: a finite number greater than 0."""
+    wanted = "a number of seconds greater than 0"
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"must be {wanted}, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be {wanted}, not {text!r}")
+    return value
+
+
+def boolean(text: str) -> bool:
+    """A yes/no value from the environment: 1/true/yes/on or 0/false/no/off."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, not {text!r}")
+
+
+def table_name(text: str) -> str:
+    """
+    The events table as ``database.table``.
+
+    Both parts end up in SQL as identifiers, so only ``[A-Za-z0-9_$]`` is
+    allowed: nothing that needs (or could break out of) quoting.
+    """
+    parts = text.split(".")
+    if len(parts) != 2 or not all(_IDENTIFIER.fullmatch(part) for part in parts):
+        raise ValueError(
+            f"must be database.table, each part made of letters, digits, _ or $, not {text!r}"
+        )
+    return text
+
+
+def optional_text(text: str) -> Optional[str]:
+    """A string that may be left out: the empty string means none."""
+    return text or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its option, environment variable, coerce function and help."""
+
+    #: the long option, without ``--``; the Config field is the same with ``_``
+    option: str
+    env: str
+    coerce: Callable[[str], Any]
+    help: str
+    #: a flag takes no value on the command line; its variable is a yes/no
+    flag: bool = False
+
+    @property
+    def field(self) -> str:
+        """The name of the :class:`Config` field this setting fills."""
+        return self.option.replace("-", "_")
+
+
+def _limit(option: str, help: str) -> Setting:
+    return Setting(option, "EVENTSOURCE_" + option.upper().replace("-", "_"), positive_int, help)
+
+
+SETTINGS = (
+    Setting("redis-host", "REDIS_HOST", str, "Redis host name or address."),
+    Setting("redis-port", "REDIS_PORT", port, "Redis port."),
+    Setting("redis-user", "REDIS_USER", optional_text, "Redis ACL user name."),
+    Setting("redis-password", "REDIS_PASS", optional_text, "Redis password."),
+    Setting("redis-tls", "REDIS_TLS", boolean, "Connect to Redis over TLS.", flag=True),
+    Setting("redis-tls-ca", "REDIS_TLS_CA", optional_text, "CA certificate file for Redis TLS."),
+    Setting("redis-tls-cert", "REDIS_TLS_CERT", optional_text, "Client certificate for Redis TLS."),
+    Setting("redis-tls-key", "REDIS_TLS_KEY", optional_text, "Client key file for Redis TLS."),
+    Setting(
+        "channel-prefix",
+        "EVENTSOURCE_CHANNEL_PREFIX",
+        str,
+        "Prepended to the request channels' names, so that several servers can share one Redis.",
+    ),
+    Setting("mysql-host", "MYSQL_HOST", str, "MariaDB/MySQL host name or address."),
+    Setting("mysql-port", "MYSQL_PORT", port, "MariaDB/MySQL port."),
+    Setting("mysql-user", "MYSQL_USER", str, "MariaDB/MySQL user."),
+    Setting("mysql-password", "MYSQL_PASS", str, "MariaDB/MySQL password."),
+    Setting("mysql-charset", "MYSQL_CHAR", str, "Connection character set."),
+    Setting("mysql-tls-ca", "MYSQL_TLS_CA", optional_text, "CA certificate file for MySQL TLS."),
+    Setting("mysql-tls-cert", "MYSQL_TLS_CERT", optional_text, "Client certificate for MySQL TLS."),
+    Setting("mysql-tls-key", "MYSQL_TLS_KEY", optional_text, "Client key file for MySQL TLS."),
+    Setting(
+        "mysql-tls-verify",
+        "MYSQL_TLS_VERIFY",
+        boolean,
+        "Check the MySQL server's certificate and host name.",
+        flag=True,
+    ),
+    Setting(
+        "pool-size", "EVENTSOURCE_POOL_SIZE", positive_int, "Database connections (and threads)."
+    ),
+    Setting("table", "EVENTSOURCE_TABLE", table_name, "The events table, as database.table."),
+    Setting(
+        "row-timeout",
+        "EVENTSOURCE_ROW_TIMEOUT",
+        positive_seconds,
+        "Seconds to wait for a client to accept a row before ending its stream.",
+    ),
+    _limit("page-size", "Rows read from the database per query while streaming."),
+    _limit("max-window", "Most rows sent to a client ahead of its acknowledgements."),
+    _limit("max-body-bytes", "Largest request message, in bytes."),
+    _limit("max-streams", "Most streams served at once."),
+    _limit("max-documents", "Most events in one persist request."),
+    _limit("max-query-depth", "Deepest nesting of a fetch query."),
+    _limit("max-query-terms", "Most terms in one fetch query."),
+    _limit("max-in-list", "Most values in one query list."),
+    Setting(
+        "read-only",
+        "EVENTSOURCE_READ_ONLY",
+        boolean,
+        "Refuse persist requests; serve fetches only.",
+        flag=True,
+    ),
+)
+
+_DEFAULTS = {f.name: f.default for f in fields(Config)}
+
+
+def default_text(setting: Setting) -> str:
+    """The default of a setting as a person reads it (in help and the README)."""
+    value = _DEFAULTS[setting.field]
+    if value is None:
+        return "none"
+    if value == "":
+        return "empty"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _help(setting: Setting) -> str:
+    return f"{setting.help} [env {setting.env}; default: {default_text(setting)}]"
+
+
+def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    """
+    Build the :class:`Config` from parsed options and an environment.
+
+    ``given`` maps long option names to what the command line gave: the raw
+    text, ``None`` for an option not given, or 1/0 for a flag.  A variable
+    set to the empty string counts as unset.  Settings given nowhere keep
+    their :class:`Config` default.
+
+    @raise usage.UsageError: naming the option, and the variable when the
+        bad value came from the environment.
+    """
+    values = {}
+    for setting in SETTINGS:
+        given_value = given.get(setting.option)
+        if setting.flag and given_value:
+            values[setting.field] = True
+        elif not setting.flag and given_value is not None:
+            values[setting.field] = _coerce(setting, given_value, f"--{setting.option}")
+        elif environ.get(setting.env):
+            source = f"{setting.env} (for --{setting.option})"
+            values[setting.field] = _coerce(setting, environ[setting.env], source)
+    return Config(**values)
+
+
+def _coerce(setting: Setting, text: str, source: str) -> Any:
+    try:
+        return setting.coerce(text)
+    except ValueError as e:
+        raise usage.UsageError(f"{source} {e}.") from None
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table, for the README's configuration section."""
+    lines = [
+        "| option | environment | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS:
+        lines.append(
+            f"| `--{setting.option}` | `{setting.env}` | {default_text(setting)} | {setting.help} |"
+        )
+    return "\n".join(lines)
+
+
+class Options(usage.Options):
+    """
+    ``twistd eventsource`` options.
+
+    After :meth:`parseOptions`, :attr:`config` holds the resulting
+    :class:`Config`.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve an event store over Redis pub/sub, kept in MariaDB/MySQL. "
+        "Each option may also come from the environment variable named in its "
+        "help; the command line wins over the environment."
+    )
+
+    optFlags = [[s.option, None, _help(s)] for s in SETTINGS if s.flag]
+    optParameters = [[s.option, None, None, _help(s)] for s in SETTINGS if not s.flag]
+
+    #: the parsed settings, set by :meth:`postOptions`
+    config: Config
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None):
+        """
+        @param environ: the environment to read; ``os.environ`` when ``None``.
+        """
+        super().__init__()
+        self._environ = environ
+
+    def postOptions(self) -> None:
+        """Combine the command line, the environment and the defaults."""
+        environ = os.environ if self._environ is None else self._environ
+        self.config = config_from(self, environ)
+
+
+def makeService(options: Options):
+    """Build the server's service tree from parsed :class:`Options`."""
+    # Imported here so that ``twistd eventsource --help`` needs none of it.
+    from eventsource.service import EventSourceService
+
+    return EventSourceService(options.config)

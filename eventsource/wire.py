@@ -1,0 +1,212 @@
+"""
+The wire protocol: turning Redis message bodies into requests, and rows and
+results into message bodies.
+
+Everything here is pure (no I/O, no reactor).  ``parse_request`` is the one
+place a request body is judged; anything it refuses is a :class:`BadRequest`
+that carries the reply channel when one could be identified, so the service
+can answer ``"error"``, ``"end"`` there, or only log when it cannot.
+"""
+
+import datetime
+import decimal
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from eventsource.config import REQUEST_CHANNELS
+
+END = "end"
+ERROR = "error"
+TIMEOUT = "timeout"
+ACCEPTED = "accepted"
+
+#: control words as they travel: JSON strings
+END_BODY = json.dumps(END)
+ERROR_BODY = json.dumps(ERROR)
+TIMEOUT_BODY = json.dumps(TIMEOUT)
+ACCEPTED_BODY = json.dumps(ACCEPTED)
+
+#: longest reply channel name we accept, in characters
+MAX_CHANNEL_LENGTH = 512
+
+#: the fields each request channel accepts; anything else is refused
+_FIELDS = {
+    "persist": frozenset({"channel", "query"}),
+    "fetch": frozenset({"channel", "query", "window"}),
+    "fetch-next": frozenset({"channel", "accepted"}),
+}
+
+
+class BadRequest(Exception):
+    """
+    A request that cannot be served.
+
+    ``channel`` is the reply channel when the body named a usable one, else
+    ``None`` (the request can then only be logged).
+    """
+
+    def __init__(self, reason: str, channel: Optional[str] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.channel = channel
+
+
+@dataclass(frozen=True)
+class PersistRequest:
+    """``persist``: append the documents of ``insert`` (the ``$insert`` value)."""
+
+    channel: str
+    insert: Any
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """``fetch``: stream the rows of ``select`` (the ``$select`` value)."""
+
+    channel: str
+    select: Any
+    window: int = 1
+
+
+@dataclass(frozen=True)
+class NextRequest:
+    """``fetch-next``: accept ``accepted`` rows of the stream on ``channel``."""
+
+    channel: str
+    accepted: int = 1
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(body: str) -> Any:
+    """Decode strict JSON text (no NaN or Infinity), raising ``ValueError``."""
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
+def truncate(text: Any, limit: int = 200) -> str:
+    """A printable, bounded form of ``text`` for log lines."""
+    text = text if isinstance(text, str) else repr(text)
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... ({len(text)} characters)"
+
+
+def _body_too_large(body: str, max_bytes: int) -> bool:
+    # len(str) <= len(utf-8 bytes) <= 4 * len(str): encode only when unsure
+    if len(body) > max_bytes:
+        return True
+    if len(body) * 4 <= max_bytes:
+        return False
+    return len(body.encode("utf-8", "surrogatepass")) > max_bytes
+
+
+def _reply_channel(message: dict, reserved) -> str:
+    channel = message.get("channel")
+    if not isinstance(channel, str) or not channel:
+        raise BadRequest("the request has no \"channel\" string")
+    if len(channel) > MAX_CHANNEL_LENGTH:
+        raise BadRequest(f"the reply channel is longer than {MAX_CHANNEL_LENGTH} characters")
+    if channel in reserved:
+        raise BadRequest(f"the reply channel cannot be the request channel {channel!r}")
+    return channel
+
+
+def _query(message: dict, channel: str, key: str) -> Any:
+    query = message.get("query")
+    if not isinstance(query, dict):
+        raise BadRequest("\"query\" must be an object", channel)
+    if set(query) != {key}:
+        raise BadRequest(f"\"query\" must hold exactly one key, {key!r}", channel)
+    return query[key]
+
+
+def _positive_int(message: dict, field: str, channel: str, default: int) -> int:
+    value = message.get(field, default)
+    if type(value) is not int or value < 1:
+        raise BadRequest(f"{field!r} must be an integer of at least 1", channel)
+    return value
+
+
+def parse_request(request_channel: str, body: Any, max_body_bytes: int,
+                  reserved=REQUEST_CHANNELS):
+    """
+    Judge one message that arrived on a request channel: ``request_channel``
+    is its kind (``persist``, ``fetch`` or ``fetch-next``); ``reserved`` the
+    channel names no reply may use.
+
+    Returns a :class:`PersistRequest`, :class:`FetchRequest` or
+    :class:`NextRequest`; raises :class:`BadRequest` otherwise.
+    """
+    if not isinstance(body, str):
+        raise BadRequest("the body is not text")
+    if _body_too_large(body, max_body_bytes):
+        # Not decoded, so the reply channel is unknown: only a log line.
+        raise BadRequest(f"the body is larger than {max_body_bytes} bytes")
+    try:
+        message = decode_json(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(message, dict):
+        raise BadRequest("the body is not a JSON object")
+    channel = _reply_channel(message, reserved)
+    unknown = set(message) - _FIELDS[request_channel]
+    if unknown:
+        raise BadRequest(f"unknown request field {truncate(sorted(unknown)[0], 60)!r}", channel)
+    if request_channel == "persist":
+        return PersistRequest(channel, _query(message, channel, "$insert"))
+    if request_channel == "fetch":
+        window = _positive_int(message, "window", channel, 1)
+        return FetchRequest(channel, _query(message, channel, "$select"), window)
+    return NextRequest(channel, _positive_int(message, "accepted", channel, 1))
+
+
+def parse_control(body: Any) -> Optional[str]:
+    """
+    What a message on a reply channel means to the server: ``"accepted"``,
+    ``"end"``, or ``None`` for anything else (the echoes of our own rows and
+    control words, and noise).
+    """
+    if body == ACCEPTED_BODY:
+        return ACCEPTED
+    if body == END_BODY:
+        return END
+    return None
+
+
+def _encode_value(value):
+    if isinstance(value, datetime.datetime):
+        return format_timestamp(value)
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+_row_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_encode_value)
+
+
+def format_timestamp(value: datetime.datetime) -> str:
+    """UTC ISO-8601 with milliseconds and ``Z``, as JavaScript's ``Date`` prints."""
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def encode_row(names, values) -> str:
+    """One row as the JSON object the original sent, keys in SELECT order."""
+    return _row_encoder.encode(dict(zip(names, values)))
+
+
+def encode_ok_packet(affected_rows: int, insert_id: int) -> str:
+    """The persist result, shaped exactly like the Node ``mysql`` driver's OkPacket."""
+    return (
+        '{"fieldCount":0,"affectedRows":%d,"insertId":%d,"serverStatus":2,'
+        '"warningCount":0,"message":"","protocol41":true,"changedRows":0}'
+        % (affected_rows, insert_id)
+    )

@@ -1,0 +1,246 @@
+"""
+Shared helpers of the integration tests: a server running in this process
+against the real Redis and MariaDB, a database of its own per test, and an
+independent Redis client (plain txredisapi, not ``eventsource.client``) that
+speaks the wire protocol by hand.
+"""
+
+import itertools
+import json
+import os
+import uuid
+
+import pymysql
+import txredisapi
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.trial.unittest import TestCase
+
+from eventsource.config import Config
+from eventsource.service import EventSourceService
+
+REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
+MYSQL = dict(
+    host=os.environ.get("MYSQL_HOST", "127.0.0.1"),
+    port=int(os.environ.get("MYSQL_PORT", "3306")),
+    user=os.environ.get("MYSQL_USER", "root"),
+    password=os.environ.get("MYSQL_PASS", ""),
+    charset="utf8mb4",
+)
+
+_counter = itertools.count()
+
+#: how long any single wait of a test may take before it fails
+WAIT = 20
+
+
+def unique(prefix):
+    """A name no other test, run or process uses at the same time."""
+    return f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+
+
+def sql(statement, params=None, database=None):
+    """Run one statement on a fresh connection; returns all rows."""
+    connection = pymysql.connect(database=database, autocommit=True, **MYSQL)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SET time_zone = '+00:00'")
+            cursor.execute(statement, params)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.client._received(channel, message)
+
+
+class WireClient:
+    """
+    An independent protocol client: records every message per channel.
+
+    ``prefix`` is the server's ``channel_prefix``: tests give every server a
+    prefix of its own, so servers of other test runs on the same Redis never
+    answer their requests.
+    """
+
+    def __init__(self, prefix=""):
+        self.prefix = prefix
+        self.messages = {}
+        self._waiters = []
+
+    @defer.inlineCallbacks
+    def connect(self, host=REDIS_HOST, port=REDIS_PORT):
+        self._sub_factory = txredisapi.SubscriberFactory()
+        self._sub_factory.protocol = _Subscriber
+        self._sub_factory.convertNumbers = False
+        self._sub_factory.client = self
+        self._sub_factory.startConnecting(HostnameEndpoint(reactor, host, port))
+        self.subscriber = yield self._sub_factory.deferred
+        self._pub_factory = txredisapi.RedisFactory(None, None, 1, convertNumbers=False)
+        self._pub_factory.startConnecting(HostnameEndpoint(reactor, host, port))
+        self.publisher = yield self._pub_factory.deferred
+        return self
+
+    def disconnect(self):
+        return defer.gatherResults([self._sub_factory.disconnect(), self._pub_factory.disconnect()])
+
+    def subscribe(self, channel):
+        self.messages.setdefault(channel, [])
+        return self.subscriber.subscribe(channel)
+
+    def publish(self, channel, message):
+        """Publish ``message``: a str is sent as it is, anything else JSON-encoded."""
+        body = message if isinstance(message, str) else json.dumps(message)
+        return self.publisher.publish(channel, body)
+
+    def request(self, kind, message):
+        """Publish on the request channel ``kind`` (``persist``, ``fetch``, ``fetch-next``)."""
+        return self.publish(self.prefix + kind, message)
+
+    def _received(self, channel, body):
+        self.messages.setdefault(channel, []).append(body)
+        for waiter in list(self._waiters):
+            waiter()
+
+    def decoded(self, channel):
+        return [json.loads(body) for body in self.messages.get(channel, [])]
+
+    def wait_for(self, check, timeout=WAIT):
+        """Fire when ``check()`` is true (tested after every message)."""
+        d = defer.Deferred()
+
+        def waiter():
+            if not d.called and check():
+                self._waiters.remove(waiter)
+                d.callback(None)
+
+        self._waiters.append(waiter)
+        waiter()
+        d.addTimeout(timeout, reactor, onTimeoutCancel=lambda *a: self._timeout(waiter, check))
+        return d
+
+    def _timeout(self, waiter, check):
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        raise AssertionError(f"timed out waiting; messages so far: {self.messages!r:.2000}")
+
+    def wait_count(self, channel, count, timeout=WAIT):
+        return self.wait_for(lambda: len(self.messages.get(channel, [])) >= count, timeout)
+
+    def wait_end(self, channel, timeout=WAIT):
+        """Fire when the server's last word ("end" or "timeout") arrived on ``channel``."""
+        return self.wait_for(
+            lambda: bool(self.messages.get(channel)) and self.messages[channel][-1] in ('"end"', '"timeout"'),
+            timeout,
+        )
+
+    @defer.inlineCallbacks
+    def persist(self, documents, channel=None, table=None):
+        """Send a persist request; returns the decoded reply messages."""
+        channel = channel or unique("reply")
+        yield self.subscribe(channel)
+        insert = {"$documents": documents}
+        if table:
+            insert["$table"] = table
+        yield self.request("persist", {"channel": channel, "query": {"$insert": insert}})
+        yield self.wait_end(channel)
+        return self.decoded(channel)
+
+    @defer.inlineCallbacks
+    def fetch(self, select, channel=None, accept="fetch-next", window=None):
+        """
+        Fetch with per-row acceptance (``"fetch-next"``, ``"accepted"`` or
+        ``"mixed"``); returns every decoded message, the last being the
+        server's final word.
+        """
+        channel = channel or unique("reply")
+        yield self.subscribe(channel)
+        request = {"channel": channel, "query": {"$select": select}}
+        if window is not None:
+            request["window"] = window
+        yield self.request("fetch", request)
+        messages = yield self.drain(channel, accept)
+        return messages
+
+    @defer.inlineCallbacks
+    def drain(self, channel, accept="fetch-next"):
+        """Accept every row on ``channel`` (those already here too) until the server's last word."""
+        seen = [0]
+        modes = itertools.cycle(["fetch-next", "accepted"]) if accept == "mixed" else itertools.repeat(accept)
+
+        def on_message():
+            bodies = self.messages[channel]
+            while seen[0] < len(bodies):
+                body = bodies[seen[0]]
+                seen[0] += 1
+                if body.startswith("{"):
+                    if next(modes) == "fetch-next":
+                        d = self.request("fetch-next", {"channel": channel})
+                    else:
+                        d = self.publish(channel, '"accepted"')
+                    d.addErrback(lambda failure: None)  # the test fails on what it sees, not here
+            return False
+
+        self._waiters.append(on_message)
+        on_message()
+        try:
+            yield self.wait_end(channel)
+        finally:
+            self._waiters.remove(on_message)
+        return [json.loads(body) for body in self.messages[channel] if body != '"accepted"']
+
+
+class IntegrationTestCase(TestCase):
+    """A server of this process on the real Redis and MariaDB, with its own database."""
+
+    timeout = 120
+    server_config = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.database = unique("es_test")
+        self.table = f"{self.database}.event"
+        self.prefix = unique("t") + ":"
+        yield self.start_server(**self.server_config)
+        self.client = yield WireClient(self.prefix).connect()
+        self.addCleanup(self.client.disconnect)
+
+    @defer.inlineCallbacks
+    def start_server(self, **overrides):
+        settings = dict(table=self.table, redis_host=REDIS_HOST, redis_port=REDIS_PORT,
+                        mysql_host=MYSQL["host"], mysql_port=MYSQL["port"],
+                        mysql_user=MYSQL["user"], mysql_password=MYSQL["password"],
+                        channel_prefix=self.prefix)
+        settings.update(overrides)
+        self.server = EventSourceService(Config(**settings))
+        self.server.stop_reactor_on_failure = False
+        self.server.startService()
+        self.addCleanup(self._stop_server, self.server)
+        self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")
+        yield self.server.ready
+        return self.server
+
+    def _stop_server(self, server):
+        if server.running:
+            return server.stopService()
+
+    def rows(self, columns="pid, domain, name, data", where=""):
+        return sql(f"SELECT {columns} FROM `{self.database}`.`event` {where} ORDER BY id")
+
+    def insert_events(self, count, pid="p", domain="d", name="n"):
+        """Fast set-up: ``count`` events straight into the table."""
+        values = [(f"{pid}{i}" if pid.endswith("_") else pid, domain, name, json.dumps({"i": i}))
+                  for i in range(count)]
+        connection = pymysql.connect(autocommit=False, **MYSQL)
+        try:
+            with connection.cursor() as cursor:
+                for start in range(0, count, 5000):
+                    cursor.executemany(
+                        f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
+                        " VALUES (%s, %s, %s, %s)", values[start:start + 5000])
+            connection.commit()
+        finally:
+            connection.close()

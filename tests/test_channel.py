@@ -1,0 +1,222 @@
+"""
+Every transition of the reply-channel machine, driven with a Clock and
+recording fakes: exact output sequences, timers, late messages.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from transitions import MachineError
+
+from eventsource.channel import MACHINE, ChannelState, Stream
+
+END, ERROR, TIMEOUT = '"end"', '"error"', '"timeout"'
+
+
+class Harness:
+    """A stream wired to a recording publisher and a manual row source."""
+
+    def __init__(self, window=1, timeout=5.0):
+        self.clock = Clock()
+        self.out = []
+        self.fetches = 0
+        self.closed = []
+        self.stream = Stream.open(
+            "reply-1",
+            window=window,
+            row_timeout=timeout,
+            clock=self.clock,
+            publish=lambda channel, body: self.out.append(body),
+            fetch_more=self._fetch_more,
+            closed=self.closed.append,
+        )
+
+    def _fetch_more(self, stream):
+        self.asked_by = stream
+        self.fetches += 1
+
+    @property
+    def state(self):
+        return self.stream.state
+
+
+class Version1Tests(SynchronousTestCase):
+    """Window 1: one row, its acceptance, the next row, then "end"."""
+
+    def test_starts_awaiting_row_and_asks_for_rows(self):
+        h = Harness()
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.fetches, 1)
+        self.assertIs(h.asked_by, h.stream)
+        self.assertIn(h.stream, MACHINE.models)
+        self.assertEqual(h.out, [])
+
+    def test_no_rows_is_just_end(self):
+        h = Harness()
+        h.stream.receive([], True)
+        self.assertEqual(h.out, [END])
+        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.closed, [h.stream])
+        self.assertNotIn(h.stream, MACHINE.models)
+
+    def test_one_row_at_a_time_then_end_after_last_acceptance(self):
+        h = Harness()
+        h.stream.receive(["r1", "r2"], True)
+        self.assertEqual(h.out, ["r1"])
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.stream.accept()
+        self.assertEqual(h.out, ["r1", "r2"])
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.stream.accept()
+        self.assertEqual(h.out, ["r1", "r2", END])
+        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_asks_for_next_page_when_buffer_runs_dry(self):
+        h = Harness()
+        h.stream.receive(["r1"], False)
+        self.assertEqual(h.fetches, 1)
+        h.stream.accept()
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.fetches, 2)
+        h.stream.receive(["r2"], True)
+        self.assertEqual(h.out, ["r1", "r2"])
+        h.stream.accept()
+        self.assertEqual(h.out[-1], END)
+
+    def test_acceptance_with_no_row_pending_is_ignored(self):
+        h = Harness()
+        h.stream.accept()
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        h.stream.receive(["r1", "r2"], True)
+        h.stream.accept(5)  # only one row is out: counts as one
+        self.assertEqual(h.out, ["r1", "r2"])
+
+    def test_timeout(self):
+        h = Harness(timeout=5)
+        h.stream.receive(["r1", "r2"], True)
+        h.clock.advance(4.9)
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.clock.advance(0.2)
+        self.assertEqual(h.out, ["r1", TIMEOUT])
+        self.assertEqual(h.state, ChannelState.TIMED_OUT)
+        self.assertEqual(h.closed, [h.stream])
+        self.assertNotIn(h.stream, MACHINE.models)
+
+    def test_timer_restarts_for_each_row(self):
+        h = Harness(timeout=5)
+        h.stream.receive(["r1", "r2"], True)
+        h.clock.advance(4)
+        h.stream.accept()
+        h.clock.advance(4)
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.clock.advance(1.5)
+        self.assertEqual(h.out, ["r1", "r2", TIMEOUT])
+
+    def test_no_timer_while_waiting_for_the_database(self):
+        h = Harness(timeout=5)
+        h.clock.advance(60)
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_client_end_publishes_nothing(self):
+        for rows in ([], ["r1"]):
+            h = Harness()
+            if rows:
+                h.stream.receive(rows, False)
+            h.stream.end()
+            self.assertEqual(h.out, rows)
+            self.assertEqual(h.state, ChannelState.ENDED)
+            self.assertEqual(h.clock.getDelayedCalls(), [])
+            self.assertNotIn(h.stream, MACHINE.models)
+
+    def test_failure_publishes_error_then_end(self):
+        h = Harness()
+        h.stream.receive(["r1"], False)
+        h.stream.fail("boom")
+        self.assertEqual(h.out, ["r1", ERROR, END])
+        self.assertEqual(h.state, ChannelState.ERRORED)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertNotIn(h.stream, MACHINE.models)
+
+    def test_terminal_states_ignore_late_inputs(self):
+        for finish in ("end", "fail", "timeout"):
+            h = Harness(timeout=1)
+            h.stream.receive(["r1", "r2"], False)
+            if finish == "end":
+                h.stream.end()
+            elif finish == "fail":
+                h.stream.fail()
+            else:
+                h.clock.advance(2)
+            published = list(h.out)
+            h.stream.accept()
+            h.stream.end()
+            h.stream.fail()
+            h.stream.receive(["late"], True)
+            h.stream.deadline_passed()
+            self.assertEqual(h.out, published, finish)
+            self.assertEqual(len(h.closed), 1)
+
+    def test_impossible_trigger_in_live_state_is_a_bug(self):
+        h = Harness()
+        h.stream.receive(["r1"], False)  # awaiting-accept
+        self.assertRaises(MachineError, h.stream.row_ready)
+        h.stream.end()
+
+
+class WindowTests(SynchronousTestCase):
+    """Window n: up to n unaccepted rows out, "end" right after the last row."""
+
+    def test_never_more_than_window_unaccepted(self):
+        h = Harness(window=3)
+        h.stream.receive([f"r{i}" for i in range(10)], True)
+        self.assertEqual(h.out, ["r0", "r1", "r2"])
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.stream.accept(2)
+        self.assertEqual(h.out, ["r0", "r1", "r2", "r3", "r4"])
+        h.stream.accept(1)
+        self.assertEqual(h.out[-1], "r5")
+        h.stream.accept(3)
+        self.assertEqual(h.out[-3:], ["r6", "r7", "r8"])
+        h.stream.accept(1)
+        self.assertEqual(h.out[-2:], ["r9", END])
+        self.assertEqual(h.state, ChannelState.ENDED)
+
+    def test_partial_window_keeps_asking_for_rows(self):
+        h = Harness(window=4)
+        h.stream.receive(["r0"], False)
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.fetches, 2)
+        h.stream.accept()  # acceptance while awaiting a row
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.fetches, 2)  # one page at a time
+        h.stream.receive(["r1"], True)
+        self.assertEqual(h.out, ["r0", "r1", END])
+
+    def test_timeout_measures_oldest_unaccepted_row(self):
+        h = Harness(window=2, timeout=5)
+        h.stream.receive(["r0"], False)
+        h.clock.advance(3)
+        h.stream.receive(["r1", "r2"], False)  # r1 out at t=3
+        h.stream.accept()  # r0 accepted; r1 oldest, deadline t=8; r2 out at t=3
+        h.clock.advance(4.9)  # t=7.9
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.clock.advance(0.2)
+        self.assertEqual(h.out, ["r0", "r1", "r2", TIMEOUT])
+
+    def test_acceptance_beyond_sent_is_ignored(self):
+        h = Harness(window=5)
+        h.stream.receive(["r0", "r1"], False)
+        h.stream.accept(100)
+        self.assertEqual(h.stream.state, ChannelState.AWAITING_ROW)
+        h.stream.receive(["r2", "r3", "r4", "r5", "r6", "r7"], False)
+        self.assertEqual(h.out, ["r0", "r1", "r2", "r3", "r4", "r5", "r6"])
+
+    def test_window_one_is_version_one(self):
+        one, v1 = Harness(window=1), Harness()
+        for h in (one, v1):
+            h.stream.receive(["a", "b"], True)
+            h.stream.accept()
+            h.stream.accept()
+        self.assertEqual(one.out, v1.out)
+        self.assertEqual(one.out, ["a", "b", END])

@@ -1,0 +1,494 @@
+"""
+Tests for :mod:`eventsource.cli`.
+
+Parsing, query building, output formats and exit statuses are tested in
+memory with a fake client; then every command runs for real, in this process
+(:func:`eventsource.cli.run`) and as ``python -m eventsource`` subprocesses,
+against the private redis-server and ``twistd eventsource`` process of
+:mod:`tests.test_client`.  The README's command-line examples run too.
+"""
+
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from eventsource import cli
+from eventsource.client import (
+    NoServerError,
+    PersistResult,
+    RedisConnectionError,
+    ReplyTimeout,
+    ServerError,
+    StreamTimeout,
+)
+from tests.test_client import CHECKOUT, RedisServer, free_port, shared_fixture, unique
+
+
+class FakeStream:
+    def __init__(self, rows, error=None):
+        self.rows = list(rows)
+        self.error = error
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.rows:
+            return self.rows.pop(0)
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.closed = True
+
+
+class FakeClient:
+    """Records what the CLI asks; answers with canned rows, results or errors."""
+
+    def __init__(self, rows=(), error=None):
+        self.rows = rows
+        self.error = error
+        self.persisted = []
+        self.fetched = []
+        self.disconnected = False
+
+    def persist(self, documents, table=None):
+        self.persisted.append((documents, table))
+        if self.error is not None:
+            return defer.fail(self.error)
+        raw = {"fieldCount": 0, "affectedRows": 1, "insertId": 7}
+        return defer.succeed(PersistResult.from_message(raw))
+
+    def fetch(self, query, window=1, raw=False):
+        self.fetched.append((query, window, raw))
+        self.stream = FakeStream(self.rows, self.error)
+        return self.stream
+
+    def disconnect(self):
+        self.disconnected = True
+        return defer.succeed(None)
+
+
+class TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class CommandTestCase(SynchronousTestCase):
+    """Runs :func:`cli.run` with a fake client: synchronous, no reactor."""
+
+    def run_cli(self, argv, client=None, stdin=None, connect_error=None, environ=None,
+                stderr=None):
+        self.client = client or FakeClient()
+        self.connected = []
+
+        def connect(**kwargs):
+            self.connected.append(kwargs)
+            if connect_error is not None:
+                return defer.fail(connect_error)
+            return defer.succeed(self.client)
+
+        self.stdout, self.stderr = io.StringIO(), stderr or io.StringIO()
+        d = Deferred.fromCoroutine(cli.run(
+            Clock(), argv, self.stdout, self.stderr, stdin, environ=environ or {},
+            connect=connect))
+        return self.successResultOf(d)
+
+    def assert_one_line_error(self, code, expected_code, text=None):
+        self.assertEqual(code, expected_code, self.stderr.getvalue())
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("eventsource"), lines[0])
+        if text is not None:
+            self.assertIn(text, lines[0])
+
+
+class ParserTests(CommandTestCase):
+    def test_every_flag_is_explained(self):
+        """--help of every command gives a help text for each flag."""
+        parser = cli.build_parser({})
+        subparsers = [a for a in parser._actions if hasattr(a, "choices") and a.choices]
+        commands = subparsers[0].choices
+        self.assertEqual(sorted(commands), ["fetch", "persist", "serve"])
+        for name in ("persist", "fetch"):
+            for action in commands[name]._actions:
+                self.assertTrue(action.help, f"{name} {action.option_strings} has no help")
+            text = commands[name].format_help()
+            for flag in ("--redis-host", "--redis-port", "--timeout", "--reply-prefix",
+                         "--channel-prefix"):
+                self.assertIn(flag, text)
+
+    def test_help_exits_0(self):
+        for argv in (["--help"], ["persist", "--help"], ["fetch", "--help"]):
+            self.assertEqual(self.run_cli(argv), 0)
+
+    def test_environment_defaults(self):
+        self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
+                     environ={"REDIS_HOST": "redis.example", "REDIS_PORT": "6380",
+                              "REDIS_PASS": "s3cret", "REDIS_USER": "app",
+                              "EVENTSOURCE_REPLY_PREFIX": "app:",
+                              "EVENTSOURCE_CHANNEL_PREFIX": "shop:"})
+        kwargs = self.connected[0]
+        self.assertEqual((kwargs["host"], kwargs["port"], kwargs["password"],
+                          kwargs["username"], kwargs["reply_prefix"], kwargs["channel_prefix"]),
+                         ("redis.example", 6380, "s3cret", "app", "app:", "shop:"))
+
+    def test_flags_win_over_environment(self):
+        self.run_cli(["fetch", "--redis-port", "7000", "--timeout", "2.5",
+                      "--redis-endpoint", "unix:path=/tmp/r.sock"],
+                     environ={"REDIS_PORT": "6380"})
+        kwargs = self.connected[0]
+        self.assertEqual((kwargs["port"], kwargs["timeout"], kwargs["endpoint"]),
+                         (7000, 2.5, "unix:path=/tmp/r.sock"))
+
+    def test_bad_arguments(self):
+        cases = [
+            (["persist", "--pid", "p", "--domain", "d", "--name", "n", "--data", "{k: 1}"],
+             "--data: not valid JSON"),
+            (["fetch", "--where", "[1]"], "must be a JSON object"),
+            (["fetch", "--where", "{"], "not valid JSON"),
+            (["fetch", "--query", "nope"], "not valid JSON"),
+            (["fetch", "--window", "0"], "at least 1"),
+            (["fetch", "--timeout", "-1"], "above 0"),
+            (["fetch", "--redis-port", "99999"], "port number"),
+            (["fetch", "--format", "xml"], "invalid choice"),
+            (["fetch", "--pid", "p", "--where", "{}"], "only one of"),
+            (["fetch", "--where", "{}", "--query", "{}"], "only one of"),
+            (["fetch", "--query", '{"$select": 1}'], "--query must be"),
+            (["fetch", "--query", '{"$select": {}, "$x": 1}'], "--query must be"),
+            (["persist", "--pid", "p"], "needs --pid, --domain and --name"),
+            (["persist", "--data", "1"], "needs --pid, --domain and --name"),
+            (["frobnicate"], "invalid choice"),
+            ([], "required"),
+        ]
+        for argv, text in cases:
+            code = self.run_cli(argv)
+            self.assert_one_line_error(code, cli.EXIT_USAGE, text)
+        self.assertEqual(self.connected, [])
+
+    def test_serve_is_not_run_in_process(self):
+        self.assertEqual(self.run_cli(["serve"]), cli.EXIT_USAGE)
+
+
+class PersistCommandTests(CommandTestCase):
+    def test_flags(self):
+        code = self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n",
+                             "--data", '{"k": [1, 2]}', "--table", "db.t"])
+        self.assertEqual(code, 0)
+        self.assertEqual(self.client.persisted, [
+            ({"pid": "p", "domain": "d", "name": "n", "data": {"k": [1, 2]}}, "db.t")])
+        self.assertEqual(json.loads(self.stdout.getvalue()),
+                         {"fieldCount": 0, "affectedRows": 1, "insertId": 7})
+        self.assertTrue(self.client.disconnected)
+
+    def test_no_data_is_null(self):
+        self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"])
+        self.assertIsNone(self.client.persisted[0][0]["data"])
+
+    def test_json_lines_on_stdin(self):
+        stdin = io.StringIO('{"pid": "a", "domain": "d", "name": "x"}\n\n'
+                            '{"pid": "b", "domain": "d", "name": "y", "data": 1}\n')
+        self.assertEqual(self.run_cli(["persist"], stdin=stdin), 0)
+        documents, table = self.client.persisted[0]
+        self.assertEqual([d["pid"] for d in documents], ["a", "b"])
+
+    def test_bad_stdin(self):
+        for text, message in [("", "no events"), ("{}\nnot json\n", "line 2"),
+                              ("[1]\n", "line 1 of standard input is not a JSON object")]:
+            code = self.run_cli(["persist"], stdin=io.StringIO(text))
+            self.assert_one_line_error(code, cli.EXIT_USAGE, message)
+
+    def test_terminal_stdin_refused(self):
+        code = self.run_cli(["persist"], stdin=TTY())
+        self.assert_one_line_error(code, cli.EXIT_USAGE, "pipe events")
+
+    def test_exit_codes(self):
+        cases = [
+            (ServerError("error", "c"), cli.EXIT_SERVER_ERROR, "refused the request"),
+            (NoServerError("no eventsource server is listening"), cli.EXIT_NO_SERVER,
+             "no eventsource server"),
+            (ReplyTimeout("no answer"), cli.EXIT_TIMEOUT, "no answer"),
+            (RedisConnectionError("lost"), cli.EXIT_REDIS, "lost"),
+        ]
+        for error, expected, text in cases:
+            code = self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
+                                client=FakeClient(error=error))
+            self.assert_one_line_error(code, expected, text)
+            self.assertTrue(self.client.disconnected)
+
+    def test_redis_unreachable(self):
+        code = self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
+                            connect_error=RedisConnectionError("cannot connect to Redis"))
+        self.assert_one_line_error(code, cli.EXIT_REDIS, "127.0.0.1:6379")
+
+
+class FetchCommandTests(CommandTestCase):
+    ROWS = [{"pid": "p", "name": "a", "data": {"k": 1}}, {"pid": "p", "name": "b", "data": None}]
+
+    def test_query_from_flags(self):
+        def query(*argv):
+            return cli.fetch_query(cli.build_parser({}).parse_args(["fetch", *argv]))
+
+        self.assertEqual(query(), {"$select": {}})
+        self.assertEqual(query("--pid", "p"), {"$select": {"$where": {"pid": "p"}}})
+        self.assertEqual(query("--domain", "d", "--name", "n", "--limit", "5", "--table", "a.b"),
+                         {"$select": {"$where": {"domain": "d", "name": "n"}, "$from": "a.b",
+                                      "$limit": 5}})
+        self.assertEqual(query("--where", '{"pid": {"$in": ["a"]}}'),
+                         {"$select": {"$where": {"pid": {"$in": ["a"]}}}})
+        self.assertEqual(query("--query", '{"$select": {"$columns": ["pid"]}}'),
+                         {"$select": {"$columns": ["pid"]}})
+        self.assertEqual(query("--query", '{"$columns": ["pid"]}', "--limit", "1"),
+                         {"$select": {"$columns": ["pid"], "$limit": 1}})
+
+    def test_json_lines(self):
+        self.assertEqual(self.run_cli(["fetch", "--pid", "p"], FakeClient(self.ROWS)), 0)
+        lines = self.stdout.getvalue().splitlines()
+        self.assertEqual([json.loads(line) for line in lines], self.ROWS)
+        self.assertEqual(self.client.fetched[0][1:], (cli.DEFAULT_WINDOW, False))
+        self.assertTrue(self.client.stream.closed)
+
+    def test_raw_and_window(self):
+        self.run_cli(["fetch", "--raw", "--window", "1"], FakeClient(self.ROWS))
+        self.assertEqual(self.client.fetched[0][1:], (1, True))
+
+    def test_table(self):
+        self.run_cli(["fetch", "--format", "table"], FakeClient(self.ROWS))
+        self.assertEqual(self.stdout.getvalue().splitlines(), [
+            "pid  name  data",
+            "---  ----  -------",
+            "p    a     {\"k\":1}",
+            "p    b     null",
+            "(2 rows)",
+        ])
+
+    def test_table_shapes(self):
+        text = cli.format_table([{"a": "x" * 100}, {"b": "y\nz"}])
+        lines = text.splitlines()
+        self.assertEqual(len(lines[2]), cli.TABLE_CELL_WIDTH)
+        self.assertTrue(lines[2].endswith("…"))
+        self.assertIn("y z", lines[3])
+        self.assertEqual(cli.format_table([]).splitlines()[-1], "(0 rows)")
+
+    def test_error_after_rows(self):
+        client = FakeClient(self.ROWS, StreamTimeout("a row was not accepted"))
+        code = self.run_cli(["fetch"], client)
+        self.assert_one_line_error(code, cli.EXIT_TIMEOUT, "not accepted")
+        self.assertEqual(len(self.stdout.getvalue().splitlines()), 2)
+
+    def test_no_progress_without_terminal(self):
+        self.run_cli(["fetch"], FakeClient(self.ROWS))
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_progress_line(self):
+        clock = Clock()
+        err = TTY()
+        progress = cli.Progress(clock, err)
+        progress.rows = 100
+        clock.advance(0.5)
+        self.assertEqual(err.getvalue(), "", "quiet for short reads")
+        progress.rows = 3000
+        clock.advance(0.5)
+        self.assertEqual(err.getvalue(), "\r3000 rows, 3000 rows/s, 1.0 s\x1b[K")
+        progress.rows = 4000
+        clock.advance(1)
+        progress.stop()
+        self.assertTrue(err.getvalue().endswith("\r4000 rows, 2000 rows/s, 2.0 s\x1b[K\n"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_progress_quiet_when_short(self):
+        clock = Clock()
+        err = TTY()
+        progress = cli.Progress(clock, err)
+        clock.advance(0.5)
+        progress.stop()
+        self.assertEqual(err.getvalue(), "")
+
+    def test_progress_only_on_terminal(self):
+        self.run_cli(["fetch", "--no-progress"], FakeClient(self.ROWS), stderr=TTY())
+        self.assertEqual(self.stderr.getvalue(), "")
+
+
+# -- for real ---------------------------------------------------------------------
+
+
+class IntegrationTests(TestCase):
+    """Every command against the real server, in process and as a subprocess."""
+
+    timeout = 30
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.fixture = shared_fixture()
+        self.environ = {"REDIS_PORT": str(self.fixture.redis_port),
+                        "EVENTSOURCE_CHANNEL_PREFIX": self.fixture.channel_prefix}
+        self.pid = unique("cli")
+
+    async def run_cli(self, *argv, stdin=None, environ=None):
+        out, err = io.StringIO(), io.StringIO()
+        code = await cli.run(self.reactor, list(argv), out, err, stdin,
+                             environ=self.environ if environ is None else environ)
+        return code, out.getvalue(), err.getvalue()
+
+    def subprocess(self, *argv, stdin="", environ=None):
+        env = dict(self.fixture.env)
+        env.update(self.environ if environ is None else environ)
+        return subprocess.run([sys.executable, "-m", "eventsource", *argv], input=stdin,
+                              capture_output=True, text=True, env=env, timeout=30,
+                              cwd=self.fixture.folder)
+
+    def test_persist_and_fetch(self):
+        async def go():
+            code, out, err = await self.run_cli(
+                "persist", "--pid", self.pid, "--domain", "order", "--name", "created",
+                "--data", '{"total": 12, "note": "é"}')
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(json.loads(out)["affectedRows"], 1)
+            lines = "".join(json.dumps({"pid": self.pid, "domain": "order", "name": f"n{i}",
+                                        "data": i}) + "\n" for i in range(3))
+            code, out, err = await self.run_cli("persist", stdin=io.StringIO(lines))
+            self.assertEqual((code, json.loads(out)["affectedRows"]), (0, 3))
+
+            code, out, err = await self.run_cli("fetch", "--pid", self.pid)
+            self.assertEqual((code, err), (0, ""))
+            rows = [json.loads(line) for line in out.splitlines()]
+            self.assertEqual([r["name"] for r in rows], ["created", "n0", "n1", "n2"])
+            self.assertEqual(rows[0]["data"], {"total": 12, "note": "é"})
+
+            code, out, _ = await self.run_cli("fetch", "--pid", self.pid, "--raw", "--window",
+                                              "1", "--limit", "1")
+            self.assertEqual(json.loads(json.loads(out)["data"]), {"total": 12, "note": "é"})
+
+            code, out, _ = await self.run_cli(
+                "fetch", "--where", json.dumps({"pid": self.pid, "name": {"$in": ["n1"]}}))
+            self.assertEqual([json.loads(line)["data"] for line in out.splitlines()], [1])
+
+            code, out, _ = await self.run_cli("fetch", "--query", json.dumps(
+                {"$select": {"$columns": ["name"], "$where": {"pid": self.pid},
+                             "$orderBy": {"name": -1}}}), "--format", "table")
+            self.assertEqual(code, 0)
+            self.assertEqual(out.splitlines(), [
+                "name", "-------", "n2", "n1", "n0", "created", "(4 rows)"])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_failures(self):
+        async def go():
+            code, _, err = await self.run_cli("fetch", "--query",
+                                              '{"$select": {"$from": "mysql.user"}}')
+            self.assertEqual(code, cli.EXIT_SERVER_ERROR, err)
+            self.assertEqual(len(err.splitlines()), 1)
+
+            code, _, err = await self.run_cli("persist", "--pid", "p", "--domain", "d",
+                                              "--name", "n", "--timeout", "2",
+                                              environ={"REDIS_PORT": str(free_port())})
+            self.assertEqual(code, cli.EXIT_REDIS, err)
+            self.assertIn("cannot connect to Redis", err)
+
+            lonely = RedisServer()
+            self.addCleanup(lonely.stop)
+            environ = {"REDIS_PORT": str(lonely.port)}
+            code, _, err = await self.run_cli("fetch", "--pid", "p", environ=environ)
+            self.assertEqual(code, cli.EXIT_NO_SERVER, err)
+
+            # something hears fetch requests but never answers
+            from eventsource.client import connect
+
+            mute = await connect(port=lonely.port, reactor=self.reactor)
+            self.addCleanup(mute.disconnect)
+            await mute.subscribe("fetch")
+            code, _, err = await self.run_cli("fetch", "--timeout", "0.3", environ=environ)
+            self.assertEqual(code, cli.EXIT_TIMEOUT, err)
+            self.assertIn("no answer", err)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_subprocess_exit_codes(self):
+        """python -m eventsource: exit statuses and one-line messages, for real."""
+        result = self.subprocess("persist", "--pid", self.pid, "--domain", "d", "--name", "n",
+                                 "--data", "[1, 2]")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(json.loads(result.stdout)["affectedRows"], 1)
+
+        result = self.subprocess("fetch", "--pid", self.pid, "--format", "table")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("[1,2]", result.stdout)
+
+        result = self.subprocess("fetch", "--where", "{oops")
+        self.assertEqual(result.returncode, cli.EXIT_USAGE)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+        result = self.subprocess("persist", stdin="not json\n")
+        self.assertEqual(result.returncode, cli.EXIT_USAGE)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+        lonely = RedisServer()
+        self.addCleanup(lonely.stop)
+        result = self.subprocess("fetch", "--pid", "p", environ={"REDIS_PORT": str(lonely.port)})
+        self.assertEqual(result.returncode, cli.EXIT_NO_SERVER)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+        for command in ("persist", "fetch", "serve"):
+            result = self.subprocess(command, "--help")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("usage:", result.stdout)
+        self.assertIn("--row-timeout", result.stdout)
+
+        result = self.subprocess("serve", "--no-such-option")
+        self.assertEqual(result.returncode, cli.EXIT_USAGE)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    def test_readme_commands(self):
+        """Every `$ eventsource ...` line of the README's CLI section runs and exits 0."""
+        commands = readme_commands()
+
+        async def go():
+            for line in commands:
+                stdin = None
+                if " | eventsource " in line:
+                    producer, line = line.split(" | ", 1)
+                    stdin = io.StringIO(subprocess.run(
+                        producer, shell=True, capture_output=True, text=True,
+                        check=True).stdout)
+                argv = shlex.split(line)
+                self.assertEqual(argv[0], "eventsource")
+                if argv[1] == "serve":
+                    continue
+                code, out, err = await self.run_cli(*argv[1:], stdin=stdin)
+                self.assertEqual(code, 0, f"{line}\n{err}")
+                self.assertTrue(out, line)
+
+        return Deferred.fromCoroutine(go())
+
+
+def readme_commands():
+    """The ``$ eventsource ...`` lines of the README's "## Command line" section."""
+    path = os.path.join(CHECKOUT, "README.md")
+    if not os.path.exists(path):
+        raise SkipTest("no README.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"^## Command line\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if match is None:
+        raise SkipTest("the README has no '## Command line' section yet")
+    commands = [line[2:] for line in match.group(1).splitlines()
+                if line.startswith("$ ") and "eventsource " in line]
+    if not commands:
+        raise SkipTest("the README's command-line section has no commands yet")
+    return commands

@@ -1,0 +1,1094 @@
+"""
+Tests for :mod:`eventsource.client`.
+
+The first part drives :class:`EventSourceClient` over an in-memory pub/sub
+(:class:`MemoryPubSub`) and a scripted server (:class:`FakeServer`) with a
+:class:`Clock`: no reactor, no Redis, milliseconds.  The second part
+(:class:`IntegrationTests`) runs the real client against a private
+redis-server and a real ``twistd eventsource`` process on MariaDB.
+"""
+
+import atexit
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from eventsource import client as client_module
+from eventsource.client import (
+    BadReply,
+    EventSourceClient,
+    NoServerError,
+    PersistResult,
+    RedisConnectionError,
+    ReplyTimeout,
+    Row,
+    ServerError,
+    StreamTimeout,
+    connect,
+)
+
+OK_PACKET = ('{"fieldCount":0,"affectedRows":%d,"insertId":%d,"serverStatus":2,'
+             '"warningCount":0,"message":"","protocol41":true,"changedRows":0}')
+
+
+class MemoryPubSub:
+    """
+    An in-memory Redis pub/sub for one client, recording every call.
+
+    Messages published on a channel the client subscribed to come back to it
+    (as Redis echoes them); ``handlers`` play other subscribers (a server).
+    ``hold_subscribes`` / ``hold_publishes`` make those calls wait until the
+    test fires them from ``held``.
+    """
+
+    def __init__(self):
+        self.receiver = None
+        self.calls = []
+        self.subscribed = set()
+        self.handlers = {}
+        self.hold_subscribes = False
+        self.hold_publishes = False
+        self.held = deque()
+        self.disconnected = False
+
+    def subscribe(self, channel):
+        self.calls.append(("subscribe", channel))
+        if self.hold_subscribes:
+            d = Deferred()
+            self.held.append(d)
+            return d.addCallback(lambda _: self.subscribed.add(channel) or [
+                "subscribe", channel, len(self.subscribed)])
+        self.subscribed.add(channel)
+        return defer.succeed(["subscribe", channel, len(self.subscribed)])
+
+    def unsubscribe(self, channel):
+        self.calls.append(("unsubscribe", channel))
+        self.subscribed.discard(channel)
+        return defer.succeed(["unsubscribe", channel, len(self.subscribed)])
+
+    def publish(self, channel, body):
+        self.calls.append(("publish", channel, body))
+        receivers = 0
+        handler = self.handlers.get(channel)
+        if handler is not None:
+            receivers += 1
+            handler(channel, body)
+        if channel in self.subscribed:
+            receivers += 1
+            self.receiver.message_received(channel, body)
+        if self.hold_publishes:
+            d = Deferred()
+            self.held.append(d)
+            return d.addCallback(lambda _: receivers)
+        return defer.succeed(receivers)
+
+    def deliver(self, channel, body):
+        """A message from someone else: only a subscribed channel hears it."""
+        if channel in self.subscribed:
+            self.receiver.message_received(channel, body)
+
+    def disconnect(self):
+        self.disconnected = True
+        return defer.succeed(None)
+
+    def published(self, channel=None):
+        """Bodies published (on ``channel``), decoded."""
+        return [json.loads(call[2]) for call in self.calls
+                if call[0] == "publish" and (channel is None or call[1] == channel)]
+
+
+class FakeServer:
+    """
+    A scripted eventsource server on a :class:`MemoryPubSub`.
+
+    ``persist`` answers the OkPacket (or ``persist_answer``); ``fetch``
+    streams ``rows`` with the protocol's window rules, capped at
+    ``max_window``; acceptances arrive on ``fetch-next`` or as ``"accepted"``
+    on the reply channel.  ``auto`` False leaves fetches unanswered.
+    """
+
+    def __init__(self, pubsub, rows=(), max_window=1000, prefix=""):
+        self.pubsub = pubsub
+        self.rows = list(rows)
+        self.max_window = max_window
+        self.persist_answer = None
+        self.requests = []
+        self.streams = {}
+        self.acceptances = []
+        pubsub.handlers.update({prefix + "persist": self.on_persist,
+                                prefix + "fetch": self.on_fetch,
+                                prefix + "fetch-next": self.on_fetch_next})
+
+    def send(self, channel, message):
+        self.pubsub.deliver(channel, json.dumps(message))
+
+    def on_persist(self, _, body):
+        request = json.loads(body)
+        self.requests.append(request)
+        channel = request["channel"]
+        if self.persist_answer is None:
+            documents = request["query"]["$insert"]["$documents"]
+            count = len(documents) if isinstance(documents, list) else 1
+            self.pubsub.deliver(channel, OK_PACKET % (count, 1))
+        else:
+            for message in self.persist_answer:
+                self.send(channel, message)
+        self.send(channel, "end")
+
+    def on_fetch(self, _, body):
+        request = json.loads(body)
+        self.requests.append(request)
+        channel = request["channel"]
+        window = min(request.get("window", 1), self.max_window)
+        self.streams[channel] = {"rows": deque(self.rows), "window": window, "out": 0}
+        self.pubsub.handlers[channel] = self.on_reply
+        self.pump(channel)
+
+    def pump(self, channel):
+        stream = self.streams.get(channel)
+        if stream is None:
+            return
+        while stream["rows"] and stream["out"] < stream["window"]:
+            stream["out"] += 1
+            self.send(channel, stream["rows"].popleft())
+        if not stream["rows"] and (stream["window"] > 1 or stream["out"] == 0):
+            self.close(channel)
+            self.send(channel, "end")
+
+    def close(self, channel):
+        self.streams.pop(channel, None)
+        self.pubsub.handlers.pop(channel, None)
+
+    def accept(self, channel, count):
+        self.acceptances.append((channel, count))
+        stream = self.streams.get(channel)
+        if stream is not None:
+            stream["out"] = max(0, stream["out"] - count)
+            self.pump(channel)
+
+    def on_fetch_next(self, _, body):
+        message = json.loads(body)
+        self.accept(message["channel"], message.get("accepted", 1))
+
+    def on_reply(self, channel, body):
+        message = json.loads(body)
+        if message == "accepted":
+            self.accept(channel, 1)
+        elif message == "end":
+            self.close(channel)
+
+
+def rows_of(n, pid="p1"):
+    return [{"timestamp": "2020-04-06T11:35:18.414Z", "pid": pid, "domain": "user",
+             "name": f"e{i}", "data": json.dumps({"i": i})} for i in range(n)]
+
+
+def run(coroutine):
+    return Deferred.fromCoroutine(coroutine)
+
+
+class ClientTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.pubsub = MemoryPubSub()
+        self.server = FakeServer(self.pubsub)
+        self.client = EventSourceClient(self.pubsub, self.clock)
+
+    def tearDown(self):
+        # every test leaves no timer behind and no request open
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def consume(self, stream, limit=None):
+        rows = []
+
+        async def go():
+            async for row in stream:
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+            return rows
+
+        return run(go())
+
+
+class PersistTests(ClientTestCase):
+    def test_subscribes_before_publishing(self):
+        """The reply channel is confirmed subscribed before the request goes out."""
+        self.pubsub.hold_subscribes = True
+        d = self.client.persist({"pid": "p", "domain": "d", "name": "n"})
+        self.assertEqual([c[0] for c in self.pubsub.calls], ["subscribe"])
+        self.assertNoResult(d)
+        self.pubsub.held.popleft().callback(None)
+        self.assertEqual([c[0] for c in self.pubsub.calls], ["subscribe", "publish", "unsubscribe"])
+        self.assertEqual(self.successResultOf(d).affected_rows, 1)
+
+    def test_request_and_result(self):
+        """The request is the protocol's persist body; the result is the OkPacket's."""
+        documents = [{"pid": "p", "domain": "d", "name": "n", "data": {"k": i}} for i in range(3)]
+        result = self.successResultOf(self.client.persist(documents, table="db.events"))
+        request = self.server.requests[0]
+        self.assertEqual(request["query"], {"$insert": {"$table": "db.events",
+                                                        "$documents": documents}})
+        self.assertTrue(request["channel"].startswith("eventsource:reply:"))
+        self.assertIsInstance(result, PersistResult)
+        self.assertEqual((result.affected_rows, result.insert_id), (3, 1))
+        self.assertEqual(result.raw["protocol41"], True)
+        self.assertEqual(self.pubsub.subscribed, set())
+        self.assertEqual(self.client.open_requests, 0)
+
+    def test_no_table_means_default(self):
+        self.successResultOf(self.client.persist_event("p", "d", "n", {"x": 1}))
+        self.assertEqual(self.server.requests[0]["query"],
+                         {"$insert": {"$documents": {"pid": "p", "domain": "d", "name": "n",
+                                                     "data": {"x": 1}}}})
+
+    def test_reply_channels_are_unique(self):
+        for _ in range(50):
+            self.successResultOf(self.client.persist({"pid": "p", "domain": "d", "name": "n"}))
+        channels = {r["channel"] for r in self.server.requests}
+        self.assertEqual(len(channels), 50)
+
+    def test_channel_prefix(self):
+        """A server started with --channel-prefix listens on prefixed request channels."""
+        pubsub = MemoryPubSub()
+        server = FakeServer(pubsub, rows_of(2), prefix="shop:")
+        client = EventSourceClient(pubsub, self.clock, channel_prefix="shop:")
+        self.successResultOf(client.persist({"pid": "p", "domain": "d", "name": "n"}))
+        rows = self.successResultOf(client.fetch_all({"$select": {}}))
+        self.assertEqual(len(rows), 2)
+        self.assertEqual(len(server.requests), 2)
+        self.assertEqual({c[1] for c in pubsub.calls if c[0] == "publish"},
+                         {"shop:persist", "shop:fetch", "shop:fetch-next"})
+        unprefixed = EventSourceClient(pubsub, self.clock)
+        self.failureResultOf(unprefixed.persist({"pid": "p"}), NoServerError)
+
+    def test_reply_prefix(self):
+        client = EventSourceClient(self.pubsub, self.clock, reply_prefix="app:42:")
+        self.successResultOf(client.persist({"pid": "p", "domain": "d", "name": "n"}))
+        self.assertRegex(self.server.requests[0]["channel"], r"^app:42:[0-9a-f]{32}$")
+
+    def test_server_error(self):
+        self.server.persist_answer = ["error"]
+        failure = self.failureResultOf(self.client.persist({"pid": "p"}), ServerError)
+        self.assertIn("error", str(failure.value))
+        self.assertEqual(failure.value.channel, self.server.requests[0]["channel"])
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_end_without_result(self):
+        self.server.persist_answer = []
+        self.failureResultOf(self.client.persist({"pid": "p"}), BadReply)
+
+    def test_no_server_fails_at_once(self):
+        """PUBLISH reaching 0 subscribers fails the request without waiting."""
+        del self.pubsub.handlers["persist"]
+        failure = self.failureResultOf(self.client.persist({"pid": "p"}), NoServerError)
+        self.assertIn("no eventsource server", str(failure.value))
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_reply_before_publish_count(self):
+        """The answer may overtake PUBLISH's own reply; a later count changes nothing."""
+        self.pubsub.hold_publishes = True
+        d = self.client.persist({"pid": "p", "domain": "d", "name": "n"})
+        self.assertEqual(self.successResultOf(d).affected_rows, 1)
+        self.pubsub.held.popleft().callback(None)
+
+    def test_timeout(self):
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        d = self.client.persist({"pid": "p"}, timeout=3)
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, ReplyTimeout)
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_default_timeout(self):
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        d = self.client.persist({"pid": "p"})
+        self.clock.advance(client_module.DEFAULT_TIMEOUT)
+        self.failureResultOf(d, ReplyTimeout)
+
+    def test_late_answer_ignored(self):
+        answers = []
+        self.pubsub.handlers["persist"] = lambda channel, body: answers.append(
+            json.loads(body)["channel"])
+        d = self.client.persist({"pid": "p"}, timeout=1)
+        self.clock.advance(1)
+        self.failureResultOf(d, ReplyTimeout)
+        self.client.message_received(answers[0], OK_PACKET % (1, 1))
+
+    def test_connection_lost(self):
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        d = self.client.persist({"pid": "p"})
+        self.client.connection_lost(None)
+        self.failureResultOf(d, RedisConnectionError)
+
+    def test_publish_failure(self):
+        def broken(channel, body):
+            raise ConnectionError("boom")
+
+        self.pubsub.publish = broken
+        failure = self.failureResultOf(self.client.persist({"pid": "p"}), RedisConnectionError)
+        self.assertIn("boom", str(failure.value))
+
+    def test_cancel(self):
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        d = self.client.persist({"pid": "p"})
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.client.open_requests, 0)
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_bad_documents(self):
+        for documents in ([], "x", [1], None):
+            self.assertRaises(ValueError, self.client.persist, documents)
+        self.assertRaises(TypeError, self.client.persist, {"data": object()})
+        self.assertEqual(self.pubsub.calls, [])
+
+
+class FetchTests(ClientTestCase):
+    def test_version_1_stream(self):
+        """One row per acceptance, accepted on fetch-next when the next is asked for."""
+        self.server.rows = rows_of(3)
+        stream = self.client.fetch({"$select": {"$where": {"pid": "p1"}}})
+        self.assertEqual(self.pubsub.calls, [], "nothing happens before the first row is asked for")
+        first = self.successResultOf(stream.next_row())
+        request = self.server.requests[0]
+        self.assertEqual(request, {"channel": stream.channel,
+                                   "query": {"$select": {"$where": {"pid": "p1"}}}})
+        self.assertEqual(first["name"], "e0")
+        self.assertEqual(self.server.acceptances, [])
+        self.assertEqual(self.successResultOf(stream.next_row())["name"], "e1")
+        self.assertEqual(self.pubsub.published("fetch-next"), [{"channel": stream.channel}])
+        self.assertEqual(self.successResultOf(stream.next_row())["name"], "e2")
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+        self.assertEqual(len(self.pubsub.published("fetch-next")), 3)
+        self.assertEqual(self.pubsub.subscribed, set())
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+
+    def test_async_for(self):
+        self.server.rows = rows_of(5)
+        rows = self.successResultOf(self.consume(self.client.fetch({"$select": {}})))
+        self.assertEqual([r["name"] for r in rows], [f"e{i}" for i in range(5)])
+
+    def test_data_decoded_raw_kept(self):
+        self.server.rows = rows_of(1)
+        [row] = self.successResultOf(self.consume(self.client.fetch({"$select": {}})))
+        self.assertIsInstance(row, Row)
+        self.assertEqual(row["data"], {"i": 0})
+        self.assertEqual(row.raw["data"], '{"i": 0}')
+        self.assertEqual(row["pid"], "p1")
+
+    def test_raw_rows(self):
+        self.server.rows = rows_of(1)
+        [row] = self.successResultOf(self.consume(self.client.fetch({"$select": {}}, raw=True)))
+        self.assertEqual(row, rows_of(1)[0])
+        self.assertNotIsInstance(row, Row)
+
+    def test_data_not_json_left_alone(self):
+        self.server.rows = [{"data": "not json"}, {"data": None}, {"n": 1}]
+        rows = self.successResultOf(self.consume(self.client.fetch({"$select": {}})))
+        self.assertEqual(rows, [{"data": "not json"}, {"data": None}, {"n": 1}])
+
+    def test_empty_result(self):
+        rows = self.successResultOf(self.consume(self.client.fetch({"$select": {}})))
+        self.assertEqual(rows, [])
+        self.assertEqual(self.pubsub.published("fetch-next"), [])
+
+    def test_window_batches_acceptances(self):
+        """With a window, rows are accepted window//2 at a time, in one message."""
+        self.server.rows = rows_of(10)
+        stream = self.client.fetch({"$select": {}}, window=4)
+        rows = self.successResultOf(self.consume(stream))
+        self.assertEqual(len(rows), 10)
+        self.assertEqual(self.server.requests[0]["window"], 4)
+        accepts = self.pubsub.published("fetch-next")
+        self.assertTrue(accepts)
+        self.assertTrue(all(a == {"channel": stream.channel, "accepted": 2} for a in accepts),
+                        accepts)
+
+    def test_window_1_sends_no_window(self):
+        self.server.rows = rows_of(1)
+        self.successResultOf(self.consume(self.client.fetch({"$select": {}}, window=1)))
+        self.assertNotIn("window", self.server.requests[0])
+
+    def test_window_capped_by_server(self):
+        """A server granting less than window//2 does not deadlock the stream."""
+        self.server.rows = rows_of(7)
+        self.server.max_window = 2
+        d = self.consume(self.client.fetch({"$select": {}}, window=100))
+        for _ in range(10):
+            self.clock.advance(client_module.IDLE_ACCEPT_DELAY)
+        self.assertEqual(len(self.successResultOf(d)), 7)
+
+    def test_slow_row_not_accepted_early(self):
+        """A row in flight (window not full) does not trigger an early acceptance."""
+        self.server.rows = rows_of(1)
+        self.server.max_window = 1
+        stream = self.client.fetch({"$select": {}}, window=8)
+        self.successResultOf(stream.next_row())
+        d = stream.next_row()
+        self.assertEqual(self.server.acceptances, [])
+        self.clock.advance(client_module.IDLE_ACCEPT_DELAY)
+        self.assertEqual(len(self.server.acceptances), 1)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_accept_via_reply_channel(self):
+        """The original client's way: "accepted" on the reply channel; echoes ignored."""
+        client = EventSourceClient(self.pubsub, self.clock, accept_via="reply")
+        self.server.rows = rows_of(3)
+        stream = client.fetch({"$select": {}})
+        rows = self.successResultOf(self.consume(stream))
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(self.pubsub.published(stream.channel), ["accepted"] * 3)
+        self.assertEqual(self.pubsub.published("fetch-next"), [])
+
+    def test_break_sends_end(self):
+        """Leaving the loop early sends "end" on the reply channel and unsubscribes."""
+        self.server.rows = rows_of(5)
+        rows = self.successResultOf(self.consume(self.client.fetch({"$select": {}}), limit=2))
+        gc.collect()
+        self.assertEqual(len(rows), 2)
+        channel = self.server.requests[0]["channel"]
+        self.assertEqual(self.pubsub.published(channel), ["end"])
+        self.assertNotIn(channel, self.server.streams)
+        self.assertEqual(self.pubsub.subscribed, set())
+        self.assertEqual(self.client.open_requests, 0)
+
+    def test_break_sends_end_at_once(self):
+        """The common `async for row in client.fetch(...): break` ends the stream
+        right at the break, before the code after the loop runs."""
+        self.server.rows = rows_of(5)
+
+        async def go():
+            async for _row in self.client.fetch({"$select": {}}):
+                break
+            return self.pubsub.published(self.server.requests[0]["channel"])
+
+        self.assertEqual(self.successResultOf(run(go())), ["end"])
+
+    def test_exception_in_loop_sends_end(self):
+        self.server.rows = rows_of(5)
+
+        async def go():
+            async for _row in self.client.fetch({"$select": {}}):
+                raise KeyError("consumer bug")
+
+        self.failureResultOf(run(go()), KeyError)
+        gc.collect()
+        self.assertEqual(self.pubsub.published(self.server.requests[0]["channel"]), ["end"])
+
+    def test_async_with_and_aclose(self):
+        self.server.rows = rows_of(5)
+
+        async def go():
+            async with self.client.fetch({"$select": {}}) as rows:
+                return (await rows.__anext__())["name"]
+
+        self.assertEqual(self.successResultOf(run(go())), "e0")
+        channel = self.server.requests[0]["channel"]
+        self.assertEqual(self.pubsub.published(channel), ["end"])
+
+    def test_close_after_end_sends_nothing(self):
+        self.server.rows = rows_of(1)
+        stream = self.client.fetch({"$select": {}}, window=5)
+        self.successResultOf(self.consume(stream))
+        self.successResultOf(stream.aclose())
+        self.assertEqual(self.pubsub.published(stream.channel), [])
+
+    def test_close_before_start(self):
+        stream = self.client.fetch({"$select": {}})
+        self.successResultOf(stream.aclose())
+        self.assertEqual(self.pubsub.calls, [])
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+
+    def test_close_while_waiting(self):
+        self.server.rows = rows_of(1)
+        self.server.max_window = 1
+        stream = self.client.fetch({"$select": {}})
+        self.successResultOf(stream.next_row())
+        self.pubsub.handlers["fetch-next"] = lambda channel, body: None
+        d = stream.next_row()
+        self.assertNoResult(d)
+        stream.aclose()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_stream_timeout_after_rows(self):
+        """Rows that came before "timeout" are delivered, then StreamTimeout."""
+        stream = self.client.fetch({"$select": {}}, window=10)
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        d = stream.next_row()
+        for message in (rows_of(2)[0], rows_of(2)[1], "timeout"):
+            self.server.send(stream.channel, message)
+        self.assertEqual(self.successResultOf(d)["name"], "e0")
+        self.assertEqual(self.successResultOf(stream.next_row())["name"], "e1")
+        self.failureResultOf(stream.next_row(), StreamTimeout)
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+
+    def test_server_error_in_loop(self):
+        self.pubsub.handlers["fetch"] = lambda _, body: self.server.send(
+            json.loads(body)["channel"], "error")
+        self.failureResultOf(self.consume(self.client.fetch({"$select": {}})), ServerError)
+
+    def test_no_server(self):
+        del self.pubsub.handlers["fetch"]
+        self.failureResultOf(self.consume(self.client.fetch({"$select": {}})), NoServerError)
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_server_gone_mid_stream(self):
+        """An acceptance reaching 0 subscribers fails the stream at once."""
+        self.server.rows = rows_of(3)
+        stream = self.client.fetch({"$select": {}})
+        self.successResultOf(stream.next_row())
+        del self.pubsub.handlers["fetch-next"]
+        self.failureResultOf(stream.next_row(), NoServerError)
+
+    def test_reply_timeout_sends_end(self):
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        stream = self.client.fetch({"$select": {}}, timeout=2)
+        d = stream.next_row()
+        self.clock.advance(2)
+        self.failureResultOf(d, ReplyTimeout)
+        self.assertEqual(self.pubsub.published(stream.channel), ["end"])
+        self.assertEqual(self.pubsub.subscribed, set())
+
+    def test_slow_consumer_no_client_timeout(self):
+        """The client timeout only runs while the client waits for the server."""
+        self.server.rows = rows_of(2)
+        stream = self.client.fetch({"$select": {}}, timeout=1)
+        self.successResultOf(stream.next_row())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(self.successResultOf(stream.next_row())["name"], "e1")
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+
+    def test_connection_lost(self):
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        d = self.consume(self.client.fetch({"$select": {}}))
+        self.client.connection_lost(None)
+        self.failureResultOf(d, RedisConnectionError)
+
+    def test_concurrent_fetches(self):
+        """Streams interleave on one client, each with its own channel and rows."""
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        streams = [self.client.fetch({"$select": {"$where": {"pid": f"p{i}"}}}) for i in range(3)]
+        results = [self.consume(s) for s in streams]
+        self.assertEqual(len({s.channel for s in streams}), 3)
+        for n in range(2):
+            for i, s in enumerate(streams):
+                self.server.send(s.channel, rows_of(2, f"p{i}")[n])
+                if n:
+                    # the second row of a stream came after the first was accepted
+                    self.assertEqual(self.pubsub.published("fetch-next")[-1:],
+                                     [{"channel": s.channel}])
+        for s in reversed(streams):
+            self.server.send(s.channel, "end")
+        for i, d in enumerate(results):
+            self.assertEqual([r["pid"] for r in self.successResultOf(d)], [f"p{i}"] * 2)
+
+    def test_two_waiters_refused(self):
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        stream = self.client.fetch({"$select": {}})
+        stream.next_row()
+        self.assertRaises(RuntimeError, stream.next_row)
+        stream.aclose()
+
+    def test_cancel_waiting_consumer(self):
+        self.pubsub.handlers["fetch"] = lambda _, body: None
+        stream = self.client.fetch({"$select": {}})
+        d = stream.next_row()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.successResultOf(stream.aclose())
+
+    def test_arguments(self):
+        self.assertRaises(ValueError, self.client.fetch, {"$select": {}}, window=0)
+        self.assertRaises(ValueError, self.client.fetch, {"$select": {}}, window=1.5)
+        self.assertRaises(ValueError, self.client.fetch, "SELECT 1")
+        self.assertRaises(ValueError, EventSourceClient, self.pubsub, self.clock,
+                          accept_via="carrier pigeon")
+
+    def test_shortcuts(self):
+        self.server.rows = rows_of(1)
+        self.successResultOf(self.consume(self.client.fetch_by_pid("p9")))
+        self.successResultOf(self.consume(self.client.fetch_by_name("user")))
+        self.successResultOf(self.consume(self.client.fetch_by_name("user", "created",
+                                                                    table="db.t", window=3)))
+        queries = [r["query"] for r in self.server.requests]
+        self.assertEqual(queries, [
+            {"$select": {"$where": {"pid": "p9"}}},
+            {"$select": {"$where": {"domain": "user"}}},
+            {"$select": {"$where": {"domain": "user", "name": "created"}, "$from": "db.t"}},
+        ])
+        self.assertEqual(self.server.requests[2]["window"], 3)
+
+
+class CallbackStyleTests(ClientTestCase):
+    def test_fetch_each(self):
+        self.server.rows = rows_of(3)
+        seen = []
+        d = self.client.fetch_each({"$select": {}}, lambda row: seen.append(row["name"]))
+        self.assertEqual(self.successResultOf(d), 3)
+        self.assertEqual(seen, ["e0", "e1", "e2"])
+
+    def test_fetch_each_waits_for_deferred(self):
+        """A row is accepted only once the Deferred on_row returned has fired."""
+        self.server.rows = rows_of(2)
+        pending = []
+
+        def on_row(row):
+            pending.append(Deferred())
+            return pending[-1]
+
+        d = self.client.fetch_each({"$select": {}}, on_row)
+        self.assertEqual(len(pending), 1)
+        self.assertEqual(self.server.acceptances, [])
+        pending[0].callback(None)
+        self.assertEqual(len(self.server.acceptances), 1)
+        pending[1].callback(None)
+        self.assertEqual(self.successResultOf(d), 2)
+
+    def test_fetch_each_error_ends_stream(self):
+        self.server.rows = rows_of(3)
+
+        def on_row(row):
+            raise ValueError("no")
+
+        self.failureResultOf(self.client.fetch_each({"$select": {}}, on_row), ValueError)
+        self.assertEqual(self.pubsub.published(self.server.requests[0]["channel"]), ["end"])
+
+    def test_fetch_each_cancel_ends_stream(self):
+        self.server.rows = rows_of(3)
+        d = self.client.fetch_each({"$select": {}}, lambda row: Deferred())
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.pubsub.published(self.server.requests[0]["channel"]), ["end"])
+
+    def test_fetch_all(self):
+        self.server.rows = rows_of(4)
+        rows = self.successResultOf(self.client.fetch_all({"$select": {}}, window=2))
+        self.assertEqual([r["data"]["i"] for r in rows], [0, 1, 2, 3])
+
+
+class LowLevelTests(ClientTestCase):
+    def test_original_readme_flow(self):
+        """subscribe / on / publish, with JSON in and out, as the original README."""
+        messages = []
+        self.successResultOf(self.client.subscribe("test-persist-channel"))
+        self.client.on("test-persist-channel", messages.append)
+        receivers = self.successResultOf(self.client.publish("persist", {
+            "channel": "test-persist-channel",
+            "query": {"$insert": {"$documents": {"pid": "p", "domain": "d", "name": "n"}}}}))
+        self.assertEqual(receivers, 1)
+        self.assertEqual(messages[0]["affectedRows"], 1)
+        self.assertEqual(messages[1], "end")
+
+    def test_publish_encodes_json(self):
+        self.successResultOf(self.client.publish("somewhere", "end"))
+        self.successResultOf(self.client.publish("somewhere", {"a": [1, "é"]}))
+        self.assertEqual([c[2] for c in self.pubsub.calls], ['"end"', '{"a":[1,"é"]}'])
+
+    def test_non_json_delivered_as_text(self):
+        messages = []
+        self.client.subscribe("c")
+        self.client.on("c", messages.append)
+        self.pubsub.deliver("c", "not json")
+        self.assertEqual(messages, ["not json"])
+
+    def test_off_and_failing_listener(self):
+        messages = []
+
+        def broken(message):
+            raise RuntimeError("listener bug")
+
+        self.client.subscribe("c")
+        self.client.on("c", broken)
+        self.client.on("c", messages.append)
+        self.pubsub.deliver("c", "1")
+        self.assertEqual(messages, [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.client.off("c", broken)
+        self.client.off("c", messages.append)
+        self.pubsub.deliver("c", "2")
+        self.assertEqual(messages, [1])
+        self.client.on("c", messages.append)
+        self.client.off("c")
+        self.pubsub.deliver("c", "3")
+        self.assertEqual(messages, [1])
+
+    def test_resubscribe_after_reconnect(self):
+        self.successResultOf(self.client.subscribe("a"))
+        self.successResultOf(self.client.subscribe("b"))
+        self.successResultOf(self.client.unsubscribe("b"))
+        self.pubsub.calls.clear()
+        self.client.connection_made()
+        self.assertEqual(self.pubsub.calls, [("subscribe", "a")])
+
+
+class DisconnectTests(ClientTestCase):
+    def test_disconnect_ends_open_requests(self):
+        self.server.rows = rows_of(3)
+        persists = self.pubsub.handlers["persist"]
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        waiting_persist = self.client.persist({"pid": "p"})
+        self.pubsub.handlers["persist"] = persists
+        stream = self.client.fetch({"$select": {}})
+        self.successResultOf(stream.next_row())
+        self.successResultOf(self.client.disconnect())
+        self.failureResultOf(waiting_persist, RedisConnectionError)
+        self.assertEqual(self.pubsub.published(stream.channel), ["end"])
+        self.failureResultOf(stream.next_row(), RedisConnectionError)
+        self.assertTrue(self.pubsub.disconnected)
+        self.failureResultOf(self.client.persist({"pid": "p"}), RedisConnectionError)
+        self.failureResultOf(self.client.publish("x", 1), RedisConnectionError)
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_decode(self):
+        self.assertEqual(client_module.decode('"end"'), "end")
+        self.assertEqual(client_module.decode("end"), "end")
+        self.assertEqual(client_module.decode(b'{"a": 1}'), {"a": 1})
+        self.assertEqual(client_module.decode(b"\xff"), b"\xff")
+        self.assertEqual(client_module.decode(7), 7)
+
+    def test_encode(self):
+        self.assertEqual(client_module.encode("accepted"), '"accepted"')
+
+
+# -- against a real redis-server and a real server process ----------------------------
+#
+# Each test run starts its own redis-server on a free port (so no other
+# eventsource server on the machine's Redis hears our requests: the request
+# channels are fixed names) and one ``twistd eventsource`` process on it, with
+# a database of its own.  Both are started on first use, shared by this
+# module and tests.test_cli, and stopped when the test process exits.
+
+#: the fixture server's row timeout, seconds
+ROW_TIMEOUT = 1.0
+#: the fixture server's window cap
+MAX_WINDOW = 50
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(client_module.__file__)))
+
+
+def unique(prefix):
+    """A name no other test (or test run) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sleep(reactor, seconds):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def redis_command(port, *words, timeout=2.0):
+    """One Redis command over a plain socket; returns the raw reply bytes."""
+    command = b"*%d\r\n" % len(words) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(command)
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def _wait_for(predicate, seconds, what, process=None, log_path=None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            break
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    log = ""
+    if log_path and os.path.exists(log_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            log = f.read()[-3000:]
+    raise RuntimeError(f"{what} did not start\n{log}")
+
+
+class RedisServer:
+    """A private redis-server on a free port, without persistence."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        _wait_for(lambda: redis_command(self.port, "PING") == b"+PONG\r\n", 10,
+                  "redis-server", self.process)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class ServerFixture:
+    """A private Redis and a ``twistd eventsource`` process serving a private table."""
+
+    def __init__(self):
+        self.redis = RedisServer()
+        self.redis_port = self.redis.port
+        self.database = "es_test_client_" + uuid.uuid4().hex[:8]
+        self.channel_prefix = "es-test:"
+        self.table = self.database + ".event"
+        self.folder = tempfile.mkdtemp(prefix="es-test-")
+        self.log_path = os.path.join(self.folder, "server.log")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [CHECKOUT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        for name in list(env):
+            if name.startswith(("REDIS_", "EVENTSOURCE_")):
+                del env[name]
+        self.env = env
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                 "-n", "--pidfile=", "eventsource", "--redis-port", str(self.redis_port),
+                 "--table", self.table, "--row-timeout", str(ROW_TIMEOUT),
+                 "--max-window", str(MAX_WINDOW), "--channel-prefix", self.channel_prefix],
+                cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)
+        _wait_for(self.listening, 30, "twistd eventsource", self.process, self.log_path)
+
+    def listening(self):
+        return redis_command(self.redis_port, "PUBSUB", "NUMSUB",
+                             self.channel_prefix + "persist").endswith(
+            b":1\r\n")
+
+    async def numsub(self, client, channel):
+        """How many subscribers ``channel`` has, asked over the client's publisher."""
+        handler = client._pubsub._publisher_factory.handler
+        reply = await handler.execute_command("PUBSUB", "NUMSUB", channel)
+        return int(reply[1])
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.redis.stop()
+        try:
+            import pymysql
+
+            connection = pymysql.connect(host="127.0.0.1", user="root", password="")
+            with connection:
+                connection.cursor().execute(f"DROP DATABASE IF EXISTS `{self.database}`")
+        except Exception:
+            pass
+
+
+_shared = []
+
+
+def shared_fixture():
+    """The one server fixture of this test process, started on first use."""
+    if not _shared:
+        _shared.append(ServerFixture())
+    return _shared[0]
+
+
+
+class IntegrationTests(TestCase):
+    """The real client, a private redis-server, ``twistd eventsource``, MariaDB."""
+
+    timeout = 30
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.fixture = shared_fixture()
+        self.pid = unique("pid")
+
+    async def connect(self, **kwargs):
+        kwargs.setdefault("port", self.fixture.redis_port)
+        kwargs.setdefault("channel_prefix", self.fixture.channel_prefix)
+        client = await connect(reactor=self.reactor, **kwargs)
+        self.addCleanup(client.disconnect)
+        return client
+
+    async def persist_some(self, client, count, pid=None):
+        documents = [{"pid": pid or self.pid, "domain": "test", "name": f"e{i}",
+                      "data": {"i": i, "text": "é🎉"}} for i in range(count)]
+        return await client.persist(documents)
+
+    def test_persist_then_fetch(self):
+        async def go():
+            client = await self.connect()
+            result = await self.persist_some(client, 3)
+            self.assertEqual(result.affected_rows, 3)
+            self.assertGreater(result.insert_id, 0)
+            rows = [row async for row in client.fetch_by_pid(self.pid)]
+            self.assertEqual([r["name"] for r in rows], ["e0", "e1", "e2"])
+            self.assertEqual(rows[0]["data"], {"i": 0, "text": "é🎉"})
+            self.assertIsInstance(rows[0].raw["data"], str)
+            self.assertRegex(rows[0]["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+            named = await client.fetch_all(
+                {"$select": {"$where": {"pid": self.pid, "name": "e1"}}})
+            self.assertEqual([r["data"]["i"] for r in named], [1])
+            self.assertEqual(client.open_requests, 0)
+
+        return run(go())
+
+    def test_windowed_fetch(self):
+        async def go():
+            client = await self.connect()
+            await self.persist_some(client, 250)
+            rows = [row async for row in client.fetch_by_pid(self.pid, window=64)]
+            self.assertEqual([r["data"]["i"] for r in rows], list(range(250)))
+            # a window above the server's cap (the fixture runs --max-window 50)
+            rows = [row async for row in client.fetch_by_pid(self.pid, window=1000)]
+            self.assertEqual(len(rows), 250)
+
+        return run(go())
+
+    def test_early_exit_ends_the_server_stream(self):
+        """break sends "end": the server stops and leaves the reply channel."""
+        async def go():
+            client = await self.connect()
+            await self.persist_some(client, 5)
+            stream = client.fetch_by_pid(self.pid)
+            channel = stream.channel
+            async for _row in stream:
+                self.assertEqual(await self.fixture.numsub(client, channel), 2)
+                break
+            del stream
+            gc.collect()
+            for _ in range(50):
+                if await self.fixture.numsub(client, channel) == 0:
+                    break
+                await sleep(self.reactor, 0.02)
+            self.assertEqual(await self.fixture.numsub(client, channel), 0)
+            self.assertEqual(client.open_requests, 0)
+
+        return run(go())
+
+    def test_concurrent_fetches(self):
+        async def go():
+            client = await self.connect()
+            pids = [f"{self.pid}-{n}" for n in range(8)]
+            await defer.gatherResults([
+                defer.ensureDeferred(self.persist_some(client, 20, pid)) for pid in pids])
+
+            async def read(pid, window):
+                return [(r["pid"], r["data"]["i"]) async for r in
+                        client.fetch_by_pid(pid, window=window)]
+
+            results = await defer.gatherResults([
+                defer.ensureDeferred(read(pid, 1 + n % 3 * 4)) for n, pid in enumerate(pids)])
+            for pid, rows in zip(pids, results, strict=True):
+                self.assertEqual(rows, [(pid, i) for i in range(20)])
+
+        return run(go())
+
+    def test_server_error_and_stream_timeout(self):
+        async def go():
+            client = await self.connect()
+            with self.assertRaises(ServerError):
+                await client.persist({"pid": self.pid, "domain": "d"})
+            with self.assertRaises(ServerError):
+                await client.fetch_all({"$select": {"$from": "mysql.user"}})
+            await self.persist_some(client, 2)
+            stream = client.fetch_by_pid(self.pid)
+            await stream.next_row()
+            await sleep(self.reactor, ROW_TIMEOUT + 0.3)
+            with self.assertRaises(StreamTimeout):
+                await stream.next_row()
+
+        return run(go())
+
+    def test_no_server_fails_fast(self):
+        async def go():
+            lonely = RedisServer()
+            self.addCleanup(lonely.stop)
+            client = await self.connect(port=lonely.port, timeout=20)
+            started = self.reactor.seconds()
+            with self.assertRaises(NoServerError):
+                await client.persist({"pid": "p", "domain": "d", "name": "n"})
+            with self.assertRaises(NoServerError):
+                await client.fetch_all({"$select": {}})
+            self.assertLess(self.reactor.seconds() - started, 1)
+
+        return run(go())
+
+    def test_redis_gone_fails_open_requests(self):
+        """A Redis that dies under an open request fails it at once, not at the timeout."""
+        async def go():
+            redis = RedisServer()
+            self.addCleanup(redis.stop)
+            client = await self.connect(port=redis.port, timeout=20)
+            # something listens on persist, but never answers
+            mute = await self.connect(port=redis.port)
+            await mute.subscribe(self.fixture.channel_prefix + "persist")
+            d = client.persist({"pid": "p", "domain": "d", "name": "n"})
+            await sleep(self.reactor, 0.1)
+            started = self.reactor.seconds()
+            redis.stop()
+            with self.assertRaises(RedisConnectionError):
+                await d
+            self.assertLess(self.reactor.seconds() - started, 2)
+
+        return run(go())
+
+    def test_connect_refused(self):
+        async def go():
+            started = self.reactor.seconds()
+            with self.assertRaises(RedisConnectionError) as caught:
+                await connect(port=free_port(), reactor=self.reactor)
+            self.assertIn("cannot connect to Redis", str(caught.exception))
+            self.assertLess(self.reactor.seconds() - started, 2)
+
+        return run(go())
+
+    def test_low_level_original_style(self):
+        """The original README's flow, message for message."""
+        async def go():
+            client = await self.connect()
+            channel = unique("test-persist-channel")
+            messages = []
+            done = Deferred()
+            await client.subscribe(channel)
+
+            def on_message(message):
+                messages.append(message)
+                if message == "end":
+                    done.callback(None)
+
+            client.on(channel, on_message)
+            await client.publish(client.request_channel("persist"), {"channel": channel, "query": {"$insert": {
+                "$documents": {"pid": self.pid, "domain": "d", "name": "n", "data": {"a": 1}}}}})
+            await done
+            self.assertEqual(messages[0]["affectedRows"], 1)
+            self.assertEqual(messages[1:], ["end"])
+            await client.unsubscribe(channel)
+
+        return run(go())

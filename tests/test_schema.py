@@ -1,0 +1,114 @@
+"""
+The events table on the real MariaDB: created when missing, and a table
+made by the original Node.js service upgraded in place without losing a row.
+"""
+
+import json
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.support import MYSQL, REDIS_HOST, REDIS_PORT, WireClient, sql, unique
+from eventsource.config import Config
+from eventsource.service import EventSourceService
+
+
+class SchemaTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.database = unique("es_schema")
+        self.prefix = unique("t") + ":"
+        self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")
+
+    @defer.inlineCallbacks
+    def start(self):
+        server = EventSourceService(Config(
+            table=f"{self.database}.event", redis_host=REDIS_HOST, redis_port=REDIS_PORT,
+            mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
+            mysql_password=MYSQL["password"], channel_prefix=self.prefix))
+        server.stop_reactor_on_failure = False
+        server.startService()
+        self.addCleanup(server.stopService)
+        yield server.ready
+        return server
+
+    def columns(self):
+        return {name: (column_type, charset) for name, column_type, charset in sql(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'", (self.database,))}
+
+    def indexes(self):
+        return {(name, seq, column) for name, seq, column in sql(
+            "SELECT INDEX_NAME, SEQ_IN_INDEX, COLUMN_NAME FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'", (self.database,))}
+
+    EXPECTED_INDEXES = {("PRIMARY", 1, "id"), ("pid_id", 1, "pid"), ("pid_id", 2, "id"),
+                        ("domain_name_id", 1, "domain"), ("domain_name_id", 2, "name"),
+                        ("domain_name_id", 3, "id")}
+
+    @defer.inlineCallbacks
+    def test_creates_database_and_table(self):
+        yield self.start()
+        columns = self.columns()
+        self.assertEqual(set(columns), {"id", "timestamp", "pid", "domain", "name", "data"})
+        self.assertEqual(columns["id"][0], "bigint(20) unsigned")
+        self.assertEqual(columns["timestamp"][0], "datetime(6)")
+        for text in ("pid", "domain", "name", "data"):
+            self.assertEqual(columns[text][1], "utf8mb4", text)
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+
+    @defer.inlineCallbacks
+    def test_start_is_idempotent(self):
+        server = yield self.start()
+        yield server.stopService()
+        yield self.start()
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+
+    @defer.inlineCallbacks
+    def test_upgrades_the_original_table_in_place(self):
+        sql(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8")
+        sql(f"CREATE TABLE `{self.database}`.`event` ("
+            " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
+            " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
+            " `name` VARCHAR(255) NOT NULL, `data` JSON"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8")
+        originals = [(f"2020-01-01 00:00:{i:02d}.{i:06d}", f"p{i % 3}", "user", f"n{i}",
+                      json.dumps({"i": i})) for i in range(30)]
+        for row in originals:
+            sql(f"INSERT INTO `{self.database}`.`event` VALUES (%s, %s, %s, %s, %s)", row)
+        self.assertEqual(self.columns()["pid"][1], "utf8mb3")
+
+        yield self.start()
+
+        columns = self.columns()
+        self.assertIn("id", columns)
+        for text in ("pid", "domain", "name", "data"):
+            self.assertEqual(columns[text][1], "utf8mb4", text)
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+        rows = sql(f"SELECT id, timestamp, pid, domain, name, data FROM `{self.database}`.`event` ORDER BY id")
+        self.assertEqual([row[0] for row in rows], list(range(1, 31)))
+        self.assertEqual([row[4] for row in rows], [f"n{i}" for i in range(30)])  # original order
+        self.assertEqual([json.loads(row[5]) for row in rows], [{"i": i} for i in range(30)])
+
+        client = yield WireClient(self.prefix).connect()
+        self.addCleanup(client.disconnect)
+        reply = yield client.persist({"pid": "😀", "domain": "user", "name": "new", "data": {}})
+        self.assertEqual(reply[0]["insertId"], 31)
+        messages = yield client.fetch({"$where": {"pid": "p1"}, "$columns": ["timestamp", "name"]})
+        self.assertEqual(messages[0], {"timestamp": "2020-01-01T00:00:01.000Z", "name": "n1"})
+        self.assertEqual([m["name"] for m in messages[:-1]], [f"n{i}" for i in range(1, 30, 3)])
+
+    @defer.inlineCallbacks
+    def test_table_missing_columns_is_a_clear_start_failure(self):
+        sql(f"CREATE DATABASE `{self.database}`")
+        sql(f"CREATE TABLE `{self.database}`.`event` (`x` INT)")
+        server = EventSourceService(Config(table=f"{self.database}.event",
+                                           redis_host=REDIS_HOST, redis_port=REDIS_PORT,
+                                           channel_prefix=self.prefix))
+        server.stop_reactor_on_failure = False
+        server.startService()
+        self.addCleanup(server.stopService)
+        failure = yield self.assertFailure(server.ready, RuntimeError)
+        self.assertIn("lacks the columns", str(failure))
+        self.flushLoggedErrors(RuntimeError)

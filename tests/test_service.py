@@ -1,0 +1,261 @@
+"""
+The service with in-memory Redis and MySQL doubles and a Clock: dispatch,
+refusals, busy channels, acceptance from both places, limits, shutdown.
+"""
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from eventsource.channel import MACHINE
+from eventsource.config import Config
+from eventsource.service import EventSourceService
+from eventsource.testing import MemoryBus, MemoryStore
+
+OK = {"fieldCount": 0, "affectedRows": 1, "insertId": 1, "serverStatus": 2,
+      "warningCount": 0, "message": "", "protocol41": True, "changedRows": 0}
+
+
+def persist_body(channel, documents):
+    return json.dumps({"channel": channel, "query": {"$insert": {"$documents": documents}}})
+
+
+def fetch_body(channel, select=None, **extra):
+    return json.dumps({"channel": channel, "query": {"$select": select or {}}, **extra})
+
+
+def doc(pid="p1", **kw):
+    return {"pid": pid, "domain": "user", "name": "created", "data": {"n": 1}, **kw}
+
+
+class ServiceTestCase(SynchronousTestCase):
+    def make(self, hold_bus=False, hold_store=False, **config):
+        self.clock = Clock()
+        self.bus = MemoryBus(hold=hold_bus)
+        config = Config(**config)
+        self.store = MemoryStore(hold=hold_store, page_size=config.page_size)
+        self.service = EventSourceService(config, reactor=self.clock,
+                                          bus=self.bus, store=self.store)
+        self.service.startService()
+        self.assertTrue(self.successResultOf(self.service.ready))
+        return self.service
+
+    def send(self, channel, body):
+        self.service.message_received(channel, body)
+
+    def out(self, channel):
+        return self.bus.messages(channel)
+
+
+class PersistTests(ServiceTestCase):
+    def test_persist_answers_ok_packet_then_end(self):
+        self.make()
+        self.send("persist", persist_body("r", doc()))
+        self.assertEqual(self.out("r"), [OK, "end"])
+        self.assertEqual(len(self.store.events), 1)
+
+    def test_many_documents_report_count_and_first_id(self):
+        self.make()
+        self.store.add()
+        self.send("persist", persist_body("r", [doc(), doc(), doc()]))
+        result = self.out("r")[0]
+        self.assertEqual((result["affectedRows"], result["insertId"]), (3, 2))
+
+    def test_invalid_documents_error_then_end_and_nothing_written(self):
+        self.make()
+        for bad in ({"pid": "p"}, [doc(), {"pid": 1}], [], {"pid": "p", "domain": "d", "name": "n", "id": 4}):
+            self.send("persist", persist_body("r", bad))
+        self.assertEqual(self.out("r"), ["error", "end"] * 4)
+        self.assertEqual(self.store.events, [])
+
+    def test_database_failure_is_error_then_end(self):
+        self.make()
+        self.store.fail_next = RuntimeError("disk full")
+        self.send("persist", persist_body("r", doc()))
+        self.assertEqual(self.out("r"), ["error", "end"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_read_only(self):
+        self.make(read_only=True)
+        self.send("persist", persist_body("r", doc()))
+        self.assertEqual(self.out("r"), ["error", "end"])
+        self.assertEqual(self.store.events, [])
+
+
+class BadInputTests(ServiceTestCase):
+    def test_unanswerable_bodies_are_logged_only(self):
+        self.make()
+        for channel in ("persist", "fetch", "fetch-next"):
+            for body in ("not json", "[1,2]", '"end"', "{}", '{"channel": 5}', '{"channel": ""}',
+                         b"\xff\xfe", None, '{"channel": "persist"}', "NaN"):
+                self.send(channel, body)
+        self.assertEqual(self.bus.published, [])
+
+    def test_answerable_bad_requests(self):
+        self.make()
+        bodies = [
+            ("persist", '{"channel": "r", "query": 1}'),
+            ("persist", '{"channel": "r", "query": {"$select": {}}}'),
+            ("persist", '{"channel": "r", "query": {"$insert": {}}, "extra": 1}'),
+            ("fetch", '{"channel": "r", "query": {"$select": {"$from": "mysql.user"}}}'),
+            ("fetch", '{"channel": "r", "query": {"$select": {}}, "window": 0}'),
+            ("fetch", '{"channel": "r", "query": {"$select": {}}, "window": "9"}'),
+            ("fetch-next", '{"channel": "r", "accepted": -1}'),
+            ("fetch-next", '{"channel": "r"}'),  # no stream open there
+        ]
+        for channel, body in bodies:
+            self.send(channel, body)
+        self.assertEqual(self.out("r"), ["error", "end"] * len(bodies))
+
+    def test_oversized_body_is_refused_without_decoding(self):
+        self.make(max_body_bytes=1000)
+        self.send("persist", persist_body("r", doc(data="x" * 2000)))
+        self.assertEqual(self.bus.published, [])
+        self.assertEqual(self.store.events, [])
+
+    def test_one_bad_request_does_not_touch_other_streams(self):
+        self.make()
+        self.store.add()
+        self.store.add()
+        self.send("fetch", fetch_body("good"))
+        self.send("fetch", fetch_body("bad", {"$where": {"nope": 1}}))
+        self.send("fetch-next", json.dumps({"channel": "good"}))
+        self.assertEqual(len(self.out("good")), 2)
+        self.assertEqual(self.out("bad"), ["error", "end"])
+
+
+class FetchTests(ServiceTestCase):
+    def setUp(self):
+        self.make()
+        for i in range(3):
+            self.store.add(pid=f"p{i}")
+
+    def test_rows_one_at_a_time_with_both_acceptances(self):
+        self.send("fetch", fetch_body("r"))
+        self.assertIn("r", self.bus.subscribed)
+        self.assertEqual([m["pid"] for m in self.out("r")], ["p0"])
+        self.send("fetch-next", json.dumps({"channel": "r"}))
+        self.send("r", '"accepted"')
+        self.assertEqual([m["pid"] if isinstance(m, dict) else m for m in self.out("r")],
+                         ["p0", "p1", "p2"])
+        self.send("r", self.bus.published[-1][1])  # our own echo is not an acceptance
+        self.assertEqual(len(self.out("r")), 3)
+        self.send("r", '"accepted"')
+        self.assertEqual(self.out("r")[-1], "end")
+        self.assertNotIn("r", self.service.streams)
+        self.assertNotIn("r", self.bus.subscribed)
+
+    def test_row_encoding(self):
+        self.send("fetch", fetch_body("r"))
+        self.assertEqual(self.bus.published[0][1],
+                         '{"timestamp":"2020-04-06T11:35:18.414Z","pid":"p0","domain":"d",'
+                         '"name":"n","data":"null"}')
+
+    def test_client_end(self):
+        self.send("fetch", fetch_body("r"))
+        self.send("r", '"end"')
+        self.assertEqual(len(self.out("r")), 1)
+        self.assertEqual(self.service.streams, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeout_then_late_acceptance_is_silent(self):
+        self.send("fetch", fetch_body("r"))
+        self.clock.advance(5.1)
+        self.assertEqual(self.out("r")[-1], "timeout")
+        self.send("fetch-next", json.dumps({"channel": "r"}))
+        self.assertEqual(self.out("r")[-1], "timeout")
+        self.assertNotIn(self.service.streams.get("r"), MACHINE.models)
+
+    def test_busy_channel_refused_and_first_stream_ends(self):
+        self.send("fetch", fetch_body("r"))
+        self.send("fetch", fetch_body("r"))
+        self.assertEqual(self.out("r")[1:], ["error", "end"])
+        self.assertEqual(self.service.streams, {})
+        self.send("persist", persist_body("r2", doc()))
+        self.send("fetch", fetch_body("r2"))
+        self.send("persist", persist_body("r2", doc()))
+        self.assertEqual(self.out("r2")[-2:], ["error", "end"])
+        self.assertEqual(len(self.store.events), 4)  # the second persist was refused
+
+    def test_window_extension(self):
+        self.send("fetch", fetch_body("r", window=2))
+        self.assertEqual(len(self.out("r")), 2)
+        self.send("fetch-next", json.dumps({"channel": "r", "accepted": 2}))
+        self.assertEqual(self.out("r")[-1], "end")
+        self.assertEqual(len(self.out("r")), 4)
+
+    def test_window_is_capped(self):
+        self.make(max_window=2)
+        for _ in range(5):
+            self.store.add()
+        self.send("fetch", fetch_body("r", window=1000))
+        self.assertEqual(len(self.out("r")), 2)
+
+    def test_max_streams(self):
+        self.make(max_streams=2)
+        self.store.add()
+        for channel in ("a", "b", "c"):
+            self.send("fetch", fetch_body(channel))
+        self.assertEqual(self.out("c"), ["error", "end"])
+        self.assertEqual(set(self.service.streams), {"a", "b"})
+
+    def test_first_row_waits_for_subscription(self):
+        self.make(hold_bus=True)
+        self.store.add()
+        self.send("fetch", fetch_body("r"))
+        self.assertEqual(self.out("r"), [])
+        self.bus.release()
+        self.assertEqual(len(self.out("r")), 1)
+
+    def test_database_failure_mid_stream(self):
+        self.make(page_size=1)
+        self.store.add()
+        self.store.add()
+        self.send("fetch", fetch_body("r"))
+        self.store.fail_next = RuntimeError("gone")
+        self.send("r", '"accepted"')
+        self.assertEqual(self.out("r")[1:], ["error", "end"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.service.streams, {})
+
+
+class PagingTests(ServiceTestCase):
+    def test_pages_grow_and_hold_no_more_than_one_page(self):
+        self.make(page_size=64, hold_store=True)
+        for i in range(200):
+            self.store.add(pid=f"p{i}")
+        self.send("fetch", fetch_body("r", window=1000))
+        while self.store.release():
+            pass
+        self.assertEqual([size for _, size in self.store.reads], [16, 32, 64, 64, 64])
+        self.assertEqual(len(self.out("r")), 201)
+
+    def test_open_stream_waiting_for_client_holds_no_pending_read(self):
+        self.make(hold_store=True)
+        self.store.add()
+        self.store.add()
+        self.send("fetch", fetch_body("r"))
+        self.store.release()
+        self.assertEqual(self.store.pending, [])
+        self.clock.advance(1)
+        self.assertEqual(self.store.pending, [])
+
+
+class ShutdownTests(ServiceTestCase):
+    def test_stop_waits_for_persists_and_ends_streams(self):
+        self.make(hold_store=True)
+        self.store.add()
+        self.send("fetch", fetch_body("s"))
+        self.store.release()
+        self.send("persist", persist_body("p", doc()))
+        d = self.service.stopService()
+        self.assertNoResult(d)
+        self.send("persist", persist_body("late", doc()))
+        self.assertEqual(self.out("late"), ["error", "end"])
+        self.store.release()
+        self.successResultOf(d)
+        self.assertEqual(self.out("p"), [dict(OK, insertId=2), "end"])
+        self.assertEqual(self.out("s")[1:], ["error", "end"])
+        self.assertFalse(self.bus.started)
+        self.assertFalse(self.store.started)
