@@ -83,6 +83,9 @@ class TableSchema:
     columns: tuple = ("id", "timestamp", "pid", "domain", "name", "data")
     default_columns: tuple = ("timestamp", "pid", "domain", "name", "data")
     datetime_columns: tuple = ("timestamp",)
+    #: indexes that serve "rows with these columns equal, in id order":
+    #: (index name, columns); the store creates exactly these
+    keyset_indexes: tuple = (("pid_id", ("pid",)), ("domain_name_id", ("domain", "name")))
 
     def __post_init__(self):
         for ident in (self.database, self.name) + tuple(self.columns):
@@ -486,7 +489,8 @@ _ASC, _DESC = "ASC", "DESC"
 _AGGREGATES = {"$count": "COUNT", "$min": "MIN", "$max": "MAX", "$sum": "SUM", "$avg": "AVG"}
 
 _DIRECTIONS = {
-    1: _ASC, -1: _DESC, True: _ASC, False: _DESC,
+    # True looks up as 1 (ASC); False is its own key (0 leaves a column out)
+    1: _ASC, -1: _DESC, False: _DESC,
     "ASC": _ASC, "DESC": _DESC, "asc": _ASC, "desc": _DESC,
 }
 
@@ -522,6 +526,7 @@ class SelectPlan:
     having_sql: Optional[str] = field(default=None, repr=False)
     having_params: tuple = field(default=(), repr=False)
     order_sql: Optional[str] = field(default=None, repr=False)
+    index_hint: str = field(default="", repr=False)
 
     def _where(self, bounds: str) -> str:
         if self.where_sql is None:
@@ -539,7 +544,7 @@ class SelectPlan:
             raise ValueError("page_sql() needs a keyset plan; use offset_sql()")
         _check_counts(after_id=after_id, high_water=high_water, size=size)
         sql = ("SELECT " + self.select_sql + ", `id` AS `__keyset` FROM " + self.table_sql
-               + self._where("`id` > %s AND `id` <= %s")
+               + self.index_hint + self._where("`id` > %s AND `id` <= %s")
                + " ORDER BY `id` LIMIT %s")
         return sql, self.where_params + (after_id, high_water, size)
 
@@ -849,7 +854,33 @@ def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
         having_sql=having_sql,
         having_params=having_params,
         order_sql=", ".join("%s %s" % pair for pair in order) or None,
+        index_hint=_keyset_index(select.get("$where"), schema) if keyset else "",
     )
+
+
+def _is_equality(condition) -> bool:
+    """``"x"`` or ``{"$eq": "x"}``: a column equal to one non-null scalar."""
+    if isinstance(condition, dict) and len(condition) == 1 and "$eq" in condition:
+        condition = condition["$eq"]
+    return isinstance(condition, (str, int, float)) and not isinstance(condition, bool)
+
+
+def _keyset_index(where, schema: TableSchema) -> str:
+    """
+    The index a keyset page must use.  MariaDB picks ``ref`` access on
+    ``(pid, id)`` for ``pid = ? AND id > ?`` and then scans every earlier
+    row of that pid on each page (quadratic over a long stream); forcing the
+    index makes it a range scan starting at the last id.  Without such an
+    equality, the primary key gives the same guarantee.
+    """
+    equal = set()
+    if isinstance(where, dict):
+        equal = {column for column, condition in where.items()
+                 if column in schema.columns and _is_equality(condition)}
+    for name, columns in schema.keyset_indexes:
+        if set(columns) <= equal:
+            return " FORCE INDEX (%s)" % (_quote_ident(name),)
+    return " FORCE INDEX (PRIMARY)"
 
 
 # --------------------------------------------------------------------------
