@@ -57,7 +57,8 @@ EXIT_CODES = (
     (EXIT_USAGE, "bad command line or bad JSON argument/input"),
     (EXIT_NO_SERVER, "no eventsource server is listening on that Redis"),
     (EXIT_TIMEOUT, "no answer within --timeout, or the server's row timeout"),
-    (EXIT_REDIS, "Redis cannot be reached, or the connection dropped"),
+    (EXIT_REDIS, "Redis cannot be reached, refused us (password, ACL), or the connection "
+                 "dropped"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); an open fetch is told \"end\""),
 )
 

@@ -255,6 +255,8 @@ class _Request:
         self._timer = None
         self.started = False
         self.finished = False
+        self._confirmed = False
+        self._left = False
         self._published = False
         self._heard = False
 
@@ -270,7 +272,12 @@ class _Request:
 
     def _subscribed(self, _) -> None:
         if self.finished:
+            if not self._left:
+                # confirmed only after the request was over (a subscribe that
+                # waited for a reconnect): leave the channel again
+                self._leave()
             return
+        self._confirmed = True
         body = encode(self._body)
         self._published = True
         d = self._client._pubsub_call("publish", self._client.request_channel(self.kind),
@@ -316,7 +323,14 @@ class _Request:
 
     def _timed_out(self) -> None:
         self._timer = None
-        if not self.finished:
+        if self.finished:
+            return
+        if not self._confirmed:
+            # Redis itself is away (txredisapi waits for it to come back)
+            self._failed(RedisConnectionError(
+                f"Redis did not confirm the subscription to {self.channel} within "
+                f"{self._timeout:g} s (is it reachable?)", self.channel))
+        else:
             self._failed(ReplyTimeout(
                 f"no answer from the eventsource server within {self._timeout:g} s "
                 f"({self.kind} on {self.channel})", self.channel))
@@ -332,9 +346,13 @@ class _Request:
         if self._client._requests.get(self.channel) is self:
             del self._client._requests[self.channel]
         if subscribed:
-            d = self._client._pubsub_call("unsubscribe", self.channel)
-            d.addErrback(lambda f: log.debug("unsubscribe {channel} failed: {f}",
-                                             channel=self.channel, f=f.getErrorMessage()))
+            self._leave()
+
+    def _leave(self) -> None:
+        self._left = True
+        d = self._client._pubsub_call("unsubscribe", self.channel)
+        d.addErrback(lambda f: log.debug("unsubscribe {channel} failed: {f}",
+                                         channel=self.channel, f=f.getErrorMessage()))
 
     def _message(self, message: Any) -> None:
         raise NotImplementedError

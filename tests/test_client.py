@@ -313,6 +313,17 @@ class PersistTests(ClientTestCase):
         self.failureResultOf(d, ReplyTimeout)
         self.assertEqual(self.pubsub.subscribed, set())
 
+    def test_redis_away(self):
+        """No subscription confirmed in time: Redis is away, and the request is
+        never published once it comes back."""
+        self.pubsub.hold_subscribes = True
+        d = self.client.persist({"pid": "p"}, timeout=1)
+        self.clock.advance(1)
+        failure = self.failureResultOf(d, RedisConnectionError)
+        self.assertIn("Redis did not confirm", str(failure.value))
+        self.pubsub.held.popleft().callback(None)
+        self.assertEqual(self.server.requests, [])
+
     def test_default_timeout(self):
         self.pubsub.handlers["persist"] = lambda channel, body: None
         d = self.client.persist({"pid": "p"})
@@ -333,6 +344,16 @@ class PersistTests(ClientTestCase):
         d = self.client.persist({"pid": "p"})
         self.client.connection_lost(None)
         self.failureResultOf(d, RedisConnectionError)
+
+    def test_subscription_confirmed_after_connection_lost(self):
+        """A subscribe that completes on the next connection is undone."""
+        self.pubsub.hold_subscribes = True
+        d = self.client.persist({"pid": "p"})
+        self.client.connection_lost(None)
+        self.failureResultOf(d, RedisConnectionError)
+        self.pubsub.held.popleft().callback(None)
+        self.assertEqual(self.pubsub.subscribed, set())
+        self.assertEqual(self.server.requests, [])
 
     def test_publish_failure(self):
         def broken(channel, body):
