@@ -27,9 +27,9 @@ RECENTLY_CLOSED = 10000
 
 FIRST_EVENT_HINT = (
     "redis-cli SUBSCRIBE reply-1   # in one terminal; then in another:\n"
-    "redis-cli PUBLISH persist '{\"channel\": \"reply-1\", \"query\": {\"$insert\": "
-    "{\"$documents\": {\"pid\": \"p1\", \"domain\": \"user\", \"name\": \"created\", "
-    "\"data\": {\"foo\": \"bar\"}}}}}'"
+    "redis-cli PUBLISH {persist} '{{\"channel\": \"reply-1\", \"query\": {{\"$insert\": "
+    "{{\"$documents\": {{\"pid\": \"p1\", \"domain\": \"user\", \"name\": \"created\", "
+    "\"data\": {{\"foo\": \"bar\"}}}}}}}}}}'"
 )
 
 
@@ -109,7 +109,7 @@ class EventSourceService(service.MultiService):
             table=self.config.table,
             redis_host=self.config.redis_host, redis_port=self.config.redis_port,
             mysql_host=self.config.mysql_host, mysql_port=self.config.mysql_port,
-            hint=FIRST_EVENT_HINT,
+            hint=FIRST_EVENT_HINT.format(persist=self.config.request_channels["persist"]),
         )
         self.ready.callback(self)
 

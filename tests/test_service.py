@@ -259,3 +259,19 @@ class ShutdownTests(ServiceTestCase):
         self.assertEqual(self.out("s")[1:], ["error", "end"])
         self.assertFalse(self.bus.started)
         self.assertFalse(self.store.started)
+
+
+class StartupHintTests(ServiceTestCase):
+    def test_the_first_event_hint_is_a_valid_request_on_the_prefixed_channel(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make(channel_prefix="staging:")
+        (hint,) = [e["hint"] for e in events if "hint" in e]
+        command = hint.splitlines()[-1]
+        self.assertTrue(command.startswith("redis-cli PUBLISH staging:persist '"))
+        body = command.split("'", 1)[1].rstrip("'")
+        self.send("staging:persist", body)
+        self.assertEqual(self.out("reply-1"), [OK, "end"])
