@@ -23,12 +23,13 @@ message of the client on ``ping:i`` with a row-sized message on ``pong:i``;
 the client side is the same code as the fetch client.  "100 pairs" are 100
 channel pairs over those same connections, as 100 streams are.
 
-Every scenario runs in every repetition and ratios are taken within a
-repetition, so a noisy machine moves floors and figures together; the table
-shows medians.  ``--quick`` is the small run of CI: it proves the benchmark
-runs, not how fast.  ``--profile`` afterwards runs the 1-stream and the
-100-stream fetch once more, each against a server under cProfile, and prints
-its hot spots.
+Every scenario runs in every repetition (each on a fresh server) and ratios
+are taken within a repetition, so a noisy machine moves floors and figures
+together; the table shows medians.  ``--quick`` is the small run of CI: it
+proves the benchmark runs, not how fast.  ``--profile`` afterwards runs the
+1-stream and the 100-stream fetch and persist with 50 in flight once more,
+against a server under cProfile and against one sampled by py-spy (when
+installed), and prints their hot spots.
 """
 
 import argparse
@@ -37,6 +38,7 @@ import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import signal
 import socket
@@ -118,7 +120,7 @@ class Sizes:
             duration=0.3 if quick else 2.0,
             first_row_samples=5 if quick else 20,
             idle_streams=options.idle_streams or (200 if quick else 1000),
-            repeat=options.repeat or (1 if quick else 3),
+            repeat=options.repeat or (1 if quick else 5),
         )
 
 
@@ -521,6 +523,11 @@ class Run:
         self.redis_host = os.environ.get("REDIS_HOST") or "127.0.0.1"
         self.redis_port = int(os.environ.get("REDIS_PORT") or 6379)
         self.prefix = f"bench_{self.tag}"
+        # The server's request channels get a prefix of their own: other
+        # servers on the same Redis neither answer nor see our requests.
+        self.channel_prefix = f"{self.prefix}:"
+        self.request_channels = {kind: self.channel_prefix + kind
+                                 for kind in ("persist", "fetch", "fetch-next")}
         self._channels = 0
         self.client = None
         self.server = None
@@ -533,6 +540,7 @@ class Run:
 
     def server_args(self):
         args = ["--table", f"{self.database}.event",
+                "--channel-prefix", self.channel_prefix,
                 # idle streams wait longer than the default 5 s for their client
                 "--row-timeout", "300",
                 "--redis-host", self.redis_host, "--redis-port", str(self.redis_port),
@@ -587,7 +595,8 @@ class Run:
         lanes = []
         for _select, expected in selects:
             channel = self.channel("fetch")
-            lanes.append(_FetchLane(channel, expected, window, accept_batch, publish, clock))
+            lanes.append(_FetchLane(channel, expected, window, accept_batch, publish, clock,
+                                    self.request_channels["fetch-next"]))
         yield client.listen_all({lane.channel: lane.on_message for lane in lanes})
         requests = []
         for lane, (select, _) in zip(lanes, selects):
@@ -599,7 +608,7 @@ class Run:
         client_cpu = time.process_time()
         start = clock()
         for request in requests:
-            publish("fetch", request)
+            publish(self.request_channels["fetch"], request)
         try:
             ends = yield _gather_with_timeout([lane.done for lane in lanes], 300)
         finally:
@@ -629,7 +638,7 @@ class Run:
             request = json.dumps({"channel": channel,
                                   "query": {"$select": {"$where": {"pid": f"p{k % PIDS}"}}}})
             start = time.perf_counter()
-            self.client.publish("fetch", request)
+            self.client.publish(self.request_channels["fetch"], request)
             got.addTimeout(30, reactor)
             arrived = yield got
             latencies.append((arrived - start) * 1000)
@@ -644,10 +653,12 @@ class Run:
         """persist/s and latencies (ms) with ``in_flight`` requests outstanding for ``duration`` s."""
         clock = time.perf_counter
         state = {"active": in_flight, "errors": [], "latencies": [], "done": defer.Deferred()}
-        lanes = [_PersistLane(self.channel("persist"), i, self.client.publish, clock, state)
+        lanes = [_PersistLane(self.channel("persist"), i, self.client.publish, clock, state,
+                              self.request_channels["persist"])
                  for i in range(in_flight)]
         yield self.client.listen_all({lane.channel: lane.on_message for lane in lanes})
         server_cpu = proc_cpu_seconds(self.server.pid)
+        client_cpu = time.process_time()
         start = clock()
         deadline = start + duration
         for lane in lanes:
@@ -659,6 +670,7 @@ class Run:
         finally:
             yield self.client.unlisten_all([lane.channel for lane in lanes])
         server_cpu = proc_cpu_seconds(self.server.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
         if state["errors"]:
             raise BenchError(f"persist: {len(state['errors'])} requests failed: "
                              f"{state['errors'][0]}")
@@ -668,6 +680,7 @@ class Run:
             "p50_ms": _percentile(latencies, 0.5) * 1000,
             "p99_ms": _percentile(latencies, 0.99) * 1000,
             "server_cpu_us": server_cpu / max(1, len(latencies)) * 1e6,
+            "client_cpu_us": client_cpu / max(1, len(latencies)) * 1e6,
         }
 
     # -- idle streams ---------------------------------------------------------
@@ -702,7 +715,7 @@ class Run:
             lanes[channel] = lane(channel)
         yield self.client.listen_all(lanes)
         for i, channel in enumerate(lanes):
-            self.client.publish("fetch", json.dumps(
+            self.client.publish(self.request_channels["fetch"], json.dumps(
                 {"channel": channel, "query": {"$select": {"$where": {"pid": f"p{i % PIDS}"}}}}))
         arrived.addTimeout(120, reactor)
         try:
@@ -755,7 +768,7 @@ class Run:
 class _FetchLane:
     __slots__ = ("channel", "expected", "rows", "unaccepted", "done", "on_message")
 
-    def __init__(self, channel, expected, window, accept_batch, publish, clock):
+    def __init__(self, channel, expected, window, accept_batch, publish, clock, next_channel):
         self.channel = channel
         self.expected = expected
         self.rows = 0
@@ -767,11 +780,11 @@ class _FetchLane:
             if body.startswith("{"):
                 self.rows += 1
                 if window == 1:
-                    publish("fetch-next", ack)
+                    publish(next_channel, ack)
                 else:
                     self.unaccepted += 1
                     if self.unaccepted >= accept_batch:
-                        publish("fetch-next", '{"channel":%s,"accepted":%d}'
+                        publish(next_channel, '{"channel":%s,"accepted":%d}'
                                 % (json.dumps(channel), self.unaccepted))
                         self.unaccepted = 0
             elif body == '"end"':
@@ -790,8 +803,9 @@ class _FetchLane:
 
 
 class _PersistLane:
-    def __init__(self, channel, index, publish, clock, state):
+    def __init__(self, channel, index, publish, clock, state, persist_channel):
         self.channel = channel
+        self.persist_channel = persist_channel
         self.index = index
         self.publish = publish
         self.clock = clock
@@ -808,7 +822,7 @@ class _PersistLane:
             "pid": f"w{self.index}", "domain": "bench", "name": "persisted",
             "data": {"n": self.sent, "user": f"u-{self.index}", "amount": 12.5}}}}})
         self.started = self.clock()
-        self.publish("persist", body)
+        self.publish(self.persist_channel, body)
 
     def on_message(self, body):
         if body.startswith('{"fieldCount"'):
@@ -957,6 +971,7 @@ ROWS = [
     ("persist_50_p50_ms", "  latency p50", "ms", "{:.2f}", "median"),
     ("persist_50_p99_ms", "  latency p99", "ms", "{:.2f}", "median"),
     ("persist_50_server_cpu_us", "  server CPU per persist", "us", "{:.0f}", "median"),
+    ("persist_50_client_cpu_us", "  client CPU per persist", "us", "{:.0f}", "median"),
     ("fetch_1_stream_rows_per_s", "fetch, per-row acceptance, 1 stream", "rows/s", "{:,.0f}",
      "median"),
     ("fetch_1_stream_server_cpu_us_per_row", "  server CPU per row", "us", "{:.1f}", "median"),
@@ -1049,21 +1064,41 @@ def format_table(summary, targets, machine, sizes, repeats):
 
 # -- profiling -----------------------------------------------------------------------
 
+#: frames that only pass work along (the reactor loop, logging and context
+#: wrappers, thread pool hand-offs): left out of the inclusive lists
+PLUMBING = ("twisted/python/", "twisted/_threads/", "threading.py", "twisted/internet/base.py",
+            "twisted/internet/epollreactor.py", "twisted/internet/posixbase.py",
+            "twisted/internet/endpoints.py", "twisted/internet/tcp.py", "twisted/application/",
+            "twisted/scripts/", "<string>")
+
+#: leaf frames (function, file) of a thread that waits rather than works
+WAITING = {("doPoll", "twisted/internet/epollreactor.py"), ("wait", "threading.py"),
+           ("_wait_for_tstate_lock", "threading.py"), ("get", "queue.py")}
+
+
+def _is_plumbing(function):
+    return any(marker in function for marker in PLUMBING)
+
+
+def _is_waiting(frame_name):
+    name, _, where = frame_name.partition(" (")
+    return (name.rsplit(".", 1)[-1], where.rstrip(")")) in WAITING
+
 
 def profile_summary(path, count=10):
     """The top functions of a cProfile dump, by own time and by cumulative time."""
     stats = pstats.Stats(path)
-    total = stats.total_tt
     rows = []
     for (filename, line, name), (_cc, nc, tt, ct, _callers) in stats.stats.items():
-        where = f"{_short_path(filename)}:{line}({name})" if line else name
+        where = f"{name} ({_short_path(filename)}:{line})" if line else name
         rows.append({"function": where, "calls": nc, "own_s": tt, "cumulative_s": ct})
-    idle = [r for r in rows if "poll" in r["function"] and "epoll" in r["function"]]
+    idle = [r for r in rows if "'poll' of 'select.epoll'" in r["function"]]
     busy = [r for r in rows if r not in idle]
     by_own = sorted(busy, key=lambda r: r["own_s"], reverse=True)[:count]
-    by_cumulative = sorted(busy, key=lambda r: r["cumulative_s"], reverse=True)[:count * 3]
+    by_cumulative = sorted((r for r in busy if not _is_plumbing(r["function"])),
+                           key=lambda r: r["cumulative_s"], reverse=True)[:count]
     return {
-        "total_s": total,
+        "total_s": stats.total_tt,
         "idle_in_epoll_s": sum(r["own_s"] for r in idle),
         "by_own_time": by_own,
         "by_cumulative_time": by_cumulative,
@@ -1071,36 +1106,37 @@ def profile_summary(path, count=10):
 
 
 def _short_path(filename):
-    for marker in ("site-packages/", "/lib/python3"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    if filename.startswith(REPO):
+    match = re.search(r"/lib/python3\.\d+/(?:site-packages/)?(.*)$", filename)
+    if match:
+        return match.group(1)
+    if filename.startswith(REPO + os.sep):
         return os.path.relpath(filename, REPO)
     return filename
 
 
-def format_profile(name, summary, rows, seconds):
-    out = [f"PROFILE {name}: {rows:,} rows in {seconds:.2f} s under cProfile; "
-           f"reactor thread {summary['total_s']:.2f} s profiled, "
-           f"{summary['idle_in_epoll_s']:.2f} s of it idle in epoll"]
-    out.append(f"  {'own s':>8} {'cum s':>8} {'calls':>9}  by own time")
-    for r in summary["by_own_time"]:
-        out.append(f"  {r['own_s']:8.3f} {r['cumulative_s']:8.3f} {r['calls']:9d}  {r['function']}")
-    out.append(f"  {'own s':>8} {'cum s':>8} {'calls':>9}  by cumulative time")
-    for r in summary["by_cumulative_time"][:15]:
-        out.append(f"  {r['own_s']:8.3f} {r['cumulative_s']:8.3f} {r['calls']:9d}  {r['function']}")
+def format_profile(name, summary):
+    profiled = summary["total_s"] - summary["idle_in_epoll_s"]
+    out = [f"CPROFILE {name}: {summary['what']} in {summary['seconds']:.2f} s; reactor thread "
+           f"only, {profiled:.2f} s busy + {summary['idle_in_epoll_s']:.2f} s in epoll"]
+    for title, key in (("by own time", "by_own_time"),
+                       ("by cumulative time (plumbing left out)", "by_cumulative_time")):
+        out.append(f"  {'own s':>7} {'cum s':>7} {'calls':>8}  {title}")
+        for r in summary[key]:
+            out.append(f"  {r['own_s']:7.3f} {r['cumulative_s']:7.3f} {r['calls']:8d}  "
+                       f"{r['function']}")
     return "\n".join(out)
 
 
 def pyspy_summary(path, count=12):
     """
     Own and inclusive samples per function of a ``py-spy record --format raw
-    --threads`` file, for the reactor thread and the other threads apart.
+    --threads`` file, the reactor thread and the other threads apart, waits
+    (epoll, idle pool threads) counted apart from work.
     """
     own = {}
     inclusive = {}
-    threads_seen = {}
-    total = 0
+    busy = {}
+    waiting = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             stack, _, count_text = line.rstrip("\n").rpartition(" ")
@@ -1109,27 +1145,30 @@ def pyspy_summary(path, count=12):
             samples = int(count_text)
             thread, *frames = stack.split(";")
             group = "reactor" if thread.endswith("MainThread") else "other threads"
-            threads_seen[group] = threads_seen.get(group, 0) + samples
-            total += samples
             names = [_frame_name(frame) for frame in frames] or ["(no Python frame)"]
+            if _is_waiting(names[-1]):
+                waiting[group] = waiting.get(group, 0) + samples
+                continue
+            busy[group] = busy.get(group, 0) + samples
             key = (group, names[-1])
             own[key] = own.get(key, 0) + samples
             for name in set(names):
-                key = (group, name)
-                inclusive[key] = inclusive.get(key, 0) + samples
+                if not _is_plumbing(name):
+                    key = (group, name)
+                    inclusive[key] = inclusive.get(key, 0) + samples
+    total = sum(busy.values())
 
     def top(table):
         rows = sorted(table.items(), key=lambda item: item[1], reverse=True)
         return [{"thread": group, "function": name, "samples": n,
                  "share": n / total if total else 0.0} for (group, name), n in rows[:count]]
 
-    # Frames every reactor sample passes through say nothing: leave them out.
-    everywhere = {key for key, n in inclusive.items() if n >= 0.97 * threads_seen.get(key[0], 0)}
     return {
         "samples": total,
-        "threads": threads_seen,
+        "threads": busy,
+        "waiting": waiting,
         "by_own_samples": top(own),
-        "by_inclusive_samples": top({k: v for k, v in inclusive.items() if k not in everywhere}),
+        "by_inclusive_samples": top(inclusive),
     }
 
 
@@ -1140,50 +1179,73 @@ def _frame_name(frame):
     return f"{name} ({_short_path(where)})" if where else name
 
 
-def format_pyspy(name, summary, rows, seconds):
-    threads_line = ", ".join(f"{group} {n}" for group, n in summary["threads"].items())
-    out = [f"PY-SPY {name}: {rows:,} rows in {seconds:.2f} s, unprofiled server sampled "
-           f"(busy threads only): {summary['samples']} samples ({threads_line})"]
+def format_pyspy(name, summary):
+    busy = ", ".join(f"{group} {n}" for group, n in summary["threads"].items())
+    waiting = ", ".join(f"{group} {n}" for group, n in summary["waiting"].items()) or "none"
+    out = [f"PY-SPY {name}: {summary['what']} in {summary['seconds']:.2f} s; unprofiled server, "
+           f"the thread holding the GIL sampled: {summary['samples']} samples ({busy}); "
+           f"waiting: {waiting}"]
     for title, key in (("by own samples", "by_own_samples"),
-                       ("by inclusive samples", "by_inclusive_samples")):
-        out.append(f"  {'share':>6}  thread         {title}")
+                       ("by inclusive samples (plumbing left out)", "by_inclusive_samples")):
+        out.append(f"  {'share':>6}  {'thread':<13}  {title}")
         for r in summary[key]:
-            out.append(f"  {r['share']:6.1%}  {r['thread']:<14} {r['function']}")
+            out.append(f"  {r['share']:6.1%}  {r['thread']:<13}  {r['function']}")
     return "\n".join(out)
+
+
+def _profiled_scenarios(run):
+    sizes = run.sizes
+
+    @defer.inlineCallbacks
+    def fetch_1():
+        rows, seconds, _, _ = yield run.fetch(
+            [({"$limit": sizes.fetch_1_rows}, sizes.fetch_1_rows)])
+        return f"{rows:,} rows", seconds
+
+    @defer.inlineCallbacks
+    def fetch_100():
+        rows, seconds, _, _ = yield run.fetch(
+            [({"$where": {"pid": f"p{i % PIDS}"}, "$limit": sizes.rows_per_stream},
+              sizes.rows_per_stream) for i in range(sizes.streams)])
+        return f"{rows:,} rows", seconds
+
+    @defer.inlineCallbacks
+    def persist_50():
+        result = yield run.persist(50, sizes.duration)
+        return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
+
+    return [
+        ("per-row fetch, 1 stream", fetch_1),
+        (f"per-row fetch, {sizes.streams} streams", fetch_100),
+        ("persist, 50 in flight", persist_50),
+    ]
 
 
 @defer.inlineCallbacks
 def run_profiles(run, log):
     """
-    The per-row fetch on 1 stream, then on 100 streams, each against a
-    server under cProfile (the reactor thread only, with cProfile's own
-    overhead), then, when ``py-spy`` is installed, against an unprofiled
-    server that py-spy samples (every thread, little overhead).
+    The per-row fetch on 1 stream, on 100 streams, and persist with 50 in
+    flight, each against a fresh server under cProfile (the reactor thread
+    only, slowed by cProfile itself), then, when ``py-spy`` is installed,
+    against an unprofiled one that py-spy samples (every thread).
     """
-    sizes = run.sizes
-    scenarios = [
-        ("per-row fetch, 1 stream", [({"$limit": sizes.fetch_1_rows}, sizes.fetch_1_rows)]),
-        (f"per-row fetch, {sizes.streams} streams",
-         [({"$where": {"pid": f"p{i % PIDS}"}, "$limit": sizes.rows_per_stream},
-           sizes.rows_per_stream) for i in range(sizes.streams)]),
-    ]
     pyspy = shutil.which("py-spy")
     if pyspy is None:
         log("profile: py-spy is not installed (pip install py-spy): cProfile only")
     results = {"cprofile": {}, "py-spy": {}}
-    for index, (name, selects) in enumerate(scenarios):
+    for index, (name, scenario) in enumerate(_profiled_scenarios(run)):
         log(f"profile: {name}, cProfile")
-        path = os.path.join(run.workdir, f"profile-{index}.prof")
+        path = os.path.join(run.workdir, f"cprofile-{index}.prof")
         yield run.start_server(profile=path)
         try:
             yield warm_up(run)
-            rows, seconds, _, _ = yield run.fetch(selects)
+            what, seconds = yield scenario()
         finally:
             yield run.stop_server()
         if not os.path.exists(path):
             raise BenchError(f"the profiled server wrote no {path}")
         summary = profile_summary(path)
-        summary.update(rows=rows, seconds=seconds, stats_file=path)
+        summary.update(what=what, seconds=seconds, stats_file=path)
         results["cprofile"][name] = summary
         if pyspy is None:
             continue
@@ -1191,21 +1253,22 @@ def run_profiles(run, log):
         path = os.path.join(run.workdir, f"py-spy-{index}.txt")
         yield run.start_server()
         yield warm_up(run)
-        spy = Child("py-spy", [pyspy, "record", "--pid", str(run.server.pid), "--rate", "250",
-                               "--format", "raw", "--threads", "--nonblocking",
+        # --gil: only the thread holding the GIL, i.e. where the Python time goes
+        spy = Child("py-spy", [pyspy, "record", "--pid", str(run.server.pid), "--rate", "400",
+                               "--gil", "--format", "raw", "--threads", "--nonblocking",
                                "--output", path],
                     os.path.join(run.workdir, f"py-spy-{index}.log"))
         try:
             spy.start()
             yield spy.wait_for(partial(spy.log_has, "Sampling process"), "sampling", timeout=20)
-            rows, seconds, _, _ = yield run.fetch(selects)
+            what, seconds = yield scenario()
         finally:
             yield spy.stop(how=signal.SIGINT)
             yield run.stop_server()
         if not os.path.exists(path):
             raise BenchError(f"py-spy wrote no {path}:\n{spy.log_tail()}")
         summary = pyspy_summary(path)
-        summary.update(rows=rows, seconds=seconds, samples_file=path)
+        summary.update(what=what, seconds=seconds, samples_file=path)
         results["py-spy"][name] = summary
     return results
 
@@ -1302,18 +1365,20 @@ def benchmark(options, log):
         log(f"Redis {run.redis_host}:{run.redis_port}, MariaDB {run.mysql['host']}:"
             f"{run.mysql['port']}, database {run.database}, work files in {run.workdir}")
         run.client = yield RedisClient().connect(run.redis_host, run.redis_port)
-        numsub = yield run.client.command("PUBSUB", "NUMSUB", "persist", "fetch", "fetch-next")
+        config = run.server_config()
+        if config.request_channels != run.request_channels:
+            raise BenchError(f"the server would listen on {config.request_channels}, "
+                             f"not on {run.request_channels}")
+        numsub = yield run.client.command("PUBSUB", "NUMSUB", *run.request_channels.values())
         listening = max(int(n) for n in numsub[1::2])
         if listening:
             raise BenchError(
-                f"{listening} other client(s) already listen on persist/fetch/fetch-next on "
-                f"Redis {run.redis_host}:{run.redis_port}: another eventsource server would "
-                "answer the benchmark's requests too (and get them). Stop it, or run with "
-                "--own-redis.")
+                f"{listening} other client(s) already listen on {run.channel_prefix}persist, "
+                "fetch or fetch-next: they would answer the benchmark's requests too.")
         info = yield run.client.command("INFO", "server")
         redis_version = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                               if line.startswith("redis_version:")), "unknown")
-        pool_size = run.server_config().pool_size
+        pool_size = config.pool_size
 
         log("starting the server")
         created_database = True
@@ -1335,7 +1400,7 @@ def benchmark(options, log):
         yield pingpong(run.client, run.prefix, 1, 0.2)  # warms the echo up
 
         reps = []
-        for index in range(sizes.repeat):
+        for index in range(0 if options.profile_only else sizes.repeat):
             log(f"repetition {index + 1} of {sizes.repeat}: a fresh server, warmed up")
             # Every repetition starts from a fresh server, so that the RSS of
             # its idle streams is not hidden by memory the last one freed.
@@ -1348,7 +1413,7 @@ def benchmark(options, log):
 
         yield run.stop_server()
         profiles = None
-        if options.profile:
+        if options.profile or options.profile_only:
             try:
                 profiles = yield run_profiles(run, log)
             except BenchError as error:
@@ -1362,25 +1427,29 @@ def benchmark(options, log):
             yield child.stop()
         if created_database and not options.keep_database:
             yield threads.deferToThread(_drop_database, run)
+        if not os.listdir(run.workdir):
+            os.rmdir(run.workdir)
 
     machine = machine_info(redis_version, mariadb_version)
-    summary, targets = summarize(reps, pool_size)
+    summary, targets = summarize(reps, pool_size) if reps else ({}, [])
     result = {
         "machine": machine,
         "sizes": sizes.__dict__,
         "repeat": sizes.repeat,
         "quick": options.quick,
+        "database": run.database,
         "server": {"argv": "twistd -n eventsource " + " ".join(run.server_args()),
                    "pool_size": pool_size},
         "figures": summary,
         "targets": targets,
         "repetitions": reps,
         "profiles": profiles,
-        "work_dir": run.workdir if options.profile else None,
+        "work_dir": run.workdir if profiles else None,
     }
-    if not options.profile:
+    if not profiles:  # on failure it stays, with the logs of the server and the echo
         shutil.rmtree(run.workdir, ignore_errors=True)
-    return result, format_table(summary, targets, machine, sizes, sizes.repeat)
+    table = format_table(summary, targets, machine, sizes, sizes.repeat) if reps else ""
+    return result, table
 
 
 def parse_args(argv):
@@ -1391,7 +1460,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, 1 repetition (CI: proves it runs, not how fast)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="repetitions of every scenario (default 3; 1 with --quick)")
+                        help="repetitions of every scenario (default 5; 1 with --quick)")
     parser.add_argument("--rows", type=int, default=None,
                         help="rows in the events table (default 100000; 2000 with --quick)")
     parser.add_argument("--idle-streams", type=int, default=None,
@@ -1400,6 +1469,8 @@ def parse_args(argv):
                         help="where to write the results (default bench-results.json)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile the 1- and 100-stream fetch with cProfile")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the profiles, none of the measurements")
     parser.add_argument("--own-redis", action="store_true",
                         help="start a private redis-server on a free port instead of using "
                              "REDIS_HOST/REDIS_PORT (127.0.0.1:6379)")
@@ -1451,14 +1522,15 @@ def main(argv=None):
     result["seconds"] = time.monotonic() - started
     with open(options.json, "w") as f:
         json.dump(result, f, indent=2)
-    print(table)
+    if table:
+        print(table)
     profiles = result["profiles"] or {}
     for name, summary in profiles.get("cprofile", {}).items():
         print()
-        print(format_profile(name, summary, summary["rows"], summary["seconds"]))
+        print(format_profile(name, summary))
     for name, summary in profiles.get("py-spy", {}).items():
         print()
-        print(format_pyspy(name, summary, summary["rows"], summary["seconds"]))
+        print(format_pyspy(name, summary))
     if profiles.get("error"):
         print(f"\nprofiling failed: {profiles['error']}")
     elif profiles:

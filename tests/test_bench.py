@@ -1,0 +1,208 @@
+"""
+The benchmark cannot rot: ``python -m eventsource.bench --quick`` runs end to
+end against the real Redis and MariaDB and writes every figure, ratio and
+target.  How fast anything was is not judged here (the machine is shared and
+noisy); that it was measured is.
+
+Its pure helpers (the summary, the table, the py-spy reader) are tested on
+made-up numbers.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pymysql
+from twisted.trial.unittest import TestCase
+
+from eventsource import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: every figure the table shows, plus the connections the idle target adds up
+FIGURES = [key for key, _, unit, _, _ in bench.ROWS if unit is not None] + [
+    "idle_server_connections"]
+RATIOS = ["fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_100_pairs",
+          "fetch_window_100_vs_fetch_1_stream", "fetch_window_100_vs_select",
+          "persist_50_vs_insert_8_connections", "persist_1_vs_insert_1_connection"]
+#: figures that are rates: a run that measured anything has them above zero
+RATES = [key for key in FIGURES if key.endswith("_per_s")]
+
+
+def _mysql():
+    return dict(
+        host=os.environ.get("MYSQL_HOST") or "127.0.0.1",
+        port=int(os.environ.get("MYSQL_PORT") or 3306),
+        user=os.environ.get("MYSQL_USER") or "root",
+        password=os.environ.get("MYSQL_PASS") or "",
+    )
+
+
+_quick = {}
+
+
+def quick_run():
+    """Run ``--quick`` once for all the tests below: ``(process, results or None)``."""
+    if not _quick:
+        folder = tempfile.mkdtemp(prefix="test-bench-")
+        try:
+            path = os.path.join(folder, "results.json")
+            argv = [sys.executable, "-m", "eventsource.bench", "--quick", "--json", path]
+            process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+                                     timeout=200)
+            results = None
+            if process.returncode == 0 and os.path.exists(path):
+                with open(path) as f:
+                    results = json.load(f)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _quick.update(process=process, results=results)
+    return _quick["process"], _quick["results"]
+
+
+class QuickRunTests(TestCase):
+    """``--quick`` against the real services, as a command, as CI runs it."""
+
+    timeout = 240
+
+    def setUp(self):
+        self.process, self.results = quick_run()
+        if self.results is None:
+            self.fail(f"the benchmark failed ({self.process.returncode}):\n"
+                      f"{self.process.stdout[-3000:]}\n{self.process.stderr[-3000:]}")
+
+    def test_every_figure_and_ratio(self):
+        figures = self.results["figures"]
+        self.assertEqual(sorted(set(FIGURES + RATIOS) - set(figures)), [])
+        for key in FIGURES + RATIOS:
+            value = figures[key]["value"]
+            self.assertIsInstance(value, (int, float), key)
+            self.assertTrue(math.isfinite(value) and value >= 0, f"{key} = {value}")
+            self.assertEqual(len(figures[key]["runs"]), 1, key)
+        for key in RATES + RATIOS:
+            self.assertGreater(figures[key]["value"], 0, key)
+
+    def test_targets(self):
+        targets = self.results["targets"]
+        self.assertEqual([t["key"] for t in targets], [t[1] for t in bench.TARGETS])
+        for target in targets:
+            self.assertIsInstance(target["pass"], bool)
+        for target in bench.TARGETS:
+            self.assertIn(target[0], self.process.stdout)
+        lines = [line for line in self.process.stdout.splitlines()
+                 if line.startswith(("PASS  ", "FAIL  "))]
+        self.assertEqual(len(lines), len(bench.TARGETS))
+
+    def test_machine_and_sizes(self):
+        self.assertTrue(self.results["quick"])
+        self.assertEqual(self.results["repeat"], 1)
+        self.assertEqual(len(self.results["repetitions"]), 1)
+        for key in ("arch", "cpu", "cores", "python", "redis", "mariadb"):
+            self.assertTrue(self.results["machine"][key], key)
+
+    def test_idle_streams_measured_on_the_server(self):
+        figures = self.results["figures"]
+        self.assertGreater(figures["idle_rss_open_kb"]["value"], 0)
+        self.assertGreater(figures["idle_threads_open"]["value"], 0)
+        self.assertGreaterEqual(figures["idle_redis_connections"]["value"], 1)
+        self.assertGreaterEqual(figures["idle_mysql_connections"]["value"], 1)
+
+    def test_database_dropped(self):
+        connection = pymysql.connect(**_mysql())
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW DATABASES LIKE %s", (self.results["database"],))
+                self.assertEqual(cursor.fetchall(), ())
+        finally:
+            connection.close()
+
+
+def _rep(scale=1.0):
+    """One made-up repetition with every figure."""
+    figures = {key: 100.0 * scale for key in FIGURES if key != "idle_server_connections"}
+    figures.update(idle_mysql_connections=10, idle_redis_connections=2, idle_threads_added=1,
+                   idle_rss_kb_per_stream=12.0 * scale)
+    figures["pingpong_1_pair_rt_per_s"] = 4000.0 * scale
+    figures["fetch_1_stream_rows_per_s"] = 3800.0 * scale
+    figures.update(bench.ratios(figures))
+    return figures
+
+
+class SummaryTests(TestCase):
+    def test_medians_and_worst(self):
+        summary, _ = bench.summarize([_rep(1), _rep(3), _rep(2)], pool_size=10)
+        self.assertEqual(summary["pingpong_1_pair_rt_per_s"]["value"], 8000.0)
+        self.assertEqual(summary["pingpong_1_pair_rt_per_s"]["runs"], [4000.0, 12000.0, 8000.0])
+        # memory is judged by its worst repetition, not its median
+        self.assertEqual(summary["idle_rss_kb_per_stream"]["value"], 36.0)
+        self.assertEqual(summary["idle_server_connections"]["value"], 12)
+
+    def test_targets(self):
+        _, targets = bench.summarize([_rep()], pool_size=10)
+        verdicts = {t["key"]: t["pass"] for t in targets}
+        self.assertEqual(verdicts, {
+            "fetch_1_stream_vs_pingpong_1_pair": True,  # 0.95
+            "fetch_100_streams_vs_pingpong_100_pairs": True,  # 1.0
+            "fetch_window_100_vs_fetch_1_stream": False,  # 100 / 3800
+            "persist_50_vs_insert_8_connections": True,
+            "idle_threads_added": True,
+            "idle_server_connections": True,  # 12 <= pool size + 2
+            "idle_rss_kb_per_stream": True,
+        })
+
+    def test_table(self):
+        summary, targets = bench.summarize([_rep(), _rep()], pool_size=10)
+        machine = dict(arch="x86_64", cpu="CPU", cores=2, python="3.11", redis="7",
+                       mariadb="10.11")
+        sizes = bench.Sizes(rows=1000, fetch_1_rows=100, rows_per_stream=10, streams=100,
+                            pairs=100, window=100, duration=0.5, first_row_samples=2,
+                            idle_streams=10, repeat=2)
+        table = bench.format_table(summary, targets, machine, sizes, 2)
+        self.assertIn("x86_64, CPU, 2 cores", table)
+        self.assertIn("Redis ping-pong, 1 pair", table)
+        self.assertIn("FAIL  windowed fetch", table)
+        self.assertIn("PASS  idle streams: <= 30 KB RSS each", table)
+
+
+class PySpyTests(TestCase):
+    def test_summary(self):
+        site = "/usr/lib/python3.11/site-packages/"
+        run = f"MainThread;run ({site}twisted/internet/base.py:1);doRead ({site}twisted/internet/tcp.py:2)"
+        pool = f"PoolThread-1;worker ({site}twisted/python/threadpool.py:7);work (eventsource/store.py:9)"
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                f"thread (1): {run};publish (eventsource/bus.py:3) 6\n"
+                f"thread (1): {run} 2\n"
+                f"thread (2): {pool};encode_row (eventsource/wire.py:4) 2\n"
+                f"thread (2): {pool};fetchall (pymysql/cursors.py:5) 1\n"
+                f"thread (1): MainThread;run ({site}twisted/internet/base.py:1);"
+                f"doPoll ({site}twisted/internet/epollreactor.py:3) 5\n"
+            )
+        summary = bench.pyspy_summary(path)
+        self.assertEqual(summary["samples"], 11)
+        self.assertEqual(summary["threads"], {"reactor": 8, "other threads": 3})
+        self.assertEqual(summary["waiting"], {"reactor": 5})
+        top = summary["by_own_samples"][0]
+        self.assertEqual((top["thread"], top["function"], top["samples"]),
+                         ("reactor", "publish (eventsource/bus.py)", 6))
+        inclusive = {r["function"]: r["samples"] for r in summary["by_inclusive_samples"]}
+        # the reactor loop and the thread pool only pass work along: left out
+        self.assertNotIn("run (twisted/internet/base.py)", inclusive)
+        self.assertNotIn("doRead (twisted/internet/tcp.py)", inclusive)
+        self.assertNotIn("worker (twisted/python/threadpool.py)", inclusive)
+        self.assertEqual(inclusive["publish (eventsource/bus.py)"], 6)
+        self.assertEqual(inclusive["work (eventsource/store.py)"], 3)
+        self.assertEqual(inclusive["encode_row (eventsource/wire.py)"], 2)
+
+    def test_short_paths(self):
+        self.assertEqual(bench._short_path("/x/lib/python3.11/site-packages/txredisapi.py"),
+                         "txredisapi.py")
+        self.assertEqual(bench._short_path("/x/lib/python3.11/json/encoder.py"),
+                         "json/encoder.py")
+        self.assertEqual(bench._short_path(os.path.join(REPO, "eventsource", "bus.py")),
+                         os.path.join("eventsource", "bus.py"))
