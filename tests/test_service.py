@@ -275,3 +275,14 @@ class StartupHintTests(ServiceTestCase):
         body = command.split("'", 1)[1].rstrip("'")
         self.send("staging:persist", body)
         self.assertEqual(self.out("reply-1"), [OK, "end"])
+
+
+class EncodingTests(SynchronousTestCase):
+    def test_mysql_datetime_text_in_wire_form(self):
+        from eventsource.wire import format_mysql_datetime, format_timestamp
+        import datetime
+
+        for text in ("2020-04-06 11:35:18.414999", "2020-04-06 11:35:18", "1999-12-31 23:59:59.5"):
+            parsed = datetime.datetime.fromisoformat(text)
+            self.assertEqual(format_mysql_datetime(text), format_timestamp(parsed))
+            self.assertEqual(format_mysql_datetime(text.encode()), format_timestamp(parsed))
