@@ -87,12 +87,73 @@ class _Handshaking:
 class _Subscriber(_Handshaking, txredisapi.SubscriberProtocol):
     role = "subscriber"
 
+    def dataReceived(self, data, unpause=False):
+        """
+        The hot path of every message: published messages are handled here,
+        straight from hiredis' reader, without txredisapi's per-element
+        conversions.  On a reply channel only ``"accepted"`` and ``"end"``
+        matter to the server, so the echoes of the rows it publishes there
+        are dropped before any decoding.  Everything else (subscription
+        confirmations, errors) takes txredisapi's path.
+        """
+        reader = getattr(self, "_reader", None)
+        if reader is None:  # pure-Python parser: no hiredis
+            return super().dataReceived(data, unpause)
+        if data:
+            reader.feed(data)
+        requests = self.factory.bus._request_channels
+        deliver = self.factory.bus._deliver
+        reply = reader.gets()
+        while reply is not False:
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                channel = reply[1].decode("utf-8", "replace")
+                body = reply[2]
+                if channel in requests:
+                    try:
+                        body = body.decode("utf-8")
+                    except UnicodeDecodeError:
+                        pass  # refused as "not text" by the wire protocol
+                    deliver(channel, body)
+                elif body in _CONTROL_WORDS:
+                    deliver(channel, _CONTROL_WORDS[body])
+            else:
+                self.replyReceived(self.tryConvertData(reply))
+            reply = reader.gets()
+
     def messageReceived(self, pattern, channel, message):
         self.factory.bus._deliver(channel, message)
 
 
+#: what a client may say on a reply channel, as it arrives and as it is delivered
+_CONTROL_WORDS = {b'"accepted"': '"accepted"', b'"end"': '"end"'}
+
+
 class _Publisher(_Handshaking, txredisapi.RedisProtocol):
     role = "publisher"
+
+    #: replies still to come for publishes nobody waits for
+    _unanswered = 0
+
+    def publish_nowait(self, channel, body):
+        """
+        ``PUBLISH`` without a Deferred: the command is written as it is and
+        its reply (the number of receivers, which the server never needs)
+        is dropped when it arrives.  Only used once the handshake is over,
+        so every reply from then on belongs to one of these.
+        """
+        channel = channel.encode("utf-8")
+        body = body.encode("utf-8")
+        self._unanswered += 1
+        self.transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                             % (len(channel), channel, len(body), body))
+
+    def replyReceived(self, reply):
+        if self._unanswered:
+            self._unanswered -= 1
+            if isinstance(reply, Exception):
+                log.error("Redis refused a PUBLISH: {error}", error=reply)
+            return
+        super().replyReceived(reply)
 
 
 class _Link:
@@ -217,6 +278,7 @@ class RedisBus:
         self._starting = {}
         self._publisher_waiters = []
         self._stopping = False
+        self._request_channels = frozenset(config.request_channels.values())
         #: when the subscriber was last lost (reactor seconds), for the log
         self._lost_at = None
 
@@ -303,7 +365,10 @@ class RedisBus:
                                                    config.redis_password)
                 else:
                     yield protocol.execute_command("AUTH", config.redis_password)
-            if protocol.role == "subscriber":
+            if protocol.role == "publisher":
+                # proves the connection speaks Redis (not, say, a TLS port)
+                yield protocol.execute_command("PING")
+            else:
                 # Take requests only once their answers can go out.
                 yield self._when_publisher_ready()
                 for channel in config.request_channels.values():
@@ -367,6 +432,10 @@ class RedisBus:
                     f"Redis {self._where()} refused the {protocol.role} connection: {reason}"))
             else:
                 log.error("Redis {where}: {reason}; retrying", where=self._where(), reason=reason)
+        elif not protocol.handshaken and not self._stopping:
+            log.warn("Redis {where} closed the {role} connection during the handshake "
+                     "(a TLS port without --redis-tls, or not Redis at all?); retrying",
+                     where=self._where(), role=protocol.role)
         if link.ready is not protocol:
             return
         link.ready = None
@@ -396,14 +465,19 @@ class RedisBus:
     # -- pub/sub --------------------------------------------------------
 
     def publish(self, channel, body):
-        """Publish without waiting; returns a Deferred of the number of receivers."""
+        """
+        Publish and do not wait (many publishes pipeline on the connection).
+        While Redis is away the message is dropped with a log line: the
+        streams it belonged to are ended by the connection-lost handling.
+        """
         publisher = self._publisher
         if publisher is None:
-            return defer.fail(RedisUnavailable("Redis is not connected"))
+            log.debug("Redis is away: dropped a message for {channel}", channel=channel)
+            return
         try:
-            return publisher.execute_command("PUBLISH", channel, body)
-        except Exception as error:
-            return defer.fail(error)
+            publisher.publish_nowait(channel, body)
+        except Exception:
+            log.failure("could not publish on {channel}", channel=channel)
 
     def subscribe(self, channel):
         """Subscribe to a reply channel; fires when Redis confirmed it."""

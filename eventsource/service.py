@@ -33,9 +33,9 @@ FIRST_EVENT_HINT = (
 )
 
 
-def _ignore_publish_failure(failure):
-    # A publish only fails when Redis went away; the connection-lost handler
-    # deals with the streams, so there is nothing to add per message.
+def _ignore_failure(failure):
+    # Leaving a reply channel only fails when Redis went away, and then the
+    # subscription is gone with the connection anyway.
     return None
 
 
@@ -201,8 +201,7 @@ class EventSourceService(service.MultiService):
         self.publish(channel, wire.END_BODY)
 
     def publish(self, channel, body):
-        d = self.bus.publish(channel, body)
-        d.addErrback(_ignore_publish_failure)
+        self.bus.publish(channel, body)
 
     # -- persist --------------------------------------------------------
 
@@ -299,7 +298,7 @@ class EventSourceService(service.MultiService):
             self._recently_closed.popitem(last=False)
         log.debug("stream {channel} {state} after {rows} rows", channel=channel,
                   state=stream.state.value, rows=stream.rows_sent)
-        self.bus.unsubscribe(channel).addErrback(_ignore_publish_failure)
+        self.bus.unsubscribe(channel).addErrback(_ignore_failure)
 
     def _fetch_next(self, request):
         stream = self.streams.get(request.channel)
