@@ -64,7 +64,11 @@ TRANSITIONS = [
 
     {"trigger": "accepted", "source": LIVE, "dest": ChannelState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
-    {"trigger": "accepted", "source": LIVE, "dest": _ACCEPT,
+    # (the commonest of all: a row accepted, the next one sent; internal, so
+    # no exit/enter work for a state that does not change)
+    {"trigger": "accepted", "source": _ACCEPT, "dest": None,
+     "conditions": "will_wait", "before": "send_rows"},
+    {"trigger": "accepted", "source": _ROW, "dest": _ACCEPT,
      "conditions": "will_wait", "before": "send_rows"},
     {"trigger": "accepted", "source": LIVE, "dest": _ROW, "before": "send_rows"},
 
@@ -217,8 +221,10 @@ class Stream:
     # -- the row timer --------------------------------------------------
 
     def _arm_timer(self):
+        # With no row out the timer is left as it is (moving a DelayedCall is
+        # ~15x cheaper than cancelling it and making a new one, and this runs
+        # for every row); when it fires with nothing unaccepted it does nothing.
         if not self._sent_at:
-            self._cancel_timer()
             return
         deadline = self._sent_at[0] + self.row_timeout
         delay = max(0.0, deadline - self._clock.seconds())
@@ -230,7 +236,8 @@ class Stream:
 
     def _deadline(self):
         self._timer = None
-        self.deadline_passed()
+        if self._sent_at:
+            self.deadline_passed()
 
     def _cancel_timer(self):
         if self._timer is not None and self._timer.active():

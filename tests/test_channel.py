@@ -118,6 +118,19 @@ class Version1Tests(SynchronousTestCase):
         self.assertEqual(h.state, ChannelState.AWAITING_ROW)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_stale_timer_while_waiting_for_a_page_does_not_time_out(self):
+        h = Harness(timeout=5)
+        h.stream.receive(["r1"], False)
+        h.clock.advance(4)
+        h.stream.accept()  # next page requested; the old deadline (t=5) passes while waiting
+        h.clock.advance(3)
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        h.stream.receive(["r2"], True)  # sent at t=7: a full timeout from now
+        h.clock.advance(4.9)
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.clock.advance(0.2)
+        self.assertEqual(h.out, ["r1", "r2", TIMEOUT])
+
     def test_client_end_publishes_nothing(self):
         for rows in ([], ["r1"]):
             h = Harness()
