@@ -11,6 +11,8 @@ Rows are encoded to their wire form in the pool thread, so the reactor
 thread only moves finished message bodies.
 """
 
+from collections import deque
+
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -236,7 +238,7 @@ class GroupCommitWriter:
         self._store = store
         self._max_rows = max_rows
         self._max_bytes = max_bytes
-        self._queue = []
+        self._queue = deque()
         self._busy = False
         self.batches = 0
 
@@ -253,7 +255,7 @@ class GroupCommitWriter:
             rows, d, nbytes = self._queue[0]
             if batch and (count + len(rows) > self._max_rows or size + nbytes > self._max_bytes):
                 break
-            self._queue.pop(0)
+            self._queue.popleft()
             batch.append((rows, d))
             count += len(rows)
             size += nbytes

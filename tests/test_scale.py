@@ -97,10 +97,6 @@ class ThousandStreamsTests(IntegrationTestCase):
     server_config = {"pool_size": 10, "row_timeout": 60}
     timeout = 300
 
-    def server_connections(self):
-        return sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB IS NULL"
-                   " AND USER = 'root' AND COMMAND = 'Sleep'")[0][0]
-
     @defer.inlineCallbacks
     def test_thousand_open_streams(self):
         yield self.client.persist([{"pid": "p", "domain": "d", "name": f"n{i}", "data": i}
