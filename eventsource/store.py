@@ -106,9 +106,10 @@ def ensure_schema(txn, database, table):
         (database, table),
     )
     existed = txn.fetchone()[0] > 0
-    for statement in _schema_ddl(database, table):
-        txn.execute(statement)
     if not existed:
+        # (only then: a read-only server's user may lack CREATE privileges)
+        for statement in _schema_ddl(database, table):
+            txn.execute(statement)
         return ["created table"]
     qualified = f"`{database}`.`{table}`"
     txn.execute(

@@ -141,15 +141,18 @@ class RedisServer:
     :param tls: a dict from :func:`make_tls_files`: serve TLS only on
         :attr:`port`; ``tls_auth_clients`` says whether a client certificate
         is required.
+    :param extra: more lines for the configuration file.
     """
 
-    def __init__(self, testcase, password=None, acl=(), tls=None, tls_auth_clients="no"):
+    def __init__(self, testcase, password=None, acl=(), tls=None, tls_auth_clients="no",
+                 extra=()):
         self.folder = tempfile.mkdtemp(prefix="es-redis-")
         self.port = free_port()
         self.password = password
         self.acl = list(acl)
         self.tls = tls
         self.tls_auth_clients = tls_auth_clients
+        self.extra = list(extra)
         self.process = None
         self._starts = 0
         testcase.addCleanup(shutil.rmtree, self.folder, True)
@@ -181,6 +184,7 @@ class RedisServer:
         if self.password is not None:
             lines.append(f"requirepass {self.password}")
         lines += self.acl
+        lines += self.extra
         return "\n".join(lines) + "\n"
 
     def start(self):
@@ -200,9 +204,12 @@ class RedisServer:
         )
         return self._wait_ready(time.monotonic() + 10)
 
-    def _log(self):
+    def log_text(self):
+        """What the server logged since it was last started."""
         with open(self.logfile, errors="replace") as f:
             return f.read()
+
+    _log = log_text
 
     def _wait_ready(self, deadline):
         if READY in self._log():
@@ -245,7 +252,10 @@ class RedisServer:
         process.wait(timeout=10)
 
     def cli(self, *args, user=None, password=None):
-        """Run ``redis-cli`` against this server; returns its output (raises on failure)."""
+        """
+        Run ``redis-cli`` against this server; returns what it printed (Redis
+        errors such as ``NOPERM`` included); raises if it could not run.
+        """
         command = ["redis-cli", "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
         if user is not None:
             command += ["--user", user]
@@ -259,4 +269,4 @@ class RedisServer:
         out = subprocess.run(command + list(args), capture_output=True, text=True, timeout=10)
         if out.returncode != 0:
             raise RuntimeError(f"redis-cli {args} failed: {out.stderr}")
-        return out.stdout.strip()
+        return (out.stdout + out.stderr).strip()

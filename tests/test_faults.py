@@ -19,9 +19,12 @@ import time
 import pymysql
 from twisted.enterprise import adbapi
 from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.protocols import portforward
+from twisted.trial.unittest import SynchronousTestCase
 
+from eventsource.bus import JITTER
 from eventsource.channel import MACHINE
 from tests.redis_server import RedisServer, free_port
 from tests.support import MYSQL, WAIT, IntegrationTestCase, WireClient, sql, unique
@@ -153,12 +156,15 @@ class TCPProxy:
 # -- Redis goes away and comes back -------------------------------------------
 
 
-class RedisRestartTests(IntegrationTestCase):
-    """A private redis-server, stopped and started again under a running server."""
+class PrivateRedisTestCase(IntegrationTestCase):
+    """A server on a private redis-server."""
+
+    def make_redis(self):
+        return RedisServer(self)
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.redis = RedisServer(self)
+        self.redis = self.make_redis()
         yield self.redis.start()
         self.database = unique("es_test")
         self.table = f"{self.database}.event"
@@ -189,6 +195,10 @@ class RedisRestartTests(IntegrationTestCase):
             yield sleep(0.01)
         yield client.wait_end(channel)
         return client.decoded(channel)
+
+
+class RedisRestartTests(PrivateRedisTestCase):
+    """A private redis-server, stopped and started again under a running server."""
 
     @defer.inlineCallbacks
     def test_streams_end_and_server_serves_again_after_each_outage(self):
@@ -268,6 +278,80 @@ class RedisRestartTests(IntegrationTestCase):
         yield wait_until(lambda: not self.server._persists, what="the persist to finish")
         self.assertEqual(len(self.rows(where="WHERE pid = 'lost'")), 1)
         yield self.redis.start()
+        client = yield self.connect_client()
+        answer = yield self.first_served(client)
+        self.assertEqual(answer[-1], "end")
+
+
+class RedisDropsConnectionsTests(PrivateRedisTestCase):
+    """Redis stays up but closes one of the server's connections."""
+
+    def make_redis(self):
+        # a small pub/sub output buffer, so that a flood overflows it for real
+        return RedisServer(self, extra=["client-output-buffer-limit pubsub 1mb 512kb 1"])
+
+    @defer.inlineCallbacks
+    def open_stream(self, client):
+        channel = unique("open")
+        yield client.subscribe(channel)
+        yield client.publish("fetch", {"channel": channel,
+                                       "query": {"$select": {"$where": {"pid": "open"}}}})
+        yield client.wait_count(channel, 1)
+        return channel
+
+    def kill_connection(self, role):
+        """``CLIENT KILL`` one of the server's two connections, by its address."""
+        address = self.server.bus._links[role].protocol.transport.getHost()
+        self.assertEqual(self.redis.cli("CLIENT", "KILL", f"{address.host}:{address.port}"),
+                         "OK")
+
+    @defer.inlineCallbacks
+    def test_subscriber_killed(self):
+        """CLIENT KILL of the subscriber: its streams end with "error", "end"; back at once."""
+        self.insert_events(3, pid="open")
+        channel = yield self.open_stream(self.client)
+        killed = time.monotonic()
+        self.kill_connection("subscriber")
+        # (the publisher is still there: the client hears the end of its stream)
+        yield self.client.wait_end(channel)
+        self.assertEqual(self.client.decoded(channel)[-2:], ["error", "end"])
+        client = yield self.connect_client()
+        answer = yield self.first_served(client)
+        self.assertEqual(answer[-1], "end")
+        log.info("measured: subscriber killed; first request served after {seconds:.3f} s",
+                 seconds=time.monotonic() - killed)
+
+    @defer.inlineCallbacks
+    def test_publisher_killed(self):
+        """
+        CLIENT KILL of the publisher: the server stops taking requests (it drops
+        its subscriber too) until it can answer again, then serves.
+        """
+        killed = time.monotonic()
+        self.kill_connection("publisher")
+        yield wait_until(lambda: not self.server.bus.connected, what="the server to notice")
+        client = yield self.connect_client()
+        answer = yield self.first_served(client)
+        self.assertEqual(answer[-1], "end")
+        log.info("measured: publisher killed; first request served after {seconds:.3f} s",
+                 seconds=time.monotonic() - killed)
+
+    @defer.inlineCallbacks
+    def test_flood_overflows_the_subscriber_buffer(self):
+        """
+        Requests faster than the server reads them, past Redis's output buffer
+        limit for pub/sub: Redis drops the server's subscriber.  The server
+        re-subscribes, ends the streams open then, and serves again.
+        """
+        self.insert_events(3, pid="open")
+        channel = yield self.open_stream(self.client)
+        flood = json.dumps({"query": "x" * (5 * 1024 * 1024)})  # too large: only logged
+        for _ in range(8):
+            self.client.publisher.publish("persist", flood)
+        yield self.client.wait_end(channel)
+        self.assertEqual(self.client.decoded(channel)[-2:], ["error", "end"])
+        self.assertIn("scheduled to be closed ASAP for overcoming of output buffer limits",
+                      self.redis.log_text())
         client = yield self.connect_client()
         answer = yield self.first_served(client)
         self.assertEqual(answer[-1], "end")
@@ -560,9 +644,12 @@ class ShutdownTests(IntegrationTestCase):
 class TwistdSigtermTests(IntegrationTestCase):
     """The real command: ``twistd -n --pidfile= eventsource``, stopped with SIGTERM."""
 
+    def make_redis(self):
+        return RedisServer(self)
+
     @defer.inlineCallbacks
     def setUp(self):
-        self.redis = RedisServer(self)
+        self.redis = self.make_redis()
         yield self.redis.start()
         self.database = unique("es_test")
         self.table = f"{self.database}.event"
@@ -637,3 +724,34 @@ class TwistdSigtermTests(IntegrationTestCase):
         self.assertEqual(stored, acknowledged)
         self.assertIn("Main loop terminated", self.log_text())
         self.assertNotIn("Traceback", self.log_text())
+
+
+class BackoffTests(SynchronousTestCase):
+    """The reconnect delays of the Redis connections: short at first, bounded."""
+
+    def link(self, max_delay=2.0):
+        from eventsource.bus import _Link, _Publisher
+        from eventsource.config import Config
+
+        return _Link(bus=None, protocol=_Publisher, endpoint=None,
+                     config=Config(redis_max_delay=max_delay), clock=Clock())
+
+    def test_first_retry_is_quick_and_all_are_bounded(self):
+        link = self.link()
+        first = [link._delay(1) for _ in range(200)]
+        self.assertLess(max(first), 0.1 * (1 + 5 * JITTER))
+        self.assertLess(abs(sorted(first)[100] - 0.1), 0.02)
+        later = [link._delay(attempt) for attempt in range(2, 60) for _ in range(20)]
+        self.assertLess(max(later), 2.0 * (1 + 5 * JITTER))
+        self.assertGreaterEqual(min(later), 0)
+        self.assertLess(abs(sorted(link._delay(30) for _ in range(201))[100] - 2.0), 0.1)
+
+    def test_refused_handshakes_back_off_too(self):
+        link = self.link()
+        link.refusals = 10
+        self.assertLess(abs(sorted(link._delay(1) for _ in range(201))[100] - 2.0), 0.1)
+
+    def test_max_delay_below_the_initial_delay(self):
+        link = self.link(max_delay=0.05)
+        self.assertLess(max(link._delay(a) for a in range(1, 10) for _ in range(50)),
+                        0.05 * (1 + 5 * JITTER))
