@@ -40,6 +40,9 @@ class Config:
     mysql_tls_key: Optional[str] = None
     mysql_tls_verify: bool = False
     pool_size: int = 10
+    #: seconds a MySQL read or write may block before the connection is
+    #: given up (so a silent network cannot hang the server or its shutdown)
+    mysql_timeout: float = 60.0
 
     # the events table, ``database.table``
     table: str = "eventsource.event"
@@ -58,6 +61,9 @@ class Config:
     max_in_list: int = 1000
 
     read_only: bool = False
+
+    #: seconds shutdown waits for persists in flight before closing anyway
+    shutdown_timeout: float = 10.0
 
     #: prepended to the request channels (``persist`` becomes
     #: ``<prefix>persist``), so several deployments can share one Redis;

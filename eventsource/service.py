@@ -126,7 +126,11 @@ class EventSourceService(service.MultiService):
         self._accepting = False
         if self._persists:
             log.info("waiting for {count} persists in flight", count=len(self._persists))
-            yield defer.DeferredList(list(self._persists))
+            finished = yield self._wait_for_persists(self.config.shutdown_timeout)
+            if not finished:
+                log.warn("{count} persists still unanswered after {timeout} s; closing anyway "
+                         "(their outcome is unknown to their clients)",
+                         count=len(self._persists), timeout=self.config.shutdown_timeout)
         for stream in list(self.streams.values()):
             stream.fail("the server is shutting down")
         yield super().stopService()
@@ -137,6 +141,21 @@ class EventSourceService(service.MultiService):
         # SIGTERM"; a graceful stop is a success: exit code 0.
         if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
             self._reactor._exitSignal = None
+
+    def _wait_for_persists(self, timeout):
+        """Fires True once every persist in flight is answered, False after ``timeout``."""
+        result = defer.Deferred()
+        timer = self._reactor.callLater(timeout, lambda: result.called or result.callback(False))
+
+        def finished(_):
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(True)
+
+        # (not cancelled on timeout: a late answer must still find its Deferred)
+        defer.DeferredList(list(self._persists)).addCallback(finished)
+        return result
 
     # -- messages in ------------------------------------------------------
 

@@ -351,6 +351,9 @@ class Store:
             autocommit=False,
             init_command="SET time_zone = '+00:00'",
             conv=_conversions(),
+            connect_timeout=min(10, config.mysql_timeout),
+            read_timeout=config.mysql_timeout,
+            write_timeout=config.mysql_timeout,
         )
         if config.mysql_tls_ca or config.mysql_tls_cert or config.mysql_tls_verify:
             kwargs["ssl"] = mysql_tls_context(config)

@@ -130,6 +130,12 @@ SETTINGS = (
     Setting("redis-tls-cert", "REDIS_TLS_CERT", optional_text, "Client certificate for Redis TLS."),
     Setting("redis-tls-key", "REDIS_TLS_KEY", optional_text, "Client key file for Redis TLS."),
     Setting(
+        "redis-max-delay",
+        "REDIS_MAX_DELAY",
+        positive_seconds,
+        "Longest wait, in seconds, between attempts to reconnect to Redis.",
+    ),
+    Setting(
         "channel-prefix",
         "EVENTSOURCE_CHANNEL_PREFIX",
         str,
@@ -153,6 +159,12 @@ SETTINGS = (
     Setting(
         "pool-size", "EVENTSOURCE_POOL_SIZE", positive_int, "Database connections (and threads)."
     ),
+    Setting(
+        "mysql-timeout",
+        "MYSQL_TIMEOUT",
+        positive_seconds,
+        "Seconds a MySQL read or write may block before the connection is given up.",
+    ),
     Setting("table", "EVENTSOURCE_TABLE", table_name, "The events table, as database.table."),
     Setting(
         "row-timeout",
@@ -174,6 +186,12 @@ SETTINGS = (
         boolean,
         "Refuse persist requests; serve fetches only.",
         flag=True,
+    ),
+    Setting(
+        "shutdown-timeout",
+        "EVENTSOURCE_SHUTDOWN_TIMEOUT",
+        positive_seconds,
+        "Seconds shutdown waits for persists in flight before closing anyway.",
     ),
 )
 

@@ -286,3 +286,25 @@ class EncodingTests(SynchronousTestCase):
             parsed = datetime.datetime.fromisoformat(text)
             self.assertEqual(format_mysql_datetime(text), format_timestamp(parsed))
             self.assertEqual(format_mysql_datetime(text.encode()), format_timestamp(parsed))
+
+
+class BoundedShutdownTests(ServiceTestCase):
+    def test_a_stuck_persist_does_not_hold_shutdown_forever(self):
+        self.make(hold_store=True, shutdown_timeout=3)
+        self.send("persist", persist_body("p", doc()))
+        d = self.service.stopService()
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.successResultOf(d)
+        self.assertFalse(self.store.started)
+        self.store.release()  # the late answer finds its request and breaks nothing
+        self.assertEqual(self.out("p")[-1], "end")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_mysql_timeouts_reach_pymysql(self):
+        from eventsource.store import Store
+
+        kwargs = Store(Config(mysql_timeout=7.5), None)._connect_kwargs()
+        self.assertEqual((kwargs["read_timeout"], kwargs["write_timeout"], kwargs["connect_timeout"]),
+                         (7.5, 7.5, 7.5))
