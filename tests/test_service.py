@@ -282,10 +282,11 @@ class EncodingTests(SynchronousTestCase):
         from eventsource.wire import format_mysql_datetime, format_timestamp
         import datetime
 
-        for text in ("2020-04-06 11:35:18.414999", "2020-04-06 11:35:18", "1999-12-31 23:59:59.5"):
+        for text in ("2020-04-06 11:35:18.414999", "2020-04-06 11:35:18", "1999-12-31 23:59:59.500000"):
             parsed = datetime.datetime.fromisoformat(text)
             self.assertEqual(format_mysql_datetime(text), format_timestamp(parsed))
             self.assertEqual(format_mysql_datetime(text.encode()), format_timestamp(parsed))
+        self.assertEqual(format_mysql_datetime("1999-12-31 23:59:59.5"), "1999-12-31T23:59:59.500Z")
 
 
 class BoundedShutdownTests(ServiceTestCase):
