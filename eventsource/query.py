@@ -902,6 +902,24 @@ class InsertPlan:
     rows: tuple
 
 
+#: the deepest nesting of arrays and objects MariaDB's JSON_VALID accepts
+MAX_DATA_DEPTH = 31
+
+
+def _depth(value) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (iterative)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            pending.extend((item, depth) for item in value)
+    return deepest
+
+
 def _document(doc, index: int):
     """Validate one document into its row tuple."""
     where = "document %d" % (index,)
@@ -926,6 +944,9 @@ def _document(doc, index: int):
     except (TypeError, RecursionError):
         raise QueryError("%s: data is not storable JSON" % (where,)) from None
     values.append(_check_text(data, "%s: data" % (where,)))
+    if data.count("[") + data.count("{") > MAX_DATA_DEPTH and _depth(doc.get("data")) > MAX_DATA_DEPTH:
+        raise QueryError("%s: data is nested deeper than %d levels, MariaDB's limit for JSON"
+                         % (where, MAX_DATA_DEPTH))
     timestamp = doc.get("timestamp")
     if timestamp is not None:
         timestamp = parse_timestamp(timestamp, "%s: timestamp" % (where,))

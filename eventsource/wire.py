@@ -11,6 +11,7 @@ can answer ``"error"``, ``"end"`` there, or only log when it cannot.
 import datetime
 import decimal
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,6 +30,15 @@ ACCEPTED_BODY = json.dumps(ACCEPTED)
 
 #: longest reply channel name we accept, in characters
 MAX_CHANNEL_LENGTH = 512
+
+#: the deepest nesting of arrays and objects a request body may have; deeper
+#: bodies are refused before they are decoded, so whether one can be decoded
+#: does not depend on the Python version's recursion limits (no valid
+#: request comes near: queries stop at 32 levels, stored data at 31)
+MAX_BODY_DEPTH = 64
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
 
 #: the fields each request channel accepts; anything else is refused
 _FIELDS = {
@@ -107,6 +117,21 @@ def _body_too_large(body: str, max_bytes: int) -> bool:
     return len(body.encode("utf-8", "surrogatepass")) > max_bytes
 
 
+def _too_deep(body: str) -> bool:
+    # Counting brackets is C-speed; only a body with many of them is scanned.
+    if body.count("[") + body.count("{") <= MAX_BODY_DEPTH:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", body)):
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_BODY_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def _reply_channel(message: dict, reserved) -> str:
     channel = message.get("channel")
     if not isinstance(channel, str) or not channel:
@@ -149,6 +174,8 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
     if _body_too_large(body, max_body_bytes):
         # Not decoded, so the reply channel is unknown: only a log line.
         raise BadRequest(f"the body is larger than {max_body_bytes} bytes")
+    if _too_deep(body):
+        raise BadRequest(f"the body nests deeper than {MAX_BODY_DEPTH} levels")
     try:
         message = decode_json(body)
     except (ValueError, RecursionError):

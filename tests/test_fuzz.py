@@ -90,6 +90,30 @@ wrong_type = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=Fa
                                                                       st.integers(), max_size=2))
 
 
+def nesting(body):
+    """How deeply brackets nest in a JSON text, outside its strings (test-side, by hand)."""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def deep(levels, inner=1):
     value = inner
     for _ in range(levels):
@@ -264,8 +288,10 @@ class Builder:
         kind, data = template
         kind, body, expect = getattr(self, kind)(n, data)
         size = len(body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass"))
-        if size > LIMITS["max_body_bytes"]:
-            # too large to be read: the reply channel is unknown, so no answer
+        if size > LIMITS["max_body_bytes"] or nesting(body) > 64:
+            # too large, or nested too deeply, to be read: the reply channel is
+            # unknown, so no answer (PROTOCOL: a body nesting deeper than 64
+            # levels is refused undecoded)
             expect = Expect(kind="unanswerable", channel=expect.channel, answer=[])
         return kind, body, expect
 

@@ -108,6 +108,24 @@ class BadInputTests(ServiceTestCase):
             self.send(channel, body)
         self.assertEqual(self.out("r"), ["error", "end"] * len(bodies))
 
+    def test_too_deep_body_is_refused_without_decoding(self):
+        self.make()
+        deep = "[" * 65 + "]" * 65
+        self.send("fetch", '{"channel": "r", "query": %s}' % (deep,))
+        self.assertEqual(self.bus.published, [])
+        self.send("fetch", '{"channel": "r", "query": {"$select": {}}, "x": "%s"}' % ("[" * 99,))
+        self.assertEqual(self.out("r"), ["error", "end"])  # brackets inside strings do not count
+
+    def test_data_deeper_than_mariadb_accepts_is_refused(self):
+        self.make()
+        data = 1
+        for _ in range(32):
+            data = [data]
+        self.send("persist", persist_body("r", doc(data=data)))
+        self.send("persist", persist_body("ok", doc(data=data[0])))
+        self.assertEqual(self.out("r"), ["error", "end"])
+        self.assertEqual(self.out("ok")[1], "end")
+
     def test_oversized_body_is_refused_without_decoding(self):
         self.make(max_body_bytes=1000)
         self.send("persist", persist_body("r", doc(data="x" * 2000)))
