@@ -8,9 +8,12 @@ import resource
 import threading
 
 from twisted.internet import defer, reactor
+from twisted.logger import Logger
 
 from tests.support import IntegrationTestCase, sql, unique
 from eventsource.channel import MACHINE
+
+log = Logger()
 
 
 def max_rss_kb():
@@ -89,6 +92,7 @@ class MillionRowTests(IntegrationTestCase):
         self.assertEqual(json.loads(bus.first_row)["data"], '{"k": 1}')
         # A result held in memory whole would take several hundred MB.
         self.assertLess(grown_mb, 40, f"peak RSS grew by {grown_mb:.1f} MB")
+        log.info("measured: 1,000,000-row stream: peak RSS grew {grown:.1f} MB", grown=grown_mb)
 
 
 class ThousandStreamsTests(IntegrationTestCase):
