@@ -287,6 +287,12 @@ class Options(usage.Options):
         super().__init__()
         self._environ = environ
 
+    def __repr__(self) -> str:
+        # A dict at heart: keep the passwords out of any log or traceback.
+        shown = {key: ("***" if "password" in key and value else value)
+                 for key, value in self.items()}
+        return f"<{type(self).__name__} {shown!r}>"
+
     def postOptions(self) -> None:
         """Combine the command line, the environment and the defaults."""
         environ = os.environ if self._environ is None else self._environ

@@ -442,3 +442,13 @@ class ImportTests(SynchronousTestCase):
             env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
         )
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class SecretTests(SynchronousTestCase):
+    def test_repr_of_parsed_options_hides_passwords(self):
+        options = tap.Options(environ={"REDIS_PASS": "env-redis-secret"})
+        options.parseOptions(["--mysql-password=cli-mysql-secret"])
+        text = repr(options) + repr(options.config) + str(options)
+        self.assertNotIn("env-redis-secret", text)
+        self.assertNotIn("cli-mysql-secret", text)
+        self.assertIn("mysql-password", repr(options))
