@@ -27,7 +27,7 @@ LOST_CONNECTION = frozenset({0, 2006, 2013, 2014, 2045, 2055})
 
 #: the first page of a stream is small (quick first row, little memory for
 #: streams that are opened and left idle); pages then double up to page_size
-FIRST_PAGE = 16
+FIRST_PAGE = 32
 
 
 def _conversions():

@@ -246,7 +246,7 @@ class PagingTests(ServiceTestCase):
         self.send("fetch", fetch_body("r", window=1000))
         while self.store.release():
             pass
-        self.assertEqual([size for _, size in self.store.reads], [16, 32, 64, 64, 64])
+        self.assertEqual([size for _, size in self.store.reads], [32, 64, 64, 64])
         self.assertEqual(len(self.out("r")), 201)
 
     def test_open_stream_waiting_for_client_holds_no_pending_read(self):
