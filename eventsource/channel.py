@@ -111,6 +111,8 @@ class Stream:
         self.window = window
         self.row_timeout = row_timeout
         self.rows_sent = 0
+        #: why the stream failed, for the log (None unless it did)
+        self.reason = None
         self._clock = clock
         self._publish = publish
         self._fetch_more = fetch_more
@@ -158,7 +160,7 @@ class Stream:
 
     def fail(self, reason=None):
         """Something went wrong: publish ``"error"``, ``"end"`` and stop."""
-        self.failure_reason = reason
+        self.reason = reason
         self.failed()
 
     @property

@@ -174,27 +174,19 @@ class EventSourceService(service.MultiService):
                     stream.end()
 
     def _request(self, request_channel, body, handler):
-        if not self._accepting:
-            log.info("refused a {request_channel} request: the server is not serving",
-                     request_channel=request_channel)
-            self._answer_refusal(request_channel, body, "the server is shutting down")
-            return
         try:
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
                                          self._reserved)
         except wire.BadRequest as bad:
             self._bad_request(request_channel, body, bad.reason, bad.channel)
             return
-        handler(request)
-
-    def _answer_refusal(self, request_channel, body, reason):
-        try:
-            request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
-                                         self._reserved)
-        except wire.BadRequest:
+        if not self._accepting:
+            log.info("refused a {request_channel} request for {channel}: the server is not "
+                     "serving", request_channel=request_channel, channel=request.channel)
+            if request_channel != "fetch-next":
+                self._reply_error(request.channel, "the server is shutting down")
             return
-        if request_channel != "fetch-next":
-            self._reply_error(request.channel, reason)
+        handler(request)
 
     def _bad_request(self, request_channel, body, reason, channel):
         if channel is None:
@@ -315,8 +307,9 @@ class EventSourceService(service.MultiService):
         self._recently_closed[channel] = None
         if len(self._recently_closed) > RECENTLY_CLOSED:
             self._recently_closed.popitem(last=False)
-        log.debug("stream {channel} {state} after {rows} rows", channel=channel,
-                  state=stream.state.value, rows=stream.rows_sent)
+        log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
+                  state=stream.state.value, rows=stream.rows_sent,
+                  reason=f": {stream.reason}" if stream.reason else "")
         self.bus.unsubscribe(channel).addErrback(_ignore_failure)
 
     def _fetch_next(self, request):
