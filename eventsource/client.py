@@ -670,6 +670,17 @@ class RowStream:
 # -- the client -----------------------------------------------------------------
 
 
+def _as_json_text(document: dict) -> dict:
+    """
+    A document whose ``data`` is a ``str`` as the server reads it: in
+    version 1 a string ``data`` is JSON text, so a Python string is sent as
+    the JSON text of that string, and stored as the string it is.
+    """
+    if isinstance(document.get("data"), str):
+        return dict(document, data=json.dumps(document["data"], ensure_ascii=False))
+    return document
+
+
 class EventSourceClient:
     """
     A client of the eventsource server over one :class:`PubSub`.
@@ -788,7 +799,8 @@ class EventSourceClient:
         Append events, atomically.
 
         :param documents: one event (a dict with ``pid``, ``domain``, ``name``
-            and optional ``data``, any JSON value) or a non-empty list of them.
+            and optional ``data``, any JSON value: a ``str`` is stored as that
+            string) or a non-empty list of them.
         :param table: ``database.table``; the server's events table when
             ``None``.
         :return: a Deferred firing with a :class:`PersistResult`, or failing
@@ -796,10 +808,10 @@ class EventSourceClient:
             :class:`ReplyTimeout` or :class:`RedisConnectionError`.
         """
         if isinstance(documents, dict):
-            pass
+            documents = _as_json_text(documents)
         elif isinstance(documents, (list, tuple)) and documents and all(
                 isinstance(d, dict) for d in documents):
-            documents = list(documents)
+            documents = [_as_json_text(d) for d in documents]
         else:
             raise ValueError("documents must be a dict or a non-empty list of dicts")
         insert = {"$documents": documents}

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Optional
 
+from eventsource import wire
+
 
 __all__ = [
     "QueryError",
@@ -752,7 +754,13 @@ def _name_list(spec, what: str, budget: _Budget, meaning) -> list:
     return entries
 
 
+#: ``$limit``/``$offset`` may be decimal strings, as the original took them
+_DECIMAL = re.compile(r"[0-9]{1,16}\Z")
+
+
 def _count(value, what: str) -> int:
+    if isinstance(value, str) and _DECIMAL.match(value):
+        value = int(value)
     if not _is_int(value) or value < 0:
         raise QueryError("%s must be a non-negative integer, not %s" % (what, _show(value)))
     if value > MAX_COUNT:
@@ -888,47 +896,62 @@ def _keyset_index(where, schema: TableSchema) -> str:
 
 _INSERT_KEYS = frozenset(("$table", "$documents"))
 _REQUIRED_FIELDS = ("pid", "domain", "name")
-_DOCUMENT_KEYS = frozenset(_REQUIRED_FIELDS + ("data", "timestamp"))
+#: the document fields that are written; every other field (``timestamp``,
+#: ``id``, anything else) is ignored, as the original ignored it: the append
+#: time and position are always the server's
+_WRITTEN_FIELDS = frozenset(_REQUIRED_FIELDS + ("data",))
 
 
 @dataclass(frozen=True)
 class InsertPlan:
     """
     A validated ``$insert``: one tuple per document,
-    ``(pid, domain, name, data_json_text, timestamp_or_None)``.  A None
-    timestamp means "now" (the column default, ``NOW(6)``).
+    ``(pid, domain, name, data_json_text)``; the append time is the column
+    default, ``NOW(6)``.  ``ignored`` names the fields that were left out,
+    per document index, for the log.
     """
 
     rows: tuple
+    ignored: tuple = ()
 
 
 #: the deepest nesting of arrays and objects MariaDB's JSON_VALID accepts
 MAX_DATA_DEPTH = 31
 
 
-def _depth(value) -> int:
-    """How deeply arrays and objects nest in a decoded JSON value (iterative)."""
-    deepest, pending = 0, [(value, 0)]
-    while pending:
-        value, depth = pending.pop()
-        if isinstance(value, dict):
-            value = list(value.values())
-        if isinstance(value, list):
-            depth += 1
-            deepest = max(deepest, depth)
-            pending.extend((item, depth) for item in value)
-    return deepest
+def _data_text(data, where: str) -> str:
+    """
+    The JSON text stored for a document's ``data``: what JavaScript's
+    ``JSON.stringify`` makes of it, as the original stored it.  A string is
+    JSON text already (the original's own clients send ``data`` that way):
+    the value it encodes is stored, not a JSON string.
+    """
+    too_deep = QueryError("%s: data is nested deeper than %d levels, MariaDB's limit for JSON"
+                          % (where, MAX_DATA_DEPTH))
+    if isinstance(data, str):
+        try:
+            data = wire.decode_nested(data, MAX_DATA_DEPTH)
+        except wire.TooDeep:
+            raise too_deep from None
+        except ValueError:
+            raise QueryError("%s: data is a string, but not JSON text" % (where,)) from None
+    try:
+        text = wire.json_stringify(data)
+    except RecursionError:
+        raise too_deep from None
+    except TypeError:
+        raise QueryError("%s: data is not a JSON value" % (where,)) from None
+    # (C-speed count first: the walk runs only for data with many brackets)
+    if text.count("[") + text.count("{") > MAX_DATA_DEPTH and wire.deeper_than(data, MAX_DATA_DEPTH):
+        raise too_deep
+    return text
 
 
-def _document(doc, index: int):
-    """Validate one document into its row tuple."""
+def _document(doc, index: int, ignored: list):
+    """Validate one document into its row tuple; ``ignored`` collects skipped fields."""
     where = "document %d" % (index,)
     if not isinstance(doc, dict):
         raise QueryError("%s must be an object, not %s" % (where, _show(doc)))
-    for key in doc:
-        if key not in _DOCUMENT_KEYS:
-            raise QueryError("%s has unknown field %s (allowed: pid, domain, name, data, timestamp)"
-                             % (where, _show(key)))
     values = []
     for name in _REQUIRED_FIELDS:
         value = doc.get(name)
@@ -937,22 +960,11 @@ def _document(doc, index: int):
         if len(value) > MAX_FIELD_LENGTH:
             raise QueryError("%s: %s is longer than %d characters" % (where, name, MAX_FIELD_LENGTH))
         values.append(_check_text(value, "%s: %s" % (where, name)))
-    try:
-        data = json.dumps(doc.get("data"), ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        raise QueryError("%s: data contains NaN or Infinity, which JSON cannot store" % (where,)) from None
-    except (TypeError, RecursionError):
-        raise QueryError("%s: data is not storable JSON" % (where,)) from None
-    values.append(_check_text(data, "%s: data" % (where,)))
-    if data.count("[") + data.count("{") > MAX_DATA_DEPTH and _depth(doc.get("data")) > MAX_DATA_DEPTH:
-        raise QueryError("%s: data is nested deeper than %d levels, MariaDB's limit for JSON"
-                         % (where, MAX_DATA_DEPTH))
-    timestamp = doc.get("timestamp")
-    if timestamp is not None:
-        timestamp = parse_timestamp(timestamp, "%s: timestamp" % (where,))
-        if not 1000 <= timestamp.year <= 9999:
-            raise QueryError("%s: timestamp is out of range (years 1000 to 9999)" % (where,))
-    values.append(timestamp)
+    values.append(_data_text(doc.get("data"), where))
+    if len(doc) > len(_WRITTEN_FIELDS) or not _WRITTEN_FIELDS.issuperset(doc):
+        extra = [key for key in doc if key not in _WRITTEN_FIELDS]
+        if extra:
+            ignored.append((index, tuple(extra)))
     return tuple(values)
 
 
@@ -981,4 +993,6 @@ def compile_insert(insert, schema: TableSchema, max_documents: int = 10000) -> I
         raise QueryError("$documents must be an object or a non-empty list of objects")
     if len(documents) > max_documents:
         raise QueryError("too many documents: %d, at most %d" % (len(documents), max_documents))
-    return InsertPlan(rows=tuple(_document(doc, i) for i, doc in enumerate(documents)))
+    ignored = []
+    rows = tuple(_document(doc, i, ignored) for i, doc in enumerate(documents))
+    return InsertPlan(rows=rows, ignored=tuple(ignored))

@@ -9,7 +9,6 @@ has none) and touches nothing else.
 """
 
 import signal
-from collections import OrderedDict
 
 from twisted.application import service
 from twisted.internet import defer
@@ -20,10 +19,6 @@ from eventsource.channel import Stream
 from eventsource.config import Config
 
 log = Logger()
-
-#: how many recently closed reply channels are remembered, so that late
-#: acceptances there are ignored instead of answered
-RECENTLY_CLOSED = 10000
 
 FIRST_EVENT_HINT = (
     "redis-cli SUBSCRIBE reply-1   # in one terminal; then in another:\n"
@@ -83,7 +78,6 @@ class EventSourceService(service.MultiService):
         }
         self._reserved = frozenset(channels.values()) | frozenset(channels)
         self.streams = {}
-        self._recently_closed = OrderedDict()
         self._persists = set()
         self._accepting = False
         self.ready = defer.Deferred()
@@ -189,6 +183,13 @@ class EventSourceService(service.MultiService):
         handler(request)
 
     def _bad_request(self, request_channel, body, reason, channel):
+        if request_channel == "fetch-next" and channel not in self.streams:
+            # An acknowledgement is never answered unless it concerns a live
+            # stream: a client that acknowledges every message it gets would
+            # otherwise ping-pong with the server forever.
+            log.info("ignored a bad fetch-next request for {channel}: {reason}; body: {body}",
+                     channel=channel, reason=reason, body=wire.truncate(body))
+            return
         if channel is None:
             log.warn("unanswerable request on {request_channel}: {reason}; body: {body}",
                      request_channel=request_channel, reason=reason, body=wire.truncate(body))
@@ -230,6 +231,9 @@ class EventSourceService(service.MultiService):
         except query.QueryError as error:
             self._bad_request("persist", None, str(error), channel)
             return
+        if plan.ignored:
+            log.debug("persist for {channel}: ignored document fields {ignored}",
+                      channel=channel, ignored=wire.truncate(repr(plan.ignored)))
         d = self.store.insert(plan)
         self._persists.add(d)
         d.addCallbacks(self._persisted, self._persist_failed,
@@ -265,7 +269,6 @@ class EventSourceService(service.MultiService):
         except query.QueryError as error:
             self._bad_request("fetch", None, str(error), channel)
             return
-        self._recently_closed.pop(channel, None)
         pager = self.store.pager(plan)
         subscribed = self.bus.subscribe(channel)
         first = [True]
@@ -304,9 +307,6 @@ class EventSourceService(service.MultiService):
         channel = stream.channel
         if self.streams.get(channel) is stream:
             del self.streams[channel]
-        self._recently_closed[channel] = None
-        if len(self._recently_closed) > RECENTLY_CLOSED:
-            self._recently_closed.popitem(last=False)
         log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
                   state=stream.state.value, rows=stream.rows_sent,
                   reason=f": {stream.reason}" if stream.reason else "")
@@ -316,11 +316,10 @@ class EventSourceService(service.MultiService):
         stream = self.streams.get(request.channel)
         if stream is not None:
             stream.accept(request.accepted)
-        elif request.channel in self._recently_closed:
-            log.debug("late acceptance on {channel} ignored", channel=request.channel)
         else:
-            self._bad_request("fetch-next", None, "no stream is open on this channel",
-                              request.channel)
+            # Never answered (see _bad_request): the stream ended, or never was.
+            log.debug("acceptance on {channel} ignored: no stream is open there",
+                      channel=request.channel)
 
     # -- faults ---------------------------------------------------------
 

@@ -75,11 +75,17 @@ def _guarded(work):
     return interaction
 
 
+#: the one collation of the table's text columns: stream ids, domains and
+#: event names are identifiers, compared byte for byte (as in the original's
+#: ``utf8_bin`` table), so ``"p1"`` never matches ``"P1"``
+COLLATION = "utf8mb4_bin"
+
+
 def _schema_ddl(database, table):
     qualified = f"`{database}`.`{table}`"
     return [
         f"CREATE DATABASE IF NOT EXISTS `{database}` "
-        "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+        f"CHARACTER SET utf8mb4 COLLATE {COLLATION}",
         f"CREATE TABLE IF NOT EXISTS {qualified} ("
         " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
         " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
@@ -89,14 +95,15 @@ def _schema_ddl(database, table):
         " `data` JSON,"
         " KEY `pid_id` (`pid`, `id`),"
         " KEY `domain_name_id` (`domain`, `name`, `id`)"
-        ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+        f") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={COLLATION}",
     ]
 
 
 def ensure_schema(txn, database, table):
     """
-    Create the database and events table if missing, and upgrade a table
-    made by the original service (no ``id``, utf8mb3 columns) in place.
+    Create the database and events table if missing, and upgrade in place a
+    table made by the original service (no ``id``, utf8mb3 columns) or by an
+    earlier release of this one (case-insensitive ids).
 
     Returns the list of changes made (for the log).
     """
@@ -113,20 +120,27 @@ def ensure_schema(txn, database, table):
         return ["created table"]
     qualified = f"`{database}`.`{table}`"
     txn.execute(
-        "SELECT COLUMN_NAME, CHARACTER_SET_NAME FROM information_schema.COLUMNS"
+        "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
         " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
         (database, table),
     )
-    columns = {name.lower(): charset for name, charset in txn.fetchall()}
+    columns = {name.lower(): collation for name, collation in txn.fetchall()}
     missing = {"timestamp", "pid", "domain", "name", "data"} - set(columns)
     if missing:
         raise RuntimeError(
             f"table {database}.{table} exists but lacks the columns {sorted(missing)}"
         )
     alterations = []
-    if any(charset and charset != "utf8mb4" for charset in columns.values()):
-        alterations.append("CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        changes.append("converted to utf8mb4")
+    collations = {columns[name] for name in ("pid", "domain", "name")}
+    if collations != {COLLATION}:
+        # The original's utf8 table (utf8_bin) and this project's earlier
+        # tables (utf8mb4_unicode_ci, which matched "p1" with "P1") alike.
+        log.warn("events table {database}.{table}: ids are collated {collations}; converting "
+                 "the table to {collation} so that pid, domain and name compare byte for byte",
+                 database=database, table=table, collations=", ".join(sorted(collations)),
+                 collation=COLLATION)
+        alterations.append(f"CONVERT TO CHARACTER SET utf8mb4 COLLATE {COLLATION}")
+        changes.append(f"converted to utf8mb4 ({COLLATION})")
     if "id" not in columns:
         # InnoDB numbers the existing rows in their stored (insertion) order.
         alterations.append(
@@ -183,9 +197,10 @@ def _read_page(txn, plan, table, high_water, position, size):
 
 
 def _insert_sql(table, count):
+    # (the append time is the column's default, NOW(6): always the server's)
     return (
-        f"INSERT INTO {table} (`pid`, `domain`, `name`, `data`, `timestamp`) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, COALESCE(%s, NOW(6)))"] * count)
+        f"INSERT INTO {table} (`pid`, `domain`, `name`, `data`) VALUES "
+        + ", ".join(["(%s, %s, %s, %s)"] * count)
     )
 
 

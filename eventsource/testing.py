@@ -112,16 +112,19 @@ class MemoryStore:
 
     def add(self, pid="p1", domain="d", name="n", data=None, timestamp=None):
         """Append one event directly (test set-up); returns its id."""
+        return self._append(pid, domain, name, wire.json_stringify(data), timestamp)
+
+    def _append(self, pid, domain, name, data_text, timestamp=None):
         event_id = len(self.events) + 1
         stamp = timestamp or datetime.datetime(2020, 4, 6, 11, 35, 18, 414000)
-        self.events.append((event_id, stamp, pid, domain, name, json.dumps(data)))
+        self.events.append((event_id, stamp, pid, domain, name, data_text))
         return event_id
 
     def insert(self, plan):
         def compute():
             first = len(self.events) + 1
-            for pid, domain, name, data, timestamp in plan.rows:
-                self.add(pid, domain, name, json.loads(data), timestamp)
+            for pid, domain, name, data_text in plan.rows:
+                self._append(pid, domain, name, data_text)
             return len(plan.rows), first
 
         return self._answer(compute)

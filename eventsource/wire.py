@@ -31,21 +31,9 @@ ACCEPTED_BODY = json.dumps(ACCEPTED)
 #: longest reply channel name we accept, in characters
 MAX_CHANNEL_LENGTH = 512
 
-#: the deepest nesting of arrays and objects a request body may have; deeper
-#: bodies are refused before they are decoded, so whether one can be decoded
-#: does not depend on the Python version's recursion limits (no valid
-#: request comes near: queries stop at 32 levels, stored data at 31)
+#: the deepest nesting of arrays and objects a request body may have (no
+#: valid request comes near: queries stop at 32 levels, stored data at 31)
 MAX_BODY_DEPTH = 64
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKET = re.compile(r"[\[\]{}]")
-
-#: the fields each request channel accepts; anything else is refused
-_FIELDS = {
-    "persist": frozenset({"channel", "query"}),
-    "fetch": frozenset({"channel", "query", "window"}),
-    "fetch-next": frozenset({"channel", "accepted"}),
-}
 
 
 class BadRequest(Exception):
@@ -87,6 +75,10 @@ class NextRequest:
     accepted: int = 1
 
 
+class TooDeep(ValueError):
+    """JSON text whose arrays and objects nest deeper than allowed."""
+
+
 def _refuse_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -98,6 +90,137 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 def decode_json(body: str) -> Any:
     """Decode strict JSON text (no NaN or Infinity), raising ``ValueError``."""
     return _decoder.decode(body)
+
+
+#: integers beyond this are not exact in JavaScript (a double); the original
+#: stored them rounded, as ``JSON.parse`` then ``JSON.stringify`` leave them
+_MAX_SAFE_INTEGER = 2 ** 53
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+#: C-speed encoder for values with nothing JavaScript would print differently
+_compact_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                    check_circular=False)
+
+
+def _is_array_index(key: str) -> bool:
+    # JavaScript objects list "array index" keys (canonical integers below
+    # 2**32 - 1) first, in ascending order, whatever the order they came in
+    return (key.isdigit() and key.isascii() and (key == "0" or key[0] != "0")
+            and int(key) < 4294967295)
+
+
+def _js_number(value) -> str:
+    """A JSON number as JavaScript's ``JSON.stringify`` prints it (a double)."""
+    if isinstance(value, int):
+        if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+            return str(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            return "null"       # Infinity, which JSON.stringify writes as null
+    if value != value or value in (float("inf"), float("-inf")):
+        return "null"
+    if value == 0:
+        return "0"
+    # repr gives the shortest digits that read back as the same double, as
+    # JavaScript's Number::toString does; only the layout differs
+    sign, digits, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digits))
+    k = len(digits)
+    n = exponent + k            # value = 0.DIGITS * 10**n
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        e = n - 1
+        text = digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e > 0 else "-") + str(abs(e))
+    return "-" + text if sign else text
+
+
+def _js_string(text: str) -> str:
+    encoded = _compact_encoder.encode(text)
+    if _LONE_SURROGATE.search(encoded):
+        # JSON.stringify escapes lone surrogates (lower-case hex)
+        encoded = _LONE_SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), encoded)
+    return encoded
+
+
+def _needs_js_layout(value) -> bool:
+    """Whether ``value`` holds anything the C encoder prints unlike JavaScript."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind is dict:
+            for key in value:
+                if key[:1].isdigit() and _is_array_index(key):
+                    return True
+                if _LONE_SURROGATE.search(key):
+                    return True
+            pending.extend(value.values())
+        elif kind is list:
+            pending.extend(value)
+        elif kind is float:
+            return True
+        elif kind is int:
+            if not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+                return True
+        elif kind is str:
+            if _LONE_SURROGATE.search(value):
+                return True
+    return False
+
+
+def _js_stringify(value, out):
+    kind = type(value)
+    if kind is str:
+        out.append(_js_string(value))
+    elif value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif kind is int or kind is float:
+        out.append(_js_number(value))
+    elif kind is list:
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _js_stringify(item, out)
+        out.append("]")
+    elif kind is dict:
+        indexes = sorted((key for key in value if _is_array_index(key)), key=int)
+        keys = indexes + [key for key in value if not _is_array_index(key)] if indexes else value
+        out.append("{")
+        for i, key in enumerate(keys):
+            if i:
+                out.append(",")
+            out.append(_js_string(key))
+            out.append(":")
+            _js_stringify(value[key], out)
+        out.append("}")
+    else:
+        raise TypeError(f"{kind.__name__} is not a JSON value")
+
+
+def json_stringify(value) -> str:
+    """
+    ``value`` (decoded JSON) as the text JavaScript's ``JSON.stringify``
+    makes of the same JSON: compact, keys in the order JavaScript keeps
+    them, non-ASCII as itself, numbers as doubles.  The original service
+    stored ``data`` this way, and clients compare or hash that text.
+    """
+    if not _needs_js_layout(value):
+        return _compact_encoder.encode(value)
+    out = []
+    _js_stringify(value, out)
+    return "".join(out)
 
 
 def truncate(text: Any, limit: int = 200) -> str:
@@ -117,19 +240,34 @@ def _body_too_large(body: str, max_bytes: int) -> bool:
     return len(body.encode("utf-8", "surrogatepass")) > max_bytes
 
 
-def _too_deep(body: str) -> bool:
-    # Counting brackets is C-speed; only a body with many of them is scanned.
-    if body.count("[") + body.count("{") <= MAX_BODY_DEPTH:
-        return False
-    depth = 0
-    for bracket in _BRACKET.findall(_STRING.sub("", body)):
-        if bracket in "[{":
-            depth += 1
-            if depth > MAX_BODY_DEPTH:
-                return True
-        else:
-            depth -= 1
+def deeper_than(value, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than ``limit`` in decoded JSON (iteratively)."""
+    containers = (dict, list)
+    pending = [(value, 1)] if type(value) in containers else []
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = value.values() if type(value) is dict else value
+        pending.extend((child, depth + 1) for child in children if type(child) in containers)
     return False
+
+
+def decode_nested(text: str, limit: int) -> Any:
+    """
+    Decode JSON ``text`` whose arrays and objects may nest at most ``limit``
+    levels; raises ``ValueError``, or :class:`TooDeep`.  Every step is
+    linear in the text (the C decoder, a C count, one walk of the value),
+    whatever its shape, and the answer does not depend on the Python
+    version's recursion limit.
+    """
+    try:
+        value = _decoder.decode(text)
+    except RecursionError:
+        raise TooDeep(limit) from None
+    if text.count("[") + text.count("{") > limit and deeper_than(value, limit):
+        raise TooDeep(limit)
+    return value
 
 
 def _reply_channel(message: dict, reserved) -> str:
@@ -138,6 +276,9 @@ def _reply_channel(message: dict, reserved) -> str:
         raise BadRequest("the request has no \"channel\" string")
     if len(channel) > MAX_CHANNEL_LENGTH:
         raise BadRequest(f"the reply channel is longer than {MAX_CHANNEL_LENGTH} characters")
+    if _LONE_SURROGATE.search(channel):
+        # (a JSON escape such as "\udfff": no Redis channel can carry it)
+        raise BadRequest("the reply channel is not valid Unicode text")
     if channel in reserved:
         raise BadRequest(f"the reply channel cannot be the request channel {channel!r}")
     return channel
@@ -174,18 +315,17 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
     if _body_too_large(body, max_body_bytes):
         # Not decoded, so the reply channel is unknown: only a log line.
         raise BadRequest(f"the body is larger than {max_body_bytes} bytes")
-    if _too_deep(body):
-        raise BadRequest(f"the body nests deeper than {MAX_BODY_DEPTH} levels")
     try:
-        message = decode_json(body)
-    except (ValueError, RecursionError):
+        message = decode_nested(body, MAX_BODY_DEPTH)
+    except TooDeep:
+        raise BadRequest(f"the body nests deeper than {MAX_BODY_DEPTH} levels") from None
+    except ValueError:
         raise BadRequest("the body is not JSON") from None
     if not isinstance(message, dict):
         raise BadRequest("the body is not a JSON object")
+    # Other fields are ignored, as the original ignored them (a client's
+    # request id or debug field must not cost it its request or its stream).
     channel = _reply_channel(message, reserved)
-    unknown = set(message) - _FIELDS[request_channel]
-    if unknown:
-        raise BadRequest(f"unknown request field {truncate(sorted(unknown)[0], 60)!r}", channel)
     if request_channel == "persist":
         return PersistRequest(channel, _query(message, channel, "$insert"))
     if request_channel == "fetch":

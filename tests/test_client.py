@@ -980,6 +980,18 @@ class IntegrationTests(TestCase):
 
         return run(go())
 
+    def test_string_data_comes_back_as_that_string(self):
+        """A Python str is stored as a JSON string, not read as JSON text."""
+        async def go():
+            client = await self.connect()
+            for data in ("hello", '{"not": "an object"}', ""):
+                await client.persist_event(self.pid, "test", "s", data)
+            rows = [row async for row in client.fetch_by_pid(self.pid)]
+            self.assertEqual([r["data"] for r in rows], ["hello", '{"not": "an object"}', ""])
+            self.assertEqual(rows[0].raw["data"], '"hello"')
+
+        return run(go())
+
     def test_windowed_fetch(self):
         async def go():
             client = await self.connect()

@@ -42,7 +42,7 @@ class ReadmeExampleTests(IntegrationTestCase):
         self.assertEqual(end, "end")
         self.assertEqual(list(row), ["timestamp", "pid", "domain", "name", "data"])
         self.assertRegex(row["timestamp"], TIMESTAMP)
-        self.assertEqual(row["data"], '{"foo": "bar"}')
+        self.assertEqual(row["data"], '{"foo":"bar"}')  # JSON.stringify's text, as the original
         self.assertEqual((row["pid"], row["domain"], row["name"]), ("p1", "user", "created"))
 
 
@@ -53,7 +53,7 @@ class PersistTests(IntegrationTestCase):
         self.assertEqual((reply[0]["affectedRows"], reply[0]["insertId"]), (5, 1))
         reply = yield self.client.persist([event(), event(pid="")])
         self.assertEqual(reply, ["error", "end"])
-        reply = yield self.client.persist([event(), {"pid": "x", "domain": "d", "name": "n", "bogus": 1}])
+        reply = yield self.client.persist([event(), {"pid": "x", "domain": "d", "name": "n", "data": "{"}])
         self.assertEqual(reply, ["error", "end"])
         self.assertEqual(len(self.rows()), 5)
         reply = yield self.client.persist(event())
@@ -61,11 +61,11 @@ class PersistTests(IntegrationTestCase):
 
     @defer.inlineCallbacks
     def test_data_values_and_absent_data(self):
-        for data in ([1, 2], "text", 3.5, True, None):
+        for data in ([1, 2], '"text"', 3.5, True, None):
             yield self.client.persist(event(data=data) if data is not None else
                                       {"pid": "p1", "domain": "d", "name": "n"})
         stored = [row[3] for row in self.rows()]
-        self.assertEqual([json.loads(d) for d in stored], [[1, 2], "text", 3.5, True, None])
+        self.assertEqual(stored, ["[1,2]", '"text"', "3.5", "true", "null"])
 
     @defer.inlineCallbacks
     def test_timestamps_are_utc(self):
@@ -226,9 +226,10 @@ class BadInputTests(IntegrationTestCase):
             for body in ("{", "[]", "12", '"x"', '{"channel": 1}', "\x00\xff", "{" * 5000 + "}" * 5000,
                          json.dumps({"channel": channel, "query": {"$insert": "x"}, "zzz": 1})):
                 yield self.client.request(request_channel, body)
-        yield self.client.wait_count(channel, 6)
-        self.assertEqual(self.client.decoded(channel), ["error", "end"] * 3)
+        yield self.client.wait_count(channel, 4)
         reply = yield self.client.persist(event())
+        # persist and fetch refuse it; fetch-next has no stream to speak of: silence
+        self.assertEqual(self.client.decoded(channel), ["error", "end"] * 2)
         self.assertEqual(reply[0]["affectedRows"], 1)
 
 

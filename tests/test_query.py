@@ -312,9 +312,17 @@ class RefusalTests(SynchronousTestCase):
         self.assertLess(len(message), 120)
 
     def test_limit_offset(self):
-        for value in (-1, 1.5, 1.0, "10", True, False, [], {}, 2 ** 64):
+        for value in (-1, 1.5, 1.0, True, False, [], {}, 2 ** 64, "-1", "1.5", " 1", "1 ", "",
+                      "1e3", "0x10", "١", "9" * 17, "12345678901234567890"):
             self.assertRefused({"$limit": value}, "$limit")
             self.assertRefused({"$offset": value}, "$offset")
+
+    def test_limit_offset_as_decimal_strings(self):
+        """The original took ``"2"`` for 2; so do we (digits only)."""
+        plan = compile_select({"$limit": "2", "$offset": "007", "$orderBy": {"pid": 1}}, SCHEMA)
+        self.assertEqual((plan.limit, plan.offset), (2, 7))
+        plan = compile_select({"$limit": "0"}, SCHEMA)
+        self.assertEqual(plan.limit, 0)
 
     def test_distinct(self):
         for value in (1, "true", None, []):
@@ -624,7 +632,7 @@ class InsertTests(SynchronousTestCase):
 
     def test_one_document(self):
         self.assertEqual(self.rows({"$table": "eventsource.event", "$documents": self.DOC}),
-                         (("p1", "user", "created", '{"foo": "bar"}', None),))
+                         (("p1", "user", "created", '{"foo":"bar"}'),))
         self.assertIsInstance(compile_insert({"$documents": self.DOC}, SCHEMA), InsertPlan)
 
     def test_many_documents(self):
@@ -633,28 +641,49 @@ class InsertTests(SynchronousTestCase):
                          ["p0", "p1", "p2"])
 
     def test_data(self):
-        cases = [(None, "null"), (1, "1"), ("x", '"x"'), ([1, {"a": None}], '[1, {"a": null}]'),
-                 ({"é": "ü"}, '{"é": "ü"}'), (1.5, "1.5"), (True, "true")]
+        """``data`` is stored as JavaScript's JSON.stringify would write it."""
+        cases = [(None, "null"), (1, "1"), ([1, {"a": None}], '[1,{"a":null}]'),
+                 ({"é": "ü", "b": [True, False]}, '{"é":"ü","b":[true,false]}'), (1.5, "1.5"),
+                 (True, "true"), (1.0, "1"), (1e21, "1e+21"), (1e-7, "1e-7"), (2 ** 64, "18446744073709552000"),
+                 ({"b": 1, "10": 2, "2": 3}, '{"2":3,"10":2,"b":1}'), ({"\udfff": 1}, '{"\\udfff":1}'),
+                 (float("nan"), "null"), ({"x": float("inf")}, '{"x":null}'), ([-float("inf")], "[null]")]
         for data, text in cases:
             self.assertEqual(self.rows({"$documents": dict(self.DOC, data=data)})[0][3], text)
         no_data = {k: v for k, v in self.DOC.items() if k != "data"}
         self.assertEqual(self.rows({"$documents": no_data})[0][3], "null")
 
+    def test_data_as_json_text(self):
+        """
+        A string ``data`` is JSON text (the original's own test sends
+        ``"{\\"foo\\":\\"bar\\"}"``): the value it encodes is stored, not a
+        JSON string.
+        """
+        cases = [('{"foo":"bar"}', '{"foo":"bar"}'), ('{"foo": "bar", "n": 1.0}', '{"foo":"bar","n":1}'),
+                 ('"x"', '"x"'), ("[1, 2]", "[1,2]"), ("null", "null"), (" 12 ", "12")]
+        for data, text in cases:
+            self.assertEqual(self.rows({"$documents": dict(self.DOC, data=data)})[0][3], text)
+
     def test_data_refused(self):
-        for data in (float("nan"), {"x": float("inf")}, [-float("inf")], "\ud800", {"\udfff": 1}):
-            self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, data=data)})
+        for data in ("x", "\ud800", "{", "{'a': 1}", "NaN", "[1,]", ""):
+            with self.assertRaises(QueryError) as caught:
+                self.rows({"$documents": dict(self.DOC, data=data)})
+            self.assertIn("not JSON text", str(caught.exception))
         deep = []
         for _ in range(100000):
             deep = [deep]
         self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, data=deep)})
+        self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, data="[" * 100000)})
+        self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, data="[" * 32 + "]" * 32)})
+        self.assertEqual(self.rows({"$documents": dict(self.DOC, data="[" * 31 + "]" * 31)})[0][3],
+                         "[" * 31 + "]" * 31)
         self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, data={1, 2})})
 
-    def test_timestamp(self):
-        rows = self.rows({"$documents": dict(self.DOC, timestamp="2020-04-06T13:35:18.414+02:00")})
-        self.assertEqual(rows[0][4], datetime(2020, 4, 6, 11, 35, 18, 414000))
-        self.assertIsNone(self.rows({"$documents": dict(self.DOC, timestamp=None)})[0][4])
-        for value in ("now", 1586172918414, "0999-12-31T00:00Z", "2020-02-30", [], {}):
-            self.assertRaises(QueryError, self.rows, {"$documents": dict(self.DOC, timestamp=value)})
+    def test_timestamp_is_ignored(self):
+        """The append time is always the server's, as in the original."""
+        for value in ("2020-04-06T13:35:18.414+02:00", None, "now", 1586172918414, []):
+            plan = compile_insert({"$documents": dict(self.DOC, timestamp=value)}, SCHEMA)
+            self.assertEqual(plan.rows, (("p1", "user", "created", '{"foo":"bar"}'),))
+            self.assertEqual(plan.ignored, ((0, ("timestamp",)),))
 
     def test_required_fields(self):
         for field in ("pid", "domain", "name"):
@@ -666,11 +695,12 @@ class InsertTests(SynchronousTestCase):
             self.assertIn(field, str(caught.exception))
         self.assertEqual(self.rows({"$documents": dict(self.DOC, pid="é" * 255)})[0][0], "é" * 255)
 
-    def test_unknown_fields(self):
-        for key in ("id", "extra", "$set", "Pid"):
-            with self.assertRaises(QueryError) as caught:
-                self.rows({"$documents": dict(self.DOC, **{key: 1})})
-            self.assertIn('"%s"' % key, str(caught.exception))
+    def test_fields_that_are_not_written_are_ignored(self):
+        """As the original did; the plan names them, for the log."""
+        docs = [self.DOC, dict(self.DOC, id=7, extra=[1], Pid="x", **{"$set": 1})]
+        plan = compile_insert({"$documents": docs}, SCHEMA)
+        self.assertEqual(plan.rows, (("p1", "user", "created", '{"foo":"bar"}'),) * 2)
+        self.assertEqual(plan.ignored, ((1, ("id", "extra", "Pid", "$set")),))
 
     def test_shape_refusals(self):
         for insert in (None, [], "x", {}, {"$documents": []}, {"$documents": "x"},
@@ -1159,8 +1189,8 @@ class DatabaseTests(SynchronousTestCase):
         plan = compile_insert({"$table": DB + ".event", "$documents": documents}, DB_SCHEMA)
         cursor.executemany(
             "INSERT INTO " + DB_SCHEMA.quoted
-            + " (`pid`, `domain`, `name`, `data`, `timestamp`)"
-              " VALUES (%s, %s, %s, %s, COALESCE(%s, NOW(6)))", plan.rows)
+            + " (`pid`, `domain`, `name`, `data`, `timestamp`) VALUES (%s, %s, %s, %s, %s)",
+            [row + (parse_timestamp(doc["timestamp"]),) for row, doc in zip(plan.rows, documents)])
         cursor.execute("UPDATE " + DB_SCHEMA.quoted + " SET `name` = NULL WHERE `id` %% 5 = 1", ())
         cursor.execute("SELECT `id`, `timestamp`, `pid`, `domain`, `name`, `data` FROM "
                        + DB_SCHEMA.quoted + " ORDER BY `id`")
@@ -1175,7 +1205,7 @@ class DatabaseTests(SynchronousTestCase):
 
     def test_fixture(self):
         self.assertEqual(len(self.rows), 36)
-        self.assertEqual(self.rows[0]["data"], '{"i": 0}')
+        self.assertEqual(self.rows[0]["data"], '{"i":0}')
         self.assertEqual(self.rows[3]["timestamp"], datetime(2020, 4, 4, 3, 0, 0, 3000))
         self.assertEqual(sum(r["name"] is None for r in self.rows), 8)
 

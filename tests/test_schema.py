@@ -34,9 +34,16 @@ class SchemaTests(TestCase):
         return server
 
     def columns(self):
-        return {name: (column_type, charset) for name, column_type, charset in sql(
-            "SELECT COLUMN_NAME, COLUMN_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS"
-            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'", (self.database,))}
+        return {name: (column_type, charset, collation)
+                for name, column_type, charset, collation in sql(
+                    "SELECT COLUMN_NAME, COLUMN_TYPE, CHARACTER_SET_NAME, COLLATION_NAME"
+                    " FROM information_schema.COLUMNS"
+                    " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'", (self.database,))}
+
+    def assertBinaryIds(self):
+        columns = self.columns()
+        for text in ("pid", "domain", "name", "data"):
+            self.assertEqual(columns[text][1:], ("utf8mb4", "utf8mb4_bin"), text)
 
     def indexes(self):
         return {(name, seq, column) for name, seq, column in sql(
@@ -54,8 +61,7 @@ class SchemaTests(TestCase):
         self.assertEqual(set(columns), {"id", "timestamp", "pid", "domain", "name", "data"})
         self.assertEqual(columns["id"][0], "bigint(20) unsigned")
         self.assertEqual(columns["timestamp"][0], "datetime(6)")
-        for text in ("pid", "domain", "name", "data"):
-            self.assertEqual(columns[text][1], "utf8mb4", text)
+        self.assertBinaryIds()
         self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
 
     @defer.inlineCallbacks
@@ -83,8 +89,7 @@ class SchemaTests(TestCase):
 
         columns = self.columns()
         self.assertIn("id", columns)
-        for text in ("pid", "domain", "name", "data"):
-            self.assertEqual(columns[text][1], "utf8mb4", text)
+        self.assertBinaryIds()
         self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
         rows = sql(f"SELECT id, timestamp, pid, domain, name, data FROM `{self.database}`.`event` ORDER BY id")
         self.assertEqual([row[0] for row in rows], list(range(1, 31)))
@@ -98,6 +103,68 @@ class SchemaTests(TestCase):
         messages = yield client.fetch({"$where": {"pid": "p1"}, "$columns": ["timestamp", "name"]})
         self.assertEqual(messages[0], {"timestamp": "2020-01-01T00:00:01.000Z", "name": "n1"})
         self.assertEqual([m["name"] for m in messages[:-1]], [f"n{i}" for i in range(1, 30, 3)])
+
+    @defer.inlineCallbacks
+    def test_original_binary_table_stays_binary(self):
+        """
+        The original's own schema (utf8, utf8_bin, VARCHAR(200), prefix
+        indexes): converted to utf8mb4 and still compared byte for byte, so
+        the answers of queries that worked before do not change.
+        """
+        sql(f"CREATE DATABASE `{self.database}`")
+        sql(f"CREATE TABLE `{self.database}`.`event` ("
+            " `timestamp` TIMESTAMP DEFAULT CURRENT_TIMESTAMP NOT NULL,"
+            " `pid` VARCHAR(200) NOT NULL, `domain` VARCHAR(200) NOT NULL,"
+            " `name` VARCHAR(200) NOT NULL, `data` JSON NULL"
+            ") ENGINE=InnoDB DEFAULT CHARACTER SET utf8 COLLATE utf8_bin")
+        sql(f"CREATE INDEX `eventsource_event_pid` ON `{self.database}`.`event` (`pid`(10))")
+        for pid in ("p1", "P1", "p1"):
+            sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
+                " VALUES (%s, 'user', 'created', '{}')", (pid,))
+        before = sql(f"SELECT COUNT(*) FROM `{self.database}`.`event` WHERE pid = 'p1'")[0][0]
+        self.assertEqual(before, 2)
+
+        yield self.start()
+
+        self.assertBinaryIds()
+        client = yield WireClient(self.prefix).connect()
+        self.addCleanup(client.disconnect)
+        messages = yield client.fetch({"$where": {"pid": "p1"}, "$columns": ["id", "pid"]})
+        self.assertEqual(messages, [{"id": 1, "pid": "p1"}, {"id": 3, "pid": "p1"}, "end"])
+
+    @defer.inlineCallbacks
+    def test_case_insensitive_table_of_an_earlier_release_is_made_binary(self):
+        """
+        A table this project created before ids were binary
+        (utf8mb4_unicode_ci): converted, with a log line saying so.
+        """
+        sql(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        sql(f"CREATE TABLE `{self.database}`.`event` ("
+            " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+            " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
+            " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
+            " `name` VARCHAR(255) NOT NULL, `data` JSON,"
+            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci")
+        for pid in ("Order-1", "order-1"):
+            sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
+                " VALUES (%s, 'order', 'created', '{}')", (pid,))
+        logged = []
+        from twisted.logger import globalLogPublisher
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+
+        yield self.start()
+
+        self.assertBinaryIds()
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+        warnings = [event for event in logged if "collations" in event]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["collations"], "utf8mb4_unicode_ci")
+        client = yield WireClient(self.prefix).connect()
+        self.addCleanup(client.disconnect)
+        messages = yield client.fetch({"$where": {"pid": "order-1"}, "$columns": ["id"]})
+        self.assertEqual(messages, [{"id": 2}, "end"])
 
     @defer.inlineCallbacks
     def test_table_missing_columns_is_a_clear_start_failure(self):

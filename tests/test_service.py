@@ -64,10 +64,19 @@ class PersistTests(ServiceTestCase):
 
     def test_invalid_documents_error_then_end_and_nothing_written(self):
         self.make()
-        for bad in ({"pid": "p"}, [doc(), {"pid": 1}], [], {"pid": "p", "domain": "d", "name": "n", "id": 4}):
+        for bad in ({"pid": "p"}, [doc(), {"pid": 1}], [], doc(data="{not json")):
             self.send("persist", persist_body("r", bad))
         self.assertEqual(self.out("r"), ["error", "end"] * 4)
         self.assertEqual(self.store.events, [])
+
+    def test_fields_that_are_not_columns_are_ignored(self):
+        """As in the original: ``id``, ``timestamp`` and strangers are not written."""
+        self.make()
+        self.send("persist", persist_body("r", dict(doc(), id=4, timestamp="1999-01-01", x=[1])))
+        self.assertEqual(self.out("r"), [OK, "end"])
+        (event,) = self.store.events
+        self.assertEqual(event[0], 1)
+        self.assertEqual(event[1].year, 2020)  # the store's own time, not the document's
 
     def test_database_failure_is_error_then_end(self):
         self.make()
@@ -97,16 +106,48 @@ class BadInputTests(ServiceTestCase):
         bodies = [
             ("persist", '{"channel": "r", "query": 1}'),
             ("persist", '{"channel": "r", "query": {"$select": {}}}'),
-            ("persist", '{"channel": "r", "query": {"$insert": {}}, "extra": 1}'),
             ("fetch", '{"channel": "r", "query": {"$select": {"$from": "mysql.user"}}}'),
             ("fetch", '{"channel": "r", "query": {"$select": {}}, "window": 0}'),
             ("fetch", '{"channel": "r", "query": {"$select": {}}, "window": "9"}'),
-            ("fetch-next", '{"channel": "r", "accepted": -1}'),
-            ("fetch-next", '{"channel": "r"}'),  # no stream open there
         ]
         for channel, body in bodies:
             self.send(channel, body)
         self.assertEqual(self.out("r"), ["error", "end"] * len(bodies))
+
+    def test_fields_the_request_does_not_use_are_ignored(self):
+        """A client's request id or debug field costs it nothing (as in the original)."""
+        self.make()
+        self.send("persist", '{"channel": "p", "query": {"$insert": {"$documents": %s}}, '
+                             '"requestId": 7}' % (json.dumps(doc()),))
+        self.assertEqual(self.out("p"), [OK, "end"])
+        self.send("fetch", '{"channel": "r", "query": {"$select": {}}, "requestId": 7}')
+        self.assertEqual(len(self.out("r")), 1)
+        self.send("fetch-next", '{"channel": "r", "ts": 1}')  # accepts the row, kills nothing
+        (row, end) = self.out("r")
+        self.assertEqual((row["pid"], end), ("p1", "end"))
+
+    def test_acceptance_without_a_live_stream_is_never_answered(self):
+        """
+        No stream there (never opened, ended, or ended by an early error):
+        no reply at all, or a client acknowledging every message it gets
+        would ping-pong with the server forever.
+        """
+        self.make()
+        self.send("fetch-next", '{"channel": "never"}')
+        self.send("fetch-next", '{"channel": "never", "accepted": -1}')
+        self.send("fetch-next", '{"channel": "never", "accepted": "x"}')
+        self.send("fetch", '{"channel": "early", "query": {"$select": {"$from": "mysql.user"}}}')
+        self.assertEqual(self.out("early"), ["error", "end"])
+        for _ in range(3):
+            self.send("fetch-next", '{"channel": "early"}')
+        self.store.add()
+        self.send("fetch", '{"channel": "done", "query": {"$select": {}}}')
+        self.send("fetch-next", '{"channel": "done"}')
+        self.assertEqual(len(self.out("done")), 2)
+        self.send("fetch-next", '{"channel": "done"}')
+        self.assertEqual(self.out("never"), [])
+        self.assertEqual(self.out("early"), ["error", "end"])
+        self.assertEqual(len(self.out("done")), 2)
 
     def test_too_deep_body_is_refused_without_decoding(self):
         self.make()
@@ -114,7 +155,7 @@ class BadInputTests(ServiceTestCase):
         self.send("fetch", '{"channel": "r", "query": %s}' % (deep,))
         self.assertEqual(self.bus.published, [])
         self.send("fetch", '{"channel": "r", "query": {"$select": {}}, "x": "%s"}' % ("[" * 99,))
-        self.assertEqual(self.out("r"), ["error", "end"])  # brackets inside strings do not count
+        self.assertEqual(self.out("r"), ["end"])  # brackets inside strings do not count
 
     def test_data_deeper_than_mariadb_accepts_is_refused(self):
         self.make()
