@@ -75,6 +75,17 @@ def _guarded(work):
     return interaction
 
 
+#: the secondary indexes of the events table, each ending in ``id`` so that
+#: a keyset page is one range read (query.TableSchema names them too)
+INDEXES = (
+    ("pid_id", "`pid`, `id`"),
+    ("domain_name_id", "`domain`, `name`, `id`"),
+    ("domain_id", "`domain`, `id`"),
+    ("name_id", "`name`, `id`"),
+    ("timestamp_id", "`timestamp`, `id`"),
+)
+
+
 def _schema_ddl(database, table):
     qualified = f"`{database}`.`{table}`"
     return [
@@ -88,7 +99,10 @@ def _schema_ddl(database, table):
         " `name` VARCHAR(255) NOT NULL,"
         " `data` JSON,"
         " KEY `pid_id` (`pid`, `id`),"
-        " KEY `domain_name_id` (`domain`, `name`, `id`)"
+        " KEY `domain_name_id` (`domain`, `name`, `id`),"
+        " KEY `domain_id` (`domain`, `id`),"
+        " KEY `name_id` (`name`, `id`),"
+        " KEY `timestamp_id` (`timestamp`, `id`)"
         ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
     ]
 
@@ -139,12 +153,10 @@ def ensure_schema(txn, database, table):
         (database, table),
     )
     indexes = {row[0] for row in txn.fetchall()}
-    if "pid_id" not in indexes:
-        alterations.append("ADD KEY `pid_id` (`pid`, `id`)")
-        changes.append("added index pid_id")
-    if "domain_name_id" not in indexes:
-        alterations.append("ADD KEY `domain_name_id` (`domain`, `name`, `id`)")
-        changes.append("added index domain_name_id")
+    for name, columns in INDEXES:
+        if name not in indexes:
+            alterations.append(f"ADD KEY `{name}` ({columns})")
+            changes.append(f"added index {name}")
     if alterations:
         txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
     return changes

@@ -23,6 +23,7 @@ import pymysql
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import MYSQL
+from eventsource.store import INDEXES
 from eventsource.query import (
     InsertPlan, Limits, QueryError, SelectPlan, TableSchema,
     compile_insert, compile_select, parse_timestamp,
@@ -134,7 +135,8 @@ class WhereOperatorTests(SynchronousTestCase):
         self.assertEqual(where_of({"pid": "p1"}), ("`pid` = %s", ("p1",)))
         self.assertEqual(where_of({"id": 7}), ("`id` = %s", (7,)))
         self.assertEqual(where_of({"id": 1.5}), ("`id` = %s", (1.5,)))
-        self.assertEqual(where_of({"pid": True}), ("`pid` = %s", (True,)))
+        self.assertEqual(where_of({"pid": True}), ("`pid` = %s", ("true",)))
+        self.assertEqual(where_of({"id": True}), ("`id` = %s", (True,)))
 
     def test_equality_null(self):
         self.assertEqual(where_of({"name": None}), ("`name` IS NULL", ()))
@@ -152,7 +154,7 @@ class WhereOperatorTests(SynchronousTestCase):
 
     def test_in(self):
         self.assertEqual(where_of({"pid": {"$in": ["a", "b", 3]}}),
-                         ("`pid` IN (%s, %s, %s)", ("a", "b", 3)))
+                         ("`pid` IN (%s, %s, %s)", ("a", "b", "3")))
         self.assertEqual(where_of({"pid": {"$nin": ["a"]}}), ("`pid` NOT IN (%s)", ("a",)))
 
     def test_in_refusals(self):
@@ -496,7 +498,15 @@ class PagingTests(SynchronousTestCase):
         self.assertTrue(hint({"pid": "p", "name": "x"}).endswith(" FORCE INDEX (`pid_id`)"))
         self.assertTrue(hint({"pid": {"$eq": 3}}).endswith(" FORCE INDEX (`pid_id`)"))
         self.assertTrue(hint({"domain": "d", "name": "n"}).endswith(" FORCE INDEX (`domain_name_id`)"))
-        for where in ({"domain": "d"}, {"pid": None}, {"pid": {"$in": ["a"]}}, {"$or": [{"pid": "a"}]}):
+        self.assertTrue(hint({"domain": "d"}).endswith(" FORCE INDEX (`domain_id`)"))
+        self.assertTrue(hint({"name": {"$eq": "n", "$ne": "m"}}).endswith(" FORCE INDEX (`name_id`)"))
+        self.assertTrue(hint({"pid": {"$in": ["a"]}}).endswith(" FORCE INDEX (`pid_id`)"))
+        self.assertTrue(hint({"$and": [{"id": 3}, {"$and": {"domain": "d"}}]})
+                        .endswith(" FORCE INDEX (`domain_id`)"))
+        self.assertTrue(hint({"timestamp": {"$gte": "2020-01-01"}})
+                        .endswith(" FORCE INDEX (PRIMARY, `timestamp_id`)"))
+        for where in ({"pid": None}, {"$or": [{"pid": "a"}]}, {"$not": {"pid": "a"}},
+                      {"pid": {"$ne": "a"}}, {"timestamp": {"$ne": "2020-01-01"}}, {"id": 5}):
             self.assertTrue(hint(where).endswith(" FORCE INDEX (PRIMARY)"), where)
         offset_plan = compile_select({"$where": {"pid": "p"}, "$orderBy": {"name": 1}}, SCHEMA)
         self.assertNotIn("FORCE", offset_plan.offset_sql(0, 9, 100)[0])
@@ -708,7 +718,7 @@ INJECTIONS = [
 SQL_WORDS = {
     "SELECT", "DISTINCT", "FORCE", "INDEX", "PRIMARY", "FROM", "WHERE", "AND", "OR", "NOT", "IS", "NULL", "IN", "LIKE",
     "ESCAPE", "BETWEEN", "GROUP", "BY", "HAVING", "ORDER", "ASC", "DESC", "LIMIT", "OFFSET",
-    "AS", "COUNT", "MIN", "MAX", "SUM", "AVG", "TRUE",
+    "AS", "COUNT", "MIN", "MAX", "SUM", "AVG", "TRUE", "WITH", "UNION", "STRAIGHT_JOIN", "USING",
 }
 
 ALIASES = ("n", "total", "first", "last", "mean", "p", "nm", "ts")
@@ -723,10 +733,19 @@ def assert_safe_sql(test, sql, params, schema=SCHEMA, aliases=ALIASES):
     schema's table, SQL keywords and punctuation; placeholders match params."""
     test.assertEqual(sql.count("%s"), len(params))
     test.assertNotIn("%", sql.replace("%s", ""))
-    test.assertEqual(sql.count(" FROM "), 1)
-    test.assertRegex(sql, " FROM " + re.escape(schema.quoted)
-                     + r"( FORCE INDEX \((PRIMARY|`pid_id`|`domain_name_id`)\))? WHERE ")
-    allowed = set(schema.columns) | set(aliases) | {"__keyset"} | {n for n, _ in schema.keyset_indexes}
+    indexes = [n for n, _ in schema.keyset_indexes]
+    hint = r"( FORCE INDEX \((PRIMARY|PRIMARY, `timestamp_id`|%s)\))?" % "|".join(
+        "`%s`" % n for n in indexes)
+    if sql.startswith("WITH "):        # a page of `column $in [...]`
+        test.assertRegex(sql, r"\AWITH `__base` AS \(SELECT \* FROM " + re.escape(schema.quoted)
+                         + hint + "[ )]")
+        for table in re.findall(r" (?:FROM|JOIN) (\S+)", sql):
+            test.assertIn(table, (schema.quoted, "`__base`", "`__page`"))
+    else:
+        test.assertEqual(sql.count(" FROM "), 1)
+        test.assertRegex(sql, " FROM " + re.escape(schema.quoted) + hint + " WHERE ")
+    allowed = (set(schema.columns) | set(aliases) | {"__keyset", "__base", "__page"} | set(indexes)
+               | {n for n, _ in schema.range_indexes})
     stripped = sql.replace(schema.quoted, " ")
     for ident in re.findall(r"`([^`]*)`", stripped):
         test.assertIn(ident, allowed)
@@ -751,12 +770,14 @@ class _Slot:
     query shape can be compiled with two different sets of values)."""
 
     def __init__(self, kind):
-        self.kind = kind        # "any", "text" (patterns) or "ts"
+        self.kind = kind        # "any", "num" (numeric columns), "text" (patterns) or "ts"
 
 
 text_values = st.one_of(st.text(max_size=12), st.sampled_from(INJECTIONS))
 any_values = st.one_of(text_values, st.integers(-2 ** 70, 2 ** 70),
                        st.floats(allow_nan=False, allow_infinity=False), st.booleans())
+num_values = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False, allow_infinity=False),
+                       st.booleans(), st.integers(-2 ** 70, 2 ** 70).map(str))
 timestamp_values = st.builds(
     lambda moment, zone: moment.isoformat() + zone,
     st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
@@ -766,11 +787,16 @@ COLUMN_OPS = ["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$like"
               "$startsWith", "$endsWith", "$contains", "$between", "$isNull", "=", "null"]
 
 
+#: the numeric columns and aggregate aliases of the generated queries
+NUMERIC_NAMES = ("id", "n", "total", "mean")
+
+
 @st.composite
 def conditions(draw, columns):
     """One column condition with value slots."""
     column = draw(st.sampled_from(columns))
-    kind = "ts" if column in SCHEMA.datetime_columns else "any"
+    kind = ("ts" if column in SCHEMA.datetime_columns
+            else "num" if column in NUMERIC_NAMES else "any")
     op = draw(st.sampled_from(COLUMN_OPS))
     if op == "=":
         return {column: _Slot(kind)}
@@ -871,7 +897,7 @@ class _Drawn:
 def value_sources(data):
     """Value iterators for fill(), drawing only as many values as needed."""
     return {"any": _Drawn(data, any_values), "text": _Drawn(data, text_values),
-            "ts": _Drawn(data, timestamp_values)}
+            "ts": _Drawn(data, timestamp_values), "num": _Drawn(data, num_values)}
 
 
 json_scalars = st.one_of(
@@ -894,7 +920,8 @@ garbage_selects = st.one_of(
     st.fixed_dictionaries({}, optional={
         "$columns": st.one_of(json_trees, st.lists(st.sampled_from(list(SCHEMA.columns) + ["*", "x"]))),
         "$where": st.one_of(json_trees, where_trees(SCHEMA.columns).map(
-            lambda shape: fill(shape, {k: iter([0, "x", "2020-01-01"] * 200) for k in ("any", "ts", "text")}))),
+            lambda shape: fill(shape, {k: iter([0, "x", "2020-01-01"] * 200)
+                                       for k in ("any", "ts", "text", "num")}))),
         "$having": json_trees, "$orderBy": json_trees, "$groupBy": json_trees,
         "$limit": json_scalars, "$offset": json_scalars, "$distinct": json_scalars,
         "$from": st.one_of(json_scalars, st.sampled_from(["event", "eventsource.event", "other"]))}),
@@ -924,6 +951,7 @@ class PropertyTests(SynchronousTestCase):
     def test_hostile_values_are_passed_through(self, shape, hostile):
         sources = {kind: iter([hostile] * 200) for kind in ("any", "text")}
         sources["ts"] = iter(["2020-04-06T11:35:18.414Z"] * 200)
+        sources["num"] = iter([7] * 200)
         select = fill(shape, sources)
         plan = compile_select(select, SCHEMA)
         for sql, params in plan_sqls(plan):
@@ -1141,15 +1169,14 @@ class DatabaseTests(SynchronousTestCase):
         cursor.execute("DROP DATABASE IF EXISTS `%s`" % (DB,))
         cursor.execute("CREATE DATABASE `%s`" % (DB,))
         self.addCleanup(cursor.execute, "DROP DATABASE IF EXISTS `%s`" % (DB,))
-        cursor.execute(
+        cursor.execute((
             "CREATE TABLE `%s`.`event` ("
             " `id` BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY,"
             " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
             " `pid` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `domain` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `name` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,"
-            " `data` JSON,"
-            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`))" % (DB,))
+            " `data` JSON" + "".join(", KEY `%s` (%s)" % index for index in INDEXES) + ")") % (DB,))
         self.cursor = cursor
         # the fixture goes in through compile_insert, like persist would
         documents = _rows()

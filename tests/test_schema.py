@@ -45,7 +45,9 @@ class SchemaTests(TestCase):
 
     EXPECTED_INDEXES = {("PRIMARY", 1, "id"), ("pid_id", 1, "pid"), ("pid_id", 2, "id"),
                         ("domain_name_id", 1, "domain"), ("domain_name_id", 2, "name"),
-                        ("domain_name_id", 3, "id")}
+                        ("domain_name_id", 3, "id"), ("domain_id", 1, "domain"), ("domain_id", 2, "id"),
+                        ("name_id", 1, "name"), ("name_id", 2, "id"),
+                        ("timestamp_id", 1, "timestamp"), ("timestamp_id", 2, "id")}
 
     @defer.inlineCallbacks
     def test_creates_database_and_table(self):
