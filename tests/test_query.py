@@ -16,6 +16,8 @@ import json
 import os
 import re
 import secrets
+import sys
+import time
 from datetime import datetime
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -137,6 +139,48 @@ class WhereOperatorTests(SynchronousTestCase):
         self.assertEqual(where_of({"id": 1.5}), ("`id` = %s", (1.5,)))
         self.assertEqual(where_of({"pid": True}), ("`pid` = %s", ("true",)))
         self.assertEqual(where_of({"id": True}), ("`id` = %s", (True,)))
+
+    def test_numbers_compared_with_text_columns_are_text(self):
+        # JavaScript's String(n): MariaDB would otherwise cast the column
+        # to a number, and {"name": 0} matched every non-numeric name
+        for value, text in ((0, "0"), (-0.0, "0"), (1.5, "1.5"), (1.0, "1"), (-2, "-2"),
+                            (1e21, "1e+21"), (10 ** 21, "1e+21"), (1e20, "100000000000000000000"),
+                            (1e-7, "1e-7"), (0.000001, "0.000001"), (2 ** 53 + 1, "9007199254740992"),
+                            (True, "true"), (False, "false")):
+            for column in ("pid", "domain", "name", "data"):
+                self.assertEqual(where_of({column: value}), ("`%s` = %%s" % column, (text,)))
+        self.assertEqual(where_of({"name": {"$ne": 1, "$gt": 2, "$gte": 3, "$lt": 4, "$lte": 5.5}})[1],
+                         ("1", "2", "3", "4", "5.5"))
+        self.assertEqual(where_of({"name": {"$in": [1, "1", True], "$nin": [0.5]}})[1],
+                         ("1", "1", "true", "0.5"))
+        self.assertEqual(where_of({"name": {"$between": {"$min": 1, "$max": 2e21}}})[1], ("1", "2e+21"))
+        self.assertIn("too large", str(self.assertRaises(QueryError, where_of, {"name": 10 ** 400})))
+
+    @settings(max_examples=500, deadline=None, database=None)
+    @given(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2 ** 80, 2 ** 80)))
+    def test_number_text_reads_back_as_the_same_number(self, number):
+        (text,) = where_of({"name": number})[1]
+        self.assertEqual(float(text), float(number))
+        self.assertNotIn("E", text)
+        self.assertFalse(text.endswith(".0"), text)
+
+    def test_numeric_column_takes_decimal_integers_only(self):
+        self.assertEqual(where_of({"id": "42"}), ("`id` = %s", (42,)))
+        self.assertEqual(where_of({"id": {"$in": ["-7", 8, 2.5]}})[1], (-7, 8, 2.5))
+        for op in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
+            self.assertEqual(where_of({"id": {op: "9"}})[1], (9,))
+        for bad in ("abc", "", " 1", "1 ", "1.5", "1e3", "0x10", "+1", "\u0661", "1" * 65):
+            for where in ({"id": bad}, {"id": {"$gt": bad}}, {"id": {"$in": [1, bad]}},
+                          {"id": {"$nin": [bad]}}, {"id": {"$between": {"$min": 1, "$max": bad}}}):
+                with self.assertRaises(QueryError) as caught:
+                    where_of(where)
+                self.assertIn("is not a decimal integer", str(caught.exception))
+        # aggregates other than $min/$max of text are numbers too
+        select = {"$columns": ["pid", {"n": {"$count": "*"}}, {"m": {"$max": "name"}}],
+                  "$groupBy": ["pid"], "$having": {"n": {"$gte": "2"}, "m": 3}}
+        self.assertEqual(compile_select(select, SCHEMA).having_params, (2, "3"))
+        select["$having"] = {"n": "two"}
+        self.assertRaises(QueryError, compile_select, select, SCHEMA)
 
     def test_equality_null(self):
         self.assertEqual(where_of({"name": None}), ("`name` IS NULL", ()))
@@ -559,6 +603,103 @@ class PagingTests(SynchronousTestCase):
         self.assertEqual(plan.page_sql(5, 10, 5)[1], ("p", 5, 10, 5))
 
 
+TERM_FORMS = ("columns", "column_items", "column_object", "group", "order", "order_items",
+              "where_or", "where_in", "where_and", "having")
+
+
+def count_calls(function, *args):
+    """How many Python and C function calls ``function(*args)`` makes."""
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        function(*args)
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+def cpu_time(function, *args):
+    """The process CPU time ``function(*args)`` takes."""
+    start = time.process_time()
+    function(*args)
+    return time.process_time() - start
+
+
+@st.composite
+def termed_selects(draw, shape=None, scale=None):
+    """
+    A valid ``$select`` built from every form that spends terms, and how
+    many terms the docs say it has: each listed column or key of a
+    ``$columns`` item or object, each group and order entry (list items and
+    keys of objects), each condition and ``$in`` value.  With ``scale``,
+    every form in ``shape`` has about ``scale`` entries.
+    """
+    def size(form):
+        if scale is not None:
+            return scale * shape[form]
+        return draw(st.integers(0, 12))
+
+    aliases, columns, terms = [], [], 0
+
+    def alias():
+        aliases.append("a%d" % len(aliases))
+        return aliases[-1]
+
+    count = size("columns")
+    columns += [{alias(): {"$count": "*"}} for _ in range(count)]
+    terms += count
+    count = size("column_items")
+    per_item = 3 if scale is not None else draw(st.integers(1, 4))
+    for _ in range(0, count, per_item):
+        columns.append({alias(): {"$max": "id"} for _ in range(per_item)})
+        terms += per_item
+    count = size("column_object")
+    if count or not columns:
+        count = max(count, 1)
+        columns.append({alias(): {"$sum": "id"} for _ in range(count)})
+        terms += count
+    select = {"$columns": columns}
+    if len(columns) == 1 and isinstance(columns[0], dict) and draw(st.booleans()):
+        select["$columns"] = columns[0]               # the object form itself
+    groups = ["pid", "domain", "name", "timestamp", "data", "id"][:min(6, size("group"))]
+    if groups:
+        select["$groupBy"] = draw(st.sampled_from([groups, [{g: True for g in groups}],
+                                                   {g: 1 for g in groups}]))
+        terms += len(groups)
+    order = aliases[:size("order")]
+    order_items = aliases[len(order):len(order) + size("order_items")]
+    if order or order_items:
+        select["$orderBy"] = order + ([{a: -1 for a in order_items}] if order_items else [])
+        terms += len(order) + len(order_items)
+    where = {}
+    count = size("where_or")
+    if count:
+        where["$or"] = [{"pid": "p%d" % i} for i in range(count)]
+        terms += count
+    count = size("where_in")
+    if count:
+        where["name"] = {"$in": ["n%d" % i for i in range(count)]}
+        terms += count
+    count = size("where_and")
+    if count:
+        where["$and"] = {"domain": {"$ne": "x"}} if count == 1 else [
+            {"id": {"$gt": i}} for i in range(count)]
+        terms += count
+    if where or (scale is None and draw(st.booleans())):
+        select["$where"] = where
+        terms += 0 if where else 1                     # {} is a term
+    count = size("having")
+    if count and aliases:
+        select["$having"] = {"$or": [{aliases[i % len(aliases)]: {"$gte": i}} for i in range(count)]}
+        terms += count
+    return select, terms
+
+
 class LimitsTests(SynchronousTestCase):
     """Limits on depth, terms and list lengths."""
 
@@ -613,6 +754,50 @@ class LimitsTests(SynchronousTestCase):
         self.assertRaises(QueryError, compile_select, {"$where": many}, SCHEMA)
         many_aliases = [{"a%d" % i: {"$count": "*"}} for i in range(1001)]
         self.assertRaises(QueryError, compile_select, {"$columns": many_aliases}, SCHEMA)
+
+    def test_every_key_of_a_list_item_is_a_term(self):
+        # one list item holding 20,000 aggregates was accepted (1 term)
+        one_item = {"a%d" % i: {"$count": "*"} for i in range(20000)}
+        for select in ({"$columns": [one_item]}, {"$columns": one_item},
+                       {"$columns": ["pid"], "$orderBy": [{c: 1 for c in SCHEMA.columns}]},
+                       {"$columns": ["pid"], "$groupBy": [{c: True for c in SCHEMA.columns}]}):
+            with self.assertRaises(QueryError) as caught:
+                compile_select(select, SCHEMA, Limits(max_terms=5))
+            self.assertEqual(str(caught.exception), "query is too large: more than 5 terms")
+        compile_select({"$columns": ["pid"], "$orderBy": [{"pid": 1, "name": -1}],
+                        "$groupBy": [{"pid": True, "name": True}]}, SCHEMA, Limits(max_terms=5))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.data())
+    def test_terms_counted_in_every_form(self, data):
+        select, terms = data.draw(termed_selects())
+        limit = max(1, terms + data.draw(st.integers(-3, 3)))
+        limits = Limits(max_terms=limit, max_in_list=10 ** 6)
+        if terms > limit:
+            with self.assertRaises(QueryError) as caught:
+                compile_select(select, SCHEMA, limits)
+            self.assertEqual(str(caught.exception), "query is too large: more than %d terms" % (limit,))
+        else:
+            compile_select(select, SCHEMA, limits)
+
+    @settings(max_examples=25, deadline=None, database=None)
+    @given(st.data())
+    def test_compile_work_is_linear(self, data):
+        # Python and C calls made while compiling a query of every form, at
+        # a size and at eight times that size: no more than ~8 times as many
+        shape = data.draw(st.fixed_dictionaries({form: st.integers(0, 3) for form in TERM_FORMS}))
+        small, _ = data.draw(termed_selects(shape=shape, scale=40))
+        large, _ = data.draw(termed_selects(shape=shape, scale=320))
+        distinct = data.draw(st.booleans())
+        small["$distinct"] = large["$distinct"] = distinct
+        limits = Limits(max_terms=10 ** 7, max_in_list=10 ** 7)
+        counts = [count_calls(compile_select, select, SCHEMA, limits) for select in (small, large)]
+        self.assertLess(counts[1], 8.5 * counts[0] + 1000, counts)
+        # and loops inside C calls (``x in list``): CPU time, with a ratio
+        # far from both 8 (linear) and 64 (quadratic)
+        times = [min(cpu_time(compile_select, select, SCHEMA, limits) for _ in range(3))
+                 for select in (small, large)]
+        self.assertLess(times[1], 24 * times[0] + 0.005, times)
 
     def test_in_list(self):
         limits = Limits(max_in_list=3)
@@ -1216,6 +1401,43 @@ class DatabaseTests(SynchronousTestCase):
             expected = [r["pid"] for r in self.rows if check(r["pid"])]
             self.assertTrue(expected)
             self.assertEqual(got, expected)
+
+    def test_numbers_compare_with_text_columns_as_text(self):
+        for name in ("0", "1", "1.5", "10", "1e+21", "true", "-2"):
+            self.cursor.execute("INSERT INTO " + DB_SCHEMA.quoted + " (`pid`, `domain`, `name`)"
+                                " VALUES ('num', 'num', %s)", (name,))
+        self.cursor.execute("SELECT `id`, `name` FROM " + DB_SCHEMA.quoted + " ORDER BY `id`")
+        rows = self.cursor.fetchall()
+        high_water = rows[-1][0]
+
+        def ids(where):
+            plan = compile_select({"$columns": ["id"], "$where": where}, DB_SCHEMA)
+            return [r[0] for r in self.run_sql(plan.page_sql(0, high_water, 1000))]
+
+        def expected(keep):
+            return [i for i, name in rows if name is not None and keep(name)]
+
+        cases = [
+            ({"name": 0}, lambda n: n == "0"),
+            ({"name": {"$eq": 1.0}}, lambda n: n == "1"),
+            ({"name": {"$ne": 0}}, lambda n: n != "0"),
+            ({"name": {"$gt": 1}}, lambda n: n > "1"),
+            ({"name": {"$gte": 1.5}}, lambda n: n >= "1.5"),
+            ({"name": {"$lt": 10}}, lambda n: n < "10"),
+            ({"name": {"$lte": -2}}, lambda n: n <= "-2"),
+            ({"name": {"$in": [1e21, True, 0]}}, lambda n: n in ("1e+21", "true", "0")),
+            ({"name": {"$nin": [1.5, 10]}}, lambda n: n not in ("1.5", "10")),
+            ({"name": {"$between": {"$min": 1, "$max": 10}}}, lambda n: "1" <= n <= "10"),
+            ({"pid": {"$in": [0, 1]}}, lambda n: False),
+        ]
+        for where, keep in cases:
+            self.assertEqual(ids(where), expected(keep), where)
+        self.assertEqual(ids({"id": "3"}), [3])
+        self.assertEqual(ids({"id": {"$in": ["1", 2]}, "name": {"$ne": None}}), [2])
+        self.assertEqual(ids({"id": {"$between": {"$min": "3", "$max": "5"}}}), [3, 4, 5])
+        self.assertEqual(ids({"id": {"$gt": "34", "$lte": str(high_water)}}), list(range(35, high_water + 1)))
+        self.assertEqual(ids({"id": {"$nin": [str(i) for i in range(2, high_water + 1)]}}), [1])
+        self.assertRaises(QueryError, ids, {"id": "abc"})
 
     @DB_SETTINGS
     @given(db_wheres)
