@@ -102,6 +102,26 @@ class SchemaTests(TestCase):
         self.assertEqual([m["name"] for m in messages[:-1]], [f"n{i}" for i in range(1, 30, 3)])
 
     @defer.inlineCallbacks
+    def test_adds_new_indexes_to_a_table_of_an_earlier_version(self):
+        # the table as the previous release created it: two secondary indexes
+        sql(f"CREATE DATABASE `{self.database}`")
+        sql(f"CREATE TABLE `{self.database}`.`event` ("
+            " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+            " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
+            " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
+            " `name` VARCHAR(255) NOT NULL, `data` JSON,"
+            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
+        sql(f"INSERT INTO `{self.database}`.`event` (`pid`, `domain`, `name`, `data`)"
+            " VALUES ('p', 'd', 'n1', '1'), ('q', 'd', 'n2', '2')")
+        yield self.start()
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+        client = yield WireClient(self.prefix).connect()
+        self.addCleanup(client.disconnect)
+        messages = yield client.fetch({"$where": {"domain": "d"}, "$columns": ["name"]})
+        self.assertEqual(messages[:-1], [{"name": "n1"}, {"name": "n2"}])
+
+    @defer.inlineCallbacks
     def test_table_missing_columns_is_a_clear_start_failure(self):
         sql(f"CREATE DATABASE `{self.database}`")
         sql(f"CREATE TABLE `{self.database}`.`event` (`x` INT)")
