@@ -75,6 +75,9 @@ def _guarded(work):
     return interaction
 
 
+#: MariaDB error codes of a statement the user has no privilege for
+ACCESS_DENIED = frozenset({1044, 1142})
+
 #: the secondary indexes of the events table, each ending in ``id`` so that
 #: a keyset page is one range read (query.TableSchema names them too)
 INDEXES = (
@@ -158,7 +161,16 @@ def ensure_schema(txn, database, table):
             alterations.append(f"ADD KEY `{name}` ({columns})")
             changes.append(f"added index {name}")
     if alterations:
-        txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
+        try:
+            txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
+        except Exception as error:
+            if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
+                raise RuntimeError(
+                    f"table {database}.{table} needs an upgrade ({', '.join(changes)}) that this"
+                    " MariaDB user may not make: start the server once with a user that may"
+                    " ALTER the table"
+                ) from error
+            raise
     return changes
 
 
