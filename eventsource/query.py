@@ -87,8 +87,8 @@ class TableSchema:
     #: columns compared as numbers; the others (not datetime) are text
     numeric_columns: tuple = ("id",)
     #: indexes that serve "rows with these columns equal, in id order":
-    #: (index name, columns), most selective first; ``pid_id`` also serves
-    #: ``pid $in`` (see :func:`_keyset_index`)
+    #: (index name, columns), in the order they are preferred; a one-column
+    #: index also serves ``column $in [...]`` (see :func:`_keyset_access`)
     keyset_indexes: tuple = (("pid_id", ("pid",)), ("domain_name_id", ("domain", "name")),
                              ("domain_id", ("domain",)), ("name_id", ("name",)))
     #: indexes that serve a range of one column: (index name, column)
@@ -985,7 +985,7 @@ def _is_equality(condition) -> bool:
     return _is_value(condition)
 
 
-_RANGE_OPERATORS = frozenset(("$eq", "$gt", "$gte", "$lt", "$lte", "$between"))
+_RANGE_OPERATORS = frozenset(("$eq", "$gt", "$gte", "$lt", "$lte", "$between", "$in"))
 
 
 def _is_range(condition) -> bool:

@@ -531,6 +531,22 @@ class PagingTests(SynchronousTestCase):
             + " WHERE (`pid` = %s AND `name` IN (%s, %s)) AND `id` > %s AND `id` <= %s"
             " ORDER BY `id` LIMIT %s", ("p1", "a", "b", 10, 20, 3)))
 
+    def test_keyset_sql_of_an_in_list(self):
+        # one (pid, id) range per value, merged; the rest of $where written once
+        plan = compile_select({"$columns": ["name"], "$where": {"pid": {"$in": ["a", 2]},
+                                                                "name": {"$ne": "x"}}}, SCHEMA)
+        branch = ("(SELECT `id` FROM `__base` WHERE `pid` = %s AND `id` > %s AND `id` <= %s"
+                  " ORDER BY `id` LIMIT %s)")
+        self.assertEqual(plan.page_sql(10, 20, 3), (
+            "WITH `__base` AS (SELECT * FROM " + TABLE + " FORCE INDEX (`pid_id`) WHERE `name` <> %s),"
+            " `__page` AS (" + branch + " UNION " + branch + " ORDER BY `id` LIMIT %s)"
+            " SELECT `name`, `id` AS `__keyset` FROM `__page` STRAIGHT_JOIN " + TABLE
+            + " USING (`id`) ORDER BY `id`", ("x", "a", 10, 20, 3, "2", 10, 20, 3, 3)))
+        self.assertEqual(plan.offset_sql(0, 20, 3)[1], ("a", "2", "x", 20, 3, 0))
+        only = compile_select({"$where": {"domain": {"$in": ["a", "b", "c"]}}}, SCHEMA)
+        self.assertTrue(only.page_sql(0, 9, 1)[0].startswith(
+            "WITH `__base` AS (SELECT * FROM " + TABLE + " FORCE INDEX (`domain_id`)), `__page` AS ("))
+
     def test_keyset_without_where(self):
         self.assertEqual(compile_select({"$columns": ["pid"]}, SCHEMA).page_sql(0, 9, 100), (
             "SELECT `pid`, `id` AS `__keyset` FROM " + TABLE
@@ -547,8 +563,11 @@ class PagingTests(SynchronousTestCase):
         self.assertTrue(hint({"pid": {"$in": ["a"]}}).endswith(" FORCE INDEX (`pid_id`)"))
         self.assertTrue(hint({"$and": [{"id": 3}, {"$and": {"domain": "d"}}]})
                         .endswith(" FORCE INDEX (`domain_id`)"))
-        self.assertTrue(hint({"timestamp": {"$gte": "2020-01-01"}})
-                        .endswith(" FORCE INDEX (PRIMARY, `timestamp_id`)"))
+        for condition in ({"$gte": "2020-01-01"}, {"$lt": "2020-01-01", "$ne": "2019-01-01"},
+                          {"$between": {"$min": "2020-01-01", "$max": "2021-01-01"}}, "2020-01-01",
+                          {"$in": ["2020-01-01", "2020-01-02"]}):
+            self.assertTrue(hint({"timestamp": condition, "data": {"$ne": "null"}})
+                            .endswith(" FORCE INDEX (PRIMARY, `timestamp_id`)"), condition)
         for where in ({"pid": None}, {"$or": [{"pid": "a"}]}, {"$not": {"pid": "a"}},
                       {"pid": {"$ne": "a"}}, {"timestamp": {"$ne": "2020-01-01"}}, {"id": 5}):
             self.assertTrue(hint(where).endswith(" FORCE INDEX (PRIMARY)"), where)
