@@ -995,6 +995,10 @@ def _is_range(condition) -> bool:
     return _is_value(condition)
 
 
+#: the longest ``$in`` list read as one index range per value
+MAX_MERGED_RANGES = 16
+
+
 def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits) -> dict:
     """
     How a keyset page reads the table: the :class:`SelectPlan` fields of
@@ -1005,8 +1009,13 @@ def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits
       ``(pid, id)`` for ``pid = ? AND id > ?`` and then scan every earlier
       row of that pid on each page (quadratic over a long stream); forced,
       it is a range read starting at the last id.
-    * ``column $in [...]`` at the top level, for a one-column index: one
-      such range per value, merged (:meth:`SelectPlan._union_page_sql`).
+    * ``column $in [...]`` at the top level, for a one-column index: with
+      up to :data:`MAX_MERGED_RANGES` values, one such range per value,
+      merged (:meth:`SelectPlan._union_page_sql`): a page reads at most
+      ``size`` entries per value, however sparse those values' rows are
+      in the table.  Longer lists pay a subquery per value and usually
+      cover much of the table: the primary key or one range of the whole
+      list (ordered by id afterwards), whichever MariaDB estimates cheaper.
     * A range of ``timestamp``: the primary key or the ``(timestamp, id)``
       index, whichever MariaDB estimates cheaper for the page: the range
       when it holds few rows, the primary key (in id order, stopping at the
@@ -1027,7 +1036,9 @@ def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits
         if set(columns) <= equal:
             return {"index_hint": " FORCE INDEX (%s)" % (_quote_ident(name),)}
         if len(columns) == 1 and columns[0] in lists:
-            return _union_access(where, name, columns[0], lists[columns[0]], column_refs, limits)
+            if len(lists[columns[0]]) <= MAX_MERGED_RANGES:
+                return _union_access(where, name, columns[0], lists[columns[0]], column_refs, limits)
+            return {"index_hint": " FORCE INDEX (PRIMARY, %s)" % (_quote_ident(name),)}
     ranged = {column for column, condition in conjuncts if _is_range(condition)}
     for name, column in schema.range_indexes:
         if column in ranged:

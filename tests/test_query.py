@@ -561,6 +561,9 @@ class PagingTests(SynchronousTestCase):
         self.assertTrue(hint({"domain": "d"}).endswith(" FORCE INDEX (`domain_id`)"))
         self.assertTrue(hint({"name": {"$eq": "n", "$ne": "m"}}).endswith(" FORCE INDEX (`name_id`)"))
         self.assertTrue(hint({"pid": {"$in": ["a"]}}).endswith(" FORCE INDEX (`pid_id`)"))
+        self.assertTrue(hint({"pid": {"$in": list(range(16))}}).startswith("WITH `__base` AS ("))
+        self.assertTrue(hint({"pid": {"$in": list(range(17))}})
+                        .endswith(" FORCE INDEX (PRIMARY, `pid_id`)"))
         self.assertTrue(hint({"$and": [{"id": 3}, {"$and": {"domain": "d"}}]})
                         .endswith(" FORCE INDEX (`domain_id`)"))
         for condition in ({"$gte": "2020-01-01"}, {"$lt": "2020-01-01", "$ne": "2019-01-01"},
@@ -938,8 +941,8 @@ def assert_safe_sql(test, sql, params, schema=SCHEMA, aliases=ALIASES):
     test.assertEqual(sql.count("%s"), len(params))
     test.assertNotIn("%", sql.replace("%s", ""))
     indexes = [n for n, _ in schema.keyset_indexes]
-    hint = r"( FORCE INDEX \((PRIMARY|PRIMARY, `timestamp_id`|%s)\))?" % "|".join(
-        "`%s`" % n for n in indexes)
+    names = "|".join("`%s`" % n for n in indexes + [n for n, _ in schema.range_indexes])
+    hint = r"( FORCE INDEX \((PRIMARY|PRIMARY, (%s)|%s)\))?" % (names, names)
     if sql.startswith("WITH "):        # a page of `column $in [...]`
         test.assertRegex(sql, r"\AWITH `__base` AS \(SELECT \* FROM " + re.escape(schema.quoted)
                          + hint + "[ )]")
