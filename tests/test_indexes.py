@@ -97,11 +97,11 @@ class IndexTests(SynchronousTestCase):
         return [r["id"] for r in self.rows if r["id"] > after and keep(r)][:size]
 
     def check_shape(self, where, keep, keys, most_read, afters=(0, ROWS // 2, ROWS - 2 * PAGE),
-                    size=PAGE):
+                    size=PAGE, share=0.05):
         """Pages of ``where`` at several points of the stream: the right rows,
         read through ``keys`` only, by range or key lookups (no table or
-        index scan), reading at most ``most_read`` rows (and under 5 % of
-        the table), at the end of the stream as at its start."""
+        index scan), reading at most ``most_read`` rows (and under ``share``
+        of the table), at the end of the stream as at its start."""
         plan = compile_select({"$columns": ["id"], "$where": where}, SCHEMA)
         self.assertTrue(plan.keyset)
         for after in afters:
@@ -118,7 +118,7 @@ class IndexTests(SynchronousTestCase):
                     self.assertLess(estimate, ROWS / 10, shown)
             read = sum(access[3] for access in accesses)
             self.assertLessEqual(read, most_read, shown)
-            self.assertLess(read, ROWS / 20, shown)
+            self.assertLess(read, ROWS * share, shown)
         return accesses
 
     def test_pid(self):
@@ -144,10 +144,11 @@ class IndexTests(SynchronousTestCase):
 
     def test_long_pid_lists(self):
         # past 16 values: the primary key or one range of the whole list,
-        # as MariaDB estimates (here 100 pids: a tenth of the table)
+        # as MariaDB estimates (here 100 pids, a tenth of the table: at most
+        # the list's rows, ~1,000 rows by the primary key)
         pids = ["p%d" % i for i in range(0, 1000, 10)]
         self.check_shape({"pid": {"$in": pids}}, lambda r: r["pid"] in pids,
-                         ["pid_id", "PRIMARY"], 1500)
+                         ["pid_id", "PRIMARY"], 4000, share=0.11)
         few = ["p%d" % i for i in range(17)] + ["nobody%d" % i for i in range(300)]
         self.check_shape({"pid": {"$in": few}}, lambda r: r["pid"] in few, ["pid_id", "PRIMARY"], 700)
 
