@@ -66,6 +66,12 @@ class TableSchemaTests(SynchronousTestCase):
         self.assertEqual(SCHEMA.columns, ("id", "timestamp", "pid", "domain", "name", "data"))
         self.assertEqual(SCHEMA.default_columns, ("timestamp", "pid", "domain", "name", "data"))
 
+    def test_indexes_are_the_ones_the_store_creates(self):
+        named = dict(SCHEMA.keyset_indexes)
+        named.update((name, (column,)) for name, column in SCHEMA.range_indexes)
+        created = {name: tuple(c.strip(" `") for c in columns.split(",")) for name, columns in INDEXES}
+        self.assertEqual({name: columns + ("id",) for name, columns in named.items()}, created)
+
     def test_bad_identifiers_refused(self):
         for database, name in (("a`b", "event"), ("es", "ev`ent"), ("es", "ev%ent"),
                                ("", "event"), ("es", "")):
