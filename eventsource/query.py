@@ -85,9 +85,15 @@ class TableSchema:
     columns: tuple = ("id", "timestamp", "pid", "domain", "name", "data")
     default_columns: tuple = ("timestamp", "pid", "domain", "name", "data")
     datetime_columns: tuple = ("timestamp",)
+    #: columns compared as numbers; the others (not datetime) are text
+    numeric_columns: tuple = ("id",)
     #: indexes that serve "rows with these columns equal, in id order":
-    #: (index name, columns); the store creates exactly these
-    keyset_indexes: tuple = (("pid_id", ("pid",)), ("domain_name_id", ("domain", "name")))
+    #: (index name, columns), in the order they are preferred; a one-column
+    #: index also serves ``column $in [...]`` (see :func:`_keyset_access`)
+    keyset_indexes: tuple = (("pid_id", ("pid",)), ("domain_name_id", ("domain", "name")),
+                             ("domain_id", ("domain",)), ("name_id", ("name",)))
+    #: indexes that serve a range of one column: (index name, column)
+    range_indexes: tuple = (("timestamp_id", "timestamp"),)
 
     def __post_init__(self):
         for ident in (self.database, self.name) + tuple(self.columns):
@@ -96,7 +102,7 @@ class TableSchema:
                 raise ValueError("invalid identifier in table schema: %r" % (ident,))
         if "id" not in self.columns:
             raise ValueError("the events table must have an `id` column")
-        for extra in (self.default_columns, self.datetime_columns):
+        for extra in (self.default_columns, self.datetime_columns, self.numeric_columns):
             if not set(extra) <= set(self.columns):
                 raise ValueError("schema names columns the table does not have")
 
@@ -209,8 +215,9 @@ def parse_timestamp(text, what: str = "timestamp") -> datetime:
 # --------------------------------------------------------------------------
 # conditions: $where and $having
 
-#: value kinds of a referenceable name
-_PLAIN, _DATETIME = "plain", "datetime"
+#: value kinds of a referenceable name: values are bound with its type, so
+#: MariaDB never casts the column (``name = 0`` would cast every name)
+_TEXT, _NUMBER, _DATETIME = "text", "number", "datetime"
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ class _Ref:
     of values it holds (datetime values get ISO-8601 conversion)."""
 
     sql: str
-    kind: str = _PLAIN
+    kind: str = _NUMBER
 
 
 class _Budget:
@@ -331,10 +338,15 @@ def _unknown_key(key: str, where: str) -> QueryError:
     return QueryError("unknown key %s in %s" % (_show(key), where))
 
 
+_DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,64}\Z")
+
+
 def _value(ref: _Ref, column: str, value):
-    """Validate one JSON scalar value (not null) and convert it for the
-    database: ISO-8601 strings become naive UTC datetimes for datetime
-    columns."""
+    """Validate one JSON scalar value (not null) and convert it to the type
+    of what it is compared with: ISO-8601 strings become naive UTC datetimes
+    for datetime columns, numbers and booleans become their JavaScript text
+    for text columns, and numeric columns take numbers or decimal integer
+    strings only."""
     if isinstance(value, (dict, list)):
         raise QueryError("objects and lists are not values (column %s)" % (_show(column),))
     if value is None:
@@ -344,15 +356,26 @@ def _value(ref: _Ref, column: str, value):
             raise QueryError("values for %s must be ISO-8601 strings, not %s"
                              % (_show(column), _show(value)))
         return parse_timestamp(value, "value for %s" % (_show(column),))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise QueryError("NaN and Infinity are not values (column %s)" % (_show(column),))
     if isinstance(value, str):
-        return _check_text(value, "a value for %s" % (_show(column),))
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise QueryError("NaN and Infinity are not values (column %s)" % (_show(column),))
+        value = _check_text(value, "a value for %s" % (_show(column),))
+        if ref.kind == _NUMBER:
+            if not _DECIMAL_INTEGER.match(value):
+                raise QueryError("%s is compared with numbers: %s is not a decimal integer"
+                                 % (_show(column), _show(value)))
+            return int(value)
         return value
-    if isinstance(value, (bool, int)):
+    if not isinstance(value, (bool, int, float)):
+        raise QueryError("%s is not a JSON value" % (_show(value),))
+    if ref.kind == _NUMBER:
         return value
-    raise QueryError("%s is not a JSON value" % (_show(value),))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    try:
+        return wire.number_text(value)
+    except OverflowError:
+        raise QueryError("%s is too large a number (column %s)" % (_show(value), _show(column))) from None
 
 
 # -- logical operators: (conditions, key, operand, depth) -> sql
@@ -529,6 +552,12 @@ class SelectPlan:
     having_params: tuple = field(default=(), repr=False)
     order_sql: Optional[str] = field(default=None, repr=False)
     index_hint: str = field(default="", repr=False)
+    #: keyset plans over ``column $in [...]``: one index range per value
+    #: (see :func:`_keyset_access`)
+    union_column: Optional[str] = field(default=None, repr=False)
+    union_values: tuple = field(default=(), repr=False)
+    union_rest_sql: Optional[str] = field(default=None, repr=False)
+    union_rest_params: tuple = field(default=(), repr=False)
 
     def _where(self, bounds: str) -> str:
         if self.where_sql is None:
@@ -545,10 +574,38 @@ class SelectPlan:
         if not self.keyset:
             raise ValueError("page_sql() needs a keyset plan; use offset_sql()")
         _check_counts(after_id=after_id, high_water=high_water, size=size)
+        if self.union_values:
+            return self._union_page_sql(after_id, high_water, size)
         sql = ("SELECT " + self.select_sql + ", `id` AS `__keyset` FROM " + self.table_sql
                + self.index_hint + self._where("`id` > %s AND `id` <= %s")
                + " ORDER BY `id` LIMIT %s")
         return sql, self.where_params + (after_id, high_water, size)
+
+    def _union_page_sql(self, after_id: int, high_water: int, size: int) -> tuple:
+        """
+        A keyset page of ``column IN (v1, ..., vk) AND rest``: for each
+        value, its first ``size`` ids after ``after_id`` from the
+        ``(column, id)`` index (a range read that stops at ``size`` rows,
+        wherever the stream is), merged and cut to ``size``, then the rows
+        themselves by primary key.  A page costs at most ``k * size`` index
+        entries, never the stream's history.  ``UNION`` (not ``ALL``) drops
+        the ids two values share (values equal under the column's
+        collation).  ``rest`` is written once, in the ``__base`` view, which
+        MariaDB merges into every branch.
+        """
+        branch = ("(SELECT `id` FROM `__base` WHERE " + self.union_column
+                  + " = %s AND `id` > %s AND `id` <= %s ORDER BY `id` LIMIT %s)")
+        sql = ("WITH `__base` AS (SELECT * FROM " + self.table_sql + self.index_hint
+               + ("" if self.union_rest_sql is None else " WHERE " + self.union_rest_sql)
+               + "), `__page` AS (" + " UNION ".join([branch] * len(self.union_values))
+               + " ORDER BY `id` LIMIT %s) SELECT " + self.select_sql
+               + ", `id` AS `__keyset` FROM `__page` STRAIGHT_JOIN " + self.table_sql
+               + " USING (`id`) ORDER BY `id`")
+        params = list(self.union_rest_params)
+        for value in self.union_values:
+            params += (value, after_id, high_water, size)
+        params.append(size)
+        return sql, tuple(params)
 
     def offset_sql(self, skip: int, high_water: int, size: int) -> tuple:
         """
@@ -611,7 +668,9 @@ def _column_ref(schema: TableSchema, name, what: str) -> str:
 
 
 def _kind(schema: TableSchema, column: str) -> str:
-    return _DATETIME if column in schema.datetime_columns else _PLAIN
+    if column in schema.datetime_columns:
+        return _DATETIME
+    return _NUMBER if column in schema.numeric_columns else _TEXT
 
 
 def _plain_output(schema: TableSchema, column: str, alias: str) -> _Output:
@@ -632,11 +691,11 @@ def _aggregate_output(schema: TableSchema, alias, spec) -> _Output:
     if function is None:
         raise _unknown_key(op if isinstance(op, str) else "?", "$columns")
     if op == "$count" and arg == "*":
-        inner, kind = "*", _PLAIN
+        inner, kind = "*", _NUMBER
     else:
         column = _column_ref(schema, arg, op)
         inner = _quote_ident(column)
-        kind = _kind(schema, column) if op in ("$min", "$max") else _PLAIN
+        kind = _kind(schema, column) if op in ("$min", "$max") else _NUMBER
     sql = "%s(%s) AS %s" % (function, inner, _quote_ident(alias))
     return _Output(alias, sql, _Ref(_quote_ident(alias), kind), True)
 
@@ -675,13 +734,16 @@ def _columns(schema: TableSchema, spec, budget: _Budget) -> list:
         raise QueryError("$columns must be a list of columns, not %s" % (_show(spec),))
     outputs = []
     for item in spec:
-        budget.spend()
         if item == "*":
+            budget.spend()
             outputs.extend(_plain_output(schema, c, c) for c in schema.default_columns)
         elif isinstance(item, str):
+            budget.spend()
             column = _column_ref(schema, item, "$columns")
             outputs.append(_plain_output(schema, column, column))
         elif isinstance(item, dict):
+            # every key is a term: one list item may hold any number of them
+            budget.spend(max(1, len(item)))
             for key, value in item.items():
                 outputs.extend(_column_entry(schema, key, value))
         else:
@@ -733,10 +795,12 @@ def _name_list(spec, what: str, budget: _Budget, meaning) -> list:
         raise QueryError("%s must be a list or an object, not %s" % (what, _show(spec)))
     entries, seen = [], set()
     for item in spec:
-        budget.spend()
         if isinstance(item, dict):
+            # every key is a term: one list item may hold any number of them
+            budget.spend(max(1, len(item)))
             pairs = [(name, meaning(flag)) for name, flag in item.items()]
         else:
+            budget.spend()
             pairs = [(item, _ASC)]
         for name, direction in pairs:
             if not isinstance(name, str):
@@ -846,6 +910,7 @@ def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
     if tie_breakers == ["`id`"] and "`id`" in ordered:
         order = order[:ordered.index("`id`") + 1]   # nothing after a unique key matters
     else:
+        ordered = set(ordered)                        # (linear in the number of outputs)
         order += [(sql, _ASC) for sql in tie_breakers if sql not in ordered]
 
     return SelectPlan(
@@ -862,33 +927,118 @@ def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
         having_sql=having_sql,
         having_params=having_params,
         order_sql=", ".join("%s %s" % pair for pair in order) or None,
-        index_hint=_keyset_index(select.get("$where"), schema) if keyset else "",
+        **(_keyset_access(select.get("$where"), schema, column_refs, limits) if keyset else {}),
     )
 
 
-def _is_equality(condition) -> bool:
-    """``"x"`` or ``{"$eq": "x"}``: a column equal to one non-null scalar."""
-    if isinstance(condition, dict) and len(condition) == 1 and "$eq" in condition:
-        condition = condition["$eq"]
-    return isinstance(condition, (str, int, float)) and not isinstance(condition, bool)
+def _is_value(value) -> bool:
+    return isinstance(value, (str, int, float))          # (bool is an int)
 
 
-def _keyset_index(where, schema: TableSchema) -> str:
-    """
-    The index a keyset page must use.  MariaDB picks ``ref`` access on
-    ``(pid, id)`` for ``pid = ? AND id > ?`` and then scans every earlier
-    row of that pid on each page (quadratic over a long stream); forcing the
-    index makes it a range scan starting at the last id.  Without such an
-    equality, the primary key gives the same guarantee.
-    """
-    equal = set()
+def _conjuncts(where, out: list) -> list:
+    """``(column, condition)`` for every condition that each matching row
+    satisfies: the top-level keys and those of top-level ``$and``s.  Runs
+    on an already compiled ``$where``, so its depth is bounded."""
     if isinstance(where, dict):
-        equal = {column for column, condition in where.items()
-                 if column in schema.columns and _is_equality(condition)}
+        for key, value in where.items():
+            if key == "$and":
+                for item in (value if isinstance(value, list) else [{k: v} for k, v in value.items()]):
+                    _conjuncts(item, out)
+            elif not key.startswith("$"):
+                out.append((key, value))
+    return out
+
+
+def _is_equality(condition) -> bool:
+    """``"x"``, ``{"$eq": "x", ...}`` or ``{"$in": ["x"]}``: the column
+    equals one non-null value."""
+    if isinstance(condition, dict):
+        if _is_value(condition.get("$eq")):
+            return True
+        values = condition.get("$in")
+        return isinstance(values, list) and len(values) == 1
+    return _is_value(condition)
+
+
+_RANGE_OPERATORS = frozenset(("$eq", "$gt", "$gte", "$lt", "$lte", "$between", "$in"))
+
+
+def _is_range(condition) -> bool:
+    """A condition that bounds the column's values from below or above."""
+    if isinstance(condition, dict):
+        return any(op in _RANGE_OPERATORS and condition[op] is not None for op in condition)
+    return _is_value(condition)
+
+
+#: the longest ``$in`` list read as one index range per value
+MAX_MERGED_RANGES = 16
+
+
+def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits) -> dict:
+    """
+    How a keyset page reads the table: the :class:`SelectPlan` fields of
+    the index to use, chosen from the conditions every row must meet.
+
+    * An equality on the columns of a ``(columns..., id)`` index: that
+      index, forced.  MariaDB would otherwise pick ``ref`` access on
+      ``(pid, id)`` for ``pid = ? AND id > ?`` and then scan every earlier
+      row of that pid on each page (quadratic over a long stream); forced,
+      it is a range read starting at the last id.
+    * ``column $in [...]`` at the top level, for a one-column index: with
+      up to :data:`MAX_MERGED_RANGES` values, one such range per value,
+      merged (:meth:`SelectPlan._union_page_sql`): a page reads at most
+      ``size`` entries per value, however sparse those values' rows are
+      in the table.  Longer lists pay a subquery per value and usually
+      cover much of the table: the primary key or one range of the whole
+      list (ordered by id afterwards), whichever MariaDB estimates cheaper.
+    * A range of ``timestamp``: the primary key or the ``(timestamp, id)``
+      index, whichever MariaDB estimates cheaper for the page: the range
+      when it holds few rows, the primary key (in id order, stopping at the
+      page) when it holds many.  Both are correct whatever the order of
+      timestamps; the primary key is only quick where timestamps grow with
+      ids, as the server's own ``NOW(6)`` does.
+    * Otherwise the primary key, from the last id.
+    """
+    conjuncts = _conjuncts(where, [])
+    equal = {column for column, condition in conjuncts if _is_equality(condition)}
+    lists = {}
+    if isinstance(where, dict):
+        for column, condition in where.items():
+            if (column in schema.columns and isinstance(condition, dict)
+                    and list(condition) == ["$in"] and len(condition["$in"]) > 1):
+                lists[column] = condition["$in"]
     for name, columns in schema.keyset_indexes:
         if set(columns) <= equal:
-            return " FORCE INDEX (%s)" % (_quote_ident(name),)
-    return " FORCE INDEX (PRIMARY)"
+            return {"index_hint": " FORCE INDEX (%s)" % (_quote_ident(name),)}
+        if len(columns) == 1 and columns[0] in lists:
+            if len(lists[columns[0]]) <= MAX_MERGED_RANGES:
+                return _union_access(where, name, columns[0], lists[columns[0]], column_refs, limits)
+            return {"index_hint": " FORCE INDEX (PRIMARY, %s)" % (_quote_ident(name),)}
+    ranged = {column for column, condition in conjuncts if _is_range(condition)}
+    for name, column in schema.range_indexes:
+        if column in ranged:
+            return {"index_hint": " FORCE INDEX (PRIMARY, %s)" % (_quote_ident(name),)}
+    return {"index_hint": " FORCE INDEX (PRIMARY)"}
+
+
+def _union_access(where, index: str, column: str, values: list, column_refs: dict,
+                  limits: Limits) -> dict:
+    """The plan fields of a keyset page over ``column $in values`` and the
+    rest of ``where`` (already compiled once: compiling it again is linear
+    and cannot fail)."""
+    ref = column_refs[column]
+    rest = {key: value for key, value in where.items() if key != column}
+    rest_sql, rest_params = None, ()
+    if rest:
+        conditions = _Conditions("$where", column_refs, _Budget(limits))
+        rest_sql, rest_params = conditions.compile(rest), tuple(conditions.params)
+    return {
+        "index_hint": " FORCE INDEX (%s)" % (_quote_ident(index),),
+        "union_column": ref.sql,
+        "union_values": tuple(_value(ref, column, value) for value in values),
+        "union_rest_sql": rest_sql,
+        "union_rest_params": rest_params,
+    }
 
 
 # --------------------------------------------------------------------------

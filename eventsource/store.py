@@ -80,6 +80,19 @@ def _guarded(work):
 #: ``utf8_bin`` table), so ``"p1"`` never matches ``"P1"``
 COLLATION = "utf8mb4_bin"
 
+#: MariaDB error codes of a statement the user has no privilege for
+ACCESS_DENIED = frozenset({1044, 1142})
+
+#: the secondary indexes of the events table, each ending in ``id`` so that
+#: a keyset page is one range read (query.TableSchema names them too)
+INDEXES = (
+    ("pid_id", "`pid`, `id`"),
+    ("domain_name_id", "`domain`, `name`, `id`"),
+    ("domain_id", "`domain`, `id`"),
+    ("name_id", "`name`, `id`"),
+    ("timestamp_id", "`timestamp`, `id`"),
+)
+
 
 def _schema_ddl(database, table):
     qualified = f"`{database}`.`{table}`"
@@ -93,9 +106,8 @@ def _schema_ddl(database, table):
         " `domain` VARCHAR(255) NOT NULL,"
         " `name` VARCHAR(255) NOT NULL,"
         " `data` JSON,"
-        " KEY `pid_id` (`pid`, `id`),"
-        " KEY `domain_name_id` (`domain`, `name`, `id`)"
-        f") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={COLLATION}",
+        + ",".join(f" KEY `{name}` ({columns})" for name, columns in INDEXES)
+        + f") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={COLLATION}",
     ]
 
 
@@ -153,14 +165,21 @@ def ensure_schema(txn, database, table):
         (database, table),
     )
     indexes = {row[0] for row in txn.fetchall()}
-    if "pid_id" not in indexes:
-        alterations.append("ADD KEY `pid_id` (`pid`, `id`)")
-        changes.append("added index pid_id")
-    if "domain_name_id" not in indexes:
-        alterations.append("ADD KEY `domain_name_id` (`domain`, `name`, `id`)")
-        changes.append("added index domain_name_id")
+    for name, columns in INDEXES:
+        if name not in indexes:
+            alterations.append(f"ADD KEY `{name}` ({columns})")
+            changes.append(f"added index {name}")
     if alterations:
-        txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
+        try:
+            txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
+        except Exception as error:
+            if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
+                raise RuntimeError(
+                    f"table {database}.{table} needs an upgrade ({', '.join(changes)}) that this"
+                    " MariaDB user may not make: start the server once with a user that may"
+                    " ALTER the table"
+                ) from error
+            raise
     return changes
 
 

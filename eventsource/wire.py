@@ -110,17 +110,19 @@ def _is_array_index(key: str) -> bool:
             and int(key) < 4294967295)
 
 
-def _js_number(value) -> str:
-    """A JSON number as JavaScript's ``JSON.stringify`` prints it (a double)."""
+def number_text(value) -> str:
+    """
+    A JSON number as JavaScript writes it (``String(n)``, ``JSON.stringify``):
+    a double, in its shortest round-tripping digits, in exponent form outside
+    1e-7 <= |n| < 1e21.  Raises ``OverflowError`` for a number no double
+    holds (and for infinities).
+    """
     if isinstance(value, int):
         if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
             return str(value)
-        try:
-            value = float(value)
-        except OverflowError:
-            return "null"       # Infinity, which JSON.stringify writes as null
+        value = float(value)        # (OverflowError past the largest double)
     if value != value or value in (float("inf"), float("-inf")):
-        return "null"
+        raise OverflowError("not a finite number")
     if value == 0:
         return "0"
     # repr gives the shortest digits that read back as the same double, as
@@ -139,6 +141,13 @@ def _js_number(value) -> str:
         e = n - 1
         text = digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e > 0 else "-") + str(abs(e))
     return "-" + text if sign else text
+
+
+def _js_number(value) -> str:
+    try:
+        return number_text(value)
+    except OverflowError:
+        return "null"       # Infinity, which JSON.stringify writes as null
 
 
 def _js_string(text: str) -> str:

@@ -92,7 +92,10 @@ json_values = st.recursive(
 hostile_text = (st.sampled_from(INJECTIONS) | st.text(max_size=30)
                 | st.integers(20_000, 100_000).map(lambda n: "A" * n))
 names = st.text(min_size=1, max_size=40)
-wrong_type = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+# (no infinities: json.dumps writes them as Infinity, which is not JSON, so the
+# request would have no reply channel; hypothesis draws them once the constants
+# of the loaded test modules steer it there)
+wrong_type = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
               | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3),
                                                                       st.integers(), max_size=2))
 

@@ -16,6 +16,8 @@ import json
 import os
 import re
 import secrets
+import sys
+import time
 from datetime import datetime
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -23,6 +25,7 @@ import pymysql
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import MYSQL
+from eventsource.store import INDEXES
 from eventsource.query import (
     InsertPlan, Limits, QueryError, SelectPlan, TableSchema,
     compile_insert, compile_select, parse_timestamp,
@@ -62,6 +65,12 @@ class TableSchemaTests(SynchronousTestCase):
     def test_defaults(self):
         self.assertEqual(SCHEMA.columns, ("id", "timestamp", "pid", "domain", "name", "data"))
         self.assertEqual(SCHEMA.default_columns, ("timestamp", "pid", "domain", "name", "data"))
+
+    def test_indexes_are_the_ones_the_store_creates(self):
+        named = dict(SCHEMA.keyset_indexes)
+        named.update((name, (column,)) for name, column in SCHEMA.range_indexes)
+        created = {name: tuple(c.strip(" `") for c in columns.split(",")) for name, columns in INDEXES}
+        self.assertEqual({name: columns + ("id",) for name, columns in named.items()}, created)
 
     def test_bad_identifiers_refused(self):
         for database, name in (("a`b", "event"), ("es", "ev`ent"), ("es", "ev%ent"),
@@ -134,7 +143,50 @@ class WhereOperatorTests(SynchronousTestCase):
         self.assertEqual(where_of({"pid": "p1"}), ("`pid` = %s", ("p1",)))
         self.assertEqual(where_of({"id": 7}), ("`id` = %s", (7,)))
         self.assertEqual(where_of({"id": 1.5}), ("`id` = %s", (1.5,)))
-        self.assertEqual(where_of({"pid": True}), ("`pid` = %s", (True,)))
+        self.assertEqual(where_of({"pid": True}), ("`pid` = %s", ("true",)))
+        self.assertEqual(where_of({"id": True}), ("`id` = %s", (True,)))
+
+    def test_numbers_compared_with_text_columns_are_text(self):
+        # JavaScript's String(n): MariaDB would otherwise cast the column
+        # to a number, and {"name": 0} matched every non-numeric name
+        for value, text in ((0, "0"), (-0.0, "0"), (1.5, "1.5"), (1.0, "1"), (-2, "-2"),
+                            (1e21, "1e+21"), (10 ** 21, "1e+21"), (1e20, "100000000000000000000"),
+                            (1e-7, "1e-7"), (0.000001, "0.000001"), (2 ** 53 + 1, "9007199254740992"),
+                            (True, "true"), (False, "false")):
+            for column in ("pid", "domain", "name", "data"):
+                self.assertEqual(where_of({column: value}), ("`%s` = %%s" % column, (text,)))
+        self.assertEqual(where_of({"name": {"$ne": 1, "$gt": 2, "$gte": 3, "$lt": 4, "$lte": 5.5}})[1],
+                         ("1", "2", "3", "4", "5.5"))
+        self.assertEqual(where_of({"name": {"$in": [1, "1", True], "$nin": [0.5]}})[1],
+                         ("1", "1", "true", "0.5"))
+        self.assertEqual(where_of({"name": {"$between": {"$min": 1, "$max": 2e21}}})[1], ("1", "2e+21"))
+        self.assertIn("too large", str(self.assertRaises(QueryError, where_of, {"name": 10 ** 400})))
+
+    @settings(max_examples=500, deadline=None, database=None)
+    @given(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2 ** 80, 2 ** 80)))
+    def test_number_text_reads_back_as_the_same_number(self, number):
+        (text,) = where_of({"name": number})[1]
+        self.assertEqual(float(text), float(number))
+        self.assertNotIn("E", text)
+        self.assertFalse(text.endswith(".0"), text)
+
+    def test_numeric_column_takes_decimal_integers_only(self):
+        self.assertEqual(where_of({"id": "42"}), ("`id` = %s", (42,)))
+        self.assertEqual(where_of({"id": {"$in": ["-7", 8, 2.5]}})[1], (-7, 8, 2.5))
+        for op in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
+            self.assertEqual(where_of({"id": {op: "9"}})[1], (9,))
+        for bad in ("abc", "", " 1", "1 ", "1.5", "1e3", "0x10", "+1", "\u0661", "1" * 65):
+            for where in ({"id": bad}, {"id": {"$gt": bad}}, {"id": {"$in": [1, bad]}},
+                          {"id": {"$nin": [bad]}}, {"id": {"$between": {"$min": 1, "$max": bad}}}):
+                with self.assertRaises(QueryError) as caught:
+                    where_of(where)
+                self.assertIn("is not a decimal integer", str(caught.exception))
+        # aggregates other than $min/$max of text are numbers too
+        select = {"$columns": ["pid", {"n": {"$count": "*"}}, {"m": {"$max": "name"}}],
+                  "$groupBy": ["pid"], "$having": {"n": {"$gte": "2"}, "m": 3}}
+        self.assertEqual(compile_select(select, SCHEMA).having_params, (2, "3"))
+        select["$having"] = {"n": "two"}
+        self.assertRaises(QueryError, compile_select, select, SCHEMA)
 
     def test_equality_null(self):
         self.assertEqual(where_of({"name": None}), ("`name` IS NULL", ()))
@@ -152,7 +204,7 @@ class WhereOperatorTests(SynchronousTestCase):
 
     def test_in(self):
         self.assertEqual(where_of({"pid": {"$in": ["a", "b", 3]}}),
-                         ("`pid` IN (%s, %s, %s)", ("a", "b", 3)))
+                         ("`pid` IN (%s, %s, %s)", ("a", "b", "3")))
         self.assertEqual(where_of({"pid": {"$nin": ["a"]}}), ("`pid` NOT IN (%s)", ("a",)))
 
     def test_in_refusals(self):
@@ -493,6 +545,22 @@ class PagingTests(SynchronousTestCase):
             + " WHERE (`pid` = %s AND `name` IN (%s, %s)) AND `id` > %s AND `id` <= %s"
             " ORDER BY `id` LIMIT %s", ("p1", "a", "b", 10, 20, 3)))
 
+    def test_keyset_sql_of_an_in_list(self):
+        # one (pid, id) range per value, merged; the rest of $where written once
+        plan = compile_select({"$columns": ["name"], "$where": {"pid": {"$in": ["a", 2]},
+                                                                "name": {"$ne": "x"}}}, SCHEMA)
+        branch = ("(SELECT `id` FROM `__base` WHERE `pid` = %s AND `id` > %s AND `id` <= %s"
+                  " ORDER BY `id` LIMIT %s)")
+        self.assertEqual(plan.page_sql(10, 20, 3), (
+            "WITH `__base` AS (SELECT * FROM " + TABLE + " FORCE INDEX (`pid_id`) WHERE `name` <> %s),"
+            " `__page` AS (" + branch + " UNION " + branch + " ORDER BY `id` LIMIT %s)"
+            " SELECT `name`, `id` AS `__keyset` FROM `__page` STRAIGHT_JOIN " + TABLE
+            + " USING (`id`) ORDER BY `id`", ("x", "a", 10, 20, 3, "2", 10, 20, 3, 3)))
+        self.assertEqual(plan.offset_sql(0, 20, 3)[1], ("a", "2", "x", 20, 3, 0))
+        only = compile_select({"$where": {"domain": {"$in": ["a", "b", "c"]}}}, SCHEMA)
+        self.assertTrue(only.page_sql(0, 9, 1)[0].startswith(
+            "WITH `__base` AS (SELECT * FROM " + TABLE + " FORCE INDEX (`domain_id`)), `__page` AS ("))
+
     def test_keyset_without_where(self):
         self.assertEqual(compile_select({"$columns": ["pid"]}, SCHEMA).page_sql(0, 9, 100), (
             "SELECT `pid`, `id` AS `__keyset` FROM " + TABLE
@@ -504,7 +572,21 @@ class PagingTests(SynchronousTestCase):
         self.assertTrue(hint({"pid": "p", "name": "x"}).endswith(" FORCE INDEX (`pid_id`)"))
         self.assertTrue(hint({"pid": {"$eq": 3}}).endswith(" FORCE INDEX (`pid_id`)"))
         self.assertTrue(hint({"domain": "d", "name": "n"}).endswith(" FORCE INDEX (`domain_name_id`)"))
-        for where in ({"domain": "d"}, {"pid": None}, {"pid": {"$in": ["a"]}}, {"$or": [{"pid": "a"}]}):
+        self.assertTrue(hint({"domain": "d"}).endswith(" FORCE INDEX (`domain_id`)"))
+        self.assertTrue(hint({"name": {"$eq": "n", "$ne": "m"}}).endswith(" FORCE INDEX (`name_id`)"))
+        self.assertTrue(hint({"pid": {"$in": ["a"]}}).endswith(" FORCE INDEX (`pid_id`)"))
+        self.assertTrue(hint({"pid": {"$in": list(range(16))}}).startswith("WITH `__base` AS ("))
+        self.assertTrue(hint({"pid": {"$in": list(range(17))}})
+                        .endswith(" FORCE INDEX (PRIMARY, `pid_id`)"))
+        self.assertTrue(hint({"$and": [{"id": 3}, {"$and": {"domain": "d"}}]})
+                        .endswith(" FORCE INDEX (`domain_id`)"))
+        for condition in ({"$gte": "2020-01-01"}, {"$lt": "2020-01-01", "$ne": "2019-01-01"},
+                          {"$between": {"$min": "2020-01-01", "$max": "2021-01-01"}}, "2020-01-01",
+                          {"$in": ["2020-01-01", "2020-01-02"]}):
+            self.assertTrue(hint({"timestamp": condition, "data": {"$ne": "null"}})
+                            .endswith(" FORCE INDEX (PRIMARY, `timestamp_id`)"), condition)
+        for where in ({"pid": None}, {"$or": [{"pid": "a"}]}, {"$not": {"pid": "a"}},
+                      {"pid": {"$ne": "a"}}, {"timestamp": {"$ne": "2020-01-01"}}, {"id": 5}):
             self.assertTrue(hint(where).endswith(" FORCE INDEX (PRIMARY)"), where)
         offset_plan = compile_select({"$where": {"pid": "p"}, "$orderBy": {"name": 1}}, SCHEMA)
         self.assertNotIn("FORCE", offset_plan.offset_sql(0, 9, 100)[0])
@@ -555,6 +637,103 @@ class PagingTests(SynchronousTestCase):
         plan = compile_select({"$where": {"pid": "p"}}, SCHEMA)
         self.assertEqual(plan.page_sql(0, 10, 5)[1], ("p", 0, 10, 5))
         self.assertEqual(plan.page_sql(5, 10, 5)[1], ("p", 5, 10, 5))
+
+
+TERM_FORMS = ("columns", "column_items", "column_object", "group", "order", "order_items",
+              "where_or", "where_in", "where_and", "having")
+
+
+def count_calls(function, *args):
+    """How many Python and C function calls ``function(*args)`` makes."""
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        function(*args)
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+def cpu_time(function, *args):
+    """The process CPU time ``function(*args)`` takes."""
+    start = time.process_time()
+    function(*args)
+    return time.process_time() - start
+
+
+@st.composite
+def termed_selects(draw, shape=None, scale=None):
+    """
+    A valid ``$select`` built from every form that spends terms, and how
+    many terms the docs say it has: each listed column or key of a
+    ``$columns`` item or object, each group and order entry (list items and
+    keys of objects), each condition and ``$in`` value.  With ``scale``,
+    every form in ``shape`` has about ``scale`` entries.
+    """
+    def size(form):
+        if scale is not None:
+            return scale * shape[form]
+        return draw(st.integers(0, 12))
+
+    aliases, columns, terms = [], [], 0
+
+    def alias():
+        aliases.append("a%d" % len(aliases))
+        return aliases[-1]
+
+    count = size("columns")
+    columns += [{alias(): {"$count": "*"}} for _ in range(count)]
+    terms += count
+    count = size("column_items")
+    per_item = 3 if scale is not None else draw(st.integers(1, 4))
+    for _ in range(0, count, per_item):
+        columns.append({alias(): {"$max": "id"} for _ in range(per_item)})
+        terms += per_item
+    count = size("column_object")
+    if count or not columns:
+        count = max(count, 1)
+        columns.append({alias(): {"$sum": "id"} for _ in range(count)})
+        terms += count
+    select = {"$columns": columns}
+    if len(columns) == 1 and isinstance(columns[0], dict) and draw(st.booleans()):
+        select["$columns"] = columns[0]               # the object form itself
+    groups = ["pid", "domain", "name", "timestamp", "data", "id"][:min(6, size("group"))]
+    if groups:
+        select["$groupBy"] = draw(st.sampled_from([groups, [{g: True for g in groups}],
+                                                   {g: 1 for g in groups}]))
+        terms += len(groups)
+    order = aliases[:size("order")]
+    order_items = aliases[len(order):len(order) + size("order_items")]
+    if order or order_items:
+        select["$orderBy"] = order + ([{a: -1 for a in order_items}] if order_items else [])
+        terms += len(order) + len(order_items)
+    where = {}
+    count = size("where_or")
+    if count:
+        where["$or"] = [{"pid": "p%d" % i} for i in range(count)]
+        terms += count
+    count = size("where_in")
+    if count:
+        where["name"] = {"$in": ["n%d" % i for i in range(count)]}
+        terms += count
+    count = size("where_and")
+    if count:
+        where["$and"] = {"domain": {"$ne": "x"}} if count == 1 else [
+            {"id": {"$gt": i}} for i in range(count)]
+        terms += count
+    if where or (scale is None and draw(st.booleans())):
+        select["$where"] = where
+        terms += 0 if where else 1                     # {} is a term
+    count = size("having")
+    if count and aliases:
+        select["$having"] = {"$or": [{aliases[i % len(aliases)]: {"$gte": i}} for i in range(count)]}
+        terms += count
+    return select, terms
 
 
 class LimitsTests(SynchronousTestCase):
@@ -611,6 +790,50 @@ class LimitsTests(SynchronousTestCase):
         self.assertRaises(QueryError, compile_select, {"$where": many}, SCHEMA)
         many_aliases = [{"a%d" % i: {"$count": "*"}} for i in range(1001)]
         self.assertRaises(QueryError, compile_select, {"$columns": many_aliases}, SCHEMA)
+
+    def test_every_key_of_a_list_item_is_a_term(self):
+        # one list item holding 20,000 aggregates was accepted (1 term)
+        one_item = {"a%d" % i: {"$count": "*"} for i in range(20000)}
+        for select in ({"$columns": [one_item]}, {"$columns": one_item},
+                       {"$columns": ["pid"], "$orderBy": [{c: 1 for c in SCHEMA.columns}]},
+                       {"$columns": ["pid"], "$groupBy": [{c: True for c in SCHEMA.columns}]}):
+            with self.assertRaises(QueryError) as caught:
+                compile_select(select, SCHEMA, Limits(max_terms=5))
+            self.assertEqual(str(caught.exception), "query is too large: more than 5 terms")
+        compile_select({"$columns": ["pid"], "$orderBy": [{"pid": 1, "name": -1}],
+                        "$groupBy": [{"pid": True, "name": True}]}, SCHEMA, Limits(max_terms=5))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.data())
+    def test_terms_counted_in_every_form(self, data):
+        select, terms = data.draw(termed_selects())
+        limit = max(1, terms + data.draw(st.integers(-3, 3)))
+        limits = Limits(max_terms=limit, max_in_list=10 ** 6)
+        if terms > limit:
+            with self.assertRaises(QueryError) as caught:
+                compile_select(select, SCHEMA, limits)
+            self.assertEqual(str(caught.exception), "query is too large: more than %d terms" % (limit,))
+        else:
+            compile_select(select, SCHEMA, limits)
+
+    @settings(max_examples=25, deadline=None, database=None)
+    @given(st.data())
+    def test_compile_work_is_linear(self, data):
+        # Python and C calls made while compiling a query of every form, at
+        # a size and at eight times that size: no more than ~8 times as many
+        shape = data.draw(st.fixed_dictionaries({form: st.integers(0, 3) for form in TERM_FORMS}))
+        small, _ = data.draw(termed_selects(shape=shape, scale=40))
+        large, _ = data.draw(termed_selects(shape=shape, scale=320))
+        distinct = data.draw(st.booleans())
+        small["$distinct"] = large["$distinct"] = distinct
+        limits = Limits(max_terms=10 ** 7, max_in_list=10 ** 7)
+        counts = [count_calls(compile_select, select, SCHEMA, limits) for select in (small, large)]
+        self.assertLess(counts[1], 8.5 * counts[0] + 1000, counts)
+        # and loops inside C calls (``x in list``): CPU time, with a ratio
+        # far from both 8 (linear) and 64 (quadratic)
+        times = [min(cpu_time(compile_select, select, SCHEMA, limits) for _ in range(3))
+                 for select in (small, large)]
+        self.assertLess(times[1], 24 * times[0] + 0.005, times)
 
     def test_in_list(self):
         limits = Limits(max_in_list=3)
@@ -738,7 +961,7 @@ INJECTIONS = [
 SQL_WORDS = {
     "SELECT", "DISTINCT", "FORCE", "INDEX", "PRIMARY", "FROM", "WHERE", "AND", "OR", "NOT", "IS", "NULL", "IN", "LIKE",
     "ESCAPE", "BETWEEN", "GROUP", "BY", "HAVING", "ORDER", "ASC", "DESC", "LIMIT", "OFFSET",
-    "AS", "COUNT", "MIN", "MAX", "SUM", "AVG", "TRUE",
+    "AS", "COUNT", "MIN", "MAX", "SUM", "AVG", "TRUE", "WITH", "UNION", "STRAIGHT_JOIN", "USING",
 }
 
 ALIASES = ("n", "total", "first", "last", "mean", "p", "nm", "ts")
@@ -753,10 +976,19 @@ def assert_safe_sql(test, sql, params, schema=SCHEMA, aliases=ALIASES):
     schema's table, SQL keywords and punctuation; placeholders match params."""
     test.assertEqual(sql.count("%s"), len(params))
     test.assertNotIn("%", sql.replace("%s", ""))
-    test.assertEqual(sql.count(" FROM "), 1)
-    test.assertRegex(sql, " FROM " + re.escape(schema.quoted)
-                     + r"( FORCE INDEX \((PRIMARY|`pid_id`|`domain_name_id`)\))? WHERE ")
-    allowed = set(schema.columns) | set(aliases) | {"__keyset"} | {n for n, _ in schema.keyset_indexes}
+    indexes = [n for n, _ in schema.keyset_indexes]
+    names = "|".join("`%s`" % n for n in indexes + [n for n, _ in schema.range_indexes])
+    hint = r"( FORCE INDEX \((PRIMARY|PRIMARY, (%s)|%s)\))?" % (names, names)
+    if sql.startswith("WITH "):        # a page of `column $in [...]`
+        test.assertRegex(sql, r"\AWITH `__base` AS \(SELECT \* FROM " + re.escape(schema.quoted)
+                         + hint + "[ )]")
+        for table in re.findall(r" (?:FROM|JOIN) (\S+)", sql):
+            test.assertIn(table, (schema.quoted, "`__base`", "`__page`"))
+    else:
+        test.assertEqual(sql.count(" FROM "), 1)
+        test.assertRegex(sql, " FROM " + re.escape(schema.quoted) + hint + " WHERE ")
+    allowed = (set(schema.columns) | set(aliases) | {"__keyset", "__base", "__page"} | set(indexes)
+               | {n for n, _ in schema.range_indexes})
     stripped = sql.replace(schema.quoted, " ")
     for ident in re.findall(r"`([^`]*)`", stripped):
         test.assertIn(ident, allowed)
@@ -781,12 +1013,14 @@ class _Slot:
     query shape can be compiled with two different sets of values)."""
 
     def __init__(self, kind):
-        self.kind = kind        # "any", "text" (patterns) or "ts"
+        self.kind = kind        # "any", "num" (numeric columns), "text" (patterns) or "ts"
 
 
 text_values = st.one_of(st.text(max_size=12), st.sampled_from(INJECTIONS))
 any_values = st.one_of(text_values, st.integers(-2 ** 70, 2 ** 70),
                        st.floats(allow_nan=False, allow_infinity=False), st.booleans())
+num_values = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False, allow_infinity=False),
+                       st.booleans(), st.integers(-2 ** 70, 2 ** 70).map(str))
 timestamp_values = st.builds(
     lambda moment, zone: moment.isoformat() + zone,
     st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30)),
@@ -796,11 +1030,16 @@ COLUMN_OPS = ["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$like"
               "$startsWith", "$endsWith", "$contains", "$between", "$isNull", "=", "null"]
 
 
+#: the numeric columns and aggregate aliases of the generated queries
+NUMERIC_NAMES = ("id", "n", "total", "mean")
+
+
 @st.composite
 def conditions(draw, columns):
     """One column condition with value slots."""
     column = draw(st.sampled_from(columns))
-    kind = "ts" if column in SCHEMA.datetime_columns else "any"
+    kind = ("ts" if column in SCHEMA.datetime_columns
+            else "num" if column in NUMERIC_NAMES else "any")
     op = draw(st.sampled_from(COLUMN_OPS))
     if op == "=":
         return {column: _Slot(kind)}
@@ -901,7 +1140,7 @@ class _Drawn:
 def value_sources(data):
     """Value iterators for fill(), drawing only as many values as needed."""
     return {"any": _Drawn(data, any_values), "text": _Drawn(data, text_values),
-            "ts": _Drawn(data, timestamp_values)}
+            "ts": _Drawn(data, timestamp_values), "num": _Drawn(data, num_values)}
 
 
 json_scalars = st.one_of(
@@ -924,7 +1163,8 @@ garbage_selects = st.one_of(
     st.fixed_dictionaries({}, optional={
         "$columns": st.one_of(json_trees, st.lists(st.sampled_from(list(SCHEMA.columns) + ["*", "x"]))),
         "$where": st.one_of(json_trees, where_trees(SCHEMA.columns).map(
-            lambda shape: fill(shape, {k: iter([0, "x", "2020-01-01"] * 200) for k in ("any", "ts", "text")}))),
+            lambda shape: fill(shape, {k: iter([0, "x", "2020-01-01"] * 200)
+                                       for k in ("any", "ts", "text", "num")}))),
         "$having": json_trees, "$orderBy": json_trees, "$groupBy": json_trees,
         "$limit": json_scalars, "$offset": json_scalars, "$distinct": json_scalars,
         "$from": st.one_of(json_scalars, st.sampled_from(["event", "eventsource.event", "other"]))}),
@@ -954,6 +1194,7 @@ class PropertyTests(SynchronousTestCase):
     def test_hostile_values_are_passed_through(self, shape, hostile):
         sources = {kind: iter([hostile] * 200) for kind in ("any", "text")}
         sources["ts"] = iter(["2020-04-06T11:35:18.414Z"] * 200)
+        sources["num"] = iter([7] * 200)
         select = fill(shape, sources)
         plan = compile_select(select, SCHEMA)
         for sql, params in plan_sqls(plan):
@@ -1171,15 +1412,14 @@ class DatabaseTests(SynchronousTestCase):
         cursor.execute("DROP DATABASE IF EXISTS `%s`" % (DB,))
         cursor.execute("CREATE DATABASE `%s`" % (DB,))
         self.addCleanup(cursor.execute, "DROP DATABASE IF EXISTS `%s`" % (DB,))
-        cursor.execute(
+        cursor.execute((
             "CREATE TABLE `%s`.`event` ("
             " `id` BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY,"
             " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
             " `pid` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `domain` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `name` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,"
-            " `data` JSON,"
-            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`))" % (DB,))
+            " `data` JSON" + "".join(", KEY `%s` (%s)" % index for index in INDEXES) + ")") % (DB,))
         self.cursor = cursor
         # the fixture goes in through compile_insert, like persist would
         documents = _rows()
@@ -1219,6 +1459,43 @@ class DatabaseTests(SynchronousTestCase):
             expected = [r["pid"] for r in self.rows if check(r["pid"])]
             self.assertTrue(expected)
             self.assertEqual(got, expected)
+
+    def test_numbers_compare_with_text_columns_as_text(self):
+        for name in ("0", "1", "1.5", "10", "1e+21", "true", "-2"):
+            self.cursor.execute("INSERT INTO " + DB_SCHEMA.quoted + " (`pid`, `domain`, `name`)"
+                                " VALUES ('num', 'num', %s)", (name,))
+        self.cursor.execute("SELECT `id`, `name` FROM " + DB_SCHEMA.quoted + " ORDER BY `id`")
+        rows = self.cursor.fetchall()
+        high_water = rows[-1][0]
+
+        def ids(where):
+            plan = compile_select({"$columns": ["id"], "$where": where}, DB_SCHEMA)
+            return [r[0] for r in self.run_sql(plan.page_sql(0, high_water, 1000))]
+
+        def expected(keep):
+            return [i for i, name in rows if name is not None and keep(name)]
+
+        cases = [
+            ({"name": 0}, lambda n: n == "0"),
+            ({"name": {"$eq": 1.0}}, lambda n: n == "1"),
+            ({"name": {"$ne": 0}}, lambda n: n != "0"),
+            ({"name": {"$gt": 1}}, lambda n: n > "1"),
+            ({"name": {"$gte": 1.5}}, lambda n: n >= "1.5"),
+            ({"name": {"$lt": 10}}, lambda n: n < "10"),
+            ({"name": {"$lte": -2}}, lambda n: n <= "-2"),
+            ({"name": {"$in": [1e21, True, 0]}}, lambda n: n in ("1e+21", "true", "0")),
+            ({"name": {"$nin": [1.5, 10]}}, lambda n: n not in ("1.5", "10")),
+            ({"name": {"$between": {"$min": 1, "$max": 10}}}, lambda n: "1" <= n <= "10"),
+            ({"pid": {"$in": [0, 1]}}, lambda n: False),
+        ]
+        for where, keep in cases:
+            self.assertEqual(ids(where), expected(keep), where)
+        self.assertEqual(ids({"id": "3"}), [3])
+        self.assertEqual(ids({"id": {"$in": ["1", 2]}, "name": {"$ne": None}}), [2])
+        self.assertEqual(ids({"id": {"$between": {"$min": "3", "$max": "5"}}}), [3, 4, 5])
+        self.assertEqual(ids({"id": {"$gt": "34", "$lte": str(high_water)}}), list(range(35, high_water + 1)))
+        self.assertEqual(ids({"id": {"$nin": [str(i) for i in range(2, high_water + 1)]}}), [1])
+        self.assertRaises(QueryError, ids, {"id": "abc"})
 
     @DB_SETTINGS
     @given(db_wheres)

@@ -22,11 +22,11 @@ class SchemaTests(TestCase):
         self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")
 
     @defer.inlineCallbacks
-    def start(self):
+    def start(self, user=MYSQL["user"], password=MYSQL["password"]):
         server = EventSourceService(Config(
             table=f"{self.database}.event", redis_host=REDIS_HOST, redis_port=REDIS_PORT,
-            mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
-            mysql_password=MYSQL["password"], channel_prefix=self.prefix))
+            mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=user,
+            mysql_password=password, channel_prefix=self.prefix))
         server.stop_reactor_on_failure = False
         server.startService()
         self.addCleanup(server.stopService)
@@ -52,7 +52,9 @@ class SchemaTests(TestCase):
 
     EXPECTED_INDEXES = {("PRIMARY", 1, "id"), ("pid_id", 1, "pid"), ("pid_id", 2, "id"),
                         ("domain_name_id", 1, "domain"), ("domain_name_id", 2, "name"),
-                        ("domain_name_id", 3, "id")}
+                        ("domain_name_id", 3, "id"), ("domain_id", 1, "domain"), ("domain_id", 2, "id"),
+                        ("name_id", 1, "name"), ("name_id", 2, "id"),
+                        ("timestamp_id", 1, "timestamp"), ("timestamp_id", 2, "id")}
 
     @defer.inlineCallbacks
     def test_creates_database_and_table(self):
@@ -103,6 +105,45 @@ class SchemaTests(TestCase):
         messages = yield client.fetch({"$where": {"pid": "p1"}, "$columns": ["timestamp", "name"]})
         self.assertEqual(messages[0], {"timestamp": "2020-01-01T00:00:01.000Z", "name": "n1"})
         self.assertEqual([m["name"] for m in messages[:-1]], [f"n{i}" for i in range(1, 30, 3)])
+
+    def create_earlier_version(self):
+        """The table as the previous release created it: two secondary indexes."""
+        sql(f"CREATE DATABASE `{self.database}`")
+        sql(f"CREATE TABLE `{self.database}`.`event` ("
+            " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
+            " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
+            " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
+            " `name` VARCHAR(255) NOT NULL, `data` JSON,"
+            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`)"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
+        sql(f"INSERT INTO `{self.database}`.`event` (`pid`, `domain`, `name`, `data`)"
+            " VALUES ('p', 'd', 'n1', '1'), ('q', 'd', 'n2', '2')")
+
+    @defer.inlineCallbacks
+    def test_adds_new_indexes_to_a_table_of_an_earlier_version(self):
+        self.create_earlier_version()
+        yield self.start()
+        self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)
+        client = yield WireClient(self.prefix).connect()
+        self.addCleanup(client.disconnect)
+        messages = yield client.fetch({"$where": {"domain": "d"}, "$columns": ["name"]})
+        self.assertEqual(messages[:-1], [{"name": "n1"}, {"name": "n2"}])
+
+    @defer.inlineCallbacks
+    def test_upgrade_without_privileges_is_a_clear_start_failure(self):
+        self.create_earlier_version()
+        user = unique("es_ro")[:32]
+        for host in ("%", "localhost"):
+            sql(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'ro-pass'")
+            sql(f"GRANT SELECT ON `{self.database}`.* TO '{user}'@'{host}'")
+            self.addCleanup(sql, f"DROP USER IF EXISTS '{user}'@'{host}'")
+        failure = yield self.assertFailure(self.start(user, "ro-pass"), RuntimeError)
+        self.assertIn("added index domain_id, added index name_id, added index timestamp_id)"
+                      " that this MariaDB user may not make", str(failure))
+        self.flushLoggedErrors(RuntimeError)
+        # once a user that may ALTER has started it, the SELECT-only user can
+        yield (yield self.start()).stopService()
+        yield self.start(user, "ro-pass")
 
     @defer.inlineCallbacks
     def test_original_binary_table_stays_binary(self):
