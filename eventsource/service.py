@@ -122,8 +122,17 @@ class EventSourceService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        """Stop taking requests, finish persists in flight, end streams, close connections."""
+        """
+        Stop taking requests, end streams (dropping their reads that have not
+        started), finish persists in flight, close connections.  Takes at
+        most ``shutdown_timeout`` plus the store's kill grace, whatever is queued.
+        """
         self._accepting = False
+        for stream in list(self.streams.values()):
+            stream.fail("the server is shutting down")
+        # Reads no stream waits for any more must not hold the pool (or the
+        # persists behind them) during the wait below.
+        self.store.drop_reads()
         if self._persists:
             log.info("waiting for {count} persists in flight", count=len(self._persists))
             finished = yield self._wait_for_persists(self.config.shutdown_timeout)
@@ -131,8 +140,6 @@ class EventSourceService(service.MultiService):
                 log.warn("{count} persists still unanswered after {timeout} s; closing anyway "
                          "(their outcome is unknown to their clients)",
                          count=len(self._persists), timeout=self.config.shutdown_timeout)
-        for stream in list(self.streams.values()):
-            stream.fail("the server is shutting down")
         yield super().stopService()
         yield self.bus.stop()
         yield self.store.stop()

@@ -110,6 +110,10 @@ class MemoryStore:
         self.started = False
         return defer.succeed(None)
 
+    def drop_reads(self):
+        """Shutdown began: reads not started are dropped (held ones stay held here)."""
+        self.reads_dropped = True
+
     def add(self, pid="p1", domain="d", name="n", data=None, timestamp=None):
         """Append one event directly (test set-up); returns its id."""
         event_id = len(self.events) + 1
