@@ -249,7 +249,11 @@ class EventSourceService(service.MultiService):
         self.publish(channel, wire.END_BODY)
 
     def _persist_failed(self, failure, channel):
-        log.failure("persist for {channel} failed", failure, channel=channel)
+        if failure.check("eventsource.store.StoreStopping"):
+            log.warn("persist for {channel} not written: the server stopped first",
+                     channel=channel)
+        else:
+            log.failure("persist for {channel} failed", failure, channel=channel)
         self._reply_error(channel, "the database refused the insert")
 
     def _persist_done(self, _, d):
@@ -304,7 +308,9 @@ class EventSourceService(service.MultiService):
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
         if stream.is_live:
-            log.failure("stream on {channel} failed", failure, channel=stream.channel)
+            # (a reply channel Redis refused us: the bus logged it, as a warning)
+            if not failure.check("eventsource.bus.ReplyChannelRefused"):
+                log.failure("stream on {channel} failed", failure, channel=stream.channel)
             stream.fail(str(failure.value))
 
     def _stream_closed(self, stream):

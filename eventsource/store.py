@@ -374,7 +374,7 @@ class GroupCommitWriter:
 
     @defer.inlineCallbacks
     def _batch_failed(self, failure, batch):
-        if len(batch) == 1 or _is_lost_connection(failure.value):
+        if len(batch) == 1 or _is_lost_connection(failure.value) or failure.check(StoreStopping):
             # A connection lost at COMMIT leaves the outcome unknown (MariaDB
             # may have committed): writing the rows again could store them
             # twice, so every request of the batch fails instead.
@@ -451,7 +451,9 @@ class Store:
         #: MariaDB connection ids of statements given up on at the read
         #: timeout: they may still run there, so a stop kills them too
         self._orphans = set()
+        #: no new reads (shutdown began); ``_closing``: no new work at all
         self._stopping = False
+        self._closing = False
 
     def _connect_kwargs(self):
         config = self._config
@@ -478,7 +480,7 @@ class Store:
     def start(self):
         """Open the pool and make sure the schema is there; fires with the changes made."""
         size = self._config.pool_size
-        self._stopping = False
+        self._stopping = self._closing = False
         self._pool = adbapi.ConnectionPool(
             "pymysql",
             cp_min=min(2, size),
@@ -521,6 +523,7 @@ class Store:
         later are cut, so the pool's threads can be joined at once.
         """
         self.drop_reads()
+        self._closing = True
         writes, self._writes = self._writes, deque()
         for _, _, d in writes:
             d.errback(StoreStopping("the server is shutting down"))
@@ -593,10 +596,10 @@ class Store:
         statement that was sent and then lost (killed, timed out, MariaDB
         gone while it ran) is never run again: it may still be running.
         """
+        if self._closing or (read and self._stopping):
+            return defer.fail(StoreStopping("the server is shutting down"))
         if self._pool is None:
             return defer.fail(RuntimeError("the store is not running"))
-        if read and self._stopping:
-            return defer.fail(StoreStopping("the server is shutting down"))
         d = defer.Deferred()
         (self._reads if read else self._writes).append((work, args, d))
         self._next()
@@ -615,18 +618,22 @@ class Store:
                 return
             self._in_flight += 1
             ran = self._attempt(pool, work, args, read)
-            ran.addBoth(self._finished)
-            ran.chainDeferred(d)
+            ran.addBoth(self._finished, d)
 
-    def _finished(self, result):
+    def _finished(self, result, d):
+        # The caller hears first (a persist answered, the writer's next batch
+        # queued), then a stop waiting for the pool to be idle.
         self._in_flight -= 1
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
         if not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(None)
         self._next()
-        return result
 
     def _attempt(self, pool, work, args, read):
         def retry(failure):
