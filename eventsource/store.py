@@ -449,7 +449,7 @@ class Store:
         #: (written by pool threads, read by the reactor thread)
         self._busy = {}
         #: MariaDB connection ids of statements given up on at the read
-        #: timeout: they may still run there, so a stop kills them too
+        #: timeout: they may still run there, so they are killed
         self._orphans = set()
         #: no new reads (shutdown began); ``_closing``: no new work at all
         self._stopping = False
@@ -628,6 +628,9 @@ class Store:
             d.errback(result)
         else:
             d.callback(result)
+        if self._orphans and not self._closing:
+            orphans, self._orphans = self._orphans, set()
+            self._kill([], orphans)
         if not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
