@@ -78,6 +78,9 @@ KILL_GRACE = 2.0
 #: seconds the separate connection that sends ``KILL QUERY`` may take
 KILL_TIMEOUT = 2.0
 
+#: seconds shutdown waits for threads whose connections it cut to notice
+CUT_GRACE = 1.0
+
 
 def _is_lost_connection(error) -> bool:
     import pymysql
@@ -520,7 +523,9 @@ class Store:
         Stop every statement still running and close the pool: queued work
         is dropped, running statements get ``KILL QUERY`` (from a separate
         connection), and connections still busy :data:`KILL_GRACE` seconds
-        later are cut, so the pool's threads can be joined at once.
+        later are cut, so the pool's threads can be joined at once.  (Only a
+        thread still opening a connection can hold the join longer, up to
+        the connect timeout.)
         """
         self.drop_reads()
         self._closing = True
@@ -539,7 +544,7 @@ class Store:
             log.warn("{count} MySQL connections did not answer within {grace} s of KILL "
                      "QUERY; closing them", count=self._in_flight, grace=KILL_GRACE)
             self._cut_connections()
-            yield self._wait_idle(KILL_GRACE)
+            yield self._wait_idle(CUT_GRACE)
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -628,7 +633,7 @@ class Store:
             d.errback(result)
         else:
             d.callback(result)
-        if self._orphans and not self._closing:
+        if self._orphans:
             orphans, self._orphans = self._orphans, set()
             self._kill([], orphans)
         if not self._in_flight:
@@ -641,7 +646,7 @@ class Store:
     def _attempt(self, pool, work, args, read):
         def retry(failure):
             failure.trap(ConnectionLostBeforeCommit)
-            if self._pool is not pool or self._stopping:
+            if self._pool is not pool or self._closing:
                 return failure
             log.warn("MySQL connection lost ({error}); retrying once on a new one",
                      error=failure.value)

@@ -18,11 +18,11 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import store as store_module
-from eventsource.store import (KILL_GRACE, SQL_MODE, StatementTimeLimit, Store, _check_server,
-                               _not_sent, _read_page)
+from eventsource.store import (CUT_GRACE, KILL_GRACE, SQL_MODE, StatementTimeLimit, Store,
+                               _check_server, _not_sent, _read_page)
 from tests.redis_server import RedisServer
 from tests.support import MYSQL, IntegrationTestCase, WireClient, sql, unique
-from tests.test_faults import lost_connection_errors, sleep, wait_until
+from tests.test_faults import TCPProxy, lost_connection_errors, sleep, wait_until
 
 log = Logger()
 
@@ -313,6 +313,48 @@ class BoundedShutdownTests(IntegrationTestCase):
         stored = sorted(pid for pid, in sql(f"SELECT pid FROM `{self.database}`.event"))
         self.assertEqual(stored, sorted(f"ok{i}" for i in range(20)))
         self.flushLoggedErrors(pymysql.err.OperationalError)
+
+
+class StalledDatabaseTests(IntegrationTestCase):
+    """
+    The server reaches MariaDB through a proxy this test freezes: the pool's
+    connections get no answer at all (a partition), while new connections
+    (the one sending ``KILL QUERY``) still get through.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.proxy = TCPProxy(self, MYSQL["host"], MYSQL["port"])
+        self.proxy.up()
+        self.server_config = {"mysql_port": self.proxy.port, "pool_size": 2,
+                              "max_statement_time": 0, "mysql_timeout": 10.0}
+        yield super().setUp()
+
+    def freeze(self):
+        for proxied in list(self.proxy.factory.live):
+            proxied.transport.pauseProducing()
+            if proxied.peer is not None:
+                proxied.peer.transport.pauseProducing()
+
+    @defer.inlineCallbacks
+    def test_stop_cuts_connections_that_never_answer(self):
+        events = capture_log(self)
+        plan = SlowPlan(60)
+        read = self.server.store.read_page(plan, 0, 0, 10)
+        read.addErrback(lambda failure: None)
+        yield wait_until(lambda: plan.running() == 1, what="the slow read to run")
+        self.freeze()
+        started = time.monotonic()
+        yield self.server.stopService()
+        took = time.monotonic() - started
+        log.info("measured: stop with the database not answering took {seconds:.3f} s",
+                 seconds=took)
+        self.assertLess(took, KILL_GRACE + CUT_GRACE + 2)
+        self.assertTrue(any("did not answer" in formatEvent(e) for e in events))
+        # the KILL QUERY went through on a connection of its own
+        yield wait_until(lambda: plan.running() == 0, timeout=3, what="the read to be killed")
+        self.assertEqual(plan.runs, 1)
+        lost_connection_errors(self)
 
 
 # -- sql_mode ------------------------------------------------------------------------
