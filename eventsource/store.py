@@ -626,9 +626,12 @@ class Store:
             ran.addBoth(self._finished, d)
 
     def _finished(self, result, d):
-        # The caller hears first (a persist answered, the writer's next batch
-        # queued), then a stop waiting for the pool to be idle.
         self._in_flight -= 1
+        # The freed thread gets its next work before the reactor spends time
+        # on this result (publishing a page of rows); then the caller hears
+        # (a persist answered, the writer's next batch queued), and only
+        # then a stop waiting for the pool to be idle.
+        self._next()
         if isinstance(result, Failure):
             d.errback(result)
         else:
@@ -641,7 +644,6 @@ class Store:
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(None)
-        self._next()
 
     def _attempt(self, pool, work, args, read):
         def retry(failure):
