@@ -308,8 +308,12 @@ class EventSourceService(service.MultiService):
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
         if stream.is_live:
-            # (a reply channel Redis refused us: the bus logged it, as a warning)
-            if not failure.check("eventsource.bus.ReplyChannelRefused"):
+            if failure.check("eventsource.store.StatementTimeLimit"):
+                # the client's query, not a fault of the server: no traceback
+                log.warn("fetch on {channel} stopped: {reason}", channel=stream.channel,
+                         reason=failure.value)
+            elif not failure.check("eventsource.bus.ReplyChannelRefused"):
+                # (a reply channel Redis refused us: the bus logged it, as a warning)
                 log.failure("stream on {channel} failed", failure, channel=stream.channel)
             stream.fail(str(failure.value))
 

@@ -176,6 +176,7 @@ class StatementTimeLimitTests(IntegrationTestCase):
         the client gets "error", "end", and the page is read once only.
         """
         self.insert_events(100000, pid="many")
+        events = capture_log(self)
         reads = []
 
         def counted(*args):
@@ -189,7 +190,10 @@ class StatementTimeLimitTests(IntegrationTestCase):
                  seconds=time.monotonic() - started)
         self.assertEqual(messages, ["error", "end"])
         self.assertEqual(len(reads), 1)
-        self.assertEqual(len(self.flushLoggedErrors(StatementTimeLimit)), 1)
+        self.assertEqual(self.flushLoggedErrors(StatementTimeLimit), [])
+        stopped = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(stopped), 1, stopped)
+        self.assertIn("ran longer than the statement time limit (0.001 s)", stopped[0])
         self.assertFalse(self.server.streams)
         # the server goes on
         reply = yield self.client.persist(event("after"))
