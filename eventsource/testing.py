@@ -81,6 +81,7 @@ class MemoryStore:
         self.pending = []
         self.fail_next = None
         self.reads = []
+        self.reads_dropped = False
         self.started = False
 
     def _answer(self, compute):

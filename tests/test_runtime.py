@@ -14,12 +14,16 @@ import time
 
 import pymysql
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import store as store_module
+from eventsource.config import Config
+from eventsource.service import EventSourceService
 from eventsource.store import (CUT_GRACE, KILL_GRACE, SQL_MODE, StatementTimeLimit, Store,
                                _check_server, _not_sent, _read_page)
+from eventsource.testing import MemoryBus, MemoryStore
 from tests.redis_server import RedisServer
 from tests.support import MYSQL, IntegrationTestCase, WireClient, sql, unique
 from tests.test_faults import TCPProxy, lost_connection_errors, sleep, wait_until
@@ -225,6 +229,30 @@ class ReadTimeoutTests(IntegrationTestCase):
 
 
 # -- nothing left running, shutdown bounded ------------------------------------------
+
+
+class StopOrderTests(SynchronousTestCase):
+    """With in-memory doubles and a Clock: what a stop does first."""
+
+    def test_streams_end_and_reads_drop_before_the_persist_wait(self):
+        clock, bus, store = Clock(), MemoryBus(), MemoryStore(hold=True)
+        service = EventSourceService(Config(shutdown_timeout=3), reactor=clock, bus=bus,
+                                     store=store)
+        service.startService()
+        self.successResultOf(service.ready)
+        service.message_received("fetch", json.dumps({"channel": "f", "query": {"$select": {}}}))
+        service.message_received("persist", json.dumps({"channel": "p", "query": {
+            "$insert": {"$documents": event("held")}}}))
+        d = service.stopService()
+        # at once: the stream is over and its read dropped, so the pool is
+        # the persists' for the wait
+        self.assertEqual(bus.messages("f"), ["error", "end"])
+        self.assertTrue(store.reads_dropped)
+        self.assertNoResult(d)
+        store.release()
+        self.assertEqual(bus.messages("p")[-1], "end")
+        self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class StopKillsStatementsTests(IntegrationTestCase):
