@@ -28,6 +28,7 @@ publishing fails at once instead of queueing without bound.
 import math
 import random
 import re
+from collections import OrderedDict, deque
 
 import txredisapi
 from twisted.application.internet import ClientService
@@ -50,12 +51,24 @@ JITTER = 0.12
 #: seconds a TCP connection attempt may take
 CONNECT_TIMEOUT = 5
 
+#: how many refused reply channels are remembered, so that each is logged once
+REFUSED_REMEMBERED = 1000
+
+
+class ReplyChannelRefused(Exception):
+    """Redis refused the server's user a reply channel (an ACL ``NOPERM``)."""
+
+
 class RedisUnavailable(ConnectionError):
     """There is no live connection to Redis right now."""
 
 
 class RedisRefused(ConnectionError):
     """Redis (or its TLS layer) refused the connection's handshake."""
+
+
+def _is_no_permission(error):
+    return str(error).startswith("NOPERM")
 
 
 def _describe(error):
@@ -131,27 +144,30 @@ _CONTROL_WORDS = {b'"accepted"': '"accepted"', b'"end"': '"end"'}
 class _Publisher(_Handshaking, txredisapi.RedisProtocol):
     role = "publisher"
 
-    #: replies still to come for publishes nobody waits for
-    _unanswered = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: the channel of each publish whose reply is still to come
+        self._unanswered = deque()
 
     def publish_nowait(self, channel, body):
         """
         ``PUBLISH`` without a Deferred: the command is written as it is and
         its reply (the number of receivers, which the server never needs)
-        is dropped when it arrives.  Only used once the handshake is over,
-        so every reply from then on belongs to one of these.
+        is dropped when it arrives; a refusal is reported with its channel.
+        Only used once the handshake is over, so every reply from then on
+        belongs to one of these.
         """
+        self._unanswered.append(channel)
         channel = channel.encode("utf-8")
         body = body.encode("utf-8")
-        self._unanswered += 1
         self.transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
                              % (len(channel), channel, len(body), body))
 
     def replyReceived(self, reply):
         if self._unanswered:
-            self._unanswered -= 1
+            channel = self._unanswered.popleft()
             if isinstance(reply, Exception):
-                log.error("Redis refused a PUBLISH: {error}", error=reply)
+                self.factory.bus._publish_refused(channel, reply)
             return
         super().replyReceived(reply)
 
@@ -279,6 +295,8 @@ class RedisBus:
         self._publisher_waiters = []
         self._stopping = False
         self._request_channels = frozenset(config.request_channels.values())
+        #: reply channels Redis refused us lately (logged once each)
+        self._refused_channels = OrderedDict()
         #: when the subscriber was last lost (reactor seconds), for the log
         self._lost_at = None
 
@@ -480,14 +498,50 @@ class RedisBus:
             log.failure("could not publish on {channel}", channel=channel)
 
     def subscribe(self, channel):
-        """Subscribe to a reply channel; fires when Redis confirmed it."""
+        """
+        Subscribe to a reply channel; fires when Redis confirmed it, or fails
+        with :class:`ReplyChannelRefused` (already logged) when the server's
+        Redis user may not use it.
+        """
         subscriber = self._subscriber
         if subscriber is None:
             return defer.fail(RedisUnavailable("Redis is not connected"))
         try:
-            return subscriber.subscribe(channel)
+            d = subscriber.subscribe(channel)
         except Exception as error:
             return defer.fail(error)
+        d.addErrback(self._subscribe_failed, channel)
+        return d
+
+    def _subscribe_failed(self, failure, channel):
+        if failure.check(txredisapi.ResponseError) and _is_no_permission(failure.value):
+            self._channel_refused(channel, "subscribe to", failure.value)
+            raise ReplyChannelRefused(
+                f"Redis refused the reply channel {channel}: {_describe(failure)}")
+        return failure
+
+    def _publish_refused(self, channel, error):
+        if _is_no_permission(error):
+            self._channel_refused(channel, "publish on", error)
+        else:
+            log.error("Redis refused a PUBLISH on {channel}: {error}", channel=channel,
+                      error=_describe(error))
+
+    def _channel_refused(self, channel, action, error):
+        """
+        The server's Redis user may not use ``channel`` (the client named a
+        channel the ACL does not give us): that request cannot be answered,
+        nothing else is wrong.  One warning per channel.
+        """
+        refused = self._refused_channels
+        if channel in refused:
+            refused.move_to_end(channel)
+            return
+        refused[channel] = None
+        if len(refused) > REFUSED_REMEMBERED:
+            refused.popitem(last=False)
+        log.warn("Redis refused to let the server {action} reply channel {channel}: "
+                 "{reason}", action=action, channel=channel, reason=_describe(error))
 
     def unsubscribe(self, channel):
         """Leave a reply channel (nothing to do when the connection is gone)."""

@@ -43,6 +43,9 @@ class Config:
     #: seconds a MySQL read or write may block before the connection is
     #: given up (so a silent network cannot hang the server or its shutdown)
     mysql_timeout: float = 60.0
+    #: seconds MariaDB may spend on one SELECT run for a client before it
+    #: stops it (``max_statement_time``); 0 turns the limit off
+    max_statement_time: float = 30.0
 
     # the events table, ``database.table``
     table: str = "eventsource.event"

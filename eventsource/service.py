@@ -116,8 +116,17 @@ class EventSourceService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        """Stop taking requests, finish persists in flight, end streams, close connections."""
+        """
+        Stop taking requests, end streams (dropping their reads that have not
+        started), finish persists in flight, close connections.  Takes at
+        most ``shutdown_timeout`` plus the store's kill grace, whatever is queued.
+        """
         self._accepting = False
+        for stream in list(self.streams.values()):
+            stream.fail("the server is shutting down")
+        # Reads no stream waits for any more must not hold the pool (or the
+        # persists behind them) during the wait below.
+        self.store.drop_reads()
         if self._persists:
             log.info("waiting for {count} persists in flight", count=len(self._persists))
             finished = yield self._wait_for_persists(self.config.shutdown_timeout)
@@ -125,8 +134,6 @@ class EventSourceService(service.MultiService):
                 log.warn("{count} persists still unanswered after {timeout} s; closing anyway "
                          "(their outcome is unknown to their clients)",
                          count=len(self._persists), timeout=self.config.shutdown_timeout)
-        for stream in list(self.streams.values()):
-            stream.fail("the server is shutting down")
         yield super().stopService()
         yield self.bus.stop()
         yield self.store.stop()
@@ -246,7 +253,11 @@ class EventSourceService(service.MultiService):
         self.publish(channel, wire.END_BODY)
 
     def _persist_failed(self, failure, channel):
-        log.failure("persist for {channel} failed", failure, channel=channel)
+        if failure.check("eventsource.store.StoreStopping"):
+            log.warn("persist for {channel} not written: the server stopped first",
+                     channel=channel)
+        else:
+            log.failure("persist for {channel} failed", failure, channel=channel)
         self._reply_error(channel, "the database refused the insert")
 
     def _persist_done(self, _, d):
@@ -300,7 +311,13 @@ class EventSourceService(service.MultiService):
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
         if stream.is_live:
-            log.failure("stream on {channel} failed", failure, channel=stream.channel)
+            if failure.check("eventsource.store.StatementTimeLimit"):
+                # the client's query, not a fault of the server: no traceback
+                log.warn("fetch on {channel} stopped: {reason}", channel=stream.channel,
+                         reason=failure.value)
+            elif not failure.check("eventsource.bus.ReplyChannelRefused"):
+                # (a reply channel Redis refused us: the bus logged it, as a warning)
+                log.failure("stream on {channel} failed", failure, channel=stream.channel)
             stream.fail(str(failure.value))
 
     def _stream_closed(self, stream):

@@ -53,6 +53,35 @@ class ConnectionLostBeforeCommit(Exception):
         self.error = error
 
 
+class StatementTimeLimit(Exception):
+    """MariaDB stopped a query at ``max_statement_time`` (error 1969)."""
+
+
+class StoreStopping(Exception):
+    """The server is stopping: work that had not started is dropped."""
+
+
+#: MariaDB's ER_STATEMENT_TIMEOUT
+STATEMENT_TIMEOUT = 1969
+
+#: the session ``sql_mode`` of every connection, whatever the server's
+#: global one: strict writes, and none of the modes that change how our SQL
+#: reads (``ANSI_QUOTES``: we quote identifiers with backquotes;
+#: ``NO_BACKSLASH_ESCAPES``: PyMySQL escapes values with backslashes;
+#: ``PIPES_AS_CONCAT``, ``IGNORE_SPACE``, ``ONLY_FULL_GROUP_BY``...)
+SQL_MODE = "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+
+#: seconds shutdown gives statements to stop after ``KILL QUERY`` before it
+#: cuts their connections (a stalled MariaDB never answers the kill)
+KILL_GRACE = 2.0
+
+#: seconds the separate connection that sends ``KILL QUERY`` may take
+KILL_TIMEOUT = 2.0
+
+#: seconds shutdown waits for threads whose connections it cut to notice
+CUT_GRACE = 1.0
+
+
 def _is_lost_connection(error) -> bool:
     import pymysql
 
@@ -61,18 +90,78 @@ def _is_lost_connection(error) -> bool:
     return False
 
 
-def _guarded(work):
-    """Wrap ``work`` so a connection lost while it runs is marked retryable."""
+def _not_sent(error) -> bool:
+    """
+    Whether ``error`` says the statement never reached MariaDB (PyMySQL had
+    no socket, or could not write to it), so running it again is safe.  A
+    connection lost while waiting for the answer (2013, a read timeout
+    included) is not: the statement may still be running there.
+    """
+    import pymysql
 
-    def interaction(txn, *args):
-        try:
-            return work(txn, *args)
-        except Exception as error:
-            if _is_lost_connection(error):
-                raise ConnectionLostBeforeCommit(error) from error
-            raise
+    if isinstance(error, pymysql.err.InterfaceError):
+        return bool(error.args) and error.args[0] == 0
+    if isinstance(error, pymysql.err.OperationalError):
+        return bool(error.args) and error.args[0] == 2006
+    return False
 
-    return interaction
+
+def _found_dead(connection) -> bool:
+    """
+    An idle connection has nothing to read: if its socket is readable,
+    MariaDB closed it (``KILL``, a restart, ``wait_timeout``) or the network
+    did.  Checked without a round trip before every interaction.
+    """
+    import select
+
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _statement_limited(sql, seconds):
+    """``sql`` (a SELECT) run under MariaDB's ``max_statement_time``."""
+    if not seconds:
+        return sql
+    return f"SET STATEMENT max_statement_time={seconds:.6f} FOR {sql}"
+
+
+def _check_server(txn, statement_time):
+    """
+    The statement time limit needs MariaDB (``SET STATEMENT``): refuse to
+    start against anything else unless the limit is off.
+    """
+    txn.execute("SELECT VERSION()")
+    version = str(txn.fetchone()[0])
+    if statement_time and "mariadb" not in version.lower():
+        raise RuntimeError(
+            f"the database server {version} is not MariaDB: --max-statement-time needs "
+            "MariaDB's SET STATEMENT max_statement_time (MySQL has MAX_EXECUTION_TIME "
+            "instead); start with --max-statement-time 0 (EVENTSOURCE_MAX_STATEMENT_TIME=0) "
+            "to run without a statement time limit")
+    return version
+
+
+def _kill_queries(kwargs, thread_ids):
+    """``KILL QUERY`` each MariaDB connection id, on a connection of its own."""
+    import pymysql
+
+    connection = pymysql.connect(**kwargs)
+    try:
+        with connection.cursor() as cursor:
+            for thread_id in thread_ids:
+                try:
+                    cursor.execute(f"KILL QUERY {int(thread_id)}")
+                except pymysql.err.OperationalError:
+                    pass  # (1094: that connection is gone already)
+    finally:
+        connection.close()
 
 
 #: the one collation of the table's text columns: stream ids, domains and
@@ -198,19 +287,28 @@ def _encode_page(txn, strip_keyset):
     return bodies, last
 
 
-def _high_water(txn, table):
-    txn.execute(f"SELECT COALESCE(MAX(`id`), 0) FROM {table}")
+def _high_water(txn, table, statement_time=0):
+    txn.execute(_statement_limited(f"SELECT COALESCE(MAX(`id`), 0) FROM {table}", statement_time))
     return int(txn.fetchone()[0])
 
 
-def _read_page(txn, plan, table, high_water, position, size):
-    if high_water is None:
-        high_water = _high_water(txn, table)
-    if plan.keyset:
-        sql, params = plan.page_sql(position, high_water, size)
-    else:
-        sql, params = plan.offset_sql(position, high_water, size)
-    txn.execute(sql, params)
+def _read_page(txn, plan, table, high_water, position, size, statement_time=0):
+    import pymysql
+
+    try:
+        if high_water is None:
+            high_water = _high_water(txn, table, statement_time)
+        if plan.keyset:
+            sql, params = plan.page_sql(position, high_water, size)
+        else:
+            sql, params = plan.offset_sql(position, high_water, size)
+        txn.execute(_statement_limited(sql, statement_time), params)
+    except pymysql.err.OperationalError as error:
+        if error.args and error.args[0] == STATEMENT_TIMEOUT:
+            raise StatementTimeLimit(
+                f"the query ran longer than the statement time limit ({statement_time:g} s)"
+            ) from error
+        raise
     bodies, last = _encode_page(txn, plan.keyset)
     return high_water, bodies, last
 
@@ -313,7 +411,7 @@ class GroupCommitWriter:
 
     @defer.inlineCallbacks
     def _batch_failed(self, failure, batch):
-        if len(batch) == 1 or _is_lost_connection(failure.value):
+        if len(batch) == 1 or _is_lost_connection(failure.value) or failure.check(StoreStopping):
             # A connection lost at COMMIT leaves the outcome unknown (MariaDB
             # may have committed): writing the rows again could store them
             # twice, so every request of the batch fails instead.
@@ -362,6 +460,11 @@ class Store:
     """
     The events table behind an ``adbapi`` pool.
 
+    Work waits in queues of our own and goes to the pool only when one of
+    its threads is free, persists before reads: a stop can then drop the
+    reads that have not started (adbapi's own queue could only be drained
+    by running everything in it) and knows which connection runs what.
+
     :param config: the :class:`eventsource.config.Config`.
     :param reactor: the reactor the pool reports back to.
     """
@@ -373,6 +476,21 @@ class Store:
         self._writer = None
         self._consecutive_ids = False
         self.table = f"`{config.database}`.`{config.table_name}`"
+        self._writes = deque()
+        self._reads = deque()
+        #: work handed to the pool and not finished (adbapi's commit or
+        #: rollback included)
+        self._in_flight = 0
+        self._idle_waiters = []
+        #: token -> (pymysql connection, is_read), while our work runs on it
+        #: (written by pool threads, read by the reactor thread)
+        self._busy = {}
+        #: MariaDB connection ids of statements given up on at the read
+        #: timeout: they may still run there, so they are killed
+        self._orphans = set()
+        #: no new reads (shutdown began); ``_closing``: no new work at all
+        self._stopping = False
+        self._closing = False
 
     def _connect_kwargs(self):
         config = self._config
@@ -383,7 +501,7 @@ class Store:
             password=config.mysql_password,
             charset=config.mysql_charset,
             autocommit=False,
-            init_command="SET time_zone = '+00:00'",
+            init_command=f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'",
             conv=_conversions(),
             connect_timeout=min(10, config.mysql_timeout),
             read_timeout=config.mysql_timeout,
@@ -399,6 +517,7 @@ class Store:
     def start(self):
         """Open the pool and make sure the schema is there; fires with the changes made."""
         size = self._config.pool_size
+        self._stopping = self._closing = False
         self._pool = adbapi.ConnectionPool(
             "pymysql",
             cp_min=min(2, size),
@@ -410,7 +529,8 @@ class Store:
         )
         self._pool.start()
         self._writer = GroupCommitWriter(self)
-        d = self._run(_autoinc_settings)
+        d = self._run(_check_server, self._config.max_statement_time)
+        d.addCallback(lambda _: self._run(_autoinc_settings))
         d.addCallback(self._set_autoinc)
         d.addCallback(lambda _: self._run(ensure_schema, self._config.database, self._config.table_name))
         return d
@@ -418,42 +538,185 @@ class Store:
     def _set_autoinc(self, consecutive):
         self._consecutive_ids = consecutive
 
+    def drop_reads(self):
+        """
+        Fail every read that has not started yet, and stop those running
+        (their streams have ended): shutdown must not wait for them.
+        """
+        self._stopping = True
+        reads, self._reads = self._reads, deque()
+        for _, _, d in reads:
+            d.errback(StoreStopping("the server is shutting down"))
+        running = [connection for connection, is_read in list(self._busy.values()) if is_read]
+        if running:
+            self._kill(running, set())
+
+    @defer.inlineCallbacks
     def stop(self):
-        """Close every connection and stop the pool's threads."""
+        """
+        Stop every statement still running and close the pool: queued work
+        is dropped, running statements get ``KILL QUERY`` (from a separate
+        connection), and connections still busy :data:`KILL_GRACE` seconds
+        later are cut, so the pool's threads can be joined at once.  (Only a
+        thread still opening a connection can hold the join longer, up to
+        the connect timeout.)
+        """
+        self.drop_reads()
+        self._closing = True
+        writes, self._writes = self._writes, deque()
+        for _, _, d in writes:
+            d.errback(StoreStopping("the server is shutting down"))
+        if self._in_flight or self._orphans:
+            running = [connection for connection, _ in list(self._busy.values())]
+            orphans, self._orphans = self._orphans, set()
+            if running:
+                log.warn("stopping {count} statements still running in MySQL",
+                         count=len(running))
+            self._kill(running, orphans)
+            yield self._wait_idle(KILL_GRACE)
+        if self._in_flight:
+            log.warn("{count} MySQL connections did not answer within {grace} s of KILL "
+                     "QUERY; closing them", count=self._in_flight, grace=KILL_GRACE)
+            self._cut_connections()
+            yield self._wait_idle(CUT_GRACE)
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-        return defer.succeed(None)
 
-    def _run(self, work, *args):
-        """Run ``work(txn, *args)`` in the pool; once more if the connection had died."""
-        interaction = _guarded(work)
+    def _wait_idle(self, timeout):
+        """Fires once no work is in the pool, or after ``timeout`` seconds."""
+        if not self._in_flight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        timer = self._reactor.callLater(timeout, lambda: d.called or d.callback(None))
+        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return d
+
+    def _kill(self, connections, orphans):
+        """``KILL QUERY`` the statements of ``connections`` (and ``orphans``), in a thread."""
+        from twisted.internet import threads
+
+        ids = set(orphans)
+        for connection in connections:
+            thread_id = getattr(connection, "server_thread_id", None)
+            if thread_id:
+                ids.add(int(thread_id[0]))
+        if not ids:
+            return defer.succeed(None)
+        kwargs = self._connect_kwargs()
+        kwargs.update(connect_timeout=KILL_TIMEOUT, read_timeout=KILL_TIMEOUT,
+                      write_timeout=KILL_TIMEOUT, autocommit=True)
+        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                      _kill_queries, kwargs, sorted(ids))
+        d.addErrback(lambda failure: log.warn("could not stop MySQL statements: {error}",
+                                              error=failure.value))
+        return d
+
+    def _cut_connections(self):
+        import socket
+
         pool = self._pool
-        if pool is None:
+        connections = list(pool.connections.values()) if pool is not None else []
+        for connection in connections:
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _run(self, work, *args, read=False):
+        """
+        Run ``work(txn, *args)`` in the pool, once a thread is free.
+
+        A connection found dead before the work starts is reconnected, and
+        work whose statement never reached MariaDB is run once more; a
+        statement that was sent and then lost (killed, timed out, MariaDB
+        gone while it ran) is never run again: it may still be running.
+        """
+        if self._closing or (read and self._stopping):
+            return defer.fail(StoreStopping("the server is shutting down"))
+        if self._pool is None:
             return defer.fail(RuntimeError("the store is not running"))
+        d = defer.Deferred()
+        (self._reads if read else self._writes).append((work, args, d))
+        self._next()
+        return d
 
-        def again(txn, *args):
-            # The retry may run on another pool thread whose connection died
-            # the same way (MariaDB restarted, every connection killed):
-            # check it first, reconnecting if it is dead.
-            txn.connection.ping(reconnect=True)
-            return interaction(txn, *args)
+    def _next(self):
+        pool = self._pool
+        while pool is not None and self._in_flight < self._config.pool_size:
+            if self._writes:
+                work, args, d = self._writes.popleft()
+                read = False
+            elif self._reads:
+                work, args, d = self._reads.popleft()
+                read = True
+            else:
+                return
+            self._in_flight += 1
+            ran = self._attempt(pool, work, args, read)
+            ran.addBoth(self._finished, d)
 
+    def _finished(self, result, d):
+        self._in_flight -= 1
+        # The freed thread gets its next work before the reactor spends time
+        # on this result (publishing a page of rows); then the caller hears
+        # (a persist answered, the writer's next batch queued), and only
+        # then a stop waiting for the pool to be idle.
+        self._next()
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+        if self._orphans:
+            orphans, self._orphans = self._orphans, set()
+            self._kill([], orphans)
+        if not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def _attempt(self, pool, work, args, read):
         def retry(failure):
             failure.trap(ConnectionLostBeforeCommit)
+            if self._pool is not pool or self._closing:
+                return failure
             log.warn("MySQL connection lost ({error}); retrying once on a new one",
                      error=failure.value)
-            return pool.runInteraction(again, *args)
+            return pool.runInteraction(self._interaction, work, args, read)
 
         def unwrap(failure):
             if failure.check(ConnectionLostBeforeCommit):
                 return Failure(failure.value.error)
             return failure
 
-        d = pool.runInteraction(interaction, *args)
+        d = pool.runInteraction(self._interaction, work, args, read)
         d.addErrback(retry)
         d.addErrback(unwrap)
         return d
+
+    def _interaction(self, txn, work, args, read):
+        """In a pool thread: ``work`` on a live connection, its statements tracked."""
+        if read and self._stopping:
+            raise StoreStopping("the server is shutting down")
+        connection = txn.connection
+        if _found_dead(connection):
+            connection.ping(reconnect=True)
+        token = object()
+        self._busy[token] = (connection, read)
+        try:
+            return work(txn, *args)
+        except Exception as error:
+            if _not_sent(error):
+                raise ConnectionLostBeforeCommit(error) from error
+            if isinstance(error.__context__, TimeoutError) and connection.server_thread_id:
+                self._orphans.add(int(connection.server_thread_id[0]))
+            raise
+        finally:
+            del self._busy[token]
 
     def insert(self, plan):
         """
@@ -470,7 +733,8 @@ class Store:
         return Pager(self, plan, self._config.page_size)
 
     def read_page(self, plan, high_water, position, size):
-        return self._run(_read_page, plan, self.table, high_water, position, size)
+        return self._run(_read_page, plan, self.table, high_water, position, size,
+                         self._config.max_statement_time, read=True)
 
 
 class Pager:

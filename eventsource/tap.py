@@ -68,6 +68,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def seconds_or_off(text: str) -> float:
+    """A duration in seconds, or 0 for no limit: a finite number of at least 0."""
+    wanted = "a number of seconds (0 for no limit)"
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"must be {wanted}, not {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"must be {wanted}, not {text!r}")
+    return value
+
+
 def boolean(text: str) -> bool:
     """A yes/no value from the environment: 1/true/yes/on or 0/false/no/off."""
     word = text.strip().lower()
@@ -164,6 +176,12 @@ SETTINGS = (
         "MYSQL_TIMEOUT",
         positive_seconds,
         "Seconds a MySQL read or write may block before the connection is given up.",
+    ),
+    Setting(
+        "max-statement-time",
+        "EVENTSOURCE_MAX_STATEMENT_TIME",
+        seconds_or_off,
+        "Seconds MariaDB may run one query of a fetch before stopping it (0: no limit).",
     ),
     Setting("table", "EVENTSOURCE_TABLE", table_name, "The events table, as database.table."),
     Setting(

@@ -81,6 +81,7 @@ class MemoryStore:
         self.pending = []
         self.fail_next = None
         self.reads = []
+        self.reads_dropped = False
         self.started = False
 
     def _answer(self, compute):
@@ -109,6 +110,10 @@ class MemoryStore:
     def stop(self):
         self.started = False
         return defer.succeed(None)
+
+    def drop_reads(self):
+        """Shutdown began: reads not started are dropped (held ones stay held here)."""
+        self.reads_dropped = True
 
     def add(self, pid="p1", domain="d", name="n", data=None, timestamp=None):
         """Append one event directly (test set-up); returns its id."""

@@ -53,6 +53,7 @@ ENVIRON = {
     "EVENTSOURCE_READ_ONLY": "1",
     "REDIS_MAX_DELAY": "0.5",
     "MYSQL_TIMEOUT": "30",
+    "EVENTSOURCE_MAX_STATEMENT_TIME": "0",
     "EVENTSOURCE_SHUTDOWN_TIMEOUT": "4",
 }
 
@@ -90,6 +91,7 @@ ENVIRON_CONFIG = Config(
     read_only=True,
     redis_max_delay=0.5,
     mysql_timeout=30.0,
+    max_statement_time=0.0,
     shutdown_timeout=4.0,
 )
 
@@ -127,6 +129,7 @@ ARGV = [
     "--read-only",
     "--redis-max-delay=1.5",
     "--mysql-timeout=90",
+    "--max-statement-time=2.5",
     "--shutdown-timeout=20",
 ]
 
@@ -164,6 +167,7 @@ ARGV_CONFIG = Config(
     read_only=True,
     redis_max_delay=1.5,
     mysql_timeout=90.0,
+    max_statement_time=2.5,
     shutdown_timeout=20.0,
 )
 
@@ -346,6 +350,19 @@ class ErrorTests(SynchronousTestCase):
             "greater than 0, not '0'.",
         )
         self.assertEqual(parse(["--row-timeout=0.001"]).row_timeout, 0.001)
+
+    def test_max_statement_time(self):
+        """The statement time limit is a finite number of seconds; 0 turns it off."""
+        setting = next(s for s in tap.SETTINGS if s.option == "max-statement-time")
+        for text in ["", "soon", "-1", "-0.5", "nan", "inf", "-inf"]:
+            self.assert_bad(setting, text)
+        self.assert_message(
+            ["--max-statement-time=-1"], {},
+            "--max-statement-time must be a number of seconds (0 for no limit), not '-1'.",
+        )
+        self.assertEqual(parse([]).max_statement_time, 30.0)
+        self.assertEqual(parse(["--max-statement-time=0"]).max_statement_time, 0.0)
+        self.assertEqual(parse(["--max-statement-time=0.001"]).max_statement_time, 0.001)
 
     def test_table(self):
         """The table is database.table, each part of safe identifier characters."""
