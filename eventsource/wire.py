@@ -132,7 +132,152 @@ def _too_deep(body: str) -> bool:
     return False
 
 
-def _reply_channel(message: dict, reserved) -> str:
+#: what a tenant may be called: no ``:`` (so a tenant's request channel
+#: ``<prefix>T:fetch`` has one reading) and none of Redis' glob characters
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def valid_tenant(name: Any) -> bool:
+    """Whether ``name`` may be a tenant's name (see :data:`TENANT_NAME`)."""
+    return isinstance(name, str) and TENANT_NAME.fullmatch(name) is not None
+
+
+def tenant_request_channel(channel: str, prefix: str) -> Optional[tuple]:
+    """
+    ``(kind, tenant)`` when ``channel`` has the shape of a tenant's request
+    channel, ``<prefix><tenant>:<kind>`` (what the server's patterns
+    ``<prefix>*:<kind>`` deliver), else ``None``.  The tenant is returned as
+    it is: the caller checks it with :func:`valid_tenant`.
+    """
+    if not channel.startswith(prefix):
+        return None
+    tenant, colon, kind = channel[len(prefix):].rpartition(":")
+    if not colon or kind not in REQUEST_CHANNELS:
+        return None
+    return kind, tenant
+
+
+class Glob:
+    """
+    A Redis glob pattern (``*``, ``?``, ``[abc]``, ``[^a-z]``, ``\\`` escapes),
+    matched without backtracking blow-up: the time is at most the product of
+    the pattern's and the name's lengths, whatever a client names.
+
+    :raises ValueError: for an unterminated ``[`` or a trailing ``\\``.
+    """
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self._tokens = []
+        i = 0
+        while i < len(pattern):
+            char = pattern[i]
+            if char == "*":
+                if not self._tokens or self._tokens[-1] != "*":
+                    self._tokens.append("*")
+            elif char == "?":
+                self._tokens.append("?")
+            elif char == "[":
+                i, token = self._set(pattern, i + 1)
+                self._tokens.append(token)
+            elif char == "\\":
+                i += 1
+                if i == len(pattern):
+                    raise ValueError(f"ends with a lone backslash: {pattern!r}")
+                self._tokens.append(("=", pattern[i]))
+            else:
+                self._tokens.append(("=", char))
+            i += 1
+
+    @staticmethod
+    def _set(pattern, i):
+        negate = i < len(pattern) and pattern[i] == "^"
+        if negate:
+            i += 1
+        ranges = []
+        while i < len(pattern) and pattern[i] != "]":
+            if pattern[i] == "\\" and i + 1 < len(pattern):
+                i += 1
+                ranges.append((pattern[i], pattern[i]))
+            elif i + 2 < len(pattern) and pattern[i + 1] == "-" and pattern[i + 2] != "]":
+                low, high = sorted((pattern[i], pattern[i + 2]))
+                ranges.append((low, high))
+                i += 2
+            else:
+                ranges.append((pattern[i], pattern[i]))
+            i += 1
+        if i == len(pattern):
+            raise ValueError(f"has an unterminated '[': {pattern!r}")
+        return i, ("[", negate, tuple(ranges))
+
+    @staticmethod
+    def _one(token, char):
+        if token == "?":
+            return True
+        if token[0] == "=":
+            return token[1] == char
+        _, negate, ranges = token
+        return any(low <= char <= high for low, high in ranges) != negate
+
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` matches the whole pattern (case-sensitive, as Redis)."""
+        tokens = self._tokens
+        t = p = 0
+        star = star_text = -1
+        while t < len(text):
+            if p < len(tokens) and tokens[p] == "*":
+                star, star_text = p, t
+                p += 1
+            elif p < len(tokens) and self._one(tokens[p], text[t]):
+                p += 1
+                t += 1
+            elif star >= 0:
+                # let the last star take one more character, and retry from there
+                star_text += 1
+                t = star_text
+                p = star + 1
+            else:
+                return False
+        while p < len(tokens) and tokens[p] == "*":
+            p += 1
+        return p == len(tokens)
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """
+    Where replies may go, beyond version 1's rules: ``pattern`` (the
+    server's ``--reply-channels``), ``namespace`` (in tenant mode, the
+    tenant's ``<prefix>T:``) and ``request_prefix`` (in tenant mode, the
+    prefix under which names shaped like a request channel are refused).
+    """
+
+    pattern: Optional[Glob] = None
+    namespace: Optional[str] = None
+    request_prefix: Optional[str] = None
+
+
+def check_reply_channel(channel: str, rules: Optional[ReplyRules]) -> None:
+    """
+    Refuse a reply or acknowledged channel the rules forbid.  The refusal
+    names no channel: a client must not make the server publish anywhere
+    outside what it may use, not even ``"error"``.
+    """
+    if rules is None:
+        return
+    if rules.namespace is not None and not channel.startswith(rules.namespace):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} is outside the "
+                         f"tenant's namespace {rules.namespace!r}")
+    if (rules.request_prefix is not None
+            and tenant_request_channel(channel, rules.request_prefix) is not None):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} has the shape of a "
+                         f"request channel")
+    if rules.pattern is not None and not rules.pattern.matches(channel):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} does not match "
+                         f"--reply-channels {rules.pattern.pattern!r}")
+
+
+def _reply_channel(message: dict, reserved, rules=None) -> str:
     channel = message.get("channel")
     if not isinstance(channel, str) or not channel:
         raise BadRequest("the request has no \"channel\" string")
@@ -140,6 +285,7 @@ def _reply_channel(message: dict, reserved) -> str:
         raise BadRequest(f"the reply channel is longer than {MAX_CHANNEL_LENGTH} characters")
     if channel in reserved:
         raise BadRequest(f"the reply channel cannot be the request channel {channel!r}")
+    check_reply_channel(channel, rules)
     return channel
 
 
@@ -160,11 +306,12 @@ def _positive_int(message: dict, field: str, channel: str, default: int) -> int:
 
 
 def parse_request(request_channel: str, body: Any, max_body_bytes: int,
-                  reserved=REQUEST_CHANNELS):
+                  reserved=REQUEST_CHANNELS, rules: Optional[ReplyRules] = None):
     """
     Judge one message that arrived on a request channel: ``request_channel``
     is its kind (``persist``, ``fetch`` or ``fetch-next``); ``reserved`` the
-    channel names no reply may use.
+    channel names no reply may use; ``rules`` what else limits the reply
+    channel (see :func:`check_reply_channel`).
 
     Returns a :class:`PersistRequest`, :class:`FetchRequest` or
     :class:`NextRequest`; raises :class:`BadRequest` otherwise.
@@ -182,7 +329,7 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
         raise BadRequest("the body is not JSON") from None
     if not isinstance(message, dict):
         raise BadRequest("the body is not a JSON object")
-    channel = _reply_channel(message, reserved)
+    channel = _reply_channel(message, reserved, rules)
     unknown = set(message) - _FIELDS[request_channel]
     if unknown:
         raise BadRequest(f"unknown request field {truncate(sorted(unknown)[0], 60)!r}", channel)
