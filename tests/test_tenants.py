@@ -11,8 +11,9 @@ server publish outside its own namespace.
 """
 
 import json
+from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -150,6 +151,12 @@ class TenantServiceTests(ServiceTestCase):
         self.send("es:app1:reply:2", '"accepted"')
         self.assertEqual(len(self.out("es:app1:reply:2")), 4)  # three rows, then "end"
         self.assertEqual(self.out("es:app1:reply:2")[-1], "end")
+
+    def test_first_event_hint_names_a_tenants_channels(self):
+        self.make(channel_prefix="es:", tenants=True)
+        hint = self.service._first_event_hint()
+        self.assertIn("PUBLISH es:TENANT:persist", hint)
+        self.assertIn('"channel": "es:TENANT:reply-1"', hint)
 
     def test_version_1_channels_are_not_served(self):
         self.make(channel_prefix="es:", tenants=True)
@@ -323,6 +330,7 @@ class CommandLineTenantTests(CommandTestCase):
 # -- for real: ACL users on a private redis-server -------------------------------------
 
 PREFIX = "es:"
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 #: docs/OPERATIONS.md, "Tenants": the server's user may PSUBSCRIBE exactly the
 #: three request patterns (Redis compares a PSUBSCRIBE pattern literally with
@@ -335,7 +343,7 @@ TENANT_ACL = ("user {tenant} on >{password} resetkeys resetchannels &{prefix}{te
               "-@all +subscribe +unsubscribe +publish +ping")
 #: the tests' own observer, which hears every channel
 WATCHER_ACL = ("user watcher on >watcher-pass resetkeys resetchannels &* -@all "
-               "+subscribe +psubscribe +unsubscribe +punsubscribe +ping")
+               "+subscribe +psubscribe +unsubscribe +punsubscribe +ping +pubsub")
 
 
 def event(pid="tenant", name="n"):
@@ -388,6 +396,17 @@ class TenantACLTests(PrivateRedisTestCase):
         self.assertEqual(reply[-1], "end")
         self.assertEqual(reply[0]["affectedRows"], 1)
 
+    def test_recipe_is_the_documented_one(self):
+        """docs/OPERATIONS.md gives exactly the ACL lines these tests run with."""
+        with open(CHECKOUT / "docs" / "OPERATIONS.md") as f:
+            text = f.read()
+        self.assertIn("ACL SETUSER " + SERVER_ACL.format(password="SERVER-PASSWORD",
+                                                         prefix=PREFIX)[len("user "):], text)
+        for name in ("app1", "app2"):
+            line = TENANT_ACL.format(tenant=name, password=f"{name.upper()}-PASSWORD",
+                                     prefix=PREFIX)
+            self.assertIn("ACL SETUSER " + line[len("user "):], text)
+
     @defer.inlineCallbacks
     def test_tenants_persist_and_fetch_with_the_client(self):
         """eventsource.client with ``tenant=``, each as its own ACL user."""
@@ -403,6 +422,21 @@ class TenantACLTests(PrivateRedisTestCase):
             self.assertEqual([row["pid"] for row in rows], [name])
             rows = yield client.fetch_all({"$select": {"$where": {"pid": name}}}, window=10)
             self.assertEqual(len(rows), 1)
+
+    @defer.inlineCallbacks
+    def test_patterns_are_subscribed_again_after_a_restart(self):
+        """The PSUBSCRIBEs are part of every reconnect's handshake."""
+        yield self.start()
+        yield self.redis.stop()
+        yield self.redis.start()
+        for _ in range(500):
+            if self.server.bus.connected:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.redis.cli("PUBSUB", "NUMPAT", user="watcher",
+                                        password="watcher-pass"), "3")
+        app1 = yield self.tenant("app1")
+        yield self.barrier(app1)
 
     @defer.inlineCallbacks
     def test_server_user_needs_the_request_patterns(self):
