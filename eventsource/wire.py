@@ -160,67 +160,72 @@ def tenant_request_channel(channel: str, prefix: str) -> Optional[tuple]:
 class Glob:
     """
     A Redis glob pattern (``*``, ``?``, ``[abc]``, ``[^a-z]``, ``\\`` escapes),
-    matched without backtracking blow-up: the time is at most the product of
-    the pattern's and the name's lengths, whatever a client names.
+    matched as Redis does, on the UTF-8 bytes of a name, but without
+    backtracking blow-up: at most the product of the pattern's and the
+    name's lengths, whatever a client names.
 
-    :raises ValueError: for an unterminated ``[`` or a trailing ``\\``.
+    :raises ValueError: for an unterminated ``[`` or a trailing ``\\``
+        (which Redis reads in ways nobody means).
     """
 
     def __init__(self, pattern: str):
         self.pattern = pattern
+        raw = pattern.encode("utf-8", "surrogatepass")
         self._tokens = []
         i = 0
-        while i < len(pattern):
-            char = pattern[i]
-            if char == "*":
+        while i < len(raw):
+            byte = raw[i]
+            if byte == 0x2A:  # *
                 if not self._tokens or self._tokens[-1] != "*":
                     self._tokens.append("*")
-            elif char == "?":
+            elif byte == 0x3F:  # ?
                 self._tokens.append("?")
-            elif char == "[":
-                i, token = self._set(pattern, i + 1)
+            elif byte == 0x5B:  # [
+                i, token = self._set(raw, i + 1)
                 self._tokens.append(token)
-            elif char == "\\":
+            elif byte == 0x5C:  # backslash
                 i += 1
-                if i == len(pattern):
+                if i == len(raw):
                     raise ValueError(f"ends with a lone backslash: {pattern!r}")
-                self._tokens.append(("=", pattern[i]))
+                self._tokens.append(raw[i])
             else:
-                self._tokens.append(("=", char))
+                self._tokens.append(byte)
             i += 1
 
     @staticmethod
-    def _set(pattern, i):
-        negate = i < len(pattern) and pattern[i] == "^"
+    def _set(raw, i):
+        negate = i < len(raw) and raw[i] == 0x5E  # ^
         if negate:
             i += 1
         ranges = []
-        while i < len(pattern) and pattern[i] != "]":
-            if pattern[i] == "\\" and i + 1 < len(pattern):
+        while i < len(raw) and raw[i] != 0x5D:  # ]
+            if raw[i] == 0x5C and i + 1 < len(raw):
                 i += 1
-                ranges.append((pattern[i], pattern[i]))
-            elif i + 2 < len(pattern) and pattern[i + 1] == "-" and pattern[i + 2] != "]":
-                low, high = sorted((pattern[i], pattern[i + 2]))
+                ranges.append((raw[i], raw[i]))
+            elif i + 2 < len(raw) and raw[i + 1] == 0x2D:  # a-z (as Redis: even a-])
+                low, high = sorted((raw[i], raw[i + 2]))
                 ranges.append((low, high))
                 i += 2
             else:
-                ranges.append((pattern[i], pattern[i]))
+                ranges.append((raw[i], raw[i]))
             i += 1
-        if i == len(pattern):
-            raise ValueError(f"has an unterminated '[': {pattern!r}")
-        return i, ("[", negate, tuple(ranges))
+        if i >= len(raw):
+            raise ValueError(
+                f"has an unterminated '[': {raw.decode('utf-8', 'surrogatepass')!r}")
+        return i, (negate, tuple(ranges))
 
     @staticmethod
-    def _one(token, char):
+    def _one(token, byte):
         if token == "?":
             return True
-        if token[0] == "=":
-            return token[1] == char
-        _, negate, ranges = token
-        return any(low <= char <= high for low, high in ranges) != negate
+        if type(token) is int:
+            return token == byte
+        negate, ranges = token
+        return any(low <= byte <= high for low, high in ranges) != negate
 
-    def matches(self, text: str) -> bool:
-        """Whether ``text`` matches the whole pattern (case-sensitive, as Redis)."""
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` matches the whole pattern (case-sensitive, as Redis)."""
+        text = name.encode("utf-8", "surrogatepass")
         tokens = self._tokens
         t = p = 0
         star = star_text = -1
@@ -232,7 +237,7 @@ class Glob:
                 p += 1
                 t += 1
             elif star >= 0:
-                # let the last star take one more character, and retry from there
+                # let the last star take one more byte, and go on from there
                 star_text += 1
                 t = star_text
                 p = star + 1

@@ -75,7 +75,7 @@ class GlobTests(SynchronousTestCase):
             self.assertEqual(wire.Glob(pattern).matches(name), expected, (pattern, name))
 
     def test_malformed_patterns_are_refused(self):
-        for pattern in ("a[", "[^", "a\\"):
+        for pattern in ("a[", "[^", "a\\", "[a-]"):
             self.assertRaises(ValueError, wire.Glob, pattern)
 
     def test_no_backtracking_blow_up(self):
@@ -88,6 +88,34 @@ class GlobTests(SynchronousTestCase):
         pattern = config.request_patterns["fetch"]
         self.assertTrue(wire.Glob(pattern).matches("a*[x]?\\:app1:fetch"))
         self.assertFalse(wire.Glob(pattern).matches("abx?\\:app1:fetch"))
+
+
+class GlobAgainstRedisTests(IntegrationTestCase):
+    """The same names and patterns, matched by a real Redis (``KEYS``, its glob) and by us."""
+
+    NAMES = ["es:reply:1", "es:", "e", "abc", "ac", "a*", "ab", "]", "a-", "a]", "^x", "\\",
+             "a\\b", "x:fetch", "[", "a[b", "-", "é", "éa", "aé", "ÿ", "app1:reply:9", "A"]
+    PATTERNS = ["es:*", "a?c", "[abc]", "[^abc]*", "[a-c]*", "[c-a]*", "a\\*", "[\\]]", "*",
+                "a[-]", "[]a]*", "\\[*", "*\\\\*", "?", "[^]]*", "a[^b]", "?a", "a?",
+                "[^a]", "*:reply:*", "[a-]]", "[\\-]", "[é]*", "[^a-z]", "a*b*", "*[ab]",
+                "[A-Z]", "[]", ""]
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+        return self.redis.start()
+
+    @defer.inlineCallbacks
+    def test_same_matches_as_redis(self):
+        client = yield connect_client(self.redis)
+        self.addCleanup(client.disconnect)
+        for index, name in enumerate(self.NAMES):
+            yield client.publisher.execute_command("SET", name, str(index))
+        for pattern in self.PATTERNS:
+            found = yield client.publisher.execute_command("KEYS", pattern)
+            found = {key.decode("utf-8") if isinstance(key, bytes) else key for key in found}
+            glob = wire.Glob(pattern)
+            ours = {name for name in self.NAMES if glob.matches(name)}
+            self.assertEqual(ours, found, pattern)
 
 
 class TenantChannelTests(SynchronousTestCase):
