@@ -13,9 +13,9 @@ permission, TLS verification); after the server has served, the same
 refusal (a restarted Redis still loading, an ACL being changed) is logged
 and retried with the usual backoff.
 
-One ``SUBSCRIBE`` (or ``PSUBSCRIBE``) per channel: several in one call put txredisapi's replies
-out of step.  Numbers are never converted (``convertNumbers`` off): ``"007"``
-must arrive as the text it was.
+One ``SUBSCRIBE`` (or ``PSUBSCRIBE``) per channel: several in one call put
+txredisapi's replies out of step.  Numbers are never converted
+(``convertNumbers`` off): ``"007"`` must arrive as the text it was.
 
 Reconnecting backs off from :data:`INITIAL_DELAY` up to the configured
 ``redis_max_delay``, so a server notices a returning Redis within about

@@ -13,6 +13,8 @@ server publish outside its own namespace.
 import json
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -274,6 +276,42 @@ class TenantServiceTests(ServiceTestCase):
         self.send("persist", persist_body("app1:reply:2"))
         self.assertEqual([channel for channel, _ in self.bus.published],
                          ["app1:reply:1", "app1:reply:1"])
+
+
+#: channel names built from the characters that matter here
+_NAME = st.lists(st.sampled_from(list("ab1:*?[]^\\-.é") + [
+    "persist", "fetch", "fetch-next", "es:", "app1", "app2", "reply"]), max_size=8).map("".join)
+
+
+class TenantPropertyTests(ServiceTestCase):
+    """Whatever channel a request arrives on and whatever it names, replies stay in its namespace."""
+
+    @settings(max_examples=500, derandomize=True, database=None, deadline=None)
+    @given(request_kind=st.sampled_from(["persist", "fetch", "fetch-next"]),
+           tenant=_NAME, reply=_NAME, stream_first=st.booleans())
+    def test_nothing_published_outside_the_senders_namespace(self, request_kind, tenant,
+                                                             reply, stream_first):
+        self.make(channel_prefix="es:", tenants=True)
+        if stream_first:
+            self.open_stream("es:app2:fetch", "es:app2:reply:1")
+        before = len(self.bus.published)
+        channel = f"es:{tenant}:{request_kind}"
+        body = (persist_body(reply) if request_kind == "persist" else fetch_body(reply)
+                if request_kind == "fetch" else json.dumps({"channel": reply}))
+        self.send(channel, body)
+        self.send(channel, body.replace(reply, "es:app2:reply:1", 1) if reply else body)
+        published = {name for name, _ in self.bus.published[before:]}
+        if wire.valid_tenant(tenant):
+            for name in published | self.bus.subscribed - {"es:app2:reply:1"}:
+                self.assertTrue(name.startswith(f"es:{tenant}:"), (channel, name))
+                self.assertIsNone(wire.tenant_request_channel(name, "es:"), name)
+        else:
+            self.assertEqual(published, set())
+        if stream_first:
+            stream = self.service.streams.get("es:app2:reply:1")
+            if tenant != "app2":
+                self.assertEqual((stream.is_live, stream.rows_sent), (True, 1))
+        self.service.stopService()
 
 
 class ReplyPatternTests(ServiceTestCase):
