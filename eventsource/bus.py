@@ -3,7 +3,8 @@ The Redis boundary: one subscriber connection and one publisher connection.
 
 Each connection runs the same handshake every time it is made, at start and
 after every reconnect: ``AUTH`` (with the ACL user when one is configured),
-then, on the subscriber, ``SUBSCRIBE`` to each request channel.
+then, on the subscriber, ``SUBSCRIBE`` to each request channel (in tenant
+mode ``PSUBSCRIBE`` to each request pattern, ``<prefix>*:<kind>``).
 txredisapi does neither of these for us in a way a server can live with: it
 does not re-subscribe after a reconnect, and when ``AUTH`` fails it stops
 reconnecting for good, silently.  Here a refused handshake at start fails
@@ -12,9 +13,9 @@ permission, TLS verification); after the server has served, the same
 refusal (a restarted Redis still loading, an ACL being changed) is logged
 and retried with the usual backoff.
 
-One ``SUBSCRIBE`` per channel: several in one call put txredisapi's replies
-out of step.  Numbers are never converted (``convertNumbers`` off): ``"007"``
-must arrive as the text it was.
+One ``SUBSCRIBE`` (or ``PSUBSCRIBE``) per channel: several in one call put
+txredisapi's replies out of step.  Numbers are never converted
+(``convertNumbers`` off): ``"007"`` must arrive as the text it was.
 
 Reconnecting backs off from :data:`INITIAL_DELAY` up to the configured
 ``redis_max_delay``, so a server notices a returning Redis within about
@@ -129,6 +130,14 @@ class _Subscriber(_Handshaking, txredisapi.SubscriberProtocol):
                     deliver(channel, body)
                 elif body in _CONTROL_WORDS:
                     deliver(channel, _CONTROL_WORDS[body])
+            elif type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                # tenant mode: a request on a channel one of our patterns matched
+                body = reply[3]
+                try:
+                    body = body.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass  # refused as "not text" by the wire protocol
+                deliver(reply[2].decode("utf-8", "replace"), body)
             else:
                 self.replyReceived(self.tryConvertData(reply))
             reply = reader.gets()
@@ -294,7 +303,8 @@ class RedisBus:
         self._starting = {}
         self._publisher_waiters = []
         self._stopping = False
-        self._request_channels = frozenset(config.request_channels.values())
+        self._request_channels = frozenset(
+            () if config.tenants else config.request_channels.values())
         #: reply channels Redis refused us lately (logged once each)
         self._refused_channels = OrderedDict()
         #: when the subscriber was last lost (reactor seconds), for the log
@@ -349,6 +359,11 @@ class RedisBus:
         """Serving: subscribed to the request channels, and able to publish."""
         return self._subscriber is not None and self._publisher is not None
 
+    def _requests_listened(self):
+        """The request channels, or in tenant mode the request patterns (one per kind)."""
+        config = self._config
+        return (config.request_patterns if config.tenants else config.request_channels).values()
+
     def _where(self):
         return f"{self._config.redis_host}:{self._config.redis_port}"
 
@@ -389,8 +404,11 @@ class RedisBus:
             else:
                 # Take requests only once their answers can go out.
                 yield self._when_publisher_ready()
-                for channel in config.request_channels.values():
-                    yield protocol.subscribe(channel)
+                for channel in self._requests_listened():
+                    if config.tenants:
+                        yield protocol.psubscribe(channel)
+                    else:
+                        yield protocol.subscribe(channel)
         except Exception as error:
             if protocol.connected:
                 self._refused(link, protocol, error)
@@ -401,7 +419,7 @@ class RedisBus:
         link.refusals = 0
         link.ready = protocol
         if protocol.role == "subscriber":
-            channels = ",".join(config.request_channels.values())
+            channels = ",".join(self._requests_listened())
             if self._lost_at is not None:
                 log.info("Redis {where} is back: subscribed again to {channels} after "
                          "{seconds:.2f} s", where=self._where(), channels=channels,

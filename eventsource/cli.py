@@ -31,6 +31,7 @@ from eventsource import client as client_module
 from eventsource.client import (
     DEFAULT_REPLY_PREFIX,
     DEFAULT_TIMEOUT,
+    TENANT_REPLY_PREFIX,
     EventSourceError,
     NoServerError,
     RedisConnectionError,
@@ -38,6 +39,7 @@ from eventsource.client import (
     ServerError,
     StreamTimeout,
 )
+from eventsource.wire import valid_tenant
 
 PROG = "eventsource"
 
@@ -139,6 +141,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _tenant(text: str) -> str:
+    if not valid_tenant(text):
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to 64 letters, digits, '_', '.' or '-', not {text!r}")
+    return text
+
+
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
@@ -190,10 +199,18 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
         help="The server's --channel-prefix: prepended to the request channels persist, "
              "fetch and fetch-next [env EVENTSOURCE_CHANNEL_PREFIX; default: empty].")
     group.add_argument(
-        "--reply-prefix", default=environ.get("EVENTSOURCE_REPLY_PREFIX") or
-        DEFAULT_REPLY_PREFIX, metavar="PREFIX",
+        "--tenant", type=_tenant, default=environ.get("EVENTSOURCE_TENANT") or None,
+        metavar="TENANT",
+        help="This client's tenant, for a server run with --tenants: requests go to "
+             "<prefix>TENANT:persist (and :fetch, :fetch-next), replies come on "
+             "<prefix>TENANT:<reply prefix><id> [env EVENTSOURCE_TENANT; default: none].")
+    group.add_argument(
+        "--reply-prefix", default=environ.get("EVENTSOURCE_REPLY_PREFIX") or None,
+        metavar="PREFIX",
         help="Start of the reply channel names, for Redis ACLs that allow clients only "
-             f"some channels [env EVENTSOURCE_REPLY_PREFIX; default: {DEFAULT_REPLY_PREFIX}].")
+             "some channels (after <prefix>TENANT: with --tenant) [env "
+             f"EVENTSOURCE_REPLY_PREFIX; default: {DEFAULT_REPLY_PREFIX}, or "
+             f"{TENANT_REPLY_PREFIX} with --tenant].")
     group.add_argument(
         "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
         help="Seconds to wait for Redis, and for each answer of the server "
@@ -454,7 +471,8 @@ async def execute(reactor, args, stdout, stderr, stdin=None, connect=None,
             host=args.redis_host, port=args.redis_port, password=args.redis_password,
             username=args.redis_user, endpoint=args.redis_endpoint, reactor=reactor,
             timeout=args.timeout, connect_timeout=args.timeout,
-            reply_prefix=args.reply_prefix, channel_prefix=args.channel_prefix)
+            reply_prefix=args.reply_prefix, channel_prefix=args.channel_prefix,
+            tenant=args.tenant)
     except EventSourceError as e:
         where = args.redis_endpoint or f"{args.redis_host}:{args.redis_port}"
         stderr.write(f"{prog}: error: {e} ({where})\n")

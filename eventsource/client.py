@@ -45,6 +45,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eventsource.wire import valid_tenant
+
 log = Logger()
 
 __all__ = [
@@ -63,11 +65,14 @@ __all__ = [
     "RedisConnectionError",
     "BadReply",
     "DEFAULT_REPLY_PREFIX",
+    "TENANT_REPLY_PREFIX",
     "DEFAULT_TIMEOUT",
 ]
 
 #: the reply channels of a client are this prefix and a UUID (hex)
 DEFAULT_REPLY_PREFIX = "eventsource:reply:"
+#: ... and with a tenant, the tenant's namespace, this and a UUID
+TENANT_REPLY_PREFIX = "reply:"
 #: seconds to wait for the server before a request fails with ReplyTimeout
 DEFAULT_TIMEOUT = 10.0
 #: seconds to wait for both Redis connections in :func:`connect`
@@ -692,22 +697,38 @@ class EventSourceClient:
     :param clock: an ``IReactorTime`` for the client timeouts.
     :param timeout: seconds to wait for the server (per persist; per row of a
         fetch) before failing with :class:`ReplyTimeout`.
-    :param reply_prefix: the start of every reply channel name.
+    :param reply_prefix: the start of every reply channel name (after the
+        tenant's namespace, with ``tenant``); ``None``:
+        :data:`DEFAULT_REPLY_PREFIX`, or ``"reply:"`` with a tenant.
     :param channel_prefix: the server's ``--channel-prefix``: prepended to the
         request channels ``persist``, ``fetch`` and ``fetch-next``.
+    :param tenant: for a server in tenant mode (``--tenants``): requests go
+        to ``<channel_prefix><tenant>:persist`` (and ``:fetch``,
+        ``:fetch-next``) and every reply channel lies in the tenant's
+        namespace ``<channel_prefix><tenant>:``, the channels a Redis ACL of
+        ``&<channel_prefix><tenant>:*`` allows.
     :param accept_via: ``"fetch-next"`` (publish ``{"channel": c}`` on
         ``fetch-next``: the default, and no echo comes back) or ``"reply"``
         (publish ``"accepted"`` on the reply channel, as the original client).
     """
 
     def __init__(self, pubsub: PubSub, clock, *, timeout: float = DEFAULT_TIMEOUT,
-                 reply_prefix: str = DEFAULT_REPLY_PREFIX, accept_via: str = FETCH_NEXT,
-                 channel_prefix: str = ""):
+                 reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
+                 channel_prefix: str = "", tenant: Optional[str] = None):
         if accept_via not in (FETCH_NEXT, "reply"):
             raise ValueError("accept_via must be 'fetch-next' or 'reply'")
+        if tenant is not None and not valid_tenant(tenant):
+            raise ValueError(f"a tenant is 1 to 64 letters, digits, '_', '.' or '-', "
+                             f"not {tenant!r}")
         self._pubsub = pubsub
         self._clock = clock
         self.timeout = timeout
+        self.tenant = tenant
+        #: where this client's requests and replies live: the tenant's
+        #: namespace, or the channel prefix without a tenant
+        self.namespace = channel_prefix if tenant is None else f"{channel_prefix}{tenant}:"
+        if reply_prefix is None:
+            reply_prefix = DEFAULT_REPLY_PREFIX if tenant is None else TENANT_REPLY_PREFIX
         self.reply_prefix = reply_prefix
         self.accept_via = accept_via
         self.channel_prefix = channel_prefix
@@ -721,10 +742,12 @@ class EventSourceClient:
 
     def request_channel(self, kind: str) -> str:
         """The channel requests of ``kind`` (``"persist"``...) are published on."""
-        return self.channel_prefix + kind
+        return self.namespace + kind
 
     def _new_channel(self) -> str:
-        return f"{self.reply_prefix}{uuid.uuid4().hex}"
+        if self.tenant is None:
+            return f"{self.reply_prefix}{uuid.uuid4().hex}"
+        return f"{self.namespace}{self.reply_prefix}{uuid.uuid4().hex}"
 
     def _pubsub_call(self, method: str, *args) -> Deferred:
         if self._disconnected:
@@ -1087,8 +1110,9 @@ class RedisPubSub:
 def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str] = None,
             username: Optional[str] = None, endpoint: Optional[str] = None, reactor=None,
             timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-            reply_prefix: str = DEFAULT_REPLY_PREFIX, accept_via: str = FETCH_NEXT,
-            channel_prefix: str = "", max_delay: float = 2.0) -> Deferred:
+            reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
+            channel_prefix: str = "", max_delay: float = 2.0,
+            tenant: Optional[str] = None) -> Deferred:
     """
     Connect to the Redis the eventsource server listens on.
 
@@ -1102,9 +1126,11 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
         (:class:`ReplyTimeout` after that).
     :param connect_timeout: seconds to wait for Redis now.
     :param reply_prefix: start of every reply channel name (for Redis ACLs
-        that restrict clients to a channel prefix).
+        that restrict clients to a channel prefix), see :class:`EventSourceClient`.
     :param accept_via: how rows are accepted, see :class:`EventSourceClient`.
     :param channel_prefix: the server's ``--channel-prefix``, if it has one.
+    :param tenant: this client's tenant, for a server in tenant mode
+        (``--tenants``), see :class:`EventSourceClient`.
     :return: a Deferred firing with an :class:`EventSourceClient`, or failing
         with :class:`RedisConnectionError`.
     """
@@ -1121,6 +1147,7 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
     pubsub = RedisPubSub(client_endpoint, password=password, username=username,
                          max_delay=max_delay)
     client = EventSourceClient(pubsub, reactor, timeout=timeout, reply_prefix=reply_prefix,
-                               accept_via=accept_via, channel_prefix=channel_prefix)
+                               accept_via=accept_via, channel_prefix=channel_prefix,
+                               tenant=tenant)
     d = pubsub.start(reactor, connect_timeout)
     return d.addCallback(lambda _: client)

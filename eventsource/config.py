@@ -13,6 +13,11 @@ from typing import Optional
 REQUEST_CHANNELS = ("persist", "fetch", "fetch-next")
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a Redis glob that matches only itself."""
+    return "".join("\\" + char if char in "*?[]\\^" else char for char in text)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of the server, with the defaults the README documents."""
@@ -73,10 +78,25 @@ class Config:
     #: empty (version 1 clients' channels) by default
     channel_prefix: str = ""
 
+    #: tenant mode: tenant ``T`` publishes its requests on
+    #: ``<prefix>T:persist``, ``<prefix>T:fetch``, ``<prefix>T:fetch-next``
+    #: and names reply channels under ``<prefix>T:`` only, so a Redis ACL of
+    #: ``&<prefix>T:*`` keeps tenants apart; the version 1 channels are not served
+    tenants: bool = False
+
+    #: a Redis glob every reply channel must match (anything when ``None``)
+    reply_channels: Optional[str] = None
+
     @property
     def request_channels(self) -> dict:
         """The Redis channel of each request kind, prefix applied."""
         return {kind: self.channel_prefix + kind for kind in REQUEST_CHANNELS}
+
+    @property
+    def request_patterns(self) -> dict:
+        """Tenant mode: the Redis pattern of each request kind, ``<prefix>*:<kind>``."""
+        prefix = glob_escape(self.channel_prefix)
+        return {kind: f"{prefix}*:{kind}" for kind in REQUEST_CHANNELS}
 
     @property
     def database(self) -> str:

@@ -21,8 +21,8 @@ from eventsource.config import Config
 log = Logger()
 
 FIRST_EVENT_HINT = (
-    "redis-cli SUBSCRIBE reply-1   # in one terminal; then in another:\n"
-    "redis-cli PUBLISH {persist} '{{\"channel\": \"reply-1\", \"query\": {{\"$insert\": "
+    "redis-cli SUBSCRIBE {reply}   # in one terminal; then in another:\n"
+    "redis-cli PUBLISH {persist} '{{\"channel\": \"{reply}\", \"query\": {{\"$insert\": "
     "{{\"$documents\": {{\"pid\": \"p1\", \"domain\": \"user\", \"name\": \"created\", "
     "\"data\": {{\"foo\": \"bar\"}}}}}}}}}}'"
 )
@@ -71,12 +71,16 @@ class EventSourceService(service.MultiService):
             max_in_list=self.config.max_in_list,
         )
         channels = self.config.request_channels
-        self._handlers = {
-            channels["persist"]: ("persist", self._persist),
-            channels["fetch"]: ("fetch", self._fetch),
-            channels["fetch-next"]: ("fetch-next", self._fetch_next),
-        }
+        #: the handler of each request kind
+        self._kinds = {"persist": self._persist, "fetch": self._fetch,
+                       "fetch-next": self._fetch_next}
+        # In tenant mode requests arrive on <prefix>T:<kind> (see
+        # message_received) and the version 1 channels are not served.
+        self._handlers = {} if self.config.tenants else {
+            channels[kind]: (kind, handler) for kind, handler in self._kinds.items()}
         self._reserved = frozenset(channels.values()) | frozenset(channels)
+        pattern = self.config.reply_channels
+        self._reply_rules = wire.ReplyRules(pattern=wire.Glob(pattern) if pattern else None)
         self.streams = {}
         self._persists = set()
         self._accepting = False
@@ -103,9 +107,17 @@ class EventSourceService(service.MultiService):
             table=self.config.table,
             redis_host=self.config.redis_host, redis_port=self.config.redis_port,
             mysql_host=self.config.mysql_host, mysql_port=self.config.mysql_port,
-            hint=FIRST_EVENT_HINT.format(persist=self.config.request_channels["persist"]),
+            hint=self._first_event_hint(),
         )
         self.ready.callback(self)
+
+    def _first_event_hint(self):
+        prefix = self.config.channel_prefix
+        if self.config.tenants:
+            persist, reply = f"{prefix}TENANT:persist", f"{prefix}TENANT:reply-1"
+        else:
+            persist, reply = self.config.request_channels["persist"], "reply-1"
+        return FIRST_EVENT_HINT.format(persist=persist, reply=reply)
 
     def _start_failed(self, failure):
         log.failure("eventsource could not start", failure)
@@ -173,13 +185,35 @@ class EventSourceService(service.MultiService):
                     stream.accept(1)
                 elif control == wire.END:
                     stream.end()
+            elif self.config.tenants:
+                self._tenant_request(channel, body)
 
-    def _request(self, request_channel, body, handler):
+    def _tenant_request(self, channel, body):
+        """
+        A message on ``<prefix>T:<kind>``: a request of tenant ``T``.  The
+        tenant comes from the channel (which a Redis ACL guards), never from
+        the body; every channel the request names must lie under ``<prefix>T:``.
+        """
+        prefix = self.config.channel_prefix
+        found = wire.tenant_request_channel(channel, prefix)
+        if found is None:
+            return  # (a late message on a reply channel whose stream ended)
+        kind, tenant = found
+        if not wire.valid_tenant(tenant):
+            log.warn("request on {request_channel} ignored: {tenant!r} is not a tenant name",
+                     request_channel=wire.truncate(channel, 200),
+                     tenant=wire.truncate(tenant, 80))
+            return
+        rules = wire.ReplyRules(pattern=self._reply_rules.pattern,
+                                namespace=f"{prefix}{tenant}:", request_prefix=prefix)
+        self._request(kind, body, self._kinds[kind], rules, channel)
+
+    def _request(self, request_channel, body, handler, rules=None, source=None):
         try:
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
-                                         self._reserved)
+                                         self._reserved, rules or self._reply_rules)
         except wire.BadRequest as bad:
-            self._bad_request(request_channel, body, bad.reason, bad.channel)
+            self._bad_request(source or request_channel, body, bad.reason, bad.channel)
             return
         if not self._accepting:
             log.info("refused a {request_channel} request for {channel}: the server is not "

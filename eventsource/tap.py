@@ -105,6 +105,19 @@ def table_name(text: str) -> str:
     return text
 
 
+def glob_pattern(text: str) -> Optional[str]:
+    """A Redis glob (``*``, ``?``, ``[...]``, ``\\``); the empty string means none."""
+    from eventsource.wire import Glob
+
+    if not text:
+        return None
+    try:
+        Glob(text)
+    except ValueError as e:
+        raise ValueError(f"must be a Redis glob pattern, but it {e}") from None
+    return text
+
+
 def optional_text(text: str) -> Optional[str]:
     """A string that may be left out: the empty string means none."""
     return text or None
@@ -152,6 +165,22 @@ SETTINGS = (
         "EVENTSOURCE_CHANNEL_PREFIX",
         str,
         "Prepended to the request channels' names, so that several servers can share one Redis.",
+    ),
+    Setting(
+        "tenants",
+        "EVENTSOURCE_TENANTS",
+        boolean,
+        "Tenant mode: tenant T sends requests on <prefix>T:persist, <prefix>T:fetch and "
+        "<prefix>T:fetch-next and names reply channels under <prefix>T: only; the plain "
+        "request channels are not served.",
+        flag=True,
+    ),
+    Setting(
+        "reply-channels",
+        "EVENTSOURCE_REPLY_CHANNELS",
+        glob_pattern,
+        "Redis glob pattern every reply channel must match (other requests are refused "
+        "unanswered), such as <prefix>*; none: any channel.",
     ),
     Setting("mysql-host", "MYSQL_HOST", str, "MariaDB/MySQL host name or address."),
     Setting("mysql-port", "MYSQL_PORT", port, "MariaDB/MySQL port."),

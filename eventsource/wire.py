@@ -279,7 +279,157 @@ def decode_nested(text: str, limit: int) -> Any:
     return value
 
 
-def _reply_channel(message: dict, reserved) -> str:
+#: what a tenant may be called: no ``:`` (so a tenant's request channel
+#: ``<prefix>T:fetch`` has one reading) and none of Redis' glob characters
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def valid_tenant(name: Any) -> bool:
+    """Whether ``name`` may be a tenant's name (see :data:`TENANT_NAME`)."""
+    return isinstance(name, str) and TENANT_NAME.fullmatch(name) is not None
+
+
+def tenant_request_channel(channel: str, prefix: str) -> Optional[tuple]:
+    """
+    ``(kind, tenant)`` when ``channel`` has the shape of a tenant's request
+    channel, ``<prefix><tenant>:<kind>`` (what the server's patterns
+    ``<prefix>*:<kind>`` deliver), else ``None``.  The tenant is returned as
+    it is: the caller checks it with :func:`valid_tenant`.
+    """
+    if not channel.startswith(prefix):
+        return None
+    tenant, colon, kind = channel[len(prefix):].rpartition(":")
+    if not colon or kind not in REQUEST_CHANNELS:
+        return None
+    return kind, tenant
+
+
+class Glob:
+    """
+    A Redis glob pattern (``*``, ``?``, ``[abc]``, ``[^a-z]``, ``\\`` escapes),
+    matched as Redis does, on the UTF-8 bytes of a name, but without
+    backtracking blow-up: at most the product of the pattern's and the
+    name's lengths, whatever a client names.
+
+    :raises ValueError: for an unterminated ``[`` or a trailing ``\\``
+        (which Redis reads in ways nobody means).
+    """
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        raw = pattern.encode("utf-8", "surrogatepass")
+        self._tokens = []
+        i = 0
+        while i < len(raw):
+            byte = raw[i]
+            if byte == 0x2A:  # *
+                if not self._tokens or self._tokens[-1] != "*":
+                    self._tokens.append("*")
+            elif byte == 0x3F:  # ?
+                self._tokens.append("?")
+            elif byte == 0x5B:  # [
+                i, token = self._set(raw, i + 1)
+                self._tokens.append(token)
+            elif byte == 0x5C:  # backslash
+                i += 1
+                if i == len(raw):
+                    raise ValueError(f"ends with a lone backslash: {pattern!r}")
+                self._tokens.append(raw[i])
+            else:
+                self._tokens.append(byte)
+            i += 1
+
+    @staticmethod
+    def _set(raw, i):
+        negate = i < len(raw) and raw[i] == 0x5E  # ^
+        if negate:
+            i += 1
+        ranges = []
+        while i < len(raw) and raw[i] != 0x5D:  # ]
+            if raw[i] == 0x5C and i + 1 < len(raw):
+                i += 1
+                ranges.append((raw[i], raw[i]))
+            elif i + 2 < len(raw) and raw[i + 1] == 0x2D:  # a-z (as Redis: even a-])
+                low, high = sorted((raw[i], raw[i + 2]))
+                ranges.append((low, high))
+                i += 2
+            else:
+                ranges.append((raw[i], raw[i]))
+            i += 1
+        if i >= len(raw):
+            raise ValueError(
+                f"has an unterminated '[': {raw.decode('utf-8', 'surrogatepass')!r}")
+        return i, (negate, tuple(ranges))
+
+    @staticmethod
+    def _one(token, byte):
+        if token == "?":
+            return True
+        if type(token) is int:
+            return token == byte
+        negate, ranges = token
+        return any(low <= byte <= high for low, high in ranges) != negate
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` matches the whole pattern (case-sensitive, as Redis)."""
+        text = name.encode("utf-8", "surrogatepass")
+        tokens = self._tokens
+        t = p = 0
+        star = star_text = -1
+        while t < len(text):
+            if p < len(tokens) and tokens[p] == "*":
+                star, star_text = p, t
+                p += 1
+            elif p < len(tokens) and self._one(tokens[p], text[t]):
+                p += 1
+                t += 1
+            elif star >= 0:
+                # let the last star take one more byte, and go on from there
+                star_text += 1
+                t = star_text
+                p = star + 1
+            else:
+                return False
+        while p < len(tokens) and tokens[p] == "*":
+            p += 1
+        return p == len(tokens)
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """
+    Where replies may go, beyond version 1's rules: ``pattern`` (the
+    server's ``--reply-channels``), ``namespace`` (in tenant mode, the
+    tenant's ``<prefix>T:``) and ``request_prefix`` (in tenant mode, the
+    prefix under which names shaped like a request channel are refused).
+    """
+
+    pattern: Optional[Glob] = None
+    namespace: Optional[str] = None
+    request_prefix: Optional[str] = None
+
+
+def check_reply_channel(channel: str, rules: Optional[ReplyRules]) -> None:
+    """
+    Refuse a reply or acknowledged channel the rules forbid.  The refusal
+    names no channel: a client must not make the server publish anywhere
+    outside what it may use, not even ``"error"``.
+    """
+    if rules is None:
+        return
+    if rules.namespace is not None and not channel.startswith(rules.namespace):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} is outside the "
+                         f"tenant's namespace {rules.namespace!r}")
+    if (rules.request_prefix is not None
+            and tenant_request_channel(channel, rules.request_prefix) is not None):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} has the shape of a "
+                         f"request channel")
+    if rules.pattern is not None and not rules.pattern.matches(channel):
+        raise BadRequest(f"the reply channel {truncate(channel, 80)!r} does not match "
+                         f"--reply-channels {rules.pattern.pattern!r}")
+
+
+def _reply_channel(message: dict, reserved, rules=None) -> str:
     channel = message.get("channel")
     if not isinstance(channel, str) or not channel:
         raise BadRequest("the request has no \"channel\" string")
@@ -290,6 +440,7 @@ def _reply_channel(message: dict, reserved) -> str:
         raise BadRequest("the reply channel is not valid Unicode text")
     if channel in reserved:
         raise BadRequest(f"the reply channel cannot be the request channel {channel!r}")
+    check_reply_channel(channel, rules)
     return channel
 
 
@@ -310,11 +461,12 @@ def _positive_int(message: dict, field: str, channel: str, default: int) -> int:
 
 
 def parse_request(request_channel: str, body: Any, max_body_bytes: int,
-                  reserved=REQUEST_CHANNELS):
+                  reserved=REQUEST_CHANNELS, rules: Optional[ReplyRules] = None):
     """
     Judge one message that arrived on a request channel: ``request_channel``
     is its kind (``persist``, ``fetch`` or ``fetch-next``); ``reserved`` the
-    channel names no reply may use.
+    channel names no reply may use; ``rules`` what else limits the reply
+    channel (see :func:`check_reply_channel`).
 
     Returns a :class:`PersistRequest`, :class:`FetchRequest` or
     :class:`NextRequest`; raises :class:`BadRequest` otherwise.
@@ -334,7 +486,7 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
         raise BadRequest("the body is not a JSON object")
     # Other fields are ignored, as the original ignored them (a client's
     # request id or debug field must not cost it its request or its stream).
-    channel = _reply_channel(message, reserved)
+    channel = _reply_channel(message, reserved, rules)
     if request_channel == "persist":
         return PersistRequest(channel, _query(message, channel, "$insert"))
     if request_channel == "fetch":

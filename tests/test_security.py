@@ -31,7 +31,7 @@ from tests.support import IntegrationTestCase, WireClient, sql, unique
 REDIS_SECRET = "redis-s3cret-Zq8!"
 MYSQL_SECRET = "mysql-s3cret-Wx4#"
 
-#: docs/OPERATIONS.md, "Redis ACL recipes": the server's user ...
+#: docs/OPERATIONS.md, "Version 1 clients and ACLs": the server's user ...
 SERVER_ACL = ("user eventsource on >{password} resetkeys resetchannels &* -@all "
               "+subscribe +unsubscribe +publish +ping")
 #: ... and a client's: publish on the request channels and on its own reply

@@ -30,6 +30,8 @@ ENVIRON = {
     "REDIS_TLS_CERT": "/tls/redis-cert.pem",
     "REDIS_TLS_KEY": "/tls/redis-key.pem",
     "EVENTSOURCE_CHANNEL_PREFIX": "staging:",
+    "EVENTSOURCE_TENANTS": "on",
+    "EVENTSOURCE_REPLY_CHANNELS": "staging:*",
     "MYSQL_HOST": "db.example",
     "MYSQL_PORT": "3307",
     "MYSQL_USER": "events",
@@ -68,6 +70,8 @@ ENVIRON_CONFIG = Config(
     redis_tls_cert="/tls/redis-cert.pem",
     redis_tls_key="/tls/redis-key.pem",
     channel_prefix="staging:",
+    tenants=True,
+    reply_channels="staging:*",
     mysql_host="db.example",
     mysql_port=3307,
     mysql_user="events",
@@ -106,6 +110,8 @@ ARGV = [
     "--redis-tls-cert=cert1",
     "--redis-tls-key=key1",
     "--channel-prefix=cli.",
+    "--tenants",
+    "--reply-channels=cli.reply.[a-z]*",
     "--mysql-host=10.2.2.2",
     "--mysql-port=3310",
     "--mysql-user=writer",
@@ -144,6 +150,8 @@ ARGV_CONFIG = Config(
     redis_tls_cert="cert1",
     redis_tls_key="key1",
     channel_prefix="cli.",
+    tenants=True,
+    reply_channels="cli.reply.[a-z]*",
     mysql_host="10.2.2.2",
     mysql_port=3310,
     mysql_user="writer",
@@ -232,7 +240,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(parse(environ=environ), Config())
         self.assertEqual(
             parse(argv, environ),
-            Config(redis_tls=True, mysql_tls_verify=True, read_only=True),
+            Config(redis_tls=True, mysql_tls_verify=True, read_only=True, tenants=True),
         )
 
     def test_boolean_words(self):
@@ -304,6 +312,18 @@ class ErrorTests(SynchronousTestCase):
             str(error).startswith(f"{setting.env} (for --{setting.option}) must be "),
             str(error),
         )
+
+    def test_reply_channels_pattern(self):
+        """--reply-channels takes a Redis glob: a malformed one is refused at start."""
+        setting = next(s for s in tap.SETTINGS if s.option == "reply-channels")
+        for text in ["app[", "app\\", "[^a"]:
+            self.assert_bad(setting, text)
+        self.assert_message(
+            ["--reply-channels=x["], {},
+            "--reply-channels must be a Redis glob pattern, but it has an unterminated '[': "
+            "'x['.")
+        self.assertEqual(parse(["--reply-channels=es:\\*[a-z]?*"]).reply_channels, "es:\\*[a-z]?*")
+        self.assertEqual(parse(["--reply-channels="]).reply_channels, None)
 
     def test_port_messages(self):
         """The whole sentence for a bad port, from each source."""
