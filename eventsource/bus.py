@@ -60,6 +60,65 @@ class ReplyChannelRefused(Exception):
     """Redis refused the server's user a reply channel (an ACL ``NOPERM``)."""
 
 
+#: seconds the start-up check of Redis's limits may take before it is skipped
+CONFIG_TIMEOUT = 5
+
+_MB = 1024 * 1024
+
+
+def _mb(size):
+    """A size in whole megabytes, rounded up, as redis.conf writes it."""
+    return f"{max(1, -(-size // _MB))}mb"
+
+
+def redis_limit_warnings(config, output_buffer_limit, proto_max_bulk_len):
+    """
+    What is wrong, for this server's limits, with Redis's settings (the
+    values of ``CONFIG GET client-output-buffer-limit`` and ``CONFIG GET
+    proto-max-bulk-len``): a list of sentences, each ending with the
+    ``CONFIG SET`` and redis.conf line that fix it; empty when all is well.
+
+    The server's subscriber connection is a pubsub client: Redis drops it,
+    ending every stream, when its unread output passes the pubsub limit.
+    What it must take at once is one request as large as Redis lets a
+    client publish, plus the rows it hears back on version 1 reply
+    channels (``max_echo_bytes``); a client's own connection must take a
+    window (``max_window_bytes``) plus a row.
+    """
+    words = output_buffer_limit.split()
+    hard = soft = 0
+    for i, word in enumerate(words[:-3]):
+        if word == "pubsub":
+            hard, soft = int(words[i + 1]), int(words[i + 2])
+    bulk = int(proto_max_bulk_len)
+    wanted_bulk = max(_MB, config.max_body_bytes)
+    extra = max(config.max_echo_bytes, config.max_window_bytes)
+    need = -(-(wanted_bulk + extra) // _MB) * _MB
+    warnings = []
+    if bulk < config.max_body_bytes:
+        warnings.append(
+            f"Redis's proto-max-bulk-len ({bulk} bytes) is below --max-body-bytes "
+            f"({config.max_body_bytes}): Redis refuses requests (and rows) the server would "
+            f"take. Fix: CONFIG SET proto-max-bulk-len {_mb(wanted_bulk)} "
+            f"(redis.conf: proto-max-bulk-len {_mb(wanted_bulk)})")
+    elif hard and bulk + extra > hard:
+        warnings.append(
+            f"Redis's proto-max-bulk-len ({bulk} bytes) lets one publish on a request channel "
+            f"overflow the server's pubsub output buffer (hard limit {hard} bytes): Redis would "
+            f"drop the server's connection and end every stream. Fix: CONFIG SET "
+            f"proto-max-bulk-len {_mb(wanted_bulk)} "
+            f"(redis.conf: proto-max-bulk-len {_mb(wanted_bulk)})")
+    if (hard and hard < need) or (soft and soft < need):
+        setting = f"pubsub {_mb(2 * need)} {_mb(need)} 60"
+        warnings.append(
+            f"Redis's pubsub output buffer limit (hard {hard}, soft {soft} bytes) is below "
+            f"the {need} bytes the server's limits need (--max-body-bytes plus the larger of "
+            f"--max-echo-bytes and --max-window-bytes): Redis may drop the server's or a "
+            f"client's connection mid-stream. Fix: CONFIG SET client-output-buffer-limit "
+            f"\"{setting}\" (redis.conf: client-output-buffer-limit {setting})")
+    return warnings
+
+
 class RedisUnavailable(ConnectionError):
     """There is no live connection to Redis right now."""
 
@@ -401,6 +460,9 @@ class RedisBus:
             if protocol.role == "publisher":
                 # proves the connection speaks Redis (not, say, a TLS port)
                 yield protocol.execute_command("PING")
+                # (before anything is published: publish_nowait's replies
+                # would be taken for this command's)
+                yield self._check_limits(protocol)
             else:
                 # Take requests only once their answers can go out.
                 yield self._when_publisher_ready()
@@ -437,6 +499,27 @@ class RedisBus:
         starting = self._starting.get(protocol.role)
         if starting is not None and not starting.called:
             starting.callback(None)
+
+    @defer.inlineCallbacks
+    def _check_limits(self, protocol):
+        """Warn, with the fix, when Redis's buffer limits are below what the server needs."""
+        try:
+            values = []
+            for name in ("client-output-buffer-limit", "proto-max-bulk-len"):
+                d = protocol.execute_command("CONFIG", "GET", name)
+                d.addTimeout(CONFIG_TIMEOUT, self._reactor)
+                reply = yield d
+                values.append(reply[1] if isinstance(reply, list) and len(reply) == 2 else None)
+            if None in values:
+                raise ValueError(f"unexpected CONFIG GET replies {values!r}")
+            warnings = redis_limit_warnings(self._config, *values)
+        except Exception as error:
+            log.warn("could not check Redis {where}'s client-output-buffer-limit and "
+                     "proto-max-bulk-len ({error}); make sure they fit the server's limits "
+                     "(see docs/OPERATIONS.md)", where=self._where(), error=_describe(error))
+            return
+        for warning in warnings:
+            log.warn("Redis {where}: {problem}", where=self._where(), problem=warning)
 
     def _refused(self, link, protocol, error):
         """The handshake failed: a start fails; a running server retries with backoff."""

@@ -10,20 +10,31 @@ function called once when it reaches a terminal state.
 
 States (:class:`ChannelState`)
     ``awaiting-row``: the window has room; the stream waits for rows from
-    the database.  ``awaiting-accept``: the window is full (or the last row
+    the database (or, with rows buffered, for the echo budget).  ``awaiting-accept``: the window is full (or the last row
     of a version 1 stream is out): the stream waits for the client.
     ``ended``, ``errored``, ``timed-out``: terminal; late messages are ignored.
 
 Inputs (triggers, each fired from exactly one method)
     ``row_ready`` (:meth:`Stream.receive`), ``accepted`` (:meth:`Stream.accept`),
     ``client_end`` (:meth:`Stream.client_end`), ``deadline_passed`` (the row
-    timer), ``failed`` (:meth:`Stream.fail`).
+    timer), ``failed`` (:meth:`Stream.fail`), ``room_made``
+    (:meth:`Stream.budget_freed`).
 
-The window is the number of rows published and not yet accepted.  Version 1
-of the protocol is a window of 1: one row, wait for its acceptance, the next
-row, and ``"end"`` only after the last row was accepted.  With a larger
-window the stream publishes ``"end"`` right after the last row.  The row
-timeout always measures the oldest unaccepted row.
+The window is what is published and not yet accepted, bounded in rows
+(``window``) and in bytes (``window_bytes``; a row larger than that still
+goes out alone).  Version 1 of the protocol is a window of 1: one row, wait
+for its acceptance, the next row, and ``"end"`` only after the last row was
+accepted.  With a larger window the stream publishes ``"end"`` right after
+the last row.  The row timeout always measures the oldest unaccepted row.
+
+Version 1 streams may also share an :class:`EchoBudget`: the server listens
+on their reply channels, so Redis sends it back every row it publishes
+there; the budget bounds those rows' bytes over all streams together.  A
+stream the budget holds back waits in ``awaiting-row`` with its rows
+buffered, and the ``room_made`` input (:meth:`Stream.budget_freed`) wakes it.
+
+Sizes are the rows' lengths as text (``len``), the UTF-8 length for the rare
+row that is not ASCII, computed once per page.
 """
 
 import enum
@@ -49,7 +60,7 @@ _ACCEPT = ChannelState.AWAITING_ACCEPT
 LIVE = (_ROW, _ACCEPT)
 TERMINAL = (ChannelState.ENDED, ChannelState.ERRORED, ChannelState.TIMED_OUT)
 
-INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed")
+INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed", "room_made")
 
 # The whole transition table.  Rows and acceptances are "settling" inputs:
 # the stream publishes what its window allows (``send_rows``) and the
@@ -61,6 +72,14 @@ TRANSITIONS = [
     {"trigger": "row_ready", "source": _ROW, "dest": _ACCEPT,
      "conditions": "will_wait", "before": "send_rows"},
     {"trigger": "row_ready", "source": _ROW, "dest": _ROW, "before": "send_rows"},
+
+    # (the echo budget had room again for a stream it held back, which
+    # waits in awaiting-row with its rows buffered and none unaccepted)
+    {"trigger": "room_made", "source": _ROW, "dest": ChannelState.ENDED,
+     "conditions": "will_finish", "before": ["send_rows", "send_end"]},
+    {"trigger": "room_made", "source": _ROW, "dest": _ACCEPT,
+     "conditions": "will_wait", "before": "send_rows"},
+    {"trigger": "room_made", "source": _ROW, "dest": None, "before": "send_rows"},
 
     {"trigger": "accepted", "source": LIVE, "dest": ChannelState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
@@ -99,16 +118,86 @@ MACHINE = Machine(
 )
 
 
+def row_size(body):
+    """A row's size in bytes as Redis carries it (``len`` for ASCII, which is O(1) to know)."""
+    return len(body) if body.isascii() else len(body.encode("utf-8", "surrogatepass"))
+
+
+class EchoBudget:
+    """
+    The bytes of rows published and not yet accepted on every stream that
+    shares it (version 1 streams: the server hears each such row again on
+    the reply channel it listens on), so that this echo stays well under
+    Redis's pubsub output buffer limit.
+
+    Streams over budget queue up and are woken in order (``room_made``)
+    as acceptances free bytes; with nothing out, one row always goes, so a
+    single large row still flows.
+    """
+
+    def __init__(self, limit, clock):
+        self.limit = limit
+        self.used = 0
+        self.waiting = deque()
+        self._clock = clock
+        self._wake_call = None
+
+    def fits(self, size, stream):
+        """Whether ``stream`` may publish a row of ``size`` bytes now (first come, first served)."""
+        if self.waiting and self.waiting[0] is not stream:
+            return False
+        return self.used == 0 or self.used + size <= self.limit
+
+    def wait(self, stream):
+        if stream not in self.waiting:
+            self.waiting.append(stream)
+
+    def take(self, size, stream):
+        self.used += size
+        if self.waiting and self.waiting[0] is stream:
+            self.waiting.popleft()
+
+    def release(self, size):
+        self.used -= size
+        if self.waiting and self._wake_call is None:
+            # a follow-up, not a trigger inside the trigger that freed the bytes
+            self._wake_call = self._clock.callLater(0, self._wake)
+
+    def leave(self, stream):
+        """A stream ended: it waits no more."""
+        try:
+            self.waiting.remove(stream)
+        except ValueError:
+            pass
+
+    def _wake(self):
+        self._wake_call = None
+        while self.waiting:
+            stream = self.waiting[0]
+            stream.budget_freed()
+            if self.waiting and self.waiting[0] is stream:
+                break  # still no room for it: the next release wakes it
+
+    def cancel(self):
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+
+
 class Stream:
     """
     One fetch's reply channel: buffered rows, the window, the row timer.
 
     Create it with :meth:`open`; it then asks ``fetch_more`` for rows at once.
+    ``window_bytes`` bounds the bytes unaccepted (one row always goes);
+    ``budget``, an :class:`EchoBudget` shared with other streams, or None.
     """
 
-    def __init__(self, channel, *, window, row_timeout, clock, publish, fetch_more, closed):
+    def __init__(self, channel, *, window, row_timeout, clock, publish, fetch_more, closed,
+                 window_bytes=None, budget=None):
         self.channel = channel
         self.window = window
+        self.window_bytes = window_bytes
         self.row_timeout = row_timeout
         self.rows_sent = 0
         #: why the stream failed, for the log (None unless it did)
@@ -117,11 +206,19 @@ class Stream:
         self._publish = publish
         self._fetch_more = fetch_more
         self._closed = closed
+        self._budget = budget
         self._buffer = deque()
+        self._sizes = deque()  # the size of every buffered row
+        self._buffered_bytes = 0
         self._sent_at = deque()  # send time of every unaccepted row, oldest first
+        self._sent_sizes = deque()
+        #: bytes published and not yet accepted
+        self.unaccepted_bytes = 0
         self._exhausted = False
         self._fetching = False
         self._timer = None
+        #: how many buffered rows the input being handled lets out (see _plan)
+        self._sending = 0
 
     @classmethod
     def open(cls, channel, **kwargs):
@@ -134,6 +231,11 @@ class Stream:
     def __repr__(self):
         return f"<Stream {self.channel!r} {self.state.value} sent={self.rows_sent}>"
 
+    @property
+    def buffered_bytes(self):
+        """Bytes of rows read from the database and not yet published."""
+        return self._buffered_bytes
+
     # -- inputs ---------------------------------------------------------
 
     def receive(self, rows, exhausted):
@@ -141,8 +243,12 @@ class Stream:
         if self.state in TERMINAL:
             return
         self._fetching = False
+        sizes = [len(body) if body.isascii() else row_size(body) for body in rows]
         self._buffer.extend(rows)
+        self._sizes.extend(sizes)
+        self._buffered_bytes += sum(sizes)
         self._exhausted = exhausted
+        self._plan()
         self.row_ready()
 
     def accept(self, count=1):
@@ -150,8 +256,14 @@ class Stream:
         count = min(count, len(self._sent_at))
         if count <= 0 or self.state in TERMINAL:
             return
+        freed = 0
         for _ in range(count):
             self._sent_at.popleft()
+            freed += self._sent_sizes.popleft()
+        self.unaccepted_bytes -= freed
+        if self._budget is not None:
+            self._budget.release(freed)
+        self._plan()
         self.accepted()
 
     def end(self):
@@ -163,37 +275,87 @@ class Stream:
         self.reason = reason
         self.failed()
 
+    def budget_freed(self):
+        """The shared echo budget may have room for this stream's next row now."""
+        if self.state in TERMINAL:
+            return
+        self._plan()
+        self.room_made()
+
     @property
     def is_live(self):
         return self.state in LIVE
 
+    # -- what the window lets out ---------------------------------------
+
+    def _plan(self):
+        """
+        Count the buffered rows the window (rows and bytes) and the echo
+        budget let out now, once per input: the conditions look ahead at it
+        and ``send_rows`` sends exactly that many.
+        """
+        sending = min(len(self._buffer), self.window - len(self._sent_at))
+        if sending and (self._budget is not None or (
+                self.window_bytes is not None
+                and self.unaccepted_bytes + self._buffered_bytes > self.window_bytes)):
+            out = self.unaccepted_bytes
+            count = len(self._sent_at)
+            limit = self.window_bytes
+            allowed = 0
+            for size in self._sizes:
+                if allowed == sending:
+                    break
+                if limit is not None and count and out + size > limit:
+                    break
+                if self._budget is not None and not self._budget.fits(size, self):
+                    break
+                out += size
+                count += 1
+                allowed += 1
+            if allowed < sending and self._budget is not None and count == 0:
+                self._budget.wait(self)
+            sending = allowed
+        self._sending = sending
+
     # -- conditions (pure look-ahead at what send_rows will leave) ------
 
     def _after_send(self):
-        sending = min(len(self._buffer), self.window - len(self._sent_at))
+        sending = self._sending
         unaccepted = len(self._sent_at) + sending
-        done = self._exhausted and sending == len(self._buffer)
-        return unaccepted, done
+        left = len(self._buffer) - sending
+        done = self._exhausted and left == 0
+        return unaccepted, left, done
 
     def will_finish(self):
-        unaccepted, done = self._after_send()
+        unaccepted, _, done = self._after_send()
         return done and (self.window > 1 or unaccepted == 0)
 
     def will_wait(self):
-        unaccepted, done = self._after_send()
-        return unaccepted >= self.window or (done and unaccepted > 0)
+        unaccepted, left, done = self._after_send()
+        return unaccepted > 0 and (unaccepted >= self.window or left > 0 or done)
 
     # -- actions --------------------------------------------------------
 
     def send_rows(self):
-        """Publish what the window allows, and keep the row timer on the oldest row."""
-        room = self.window - len(self._sent_at)
-        now = self._clock.seconds()
-        while room > 0 and self._buffer:
-            self._publish(self.channel, self._buffer.popleft())
-            self._sent_at.append(now)
-            self.rows_sent += 1
-            room -= 1
+        """Publish what :meth:`_plan` let out, and keep the row timer on the oldest row."""
+        count, self._sending = self._sending, 0
+        if count:
+            now = self._clock.seconds()
+            publish, channel = self._publish, self.channel
+            buffer, sizes = self._buffer, self._sizes
+            sent_at, sent_sizes = self._sent_at, self._sent_sizes
+            total = 0
+            for _ in range(count):
+                publish(channel, buffer.popleft())
+                size = sizes.popleft()
+                sent_at.append(now)
+                sent_sizes.append(size)
+                total += size
+            self.rows_sent += count
+            self._buffered_bytes -= total
+            self.unaccepted_bytes += total
+            if self._budget is not None:
+                self._budget.take(total, self)
         self._arm_timer()
 
     def send_end(self):
@@ -216,7 +378,15 @@ class Stream:
         """On entering any terminal state: drop timer and rows, leave the machine, tell the owner."""
         self._cancel_timer()
         self._buffer.clear()
+        self._sizes.clear()
+        self._buffered_bytes = 0
         self._sent_at.clear()
+        self._sent_sizes.clear()
+        if self._budget is not None:
+            self._budget.leave(self)
+            if self.unaccepted_bytes:
+                self._budget.release(self.unaccepted_bytes)
+        self.unaccepted_bytes = 0
         MACHINE.remove_model(self)
         self._closed(self)
 

@@ -492,9 +492,15 @@ class _FetchRequest(_Request):
         self._outcome_delivered = True
         return defer.fail(self._outcome)
 
+    @property
+    def windowed(self) -> bool:
+        """A windowed stream (extension 1) accepts and ends on ``fetch-next``
+        only: the server does not listen on its reply channel."""
+        return self.window > 1
+
     def _accept(self) -> None:
         count, self._unaccepted = self._unaccepted, 0
-        if self._accept_via == "reply":
+        if self._accept_via == "reply" and not self.windowed:
             d = defer.gatherResults(
                 [self._client._pubsub_call("publish", self.channel, encode(ACCEPTED))
                  for _ in range(count)], consumeErrors=True)
@@ -529,7 +535,7 @@ class _FetchRequest(_Request):
         d = defer.succeed(None)
         if self.started:
             if self._published:
-                d = self._client._pubsub_call("publish", self.channel, encode(END))
+                d = self._send_end()
                 d.addCallback(lambda _: None)
                 d.addErrback(lambda f: log.debug("could not send end on {channel}: {f}",
                                                  channel=self.channel, f=f.getErrorMessage()))
@@ -588,8 +594,16 @@ class _FetchRequest(_Request):
         self._ended(error, subscribed)
         if isinstance(error, ReplyTimeout) and self._published:
             # the server may still be streaming: tell it to stop
-            self._client._pubsub_call("publish", self.channel, encode(END)).addErrback(
-                lambda f: None)
+            self._send_end().addErrback(lambda f: None)
+
+    def _send_end(self) -> Deferred:
+        """Tell the server to stop: ``"end"`` on the reply channel (version 1), or
+        ``{"channel": c, "end": true}`` on ``fetch-next`` for a windowed stream."""
+        if self.windowed:
+            return self._client._pubsub_call(
+                "publish", self._client.request_channel(FETCH_NEXT),
+                encode({"channel": self.channel, "end": True}))
+        return self._client._pubsub_call("publish", self.channel, encode(END))
 
     def _fire_waiting(self) -> None:
         if self._waiting is None:
@@ -709,7 +723,8 @@ class EventSourceClient:
         ``&<channel_prefix><tenant>:*`` allows.
     :param accept_via: ``"fetch-next"`` (publish ``{"channel": c}`` on
         ``fetch-next``: the default, and no echo comes back) or ``"reply"``
-        (publish ``"accepted"`` on the reply channel, as the original client).
+        (publish ``"accepted"`` on the reply channel, as the original client;
+        version 1 fetches only: windowed ones always use ``fetch-next``).
     """
 
     def __init__(self, pubsub: PubSub, clock, *, timeout: float = DEFAULT_TIMEOUT,
@@ -863,7 +878,10 @@ class EventSourceClient:
             language (``$where``, ``$orderBy``, ``$limit``...).
         :param window: rows the server may send ahead of acceptances; 1 is
             version 1 of the protocol (one row per round trip).  A larger
-            window streams faster; the server caps it.
+            window streams faster; the server caps it.  A windowed fetch
+            always accepts and ends on ``fetch-next`` (whatever
+            ``accept_via`` says): the server does not listen on its reply
+            channel.
         :param raw: yield rows exactly as sent (``data`` as JSON text) instead
             of :class:`Row` objects with ``data`` decoded.
         :param timeout: seconds to wait for each message of the server.

@@ -58,7 +58,15 @@ class Config:
     # streaming
     row_timeout: float = 5.0
     page_size: int = 1000
+    #: bytes of rows one page may hold (plus one row, so a larger row still flows)
+    page_bytes: int = 1024 * 1024
     max_window: int = 1000
+    #: bytes one stream may have published and not yet accepted (one row always goes)
+    max_window_bytes: int = 2 * 1024 * 1024
+    #: bytes published and not yet accepted on all version 1 streams together:
+    #: the server listens on their reply channels, so Redis echoes those rows
+    #: to its subscriber connection (see docs/OPERATIONS.md)
+    max_echo_bytes: int = 2 * 1024 * 1024
 
     # limits
     max_body_bytes: int = 4 * 1024 * 1024

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from eventsource import query, wire
-from eventsource.channel import Stream
+from eventsource.channel import EchoBudget, Stream
 from eventsource.config import Config
 
 log = Logger()
@@ -82,6 +82,10 @@ class EventSourceService(service.MultiService):
         pattern = self.config.reply_channels
         self._reply_rules = wire.ReplyRules(pattern=wire.Glob(pattern) if pattern else None)
         self.streams = {}
+        #: the rows the server hears again on the reply channels of version 1 streams
+        self.echo_budget = EchoBudget(self.config.max_echo_bytes, reactor)
+        #: reply channels of open version 1 streams (the server listens on them)
+        self._listened = set()
         self._persists = set()
         self._accepting = False
         self.ready = defer.Deferred()
@@ -136,6 +140,7 @@ class EventSourceService(service.MultiService):
         self._accepting = False
         for stream in list(self.streams.values()):
             stream.fail("the server is shutting down")
+        self.echo_budget.cancel()
         # Reads no stream waits for any more must not hold the pool (or the
         # persists behind them) during the wait below.
         self.store.drop_reads()
@@ -179,7 +184,7 @@ class EventSourceService(service.MultiService):
             self._request(handler[0], body, handler[1])
         else:
             stream = self.streams.get(channel)
-            if stream is not None:
+            if stream is not None and channel in self._listened:
                 control = wire.parse_control(body)
                 if control == wire.ACCEPTED:
                     stream.accept(1)
@@ -315,8 +320,17 @@ class EventSourceService(service.MultiService):
             self._bad_request("fetch", None, str(error), channel)
             return
         pager = self.store.pager(plan)
-        subscribed = self.bus.subscribe(channel)
-        first = [True]
+        # A version 1 client accepts and ends on the reply channel, so the
+        # server listens there (and hears every row it publishes: the echo
+        # budget bounds those).  A windowed stream is never listened to: its
+        # client accepts and ends on fetch-next, and its rows, however many
+        # and large, never come back to the server's own connection.
+        windowed = request.window > 1
+        subscribed = None
+        if not windowed:
+            self._listened.add(channel)
+            subscribed = self.bus.subscribe(channel)
+        first = [not windowed]
 
         def fetch_more(stream):
             d = pager.next_page()
@@ -332,6 +346,8 @@ class EventSourceService(service.MultiService):
         stream = Stream.open(
             channel,
             window=min(request.window, self.config.max_window),
+            window_bytes=self.config.max_window_bytes,
+            budget=None if windowed else self.echo_budget,
             row_timeout=self.config.row_timeout,
             clock=self._reactor,
             publish=self.publish,
@@ -361,12 +377,17 @@ class EventSourceService(service.MultiService):
         log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
                   state=stream.state.value, rows=stream.rows_sent,
                   reason=f": {stream.reason}" if stream.reason else "")
-        self.bus.unsubscribe(channel).addErrback(_ignore_failure)
+        if channel in self._listened:
+            self._listened.discard(channel)
+            self.bus.unsubscribe(channel).addErrback(_ignore_failure)
 
     def _fetch_next(self, request):
         stream = self.streams.get(request.channel)
         if stream is not None:
-            stream.accept(request.accepted)
+            if request.end:
+                stream.end()
+            else:
+                stream.accept(request.accepted)
         else:
             # Never answered (see _bad_request): the stream ended, or never was.
             log.debug("acceptance on {channel} ignored: no stream is open there",

@@ -26,7 +26,8 @@ log = Logger()
 LOST_CONNECTION = frozenset({0, 2006, 2013, 2014, 2045, 2055})
 
 #: the first page of a stream is small (quick first row, little memory for
-#: streams that are opened and left idle); pages then double up to page_size
+#: streams that are opened and left idle); pages then double up to page_size,
+#: and down to what the page's byte budget fits of the rows seen last
 FIRST_PAGE = 32
 
 
@@ -287,12 +288,48 @@ def _encode_page(txn, strip_keyset):
     return bodies, last
 
 
+def _encode_bounded(cursor, strip_keyset, max_bytes):
+    """
+    Encode rows from an unbuffered cursor until they reach ``max_bytes``
+    (so a page holds at most its budget plus one row); returns
+    ``(bodies, last_keyset, cut)``, ``cut`` when rows were left unread.
+    """
+    names = [column[0] for column in cursor.description]
+    if strip_keyset:
+        names = names[:-1]
+    encode = wire.encode_row
+    bodies = []
+    append = bodies.append
+    total = 0
+    last = None
+    for row in cursor.fetchall_unbuffered():
+        if strip_keyset:
+            body = encode(names, row[:-1])
+            last = row[-1]
+        else:
+            body = encode(names, row)
+        append(body)
+        total += len(body)
+        if total >= max_bytes:
+            # (whether more rows follow is left unread: the next page tells)
+            return bodies, last, True
+    return bodies, last, False
+
+
 def _high_water(txn, table, statement_time=0):
     txn.execute(_statement_limited(f"SELECT COALESCE(MAX(`id`), 0) FROM {table}", statement_time))
     return int(txn.fetchone()[0])
 
 
-def _read_page(txn, plan, table, high_water, position, size, statement_time=0):
+def _read_page(txn, plan, table, high_water, position, size, statement_time=0, max_bytes=None):
+    """
+    One page: at most ``size`` rows and, with ``max_bytes``, at most that
+    many bytes of encoded rows plus one row.  The rows are read unbuffered,
+    one at a time, so rows past the byte budget are never held: closing the
+    cursor skips them on the wire (the pager sizes the next ``LIMIT`` from
+    the rows it saw, so that is rare).  Returns ``(high_water, bodies,
+    last_keyset, cut)``.
+    """
     import pymysql
 
     try:
@@ -302,15 +339,25 @@ def _read_page(txn, plan, table, high_water, position, size, statement_time=0):
             sql, params = plan.page_sql(position, high_water, size)
         else:
             sql, params = plan.offset_sql(position, high_water, size)
-        txn.execute(_statement_limited(sql, statement_time), params)
+        sql = _statement_limited(sql, statement_time)
+        if max_bytes is None:
+            txn.execute(sql, params)
+            bodies, last = _encode_page(txn, plan.keyset)
+            return high_water, bodies, last, False
+        cursor = txn.connection.cursor(pymysql.cursors.SSCursor)
+        try:
+            cursor.execute(sql, params)
+            # (unbuffered: the statement time limit may also fire while rows arrive)
+            bodies, last, cut = _encode_bounded(cursor, plan.keyset, max_bytes)
+        finally:
+            cursor.close()
     except pymysql.err.OperationalError as error:
         if error.args and error.args[0] == STATEMENT_TIMEOUT:
             raise StatementTimeLimit(
                 f"the query ran longer than the statement time limit ({statement_time:g} s)"
             ) from error
         raise
-    bodies, last = _encode_page(txn, plan.keyset)
-    return high_water, bodies, last
+    return high_water, bodies, last, cut
 
 
 def _insert_sql(table, count):
@@ -730,11 +777,11 @@ class Store:
 
     def pager(self, plan):
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""
-        return Pager(self, plan, self._config.page_size)
+        return Pager(self, plan, self._config.page_size, self._config.page_bytes)
 
-    def read_page(self, plan, high_water, position, size):
+    def read_page(self, plan, high_water, position, size, max_bytes=None):
         return self._run(_read_page, plan, self.table, high_water, position, size,
-                         self._config.max_statement_time, read=True)
+                         self._config.max_statement_time, max_bytes, read=True)
 
 
 class Pager:
@@ -744,12 +791,18 @@ class Pager:
     The first page fixes a high-water mark (the largest ``id`` then), so the
     stream is a snapshot of the append-only table.  :meth:`next_page` fires
     with ``(bodies, exhausted)``.
+
+    A page is bounded in rows (``page_size``) and in bytes (``page_bytes``,
+    plus one row).  Its ``LIMIT`` doubles from :data:`FIRST_PAGE` and is cut
+    to what the byte budget fits of the largest row of the page before, so
+    rows past the budget are rarely sent by the database only to be skipped.
     """
 
-    def __init__(self, store, plan, page_size):
+    def __init__(self, store, plan, page_size, page_bytes=None):
         self._store = store
         self._plan = plan
         self._max_page = max(1, page_size)
+        self._max_bytes = page_bytes
         self._size = min(FIRST_PAGE, self._max_page)
         self._high_water = None
         self._remaining = plan.limit
@@ -761,13 +814,13 @@ class Pager:
             size = min(size, self._remaining)
             if size == 0:
                 return defer.succeed(([], True))
-        self._size = min(self._size * 2, self._max_page)
-        d = self._store.read_page(self._plan, self._high_water, self._position, size)
+        d = self._store.read_page(self._plan, self._high_water, self._position, size,
+                                  self._max_bytes)
         d.addCallback(self._got_page, size)
         return d
 
     def _got_page(self, result, size):
-        self._high_water, bodies, last = result
+        self._high_water, bodies, last, cut = result
         if self._plan.keyset:
             if last is not None:
                 self._position = last
@@ -775,5 +828,10 @@ class Pager:
             self._position += len(bodies)
         if self._remaining is not None:
             self._remaining -= len(bodies)
-        exhausted = len(bodies) < size or self._remaining == 0
+        grown = min(size * 2, self._max_page)
+        if self._max_bytes is not None and bodies:
+            largest = max(map(len, bodies))
+            grown = min(grown, max(1, self._max_bytes // largest))
+        self._size = max(grown, 1)
+        exhausted = (len(bodies) < size and not cut) or self._remaining == 0
         return bodies, exhausted

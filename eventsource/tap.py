@@ -220,7 +220,14 @@ SETTINGS = (
         "Seconds to wait for a client to accept a row before ending its stream.",
     ),
     _limit("page-size", "Rows read from the database per query while streaming."),
+    _limit("page-bytes", "Most bytes of rows read from the database per query while streaming "
+           "(a single larger row is still read)."),
     _limit("max-window", "Most rows sent to a client ahead of its acknowledgements."),
+    _limit("max-window-bytes", "Most bytes of rows sent to a client ahead of its "
+           "acknowledgements (a single larger row still goes)."),
+    _limit("max-echo-bytes", "Most bytes of rows sent and not yet accepted on all version 1 "
+           "streams together (Redis sends them back to the server, which listens on their "
+           "reply channels)."),
     _limit("max-body-bytes", "Largest request message, in bytes."),
     _limit("max-streams", "Most streams served at once."),
     _limit("max-documents", "Most events in one persist request."),

@@ -74,9 +74,10 @@ class MemoryStore:
 
     columns = ("timestamp", "pid", "domain", "name", "data")
 
-    def __init__(self, hold=False, page_size=1000):
+    def __init__(self, hold=False, page_size=1000, page_bytes=None):
         self.hold = hold
         self.page_size = page_size
+        self.page_bytes = page_bytes
         self.events = []
         self.pending = []
         self.fail_next = None
@@ -135,9 +136,9 @@ class MemoryStore:
         return self._answer(compute)
 
     def pager(self, plan):
-        return Pager(self, plan, self.page_size)
+        return Pager(self, plan, self.page_size, self.page_bytes)
 
-    def read_page(self, plan, high_water, position, size):
+    def read_page(self, plan, high_water, position, size, max_bytes=None):
         self.reads.append((position, size))
 
         def compute():
@@ -146,8 +147,16 @@ class MemoryStore:
                 chosen = [e for e in self.events if position < e[0] <= top][:size]
             else:
                 chosen = [e for e in self.events if e[0] <= top][position:position + size]
-            bodies = [wire.encode_row(self.columns, event[1:]) for event in chosen]
-            last = chosen[-1][0] if chosen and plan.keyset else None
-            return top, bodies, last
+            bodies, total, cut = [], 0, False
+            for event in chosen:
+                bodies.append(wire.encode_row(self.columns, event[1:]))
+                total += len(bodies[-1])
+                if max_bytes is not None and total >= max_bytes:
+                    cut = len(bodies) < len(chosen)
+                    break
+            last = None
+            if bodies and plan.keyset:
+                last = chosen[len(bodies) - 1][0]
+            return top, bodies, last, cut
 
         return self._answer(compute)

@@ -69,10 +69,12 @@ class FetchRequest:
 
 @dataclass(frozen=True)
 class NextRequest:
-    """``fetch-next``: accept ``accepted`` rows of the stream on ``channel``."""
+    """``fetch-next``: accept ``accepted`` rows of the stream on ``channel``, or
+    (``end``) stop it: a windowed stream's client says both here."""
 
     channel: str
     accepted: int = 1
+    end: bool = False
 
 
 class TooDeep(ValueError):
@@ -492,6 +494,10 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
     if request_channel == "fetch":
         window = _positive_int(message, "window", channel, 1)
         return FetchRequest(channel, _query(message, channel, "$select"), window)
+    if message.get("end") is True:
+        # (extension 1: a windowed stream's client ends it here; any other
+        # value of "end" is ignored, as other fields are)
+        return NextRequest(channel, end=True)
     return NextRequest(channel, _positive_int(message, "accepted", channel, 1))
 
 

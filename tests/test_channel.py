@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from transitions import MachineError
 
-from eventsource.channel import MACHINE, ChannelState, Stream
+from eventsource.channel import MACHINE, ChannelState, EchoBudget, Stream
 
 END, ERROR, TIMEOUT = '"end"', '"error"', '"timeout"'
 
@@ -15,14 +15,17 @@ END, ERROR, TIMEOUT = '"end"', '"error"', '"timeout"'
 class Harness:
     """A stream wired to a recording publisher and a manual row source."""
 
-    def __init__(self, window=1, timeout=5.0):
-        self.clock = Clock()
+    def __init__(self, window=1, timeout=5.0, window_bytes=None, budget=None, clock=None,
+                 channel="reply-1"):
+        self.clock = clock or Clock()
         self.out = []
         self.fetches = 0
         self.closed = []
         self.stream = Stream.open(
-            "reply-1",
+            channel,
             window=window,
+            window_bytes=window_bytes,
+            budget=budget,
             row_timeout=timeout,
             clock=self.clock,
             publish=lambda channel, body: self.out.append(body),
@@ -233,3 +236,123 @@ class WindowTests(SynchronousTestCase):
             h.stream.accept()
         self.assertEqual(one.out, v1.out)
         self.assertEqual(one.out, ["a", "b", END])
+
+
+def rows(*sizes, tag="r"):
+    """Rows of the given sizes, each starting with its tag and number."""
+    return [f"{tag}{i}".ljust(size, "x") for i, size in enumerate(sizes)]
+
+
+class WindowBytesTests(SynchronousTestCase):
+    """The window is bounded in bytes too; one row always goes, however large."""
+
+    def test_never_more_than_window_bytes_unaccepted(self):
+        h = Harness(window=1000, window_bytes=100)
+        sent = rows(40, 40, 40, 10, 90, 30)
+        h.stream.receive(sent, True)
+        self.assertEqual(h.out, sent[:2])  # 80 bytes; a third row would be 120
+        self.assertEqual(h.stream.unaccepted_bytes, 80)
+        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        h.stream.accept(1)
+        self.assertEqual(h.out, sent[:4])  # 40 + 40 + 10
+        h.stream.accept(3)
+        self.assertEqual(h.out, sent[:5])  # 90 alone
+        h.stream.accept(1)
+        self.assertEqual(h.out, sent + [END])
+        self.assertEqual(h.state, ChannelState.ENDED)
+
+    def test_a_row_larger_than_the_window_goes_alone(self):
+        h = Harness(window=1000, window_bytes=100)
+        big = rows(500, 500, 20)
+        h.stream.receive(big, False)
+        self.assertEqual(h.out, big[:1])
+        self.assertEqual(h.fetches, 1)  # rows still buffered: no new page asked for
+        h.stream.accept(1)
+        self.assertEqual(h.out, big[:2])
+        h.stream.accept(1)
+        self.assertEqual(h.out, big)
+        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.fetches, 2)
+
+    def test_non_ascii_rows_count_their_utf8_bytes(self):
+        h = Harness(window=1000, window_bytes=10)
+        h.stream.receive(["\u00e9\u00e9\u00e9", "\u00e9\u00e9\u00e9"], True)  # 6 bytes each
+        self.assertEqual(len(h.out), 1)
+        self.assertEqual(h.stream.unaccepted_bytes, 6)
+
+    def test_buffer_and_window_bytes_are_released(self):
+        h = Harness(window=1000, window_bytes=100)
+        h.stream.receive(rows(60, 60, 60), False)
+        self.assertEqual((h.stream.unaccepted_bytes, h.stream.buffered_bytes), (60, 120))
+        h.stream.end()
+        self.assertEqual((h.stream.unaccepted_bytes, h.stream.buffered_bytes), (0, 0))
+
+
+class EchoBudgetTests(SynchronousTestCase):
+    """Version 1 streams share a budget of unaccepted bytes, first come, first served."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.budget = EchoBudget(100, self.clock)
+
+    def stream(self, name):
+        return Harness(budget=self.budget, clock=self.clock, channel=name)
+
+    def test_streams_over_budget_wait_until_bytes_are_accepted(self):
+        a, b, c = self.stream("a"), self.stream("b"), self.stream("c")
+        a.stream.receive(rows(60, 60, tag="a"), True)
+        b.stream.receive(rows(60, tag="b"), True)
+        c.stream.receive(rows(30, tag="c"), True)
+        self.assertEqual((len(a.out), b.out, c.out), (1, [], []))  # c queues behind b
+        self.assertEqual(self.budget.used, 60)
+        self.assertEqual(b.state, ChannelState.AWAITING_ROW)
+        a.stream.accept()
+        # a's next row queues behind b and c; they are woken as a follow-up
+        self.assertEqual((len(a.out), b.out, c.out), (1, [], []))
+        self.clock.advance(0)
+        self.assertEqual((len(a.out), len(b.out), len(c.out)), (1, 1, 1))
+        self.assertEqual(self.budget.used, 90)
+        b.stream.accept()
+        c.stream.accept()
+        self.assertEqual((b.out[-1], c.out[-1]), (END, END))
+        self.clock.advance(0)
+        self.assertEqual(len(a.out), 2)
+        a.stream.accept()
+        self.assertEqual(a.out[-1], END)
+        self.assertEqual((self.budget.used, list(self.budget.waiting)), (0, []))
+
+    def test_a_row_larger_than_the_budget_goes_when_nothing_is_out(self):
+        a, b = self.stream("a"), self.stream("b")
+        a.stream.receive(rows(10, tag="a"), True)
+        b.stream.receive(rows(500, tag="b"), True)
+        self.assertEqual(b.out, [])
+        a.stream.accept()
+        self.clock.advance(0)
+        self.assertEqual(len(b.out), 1)
+        self.assertEqual(self.budget.used, 500)
+
+    def test_ending_streams_give_back_their_bytes_and_their_place(self):
+        a, b, c = self.stream("a"), self.stream("b"), self.stream("c")
+        a.stream.receive(rows(90, tag="a"), True)
+        b.stream.receive(rows(90, tag="b"), True)
+        c.stream.receive(rows(90, tag="c"), True)
+        b.stream.end()  # waiting, then gone
+        self.assertEqual(list(self.budget.waiting), [c.stream])
+        self.clock.advance(6)  # a's row times out
+        self.assertEqual(a.out[-1], TIMEOUT)
+        self.clock.advance(0)
+        self.assertEqual(len(c.out), 1)
+        self.assertEqual(self.budget.used, 90)
+        self.assertEqual(b.out, [])
+
+    def test_waiting_for_the_budget_starts_no_row_timer(self):
+        a, b = self.stream("a"), self.stream("b")
+        a.stream.receive(rows(90, tag="a"), True)
+        b.stream.receive(rows(90, tag="b"), True)
+        self.clock.advance(4)
+        a.stream.accept()
+        self.clock.advance(0)
+        self.clock.advance(4.9)  # b's row went out at t=4
+        self.assertEqual(b.state, ChannelState.AWAITING_ACCEPT)
+        self.clock.advance(0.2)
+        self.assertEqual(b.out[-1], TIMEOUT)

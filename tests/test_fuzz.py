@@ -354,6 +354,9 @@ class Builder:
         expected = [{c: self._seed_value(seed, by_name[c]) for c in columns} for seed in rows]
         channel = self.channel(n)
         message = {"channel": channel, "query": {"$select": select}, "window": window}
+        if window > 1:
+            # a windowed stream's client accepts on fetch-next only (extension 1)
+            acks = "fetch-next"
         return "fetch", self._body(message), Expect(
             kind="valid_fetch", channel=channel, answer=expected + ["end"], acks=acks)
 

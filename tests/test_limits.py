@@ -142,11 +142,11 @@ class LimitTests(IntegrationTestCase):
         buffered = []
         read_page = self.server.store.read_page
 
-        def recording_read_page(plan, high_water, position, size):
+        def recording_read_page(plan, high_water, position, size, max_bytes=None):
             read_sizes.append(size)
             for stream in self.server.streams.values():
                 buffered.append(len(stream._buffer))
-            return read_page(plan, high_water, position, size)
+            return read_page(plan, high_water, position, size, max_bytes)
 
         self.server.store.read_page = recording_read_page
         messages = yield self.fetch({"$where": {"pid": "bystander"}}, window=4)

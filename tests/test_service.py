@@ -34,7 +34,8 @@ class ServiceTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.bus = MemoryBus(hold=hold_bus)
         config = Config(**config)
-        self.store = MemoryStore(hold=hold_store, page_size=config.page_size)
+        self.store = MemoryStore(hold=hold_store, page_size=config.page_size,
+                                 page_bytes=config.page_bytes)
         self.service = EventSourceService(config, reactor=self.clock,
                                           bus=self.bus, store=self.store)
         self.service.startService()
@@ -368,3 +369,119 @@ class BoundedShutdownTests(ServiceTestCase):
         kwargs = Store(Config(mysql_timeout=7.5), None)._connect_kwargs()
         self.assertEqual((kwargs["read_timeout"], kwargs["write_timeout"], kwargs["connect_timeout"]),
                          (7.5, 7.5, 7.5))
+
+
+class WindowedStreamTests(ServiceTestCase):
+    """A windowed stream is never listened to: it accepts and ends on fetch-next."""
+
+    def setUp(self):
+        self.make()
+        for i in range(5):
+            self.store.add(pid=f"p{i}")
+
+    def test_windowed_stream_is_not_subscribed(self):
+        self.send("fetch", fetch_body("w", window=2))
+        self.assertNotIn("w", self.bus.subscribed)
+        self.assertEqual(len(self.out("w")), 2)
+        # (were it delivered) "accepted" on its reply channel is not an acceptance
+        self.send("w", '"accepted"')
+        self.assertEqual(len(self.out("w")), 2)
+        self.send("fetch-next", json.dumps({"channel": "w", "accepted": 2}))
+        self.assertEqual(len(self.out("w")), 4)
+
+    def test_end_on_fetch_next(self):
+        self.send("fetch", fetch_body("w", window=2))
+        self.send("w", '"end"')  # not listened to
+        self.assertIn("w", self.service.streams)
+        self.send("fetch-next", json.dumps({"channel": "w", "end": True}))
+        self.assertEqual(self.service.streams, {})
+        self.assertEqual(len(self.out("w")), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.send("fetch-next", json.dumps({"channel": "w", "end": True}))  # late: ignored
+        self.assertEqual(len(self.out("w")), 2)
+
+    def test_end_on_fetch_next_also_ends_a_version_1_stream(self):
+        self.send("fetch", fetch_body("r"))
+        self.assertIn("r", self.bus.subscribed)
+        self.send("fetch-next", json.dumps({"channel": "r", "end": True}))
+        self.assertEqual(self.service.streams, {})
+        self.assertNotIn("r", self.bus.subscribed)
+        self.assertEqual(len(self.out("r")), 1)
+
+    def test_end_must_be_true(self):
+        self.send("fetch", fetch_body("w", window=2))
+        for bad in (False, "yes", 1, None):
+            self.send("fetch-next", json.dumps({"channel": "x", "end": bad}))
+        self.assertEqual(self.out("x"), ["error", "end"] * 4)
+        self.assertIn("w", self.service.streams)
+
+    def test_window_bytes_bound_what_is_in_flight(self):
+        self.make(max_window_bytes=250)
+        for i in range(5):
+            self.store.add(pid=f"p{i}", data="x" * 100)  # rows of ~190 bytes
+        self.send("fetch", fetch_body("w", window=1000))
+        self.assertEqual(len(self.out("w")), 1)
+        self.send("fetch-next", json.dumps({"channel": "w", "accepted": 1}))
+        self.assertEqual(len(self.out("w")), 2)
+
+
+class EchoBudgetServiceTests(ServiceTestCase):
+    """Version 1 streams share the echo budget; windowed streams do not use it."""
+
+    def test_version_1_streams_wait_for_the_budget(self):
+        self.make(max_echo_bytes=450)  # rows of ~190 bytes: two fit
+        for i in range(4):
+            self.store.add(pid=f"p{i}", data="x" * 100)
+        for channel in ("a", "b", "c"):
+            self.send("fetch", fetch_body(channel))
+        self.assertEqual([len(self.out(c)) for c in "abc"], [1, 1, 0])
+        self.send("w", "")  # noise
+        self.send("fetch", fetch_body("w", window=10))
+        self.assertEqual(len(self.out("w")), 5)  # not held back: its rows never echo
+        self.send("a", '"accepted"')
+        self.clock.advance(0)
+        self.assertEqual([len(self.out(c)) for c in "abc"], [1, 1, 1])
+        self.assertEqual(self.service.echo_budget.used,
+                         sum(len(body) for name, body in self.bus.published
+                             if name in "bc" and body.startswith("{")))
+
+
+class BytePagingTests(ServiceTestCase):
+    """Pages are bounded in bytes (plus one row), and their LIMIT follows the rows' sizes."""
+
+    def test_pages_hold_at_most_their_bytes_plus_one_row(self):
+        self.make(page_bytes=1000, hold_store=True)
+        for i in range(40):
+            self.store.add(pid=f"p{i}", data="x" * (300 if 10 <= i < 20 else 10))
+        self.send("fetch", fetch_body("w", window=1000))
+        while self.store.pending:
+            self.store.release(1)
+            self.send("fetch-next", json.dumps({"channel": "w", "accepted": 1000}))
+        rows = [m for m in self.out("w") if isinstance(m, dict)]
+        self.assertEqual([m["pid"] for m in rows], [f"p{i}" for i in range(40)])
+        self.assertEqual(self.out("w")[-1], "end")
+        sizes = [size for _, size in self.store.reads]
+        # 32 rows asked first: the byte budget cut the page; the LIMIT then
+        # shrinks to what 1000 bytes fit of the largest row seen
+        self.assertEqual(sizes[0], 32)
+        self.assertLess(max(sizes[1:]), 32)
+
+    def test_a_page_never_exceeds_its_budget_plus_one_row(self):
+        from eventsource.store import Pager
+
+        class Plan:
+            keyset, limit, offset = True, None, 0
+
+        store = MemoryStore(page_size=1000)
+        for i in range(50):
+            store.add(pid=f"p{i}", data="x" * (50 + 37 * (i % 7)))
+        pager = Pager(store, Plan(), 1000, 1000)
+        seen = []
+        while True:
+            bodies, exhausted = self.successResultOf(pager.next_page())
+            if bodies:
+                self.assertLess(sum(map(len, bodies)) - len(bodies[-1]), 1000)
+            seen += bodies
+            if exhausted:
+                break
+        self.assertEqual(len(seen), 50)

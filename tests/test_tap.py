@@ -46,6 +46,9 @@ ENVIRON = {
     "EVENTSOURCE_ROW_TIMEOUT": "0.25",
     "EVENTSOURCE_PAGE_SIZE": "500",
     "EVENTSOURCE_MAX_WINDOW": "50",
+    "EVENTSOURCE_PAGE_BYTES": "300000",
+    "EVENTSOURCE_MAX_WINDOW_BYTES": "400000",
+    "EVENTSOURCE_MAX_ECHO_BYTES": "500000",
     "EVENTSOURCE_MAX_BODY_BYTES": "65536",
     "EVENTSOURCE_MAX_STREAMS": "20",
     "EVENTSOURCE_MAX_DOCUMENTS": "30",
@@ -86,6 +89,9 @@ ENVIRON_CONFIG = Config(
     row_timeout=0.25,
     page_size=500,
     max_window=50,
+    page_bytes=300000,
+    max_window_bytes=400000,
+    max_echo_bytes=500000,
     max_body_bytes=65536,
     max_streams=20,
     max_documents=30,
@@ -126,6 +132,9 @@ ARGV = [
     "--row-timeout=12",
     "--page-size=100",
     "--max-window=10",
+    "--page-bytes=2000",
+    "--max-window-bytes=3000",
+    "--max-echo-bytes=4000",
     "--max-body-bytes=1024",
     "--max-streams=3",
     "--max-documents=5",
@@ -166,6 +175,9 @@ ARGV_CONFIG = Config(
     row_timeout=12.0,
     page_size=100,
     max_window=10,
+    page_bytes=2000,
+    max_window_bytes=3000,
+    max_echo_bytes=4000,
     max_body_bytes=1024,
     max_streams=3,
     max_documents=5,
@@ -350,7 +362,7 @@ class ErrorTests(SynchronousTestCase):
 
     def test_positive_ints(self):
         """Sizes and counts are whole numbers of at least 1."""
-        self.assertEqual(len(POSITIVE_INTS), 9)
+        self.assertEqual(len(POSITIVE_INTS), 12)
         for setting in POSITIVE_INTS:
             for text in ["", "x", "0", "-3", "2.5", "1e3"]:
                 self.assert_bad(setting, text)
