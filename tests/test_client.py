@@ -153,7 +153,9 @@ class FakeServer:
         channel = request["channel"]
         window = min(request.get("window", 1), self.max_window)
         self.streams[channel] = {"rows": deque(self.rows), "window": window, "out": 0}
-        self.pubsub.handlers[channel] = self.on_reply
+        if request.get("window", 1) == 1:
+            # as the real server: only a version 1 stream is listened to
+            self.pubsub.handlers[channel] = self.on_reply
         self.pump(channel)
 
     def pump(self, channel):
@@ -180,7 +182,10 @@ class FakeServer:
 
     def on_fetch_next(self, _, body):
         message = json.loads(body)
-        self.accept(message["channel"], message.get("accepted", 1))
+        if message.get("end") is True:
+            self.close(message["channel"])
+        else:
+            self.accept(message["channel"], message.get("accepted", 1))
 
     def on_reply(self, channel, body):
         message = json.loads(body)
@@ -474,6 +479,30 @@ class FetchTests(ClientTestCase):
         self.assertEqual(len(rows), 3)
         self.assertEqual(self.pubsub.published(stream.channel), ["accepted"] * 3)
         self.assertEqual(self.pubsub.published("fetch-next"), [])
+
+    def test_windowed_fetch_accepts_on_fetch_next_whatever_accept_via_says(self):
+        """The server does not listen on a windowed stream's reply channel."""
+        client = EventSourceClient(self.pubsub, self.clock, accept_via="reply")
+        self.server.rows = rows_of(10)
+        stream = client.fetch({"$select": {}}, window=4)
+        rows = self.successResultOf(self.consume(stream))
+        self.assertEqual(len(rows), 10)
+        self.assertEqual(self.pubsub.published(stream.channel), [])
+        self.assertTrue(all(a == {"channel": stream.channel, "accepted": 2}
+                            for a in self.pubsub.published("fetch-next")))
+
+    def test_windowed_break_sends_end_on_fetch_next(self):
+        """A windowed stream is ended with {"channel": c, "end": true} on fetch-next."""
+        self.server.rows = rows_of(10)
+        stream = self.client.fetch({"$select": {}}, window=4)
+        rows = self.successResultOf(self.consume(stream, limit=2))
+        self.assertEqual(len(rows), 2)
+        self.successResultOf(stream.aclose())
+        channel = self.server.requests[0]["channel"]
+        self.assertEqual(self.pubsub.published("fetch-next")[-1], {"channel": channel, "end": True})
+        self.assertEqual(self.pubsub.published(channel), [])
+        self.assertNotIn(channel, self.server.streams)
+        self.assertEqual(self.client.open_requests, 0)
 
     def test_break_sends_end(self):
         """Leaving the loop early sends "end" on the reply channel and unsubscribes."""
