@@ -39,6 +39,7 @@ row that is not ASCII, computed once per page.
 
 import enum
 from collections import deque
+from itertools import islice, repeat
 
 from transitions import Machine
 
@@ -207,8 +208,11 @@ class Stream:
         self._fetch_more = fetch_more
         self._closed = closed
         self._budget = budget
-        self._buffer = deque()
-        self._sizes = deque()  # the size of every buffered row
+        # The rows read ahead: one page (a new page is asked for only once
+        # the last is all sent), its rows' sizes, and the next row to send.
+        self._page = []
+        self._sizes = []
+        self._head = 0
         self._buffered_bytes = 0
         self._sent_at = deque()  # send time of every unaccepted row, oldest first
         self._sent_sizes = deque()
@@ -236,6 +240,11 @@ class Stream:
         """Bytes of rows read from the database and not yet published."""
         return self._buffered_bytes
 
+    @property
+    def buffered_rows(self):
+        """Rows read from the database and not yet published."""
+        return len(self._page) - self._head
+
     # -- inputs ---------------------------------------------------------
 
     def receive(self, rows, exhausted):
@@ -244,9 +253,11 @@ class Stream:
             return
         self._fetching = False
         sizes = [len(body) if body.isascii() else row_size(body) for body in rows]
-        self._buffer.extend(rows)
-        self._sizes.extend(sizes)
-        self._buffered_bytes += sum(sizes)
+        if self._head < len(self._page):  # (never so from the service: a page at a time)
+            rows = self._page[self._head:] + list(rows)
+            sizes = self._sizes[self._head:] + sizes
+        self._page, self._sizes, self._head = rows, sizes, 0
+        self._buffered_bytes = sum(sizes)
         self._exhausted = exhausted
         self._plan()
         self.row_ready()
@@ -256,10 +267,15 @@ class Stream:
         count = min(count, len(self._sent_at))
         if count <= 0 or self.state in TERMINAL:
             return
-        freed = 0
-        for _ in range(count):
-            self._sent_at.popleft()
-            freed += self._sent_sizes.popleft()
+        sent_at, sent_sizes = self._sent_at, self._sent_sizes
+        if count == 1:
+            sent_at.popleft()
+            freed = sent_sizes.popleft()
+        else:
+            freed = 0
+            for _ in range(count):
+                sent_at.popleft()
+                freed += sent_sizes.popleft()
         self.unaccepted_bytes -= freed
         if self._budget is not None:
             self._budget.release(freed)
@@ -294,15 +310,20 @@ class Stream:
         budget let out now, once per input: the conditions look ahead at it
         and ``send_rows`` sends exactly that many.
         """
-        sending = min(len(self._buffer), self.window - len(self._sent_at))
-        if sending and (self._budget is not None or (
+        sending = min(len(self._page) - self._head, self.window - len(self._sent_at))
+        if sending == 1 and self._budget is not None and not self._sent_at:
+            # (a version 1 stream's every row)
+            if not self._budget.fits(self._sizes[self._head], self):
+                self._budget.wait(self)
+                sending = 0
+        elif sending and (self._budget is not None or (
                 self.window_bytes is not None
                 and self.unaccepted_bytes + self._buffered_bytes > self.window_bytes)):
             out = self.unaccepted_bytes
             count = len(self._sent_at)
             limit = self.window_bytes
             allowed = 0
-            for size in self._sizes:
+            for size in islice(self._sizes, self._head, None):
                 if allowed == sending:
                     break
                 if limit is not None and count and out + size > limit:
@@ -322,7 +343,7 @@ class Stream:
     def _after_send(self):
         sending = self._sending
         unaccepted = len(self._sent_at) + sending
-        left = len(self._buffer) - sending
+        left = len(self._page) - self._head - sending
         done = self._exhausted and left == 0
         return unaccepted, left, done
 
@@ -340,17 +361,27 @@ class Stream:
         """Publish what :meth:`_plan` let out, and keep the row timer on the oldest row."""
         count, self._sending = self._sending, 0
         if count:
-            now = self._clock.seconds()
-            publish, channel = self._publish, self.channel
-            buffer, sizes = self._buffer, self._sizes
-            sent_at, sent_sizes = self._sent_at, self._sent_sizes
-            total = 0
-            for _ in range(count):
-                publish(channel, buffer.popleft())
-                size = sizes.popleft()
-                sent_at.append(now)
-                sent_sizes.append(size)
-                total += size
+            # (the row loop does nothing but publish: the bookkeeping is
+            # done in bulk, at C speed)
+            head = self._head
+            end = head + count
+            if count == 1:
+                self._publish(self.channel, self._page[head])
+                total = self._sizes[head]
+                self._sent_sizes.append(total)
+                self._sent_at.append(self._clock.seconds())
+            else:
+                publish, channel = self._publish, self.channel
+                for body in self._page[head:end]:
+                    publish(channel, body)
+                sizes = self._sizes[head:end]
+                total = sum(sizes)
+                self._sent_sizes.extend(sizes)
+                self._sent_at.extend(repeat(self._clock.seconds(), count))
+            if end == len(self._page):
+                self._page, self._sizes, self._head = [], [], 0
+            else:
+                self._head = end
             self.rows_sent += count
             self._buffered_bytes -= total
             self.unaccepted_bytes += total
@@ -370,15 +401,14 @@ class Stream:
 
     def want_rows(self):
         """On entering awaiting-row: ask for the next page unless one is coming or none is left."""
-        if not self._buffer and not self._exhausted and not self._fetching:
+        if self._head >= len(self._page) and not self._exhausted and not self._fetching:
             self._fetching = True
             self._fetch_more(self)
 
     def close(self):
         """On entering any terminal state: drop timer and rows, leave the machine, tell the owner."""
         self._cancel_timer()
-        self._buffer.clear()
-        self._sizes.clear()
+        self._page, self._sizes, self._head = [], [], 0
         self._buffered_bytes = 0
         self._sent_at.clear()
         self._sent_sizes.clear()

@@ -145,7 +145,7 @@ class LimitTests(IntegrationTestCase):
         def recording_read_page(plan, high_water, position, size, max_bytes=None):
             read_sizes.append(size)
             for stream in self.server.streams.values():
-                buffered.append(len(stream._buffer))
+                buffered.append(stream.buffered_rows)
             return read_page(plan, high_water, position, size, max_bytes)
 
         self.server.store.read_page = recording_read_page
