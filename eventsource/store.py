@@ -522,6 +522,7 @@ class Store:
         self._pool = None
         self._writer = None
         self._consecutive_ids = False
+        self._row_sizes = RowSizeHint()
         self.table = f"`{config.database}`.`{config.table_name}`"
         self._writes = deque()
         self._reads = deque()
@@ -777,11 +778,22 @@ class Store:
 
     def pager(self, plan):
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""
-        return Pager(self, plan, self._config.page_size, self._config.page_bytes)
+        return Pager(self, plan, self._config.page_size, self._config.page_bytes,
+                     self._row_sizes)
 
     def read_page(self, plan, high_water, position, size, max_bytes=None):
         return self._run(_read_page, plan, self.table, high_water, position, size,
                          self._config.max_statement_time, max_bytes, read=True)
+
+
+class RowSizeHint:
+    """
+    The largest row of the last page any stream read: a new stream's first
+    page is cut to what its byte budget fits of it, so that a table of large
+    rows is not read 32 rows at a time only to skip all but the first.
+    """
+
+    largest = 0
 
 
 class Pager:
@@ -794,16 +806,20 @@ class Pager:
 
     A page is bounded in rows (``page_size``) and in bytes (``page_bytes``,
     plus one row).  Its ``LIMIT`` doubles from :data:`FIRST_PAGE` and is cut
-    to what the byte budget fits of the largest row of the page before, so
+    to what the byte budget fits of the largest row of the page before (for
+    the first page, of the last page any stream read: ``row_sizes``), so
     rows past the budget are rarely sent by the database only to be skipped.
     """
 
-    def __init__(self, store, plan, page_size, page_bytes=None):
+    def __init__(self, store, plan, page_size, page_bytes=None, row_sizes=None):
         self._store = store
         self._plan = plan
         self._max_page = max(1, page_size)
         self._max_bytes = page_bytes
+        self._row_sizes = row_sizes
         self._size = min(FIRST_PAGE, self._max_page)
+        if row_sizes is not None and row_sizes.largest and page_bytes is not None:
+            self._size = min(self._size, max(1, page_bytes // row_sizes.largest))
         self._high_water = None
         self._remaining = plan.limit
         self._position = 0 if plan.keyset else plan.offset
@@ -832,6 +848,8 @@ class Pager:
         if self._max_bytes is not None and bodies:
             largest = max(map(len, bodies))
             grown = min(grown, max(1, self._max_bytes // largest))
+            if self._row_sizes is not None:
+                self._row_sizes.largest = largest
         self._size = max(grown, 1)
         exhausted = (len(bodies) < size and not cut) or self._remaining == 0
         return bodies, exhausted

@@ -485,3 +485,20 @@ class BytePagingTests(ServiceTestCase):
             if exhausted:
                 break
         self.assertEqual(len(seen), 50)
+
+    def test_first_page_sized_from_the_rows_read_last(self):
+        from eventsource.store import Pager, RowSizeHint
+
+        class Plan:
+            keyset, limit, offset = True, None, 0
+
+        store = MemoryStore(page_size=1000)
+        for i in range(10):
+            store.add(pid=f"p{i}", data="x" * 3000)
+        hint = RowSizeHint()
+        first = Pager(store, Plan(), 1000, 10000, hint)
+        self.successResultOf(first.next_page())
+        second = Pager(store, Plan(), 1000, 10000, hint)
+        self.successResultOf(second.next_page())
+        # 32 rows asked of a table of 3 KB rows, 4 kept; then 3 (10 KB // 3 KB)
+        self.assertEqual(store.reads, [(0, 32), (0, 3)])
