@@ -80,6 +80,11 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: seconds a consumer waits for a row, with rows unaccepted, before those
 #: are accepted anyway (see :class:`_FetchRequest`)
 IDLE_ACCEPT_DELAY = 0.02
+#: bytes of consumed rows after which a windowed fetch accepts them, even
+#: before ``window // 2`` rows: the server bounds a window in bytes too
+#: (``--max-window-bytes``, 2 MiB by default), so with large rows a batch of
+#: rows would wait for rows the server does not send
+ACCEPT_BYTES = 512 * 1024
 
 PERSIST = "persist"
 FETCH = "fetch"
@@ -432,6 +437,9 @@ class _FetchRequest(_Request):
         self._waiting = None
         self._handed_out = False
         self._unaccepted = 0
+        self._unaccepted_bytes = 0
+        self._incoming_size = 0
+        self._handed_size = 0
         self._idle_timer = None
         self.rows = 0
 
@@ -447,10 +455,12 @@ class _FetchRequest(_Request):
             self._handed_out = False
             if self._outcome is None:
                 self._unaccepted += 1
-        if self._outcome is None and self._unaccepted >= self.batch:
+                self._unaccepted_bytes += self._handed_size
+        if self._outcome is None and (self._unaccepted >= self.batch
+                                      or self._unaccepted_bytes >= ACCEPT_BYTES):
             self._accept()
         if self._buffer:
-            return defer.succeed(self._hand_out(self._buffer.popleft()))
+            return defer.succeed(self._hand_out(*self._buffer.popleft()))
         if self._outcome is not None:
             return self._deliver_outcome()
         self._waiting = Deferred(self._cancel_wait)
@@ -481,8 +491,9 @@ class _FetchRequest(_Request):
             self._idle_timer.cancel()
         self._idle_timer = None
 
-    def _hand_out(self, row):
+    def _hand_out(self, row, size=0):
         self._handed_out = True
+        self._handed_size = size
         self.rows += 1
         return row
 
@@ -500,6 +511,7 @@ class _FetchRequest(_Request):
 
     def _accept(self) -> None:
         count, self._unaccepted = self._unaccepted, 0
+        self._unaccepted_bytes = 0
         if self._accept_via == "reply" and not self.windowed:
             d = defer.gatherResults(
                 [self._client._pubsub_call("publish", self.channel, encode(ACCEPTED))
@@ -553,6 +565,10 @@ class _FetchRequest(_Request):
 
     # -- server side -------------------------------------------------------
 
+    def message_received(self, body: Any) -> None:
+        self._incoming_size = len(body)
+        super().message_received(body)
+
     def _message(self, message: Any) -> None:
         if self._outcome is not None:
             return
@@ -579,9 +595,9 @@ class _FetchRequest(_Request):
         if self._waiting is not None:
             self._cancel_timer()
             d, self._waiting = self._waiting, None
-            d.callback(self._hand_out(row))
+            d.callback(self._hand_out(row, self._incoming_size))
         else:
-            self._buffer.append(row)
+            self._buffer.append((row, self._incoming_size))
 
     def _ended(self, outcome, subscribed: bool = True) -> None:
         self._outcome = outcome
@@ -610,7 +626,7 @@ class _FetchRequest(_Request):
             return
         d, self._waiting = self._waiting, None
         if self._buffer:
-            d.callback(self._hand_out(self._buffer.popleft()))
+            d.callback(self._hand_out(*self._buffer.popleft()))
         else:
             self._deliver_outcome().chainDeferred(d)
 

@@ -491,6 +491,18 @@ class FetchTests(ClientTestCase):
         self.assertTrue(all(a == {"channel": stream.channel, "accepted": 2}
                             for a in self.pubsub.published("fetch-next")))
 
+    def test_windowed_fetch_accepts_large_rows_by_bytes(self):
+        """The server bounds a window in bytes: large rows are accepted before window // 2 of them."""
+        big = [dict(row, data=json.dumps({"s": "x" * 300_000})) for row in rows_of(6)]
+        self.server.rows = big
+        self.server.max_window = 3  # as a server whose byte window holds 3 of these
+        stream = self.client.fetch({"$select": {}}, window=1000)
+        rows = self.successResultOf(self.consume(stream))  # with no idle acceptance (no clock)
+        self.assertEqual(len(rows), 6)
+        self.assertEqual(self.pubsub.published("fetch-next"),
+                         [{"channel": stream.channel, "accepted": 2}] * 2)
+        self.assertEqual(client_module.ACCEPT_BYTES, 512 * 1024)
+
     def test_windowed_break_sends_end_on_fetch_next(self):
         """A windowed stream is ended with {"channel": c, "end": true} on fetch-next."""
         self.server.rows = rows_of(10)
