@@ -9,7 +9,9 @@ import json
 
 from twisted.internet import defer, reactor
 from twisted.logger import Logger, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
+from eventsource.bus import redis_limit_warnings
 from eventsource.config import Config
 from eventsource.service import EventSourceService
 from tests.redis_server import RedisServer
@@ -253,3 +255,31 @@ def wait_until(check, timeout=120):
             raise AssertionError("timed out waiting")
         yield deferLater(0.05)
         waited += 0.05
+
+
+class RedisLimitWarningTests(SynchronousTestCase):
+    """The rule behind the start-up warning, on Redis's own values."""
+
+    DEFAULT_LIMITS = "normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60"
+
+    def test_a_default_redis_lets_one_publish_overflow_the_server(self):
+        (warning,) = redis_limit_warnings(Config(), self.DEFAULT_LIMITS, "536870912")
+        self.assertIn("hard limit 33554432 bytes", warning)
+        self.assertTrue(warning.endswith(
+            "Fix: CONFIG SET proto-max-bulk-len 4mb (redis.conf: proto-max-bulk-len 4mb)"))
+
+    def test_the_recommended_settings_are_quiet(self):
+        self.assertEqual(redis_limit_warnings(Config(), self.DEFAULT_LIMITS, "4194304"), [])
+        self.assertEqual(redis_limit_warnings(
+            Config(), "pubsub 12582912 6291456 60", str(4 * 1024 * 1024)), [])
+
+    def test_the_needs_follow_the_server_limits(self):
+        config = Config(max_body_bytes=16 * 1024 * 1024, max_window_bytes=8 * 1024 * 1024)
+        warnings = redis_limit_warnings(config, self.DEFAULT_LIMITS, str(16 * 1024 * 1024))
+        self.assertEqual(len(warnings), 1)
+        self.assertIn('CONFIG SET client-output-buffer-limit "pubsub 48mb 24mb 60"', warnings[0])
+
+    def test_no_pubsub_limit_needs_only_the_bulk_length(self):
+        self.assertEqual(redis_limit_warnings(Config(), "pubsub 0 0 0", "536870912"), [])
+        (warning,) = redis_limit_warnings(Config(), "pubsub 0 0 0", "1048576")
+        self.assertIn("below --max-body-bytes", warning)
