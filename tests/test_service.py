@@ -408,12 +408,15 @@ class WindowedStreamTests(ServiceTestCase):
         self.assertNotIn("r", self.bus.subscribed)
         self.assertEqual(len(self.out("r")), 1)
 
-    def test_end_must_be_true(self):
+    def test_only_end_true_ends(self):
         self.send("fetch", fetch_body("w", window=2))
-        for bad in (False, "yes", 1, None):
-            self.send("fetch-next", json.dumps({"channel": "x", "end": bad}))
-        self.assertEqual(self.out("x"), ["error", "end"] * 4)
-        self.assertIn("w", self.service.streams)
+        for other in (False, "yes", 1, None):  # ignored, as unknown fields are: an acceptance
+            self.send("fetch-next", json.dumps({"channel": "w", "end": other}))
+        # 2 rows, then one more per acceptance: all 5 and "end" after the third
+        self.assertEqual([m["pid"] for m in self.out("w")[:-1]], [f"p{i}" for i in range(5)])
+        self.assertEqual(self.out("w")[-1], "end")
+        self.send("fetch-next", json.dumps({"channel": "x", "end": True}))  # no stream: silence
+        self.assertEqual(self.out("x"), [])
 
     def test_window_bytes_bound_what_is_in_flight(self):
         self.make(max_window_bytes=250)
