@@ -184,12 +184,13 @@ class EventSourceService(service.MultiService):
             self._request(handler[0], body, handler[1])
         else:
             stream = self.streams.get(channel)
-            if stream is not None and channel in self._listened:
-                control = wire.parse_control(body)
-                if control == wire.ACCEPTED:
-                    stream.accept(1)
-                elif control == wire.END:
-                    stream.end()
+            if stream is not None:
+                if channel in self._listened:  # (a version 1 stream's)
+                    control = wire.parse_control(body)
+                    if control == wire.ACCEPTED:
+                        stream.accept(1)
+                    elif control == wire.END:
+                        stream.end()
             elif self.config.tenants:
                 self._tenant_request(channel, body)
 
