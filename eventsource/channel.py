@@ -40,7 +40,9 @@ row that is not ASCII, computed once per page.
 import enum
 from collections import deque
 from itertools import islice, repeat
+from typing import Any, Callable, Deque, List, Optional
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from transitions import Machine
 
 from eventsource.wire import END_BODY, ERROR_BODY, TIMEOUT_BODY
@@ -67,7 +69,7 @@ INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed", "r
 # the stream publishes what its window allows (``send_rows``) and the
 # conditions, which look ahead at the result of that, pick where it lands.
 # Transitions are tried in order; the first whose conditions hold wins.
-TRANSITIONS = [
+TRANSITIONS: List[dict[str, Any]] = [
     {"trigger": "row_ready", "source": _ROW, "dest": ChannelState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
     {"trigger": "row_ready", "source": _ROW, "dest": _ACCEPT,
@@ -99,7 +101,7 @@ TRANSITIONS = [
 # Terminal states swallow every late input.
 TRANSITIONS += [{"trigger": name, "source": list(TERMINAL), "dest": None} for name in INPUTS]
 
-STATES = [
+STATES: List[dict[str, Any]] = [
     {"name": _ROW, "on_enter": "want_rows"},
     {"name": _ACCEPT},
     {"name": ChannelState.ENDED, "on_enter": "close"},
@@ -119,7 +121,7 @@ MACHINE = Machine(
 )
 
 
-def row_size(body):
+def row_size(body: str) -> int:
     """A row's size in bytes as Redis carries it (``len`` for ASCII, which is O(1) to know)."""
     return len(body) if body.isascii() else len(body.encode("utf-8", "surrogatepass"))
 
@@ -136,42 +138,42 @@ class EchoBudget:
     single large row still flows.
     """
 
-    def __init__(self, limit, clock):
+    def __init__(self, limit: int, clock: IReactorTime):
         self.limit = limit
         self.used = 0
-        self.waiting = deque()
+        self.waiting: Deque["Stream"] = deque()
         self._clock = clock
-        self._wake_call = None
+        self._wake_call: Optional[IDelayedCall] = None
 
-    def fits(self, size, stream):
+    def fits(self, size: int, stream: "Stream") -> bool:
         """Whether ``stream`` may publish a row of ``size`` bytes now (first come, first served)."""
         if self.waiting and self.waiting[0] is not stream:
             return False
         return self.used == 0 or self.used + size <= self.limit
 
-    def wait(self, stream):
+    def wait(self, stream: "Stream") -> None:
         if stream not in self.waiting:
             self.waiting.append(stream)
 
-    def take(self, size, stream):
+    def take(self, size: int, stream: "Stream") -> None:
         self.used += size
         if self.waiting and self.waiting[0] is stream:
             self.waiting.popleft()
 
-    def release(self, size):
+    def release(self, size: int) -> None:
         self.used -= size
         if self.waiting and self._wake_call is None:
             # a follow-up, not a trigger inside the trigger that freed the bytes
             self._wake_call = self._clock.callLater(0, self._wake)
 
-    def leave(self, stream):
+    def leave(self, stream: "Stream") -> None:
         """A stream ended: it waits no more."""
         try:
             self.waiting.remove(stream)
         except ValueError:
             pass
 
-    def _wake(self):
+    def _wake(self) -> None:
         self._wake_call = None
         while self.waiting:
             stream = self.waiting[0]
@@ -179,7 +181,7 @@ class EchoBudget:
             if self.waiting and self.waiting[0] is stream:
                 break  # still no room for it: the next release wakes it
 
-    def cancel(self):
+    def cancel(self) -> None:
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
@@ -194,15 +196,27 @@ class Stream:
     ``budget``, an :class:`EchoBudget` shared with other streams, or None.
     """
 
-    def __init__(self, channel, *, window, row_timeout, clock, publish, fetch_more, closed,
-                 window_bytes=None, budget=None):
+    # the machine's state and its inputs, which MACHINE.add_model binds
+    state: ChannelState
+    row_ready: Callable[[], bool]
+    accepted: Callable[[], bool]
+    client_end: Callable[[], bool]
+    deadline_passed: Callable[[], bool]
+    failed: Callable[[], bool]
+    room_made: Callable[[], bool]
+
+    def __init__(self, channel: str, *, window: int, row_timeout: float, clock: IReactorTime,
+                 publish: Callable[[str, str], object],
+                 fetch_more: Callable[["Stream"], object],
+                 closed: Callable[["Stream"], object],
+                 window_bytes: Optional[int] = None, budget: Optional[EchoBudget] = None):
         self.channel = channel
         self.window = window
         self.window_bytes = window_bytes
         self.row_timeout = row_timeout
         self.rows_sent = 0
         #: why the stream failed, for the log (None unless it did)
-        self.reason = None
+        self.reason: Optional[str] = None
         self._clock = clock
         self._publish = publish
         self._fetch_more = fetch_more
@@ -210,48 +224,48 @@ class Stream:
         self._budget = budget
         # The rows read ahead: one page (a new page is asked for only once
         # the last is all sent), its rows' sizes, and the next row to send.
-        self._page = []
-        self._sizes = []
+        self._page: List[str] = []
+        self._sizes: List[int] = []
         self._head = 0
         self._buffered_bytes = 0
-        self._sent_at = deque()  # send time of every unaccepted row, oldest first
+        self._sent_at: Deque[float] = deque()  # send time of every unaccepted row, oldest first
         # the size of every unaccepted row (with a window of 1, the one
         # row out is all of unaccepted_bytes: no deque, ~760 bytes saved
         # per idle version 1 stream)
-        self._sent_sizes = deque() if window > 1 else None
+        self._sent_sizes: Optional[Deque[int]] = deque() if window > 1 else None
         #: bytes published and not yet accepted
         self.unaccepted_bytes = 0
         self._exhausted = False
         self._fetching = False
-        self._timer = None
+        self._timer: Optional[IDelayedCall] = None
         #: how many buffered rows the input being handled lets out (see _plan)
         self._sending = 0
         self._finishing = self._waiting = False
 
     @classmethod
-    def open(cls, channel, **kwargs):
+    def open(cls, channel: str, **kwargs: Any) -> "Stream":
         """Create a stream, add it to :data:`MACHINE` and ask for its first rows."""
         stream = cls(channel, **kwargs)
         MACHINE.add_model(stream)
         stream.want_rows()
         return stream
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Stream {self.channel!r} {self.state.value} sent={self.rows_sent}>"
 
     @property
-    def buffered_bytes(self):
+    def buffered_bytes(self) -> int:
         """Bytes of rows read from the database and not yet published."""
         return self._buffered_bytes
 
     @property
-    def buffered_rows(self):
+    def buffered_rows(self) -> int:
         """Rows read from the database and not yet published."""
         return len(self._page) - self._head
 
     # -- inputs ---------------------------------------------------------
 
-    def receive(self, rows, exhausted):
+    def receive(self, rows: List[str], exhausted: bool) -> None:
         """Rows (encoded message bodies) arrived from the database."""
         if self.state in TERMINAL:
             return
@@ -266,7 +280,7 @@ class Stream:
         self._plan()
         self.row_ready()
 
-    def accept(self, count=1):
+    def accept(self, count: int = 1) -> None:
         """The client accepted ``count`` rows; acceptance of rows never sent is ignored."""
         count = min(count, len(self._sent_at))
         if count <= 0 or self.state in TERMINAL:
@@ -293,16 +307,16 @@ class Stream:
         self._plan()
         self.accepted()
 
-    def end(self):
+    def end(self) -> None:
         """The client said ``"end"``: stop, publish nothing more."""
         self.client_end()
 
-    def fail(self, reason=None):
+    def fail(self, reason: Optional[str] = None) -> None:
         """Something went wrong: publish ``"error"``, ``"end"`` and stop."""
         self.reason = reason
         self.failed()
 
-    def budget_freed(self):
+    def budget_freed(self) -> None:
         """The shared echo budget may have room for this stream's next row now."""
         if self.state in TERMINAL:
             return
@@ -310,12 +324,12 @@ class Stream:
         self.room_made()
 
     @property
-    def is_live(self):
+    def is_live(self) -> bool:
         return self.state in LIVE
 
     # -- what the window lets out ---------------------------------------
 
-    def _plan(self):
+    def _plan(self) -> None:
         """
         Count the buffered rows the window (rows and bytes) and the echo
         budget let out now, once per input: the conditions look ahead at it
@@ -360,15 +374,15 @@ class Stream:
 
     # -- conditions (look-ahead at what send_rows will leave, from _plan) --
 
-    def will_finish(self):
+    def will_finish(self) -> bool:
         return self._finishing
 
-    def will_wait(self):
+    def will_wait(self) -> bool:
         return self._waiting
 
     # -- actions --------------------------------------------------------
 
-    def send_rows(self):
+    def send_rows(self) -> None:
         """Publish what :meth:`_plan` let out, and keep the row timer on the oldest row."""
         count, self._sending = self._sending, 0
         if count:
@@ -388,6 +402,7 @@ class Stream:
                     publish(channel, body)
                 sizes = self._sizes[head:end]
                 total = sum(sizes)
+                assert self._sent_sizes is not None   # (a window of 1 sends one row at a time)
                 self._sent_sizes.extend(sizes)
                 self._sent_at.extend(repeat(self._clock.seconds(), count))
             if end == len(self._page):
@@ -404,23 +419,23 @@ class Stream:
                     budget.waiting.popleft()
         self._arm_timer()
 
-    def send_end(self):
+    def send_end(self) -> None:
         self._publish(self.channel, END_BODY)
 
-    def send_error(self):
+    def send_error(self) -> None:
         self._publish(self.channel, ERROR_BODY)
         self._publish(self.channel, END_BODY)
 
-    def send_timeout(self):
+    def send_timeout(self) -> None:
         self._publish(self.channel, TIMEOUT_BODY)
 
-    def want_rows(self):
+    def want_rows(self) -> None:
         """On entering awaiting-row: ask for the next page unless one is coming or none is left."""
         if self._head >= len(self._page) and not self._exhausted and not self._fetching:
             self._fetching = True
             self._fetch_more(self)
 
-    def close(self):
+    def close(self) -> None:
         """On entering any terminal state: drop timer and rows, leave the machine, tell the owner."""
         self._cancel_timer()
         self._page, self._sizes, self._head = [], [], 0
@@ -438,7 +453,7 @@ class Stream:
 
     # -- the row timer --------------------------------------------------
 
-    def _arm_timer(self):
+    def _arm_timer(self) -> None:
         # With no row out the timer is left as it is (moving a DelayedCall is
         # ~15x cheaper than cancelling it and making a new one, and this runs
         # for every row); when it fires with nothing unaccepted it does nothing.
@@ -452,12 +467,12 @@ class Stream:
         else:
             self._timer = self._clock.callLater(delay, self._deadline)
 
-    def _deadline(self):
+    def _deadline(self) -> None:
         self._timer = None
         if self._sent_at:
             self.deadline_passed()
 
-    def _cancel_timer(self):
+    def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

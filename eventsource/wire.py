@@ -13,7 +13,7 @@ import decimal
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from eventsource.config import REQUEST_CHANNELS
 
@@ -81,7 +81,7 @@ class TooDeep(ValueError):
     """JSON text whose arrays and objects nest deeper than allowed."""
 
 
-def _refuse_constant(name):
+def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
@@ -112,7 +112,7 @@ def _is_array_index(key: str) -> bool:
             and int(key) < 4294967295)
 
 
-def number_text(value) -> str:
+def number_text(value: Union[int, float]) -> str:
     """
     A JSON number as JavaScript writes it (``String(n)``, ``JSON.stringify``):
     a double, in its shortest round-tripping digits, in exponent form outside
@@ -129,8 +129,9 @@ def number_text(value) -> str:
         return "0"
     # repr gives the shortest digits that read back as the same double, as
     # JavaScript's Number::toString does; only the layout differs
-    sign, digits, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
-    digits = "".join(map(str, digits))
+    sign, digit_tuple, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    assert isinstance(exponent, int)     # (a finite number)
+    digits = "".join(map(str, digit_tuple))
     k = len(digits)
     n = exponent + k            # value = 0.DIGITS * 10**n
     if k <= n <= 21:
@@ -145,7 +146,7 @@ def number_text(value) -> str:
     return "-" + text if sign else text
 
 
-def _js_number(value) -> str:
+def _js_number(value: Union[int, float]) -> str:
     try:
         return number_text(value)
     except OverflowError:
@@ -160,7 +161,7 @@ def _js_string(text: str) -> str:
     return encoded
 
 
-def _needs_js_layout(value) -> bool:
+def _needs_js_layout(value: Any) -> bool:
     """Whether ``value`` holds anything the C encoder prints unlike JavaScript."""
     pending = [value]
     while pending:
@@ -186,7 +187,7 @@ def _needs_js_layout(value) -> bool:
     return False
 
 
-def _js_stringify(value, out):
+def _js_stringify(value: Any, out: List[str]) -> None:
     kind = type(value)
     if kind is str:
         out.append(_js_string(value))
@@ -220,7 +221,7 @@ def _js_stringify(value, out):
         raise TypeError(f"{kind.__name__} is not a JSON value")
 
 
-def json_stringify(value) -> str:
+def json_stringify(value: Any) -> str:
     """
     ``value`` (decoded JSON) as the text JavaScript's ``JSON.stringify``
     makes of the same JSON: compact, keys in the order JavaScript keeps
@@ -229,14 +230,18 @@ def json_stringify(value) -> str:
     """
     if not _needs_js_layout(value):
         return _compact_encoder.encode(value)
-    out = []
+    out: List[str] = []
     _js_stringify(value, out)
     return "".join(out)
 
 
-def truncate(text: Any, limit: int = 200) -> str:
-    """A printable, bounded form of ``text`` for log lines."""
-    text = text if isinstance(text, str) else repr(text)
+#: what :func:`parse_request` makes of a request
+Request = Union[PersistRequest, FetchRequest, NextRequest]
+
+
+def truncate(value: Any, limit: int = 200) -> str:
+    """A printable, bounded form of ``value`` for log lines."""
+    text = value if isinstance(value, str) else repr(value)
     if len(text) <= limit:
         return text
     return text[:limit] + f"... ({len(text)} characters)"
@@ -251,7 +256,7 @@ def _body_too_large(body: str, max_bytes: int) -> bool:
     return len(body.encode("utf-8", "surrogatepass")) > max_bytes
 
 
-def deeper_than(value, limit: int) -> bool:
+def deeper_than(value: Any, limit: int) -> bool:
     """Whether arrays and objects nest deeper than ``limit`` in decoded JSON (iteratively)."""
     containers = (dict, list)
     pending = [(value, 1)] if type(value) in containers else []
@@ -291,7 +296,7 @@ def valid_tenant(name: Any) -> bool:
     return isinstance(name, str) and TENANT_NAME.fullmatch(name) is not None
 
 
-def tenant_request_channel(channel: str, prefix: str) -> Optional[tuple]:
+def tenant_request_channel(channel: str, prefix: str) -> Optional[Tuple[str, str]]:
     """
     ``(kind, tenant)`` when ``channel`` has the shape of a tenant's request
     channel, ``<prefix><tenant>:<kind>`` (what the server's patterns
@@ -304,6 +309,12 @@ def tenant_request_channel(channel: str, prefix: str) -> Optional[tuple]:
     if not colon or kind not in REQUEST_CHANNELS:
         return None
     return kind, tenant
+
+
+#: one token of a compiled glob: ``"*"``, ``"?"``, a byte, or a byte set
+#: ``(negated, ((low, high), ...))``
+_ByteSet = Tuple[bool, Tuple[Tuple[int, int], ...]]
+_Token = Union[str, int, _ByteSet]
 
 
 class Glob:
@@ -320,7 +331,7 @@ class Glob:
     def __init__(self, pattern: str):
         self.pattern = pattern
         raw = pattern.encode("utf-8", "surrogatepass")
-        self._tokens = []
+        self._tokens: List[_Token] = []
         i = 0
         while i < len(raw):
             byte = raw[i]
@@ -342,11 +353,11 @@ class Glob:
             i += 1
 
     @staticmethod
-    def _set(raw, i):
+    def _set(raw: bytes, i: int) -> Tuple[int, _ByteSet]:
         negate = i < len(raw) and raw[i] == 0x5E  # ^
         if negate:
             i += 1
-        ranges = []
+        ranges: List[Tuple[int, int]] = []
         while i < len(raw) and raw[i] != 0x5D:  # ]
             if raw[i] == 0x5C and i + 1 < len(raw):
                 i += 1
@@ -364,11 +375,12 @@ class Glob:
         return i, (negate, tuple(ranges))
 
     @staticmethod
-    def _one(token, byte):
+    def _one(token: "_Token", byte: int) -> bool:
         if token == "?":
             return True
-        if type(token) is int:
+        if isinstance(token, int):
             return token == byte
+        assert isinstance(token, tuple)
         negate, ranges = token
         return any(low <= byte <= high for low, high in ranges) != negate
 
@@ -431,7 +443,8 @@ def check_reply_channel(channel: str, rules: Optional[ReplyRules]) -> None:
                          f"--reply-channels {rules.pattern.pattern!r}")
 
 
-def _reply_channel(message: dict, reserved, rules=None) -> str:
+def _reply_channel(message: Dict[str, Any], reserved: Collection[str],
+                   rules: Optional[ReplyRules] = None) -> str:
     channel = message.get("channel")
     if not isinstance(channel, str) or not channel:
         raise BadRequest("the request has no \"channel\" string")
@@ -446,7 +459,7 @@ def _reply_channel(message: dict, reserved, rules=None) -> str:
     return channel
 
 
-def _query(message: dict, channel: str, key: str) -> Any:
+def _query(message: Dict[str, Any], channel: str, key: str) -> Any:
     query = message.get("query")
     if not isinstance(query, dict):
         raise BadRequest("\"query\" must be an object", channel)
@@ -455,7 +468,7 @@ def _query(message: dict, channel: str, key: str) -> Any:
     return query[key]
 
 
-def _positive_int(message: dict, field: str, channel: str, default: int) -> int:
+def _positive_int(message: Dict[str, Any], field: str, channel: str, default: int) -> int:
     value = message.get(field, default)
     if type(value) is not int or value < 1:
         raise BadRequest(f"{field!r} must be an integer of at least 1", channel)
@@ -463,7 +476,8 @@ def _positive_int(message: dict, field: str, channel: str, default: int) -> int:
 
 
 def parse_request(request_channel: str, body: Any, max_body_bytes: int,
-                  reserved=REQUEST_CHANNELS, rules: Optional[ReplyRules] = None):
+                  reserved: Collection[str] = REQUEST_CHANNELS,
+                  rules: Optional[ReplyRules] = None) -> "Request":
     """
     Judge one message that arrived on a request channel: ``request_channel``
     is its kind (``persist``, ``fetch`` or ``fetch-next``); ``reserved`` the
@@ -514,7 +528,7 @@ def parse_control(body: Any) -> Optional[str]:
     return None
 
 
-def _encode_value(value):
+def _encode_value(value: Any) -> Any:
     if isinstance(value, datetime.datetime):
         return format_timestamp(value)
     if isinstance(value, datetime.date):
@@ -536,7 +550,7 @@ def format_timestamp(value: datetime.datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
-def format_mysql_datetime(text) -> str:
+def format_mysql_datetime(text: Union[str, bytes, bytearray]) -> str:
     """
     MySQL's DATETIME text (``2020-04-06 11:35:18.414123``, fraction optional)
     in the wire form ``2020-04-06T11:35:18.414Z``, without building a
@@ -549,7 +563,7 @@ def format_mysql_datetime(text) -> str:
     return text[:10] + "T" + text[11:19] + "." + (text[20:23] + "000")[:3] + "Z"
 
 
-def encode_row(names, values) -> str:
+def encode_row(names: Sequence[str], values: Sequence[Any]) -> str:
     """One row as the JSON object the original sent, keys in SELECT order."""
     return _row_encoder.encode(dict(zip(names, values)))
 
