@@ -171,6 +171,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether MariaDB can store ``text`` (no lone UTF-16 surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_text(text: str, what: str) -> str:
     """Refuse strings MariaDB cannot store (lone UTF-16 surrogates)."""
     try:
@@ -1069,48 +1078,57 @@ class InsertPlan:
 MAX_DATA_DEPTH = 31
 
 
-def _data_text(data, where: str) -> str:
+def _data_text(data, index: int) -> str:
     """
     The JSON text stored for a document's ``data``: what JavaScript's
     ``JSON.stringify`` makes of it, as the original stored it.  A string is
     JSON text already (the original's own clients send ``data`` that way):
     the value it encodes is stored, not a JSON string.
     """
-    too_deep = QueryError("%s: data is nested deeper than %d levels, MariaDB's limit for JSON"
-                          % (where, MAX_DATA_DEPTH))
+    def too_deep():
+        return QueryError("document %d: data is nested deeper than %d levels, MariaDB's limit "
+                          "for JSON" % (index, MAX_DATA_DEPTH))
+
     if isinstance(data, str):
         try:
             data = wire.decode_nested(data, MAX_DATA_DEPTH)
         except wire.TooDeep:
-            raise too_deep from None
+            raise too_deep() from None
         except ValueError:
-            raise QueryError("%s: data is a string, but not JSON text" % (where,)) from None
+            raise QueryError("document %d: data is a string, but not JSON text" % (index,)) from None
     try:
         text = wire.json_stringify(data)
     except RecursionError:
-        raise too_deep from None
+        raise too_deep() from None
     except TypeError:
-        raise QueryError("%s: data is not a JSON value" % (where,)) from None
+        raise QueryError("document %d: data is not a JSON value" % (index,)) from None
     # (C-speed count first: the walk runs only for data with many brackets)
     if text.count("[") + text.count("{") > MAX_DATA_DEPTH and wire.deeper_than(data, MAX_DATA_DEPTH):
-        raise too_deep
+        raise too_deep()
     return text
+
+
+def _field_error(where: str, name: str, value: object) -> QueryError:
+    if not isinstance(value, str) or not value:
+        return QueryError("%s needs %s as a non-empty string" % (where, name))
+    if len(value) > MAX_FIELD_LENGTH:
+        return QueryError("%s: %s is longer than %d characters" % (where, name, MAX_FIELD_LENGTH))
+    return QueryError("%s: %s is not valid Unicode text" % (where, name))
 
 
 def _document(doc, index: int, ignored: list):
     """Validate one document into its row tuple; ``ignored`` collects skipped fields."""
-    where = "document %d" % (index,)
     if not isinstance(doc, dict):
-        raise QueryError("%s must be an object, not %s" % (where, _show(doc)))
+        raise QueryError("document %d must be an object, not %s" % (index, _show(doc)))
     values = []
     for name in _REQUIRED_FIELDS:
         value = doc.get(name)
-        if not isinstance(value, str) or not value:
-            raise QueryError("%s needs %s as a non-empty string" % (where, name))
-        if len(value) > MAX_FIELD_LENGTH:
-            raise QueryError("%s: %s is longer than %d characters" % (where, name, MAX_FIELD_LENGTH))
-        values.append(_check_text(value, "%s: %s" % (where, name)))
-    values.append(_data_text(doc.get("data"), where))
+        # (messages are built only on failure: this runs for every event)
+        if (type(value) is not str or not value or len(value) > MAX_FIELD_LENGTH
+                or not (value.isascii() or _is_unicode(value))):
+            raise _field_error("document %d" % (index,), name, value)
+        values.append(value)
+    values.append(_data_text(doc.get("data"), index))
     if len(doc) > len(_WRITTEN_FIELDS) or not _WRITTEN_FIELDS.issuperset(doc):
         extra = [key for key in doc if key not in _WRITTEN_FIELDS]
         if extra:

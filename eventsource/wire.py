@@ -127,6 +127,11 @@ def number_text(value: Union[int, float]) -> str:
         raise OverflowError("not a finite number")
     if value == 0:
         return "0"
+    text = repr(value)
+    if "e" not in text:
+        # Python writes 1e-4 <= |n| < 1e16 in fixed notation, as JavaScript
+        # does, with the same shortest digits; only "1.0" is JavaScript's "1"
+        return text[:-2] if text.endswith(".0") else text
     # repr gives the shortest digits that read back as the same double, as
     # JavaScript's Number::toString does; only the layout differs
     sign, digit_tuple, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
@@ -177,7 +182,11 @@ def _needs_js_layout(value: Any) -> bool:
         elif kind is list:
             pending.extend(value)
         elif kind is float:
-            return True
+            # the C encoder writes floats with repr: the same text as
+            # JavaScript except for integral values ("1.0"), exponent forms
+            # and what JSON cannot hold
+            if value.is_integer() or not 1e-4 <= abs(value) < 1e16:
+                return True
         elif kind is int:
             if not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
                 return True
