@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Optional
 
-from eventsource import wire
+from eventsource import schema, wire
 
 
 __all__ = [
@@ -82,18 +82,18 @@ class TableSchema:
 
     database: str
     name: str
-    columns: tuple = ("id", "timestamp", "pid", "domain", "name", "data")
-    default_columns: tuple = ("timestamp", "pid", "domain", "name", "data")
-    datetime_columns: tuple = ("timestamp",)
+    columns: tuple = schema.COLUMN_NAMES
+    default_columns: tuple = schema.DEFAULT_COLUMNS
+    datetime_columns: tuple = schema.columns_of_kind(schema.DATETIME)
     #: columns compared as numbers; the others (not datetime) are text
-    numeric_columns: tuple = ("id",)
+    numeric_columns: tuple = schema.columns_of_kind(schema.NUMBER)
     #: indexes that serve "rows with these columns equal, in id order":
     #: (index name, columns), in the order they are preferred; a one-column
     #: index also serves ``column $in [...]`` (see :func:`_keyset_access`)
-    keyset_indexes: tuple = (("pid_id", ("pid",)), ("domain_name_id", ("domain", "name")),
-                             ("domain_id", ("domain",)), ("name_id", ("name",)))
+    keyset_indexes: tuple = tuple((i.name, i.columns) for i in schema.INDEXES if i.keyset)
     #: indexes that serve a range of one column: (index name, column)
-    range_indexes: tuple = (("timestamp_id", "timestamp"),)
+    range_indexes: tuple = tuple((i.name, i.columns[0]) for i in schema.INDEXES
+                                 if not i.keyset and len(i.columns) == 1)
 
     def __post_init__(self):
         for ident in (self.database, self.name) + tuple(self.columns):
@@ -127,8 +127,8 @@ class TableSchema:
 #: client can send exactly.
 MAX_COUNT = 2 ** 53 - 1
 
-#: VARCHAR(255) columns written by ``$insert``
-MAX_FIELD_LENGTH = 255
+#: the longest value of an identifier column written by ``$insert``
+MAX_FIELD_LENGTH = min(schema.column(name).length or 0 for name in schema.IDENTIFIER_COLUMNS)
 
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
@@ -226,7 +226,7 @@ def parse_timestamp(text, what: str = "timestamp") -> datetime:
 
 #: value kinds of a referenceable name: values are bound with its type, so
 #: MariaDB never casts the column (``name = 0`` would cast every name)
-_TEXT, _NUMBER, _DATETIME = "text", "number", "datetime"
+_TEXT, _NUMBER, _DATETIME = schema.TEXT, schema.NUMBER, schema.DATETIME
 
 
 @dataclass(frozen=True)
@@ -1054,11 +1054,11 @@ def _union_access(where, index: str, column: str, values: list, column_refs: dic
 # $insert
 
 _INSERT_KEYS = frozenset(("$table", "$documents"))
-_REQUIRED_FIELDS = ("pid", "domain", "name")
+_REQUIRED_FIELDS = schema.IDENTIFIER_COLUMNS
 #: the document fields that are written; every other field (``timestamp``,
 #: ``id``, anything else) is ignored, as the original ignored it: the append
 #: time and position are always the server's
-_WRITTEN_FIELDS = frozenset(_REQUIRED_FIELDS + ("data",))
+_WRITTEN_FIELDS = frozenset(schema.WRITTEN_COLUMNS)
 
 
 @dataclass(frozen=True)

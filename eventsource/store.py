@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eventsource import wire
+from eventsource import schema, wire
 
 log = Logger()
 
@@ -126,13 +126,6 @@ def _found_dead(connection) -> bool:
         return True
 
 
-def _statement_limited(sql, seconds):
-    """``sql`` (a SELECT) run under MariaDB's ``max_statement_time``."""
-    if not seconds:
-        return sql
-    return f"SET STATEMENT max_statement_time={seconds:.6f} FOR {sql}"
-
-
 def _check_server(txn, statement_time):
     """
     The statement time limit needs MariaDB (``SET STATEMENT``): refuse to
@@ -165,112 +158,52 @@ def _kill_queries(kwargs, thread_ids):
         connection.close()
 
 
-#: the one collation of the table's text columns: stream ids, domains and
-#: event names are identifiers, compared byte for byte (as in the original's
-#: ``utf8_bin`` table), so ``"p1"`` never matches ``"P1"``
-COLLATION = "utf8mb4_bin"
-
 #: MariaDB error codes of a statement the user has no privilege for
 ACCESS_DENIED = frozenset({1044, 1142})
-
-#: the secondary indexes of the events table, each ending in ``id`` so that
-#: a keyset page is one range read (query.TableSchema names them too)
-INDEXES = (
-    ("pid_id", "`pid`, `id`"),
-    ("domain_name_id", "`domain`, `name`, `id`"),
-    ("domain_id", "`domain`, `id`"),
-    ("name_id", "`name`, `id`"),
-    ("timestamp_id", "`timestamp`, `id`"),
-)
-
-
-def _schema_ddl(database, table):
-    qualified = f"`{database}`.`{table}`"
-    return [
-        f"CREATE DATABASE IF NOT EXISTS `{database}` "
-        f"CHARACTER SET utf8mb4 COLLATE {COLLATION}",
-        f"CREATE TABLE IF NOT EXISTS {qualified} ("
-        " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
-        " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
-        " `pid` VARCHAR(255) NOT NULL,"
-        " `domain` VARCHAR(255) NOT NULL,"
-        " `name` VARCHAR(255) NOT NULL,"
-        " `data` JSON,"
-        + ",".join(f" KEY `{name}` ({columns})" for name, columns in INDEXES)
-        + f") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={COLLATION}",
-    ]
 
 
 def ensure_schema(txn, database, table):
     """
     Create the database and events table if missing, and upgrade in place a
-    table made by the original service (no ``id``, utf8mb3 columns) or by an
-    earlier release of this one (case-insensitive ids).
+    table made by the original service or an earlier release of this one
+    (see :func:`eventsource.schema.plan_upgrade`).
 
     Returns the list of changes made (for the log).
     """
-    changes = []
-    txn.execute(
-        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-        (database, table),
-    )
+    txn.execute(schema.TABLE_EXISTS_SQL, (database, table))
     existed = txn.fetchone()[0] > 0
     if not existed:
         # (only then: a read-only server's user may lack CREATE privileges)
-        for statement in _schema_ddl(database, table):
+        for statement in schema.create_statements(database, table):
             txn.execute(statement)
         return ["created table"]
-    qualified = f"`{database}`.`{table}`"
-    txn.execute(
-        "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
-        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-        (database, table),
-    )
+    txn.execute(schema.COLUMNS_SQL, (database, table))
     columns = {name.lower(): collation for name, collation in txn.fetchall()}
-    missing = {"timestamp", "pid", "domain", "name", "data"} - set(columns)
-    if missing:
+    txn.execute(schema.INDEXES_SQL, (database, table))
+    indexes = [row[0] for row in txn.fetchall()]
+    try:
+        upgrade = schema.plan_upgrade(columns, indexes)
+    except schema.MissingColumns as missing:
         raise RuntimeError(
-            f"table {database}.{table} exists but lacks the columns {sorted(missing)}"
-        )
-    alterations = []
-    collations = {columns[name] for name in ("pid", "domain", "name")}
-    if collations != {COLLATION}:
-        # The original's utf8 table (utf8_bin) and this project's earlier
-        # tables (utf8mb4_unicode_ci, which matched "p1" with "P1") alike.
+            f"table {database}.{table} exists but lacks the columns {missing.args[0]}"
+        ) from None
+    if upgrade.converted_from:
         log.warn("events table {database}.{table}: ids are collated {collations}; converting "
                  "the table to {collation} so that pid, domain and name compare byte for byte",
-                 database=database, table=table, collations=", ".join(sorted(collations)),
-                 collation=COLLATION)
-        alterations.append(f"CONVERT TO CHARACTER SET utf8mb4 COLLATE {COLLATION}")
-        changes.append(f"converted to utf8mb4 ({COLLATION})")
-    if "id" not in columns:
-        # InnoDB numbers the existing rows in their stored (insertion) order.
-        alterations.append(
-            "ADD COLUMN `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST"
-        )
-        changes.append("added id")
-    txn.execute(
-        "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
-        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
-        (database, table),
-    )
-    indexes = {row[0] for row in txn.fetchall()}
-    for name, columns in INDEXES:
-        if name not in indexes:
-            alterations.append(f"ADD KEY `{name}` ({columns})")
-            changes.append(f"added index {name}")
-    if alterations:
+                 database=database, table=table, collations=", ".join(upgrade.converted_from),
+                 collation=schema.COLLATION)
+    if upgrade.alterations:
         try:
-            txn.execute(f"ALTER TABLE {qualified} " + ", ".join(alterations))
+            txn.execute(upgrade.sql(database, table))
         except Exception as error:
             if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
                 raise RuntimeError(
-                    f"table {database}.{table} needs an upgrade ({', '.join(changes)}) that this"
-                    " MariaDB user may not make: start the server once with a user that may"
-                    " ALTER the table"
+                    f"table {database}.{table} needs an upgrade ({', '.join(upgrade.changes)})"
+                    " that this MariaDB user may not make: start the server once with a user"
+                    " that may ALTER the table"
                 ) from error
             raise
-    return changes
+    return list(upgrade.changes)
 
 
 def _encode_page(txn, strip_keyset):
@@ -317,7 +250,7 @@ def _encode_bounded(cursor, strip_keyset, max_bytes):
 
 
 def _high_water(txn, table, statement_time=0):
-    txn.execute(_statement_limited(f"SELECT COALESCE(MAX(`id`), 0) FROM {table}", statement_time))
+    txn.execute(schema.statement_limited(schema.high_water_sql(table), statement_time))
     return int(txn.fetchone()[0])
 
 
@@ -339,7 +272,7 @@ def _read_page(txn, plan, table, high_water, position, size, statement_time=0, m
             sql, params = plan.page_sql(position, high_water, size)
         else:
             sql, params = plan.offset_sql(position, high_water, size)
-        sql = _statement_limited(sql, statement_time)
+        sql = schema.statement_limited(sql, statement_time)
         if max_bytes is None:
             txn.execute(sql, params)
             bodies, last = _encode_page(txn, plan.keyset)
@@ -360,14 +293,6 @@ def _read_page(txn, plan, table, high_water, position, size, statement_time=0, m
     return high_water, bodies, last, cut
 
 
-def _insert_sql(table, count):
-    # (the append time is the column's default, NOW(6): always the server's)
-    return (
-        f"INSERT INTO {table} (`pid`, `domain`, `name`, `data`) VALUES "
-        + ", ".join(["(%s, %s, %s, %s)"] * count)
-    )
-
-
 def _insert_batch(txn, table, batch, consecutive_ids):
     """
     Append the rows of several requests in one transaction.
@@ -380,7 +305,7 @@ def _insert_batch(txn, table, batch, consecutive_ids):
     """
     if consecutive_ids and len(batch) > 1:
         rows = [row for request in batch for row in request]
-        txn.execute(_insert_sql(table, len(rows)), [value for row in rows for value in row])
+        txn.execute(schema.insert_sql(table, len(rows)), [value for row in rows for value in row])
         if txn.rowcount != len(rows):
             raise RuntimeError(f"inserted {txn.rowcount} rows of {len(rows)}")
         first = txn.lastrowid
@@ -391,7 +316,7 @@ def _insert_batch(txn, table, batch, consecutive_ids):
         return results
     results = []
     for request in batch:
-        txn.execute(_insert_sql(table, len(request)), [value for row in request for value in row])
+        txn.execute(schema.insert_sql(table, len(request)), [value for row in request for value in row])
         results.append((txn.rowcount, txn.lastrowid or 0))
     return results
 

@@ -10,92 +10,108 @@ releases them, which is how slow databases and slow subscriptions are played.
 
 import datetime
 import json
+from typing import Any, Callable, List, Optional, Set, Tuple, TypeVar
 
 from twisted.internet import defer
+from zope.interface import implementer
 
-from eventsource import wire
+from eventsource import schema, wire
+from eventsource.interfaces import IEventBus, IEventStore, Page
+from eventsource.query import InsertPlan, SelectPlan
 from eventsource.store import Pager
 
+T = TypeVar("T")
 
+#: a stored event: the values of :data:`eventsource.schema.COLUMN_NAMES`
+Event = Tuple[Any, ...]
+
+_ID = schema.COLUMN_NAMES.index("id")
+
+
+@implementer(IEventBus)
 class MemoryBus:
     """Records what is published and subscribed; messages are injected by the test."""
 
-    def __init__(self, hold=False):
+    def __init__(self, hold: bool = False) -> None:
         self.hold = hold
-        self.published = []
-        self.subscribed = set()
-        self.pending = []
+        self.published: List[Tuple[str, str]] = []
+        self.subscribed: Set[str] = set()
+        self.pending: List[Tuple["defer.Deferred[None]", None]] = []
         self.started = False
 
-    def _answer(self, value):
+    def _answer(self, value: None) -> "defer.Deferred[None]":
         if not self.hold:
             return defer.succeed(value)
-        d = defer.Deferred()
+        d: "defer.Deferred[None]" = defer.Deferred()
         self.pending.append((d, value))
         return d
 
-    def release(self):
+    def release(self) -> None:
         """Fire every held Deferred, oldest first."""
         while self.pending:
             d, value = self.pending.pop(0)
             d.callback(value)
 
-    def start(self):
+    def start(self) -> "defer.Deferred[None]":
         self.started = True
         return defer.succeed(None)
 
-    def stop(self):
+    def stop(self) -> "defer.Deferred[None]":
         self.started = False
         return defer.succeed(None)
 
-    def publish(self, channel, body):
+    def publish(self, channel: str, body: str) -> None:
         """Like :meth:`eventsource.bus.RedisBus.publish`: nothing to wait for."""
         self.published.append((channel, body))
 
-    def subscribe(self, channel):
+    def subscribe(self, channel: str) -> "defer.Deferred[None]":
         self.subscribed.add(channel)
         return self._answer(None)
 
-    def unsubscribe(self, channel):
+    def unsubscribe(self, channel: str) -> "defer.Deferred[None]":
         self.subscribed.discard(channel)
         return defer.succeed(None)
 
-    def messages(self, channel):
+    def messages(self, channel: str) -> List[Any]:
         """Everything published on ``channel``, JSON-decoded, in order."""
         return [json.loads(body) for name, body in self.published if name == channel]
 
 
+@implementer(IEventStore)
 class MemoryStore:
     """
     An append-only list of events behind the :class:`eventsource.store.Store`
     interface.  Queries are not evaluated: every page holds the stored events
     in ``id`` order (filters are the real database's job, tested for real).
+    Events are tuples of the table's columns (:mod:`eventsource.schema`), and
+    pages hold its default columns.
     """
 
-    columns = ("timestamp", "pid", "domain", "name", "data")
+    columns = schema.DEFAULT_COLUMNS
 
-    def __init__(self, hold=False, page_size=1000, page_bytes=None):
+    def __init__(self, hold: bool = False, page_size: int = 1000,
+                 page_bytes: Optional[int] = None) -> None:
         self.hold = hold
         self.page_size = page_size
         self.page_bytes = page_bytes
-        self.events = []
-        self.pending = []
-        self.fail_next = None
-        self.reads = []
+        self.events: List[Event] = []
+        self.pending: List[Tuple["defer.Deferred[Any]", Callable[[], Any]]] = []
+        self.fail_next: Optional[BaseException] = None
+        self.reads: List[Tuple[int, int]] = []
         self.reads_dropped = False
         self.started = False
 
-    def _answer(self, compute):
+    def _answer(self, compute: Callable[[], T]) -> "defer.Deferred[T]":
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             return defer.fail(error)
         if not self.hold:
             return defer.succeed(compute())
-        d = defer.Deferred()
+        d: "defer.Deferred[T]" = defer.Deferred()
         self.pending.append((d, compute))
         return d
 
-    def release(self, count=None):
+    def release(self, count: Optional[int] = None) -> int:
         """Answer held requests (all of them, or the first ``count``)."""
         released = 0
         while self.pending and (count is None or released < count):
@@ -104,59 +120,67 @@ class MemoryStore:
             released += 1
         return released
 
-    def start(self):
+    def start(self) -> "defer.Deferred[List[str]]":
         self.started = True
         return defer.succeed(["created table"])
 
-    def stop(self):
+    def stop(self) -> "defer.Deferred[None]":
         self.started = False
         return defer.succeed(None)
 
-    def drop_reads(self):
+    def drop_reads(self) -> None:
         """Shutdown began: reads not started are dropped (held ones stay held here)."""
         self.reads_dropped = True
 
-    def add(self, pid="p1", domain="d", name="n", data=None, timestamp=None):
+    def add(self, pid: str = "p1", domain: str = "d", name: str = "n", data: Any = None,
+            timestamp: Optional[datetime.datetime] = None) -> int:
         """Append one event directly (test set-up); returns its id."""
-        return self._append(pid, domain, name, wire.json_stringify(data), timestamp)
+        return self._append((pid, domain, name, wire.json_stringify(data)), timestamp)
 
-    def _append(self, pid, domain, name, data_text, timestamp=None):
+    def _append(self, written: Tuple[Any, ...],
+                timestamp: Optional[datetime.datetime] = None) -> int:
+        """Store the values of :data:`~eventsource.schema.WRITTEN_COLUMNS`."""
         event_id = len(self.events) + 1
-        stamp = timestamp or datetime.datetime(2020, 4, 6, 11, 35, 18, 414000)
-        self.events.append((event_id, stamp, pid, domain, name, data_text))
+        values = dict(zip(schema.WRITTEN_COLUMNS, written))
+        values["id"] = event_id
+        values["timestamp"] = timestamp or datetime.datetime(2020, 4, 6, 11, 35, 18, 414000)
+        self.events.append(tuple(values[column] for column in schema.COLUMN_NAMES))
         return event_id
 
-    def insert(self, plan):
-        def compute():
+    def insert(self, plan: InsertPlan) -> "defer.Deferred[Tuple[int, int]]":
+        def compute() -> Tuple[int, int]:
             first = len(self.events) + 1
-            for pid, domain, name, data_text in plan.rows:
-                self._append(pid, domain, name, data_text)
+            for row in plan.rows:
+                self._append(row)
             return len(plan.rows), first
 
         return self._answer(compute)
 
-    def pager(self, plan):
+    def pager(self, plan: SelectPlan) -> Pager:
         return Pager(self, plan, self.page_size, self.page_bytes)
 
-    def read_page(self, plan, high_water, position, size, max_bytes=None):
+    def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
+                  max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":
         self.reads.append((position, size))
+        shown = [schema.COLUMN_NAMES.index(column) for column in self.columns]
 
-        def compute():
+        def compute() -> Page:
             top = len(self.events) if high_water is None else high_water
             if plan.keyset:
-                chosen = [e for e in self.events if position < e[0] <= top][:size]
+                chosen = [e for e in self.events if position < e[_ID] <= top][:size]
             else:
-                chosen = [e for e in self.events if e[0] <= top][position:position + size]
-            bodies, total, cut = [], 0, False
+                chosen = [e for e in self.events if e[_ID] <= top][position:position + size]
+            bodies: List[str] = []
+            total, cut = 0, False
             for event in chosen:
-                bodies.append(wire.encode_row(self.columns, event[1:]))
+                bodies.append(wire.encode_row(self.columns, [event[i] for i in shown]))
                 total += len(bodies[-1])
                 if max_bytes is not None and total >= max_bytes:
                     cut = len(bodies) < len(chosen)
                     break
             last = None
             if bodies and plan.keyset:
-                last = chosen[len(bodies) - 1][0]
+                last = chosen[len(bodies) - 1][_ID]
             return top, bodies, last, cut
 
         return self._answer(compute)

@@ -25,7 +25,7 @@ import pymysql
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import MYSQL
-from eventsource.store import INDEXES
+from eventsource import schema
 from eventsource.query import (
     InsertPlan, Limits, QueryError, SelectPlan, TableSchema,
     compile_insert, compile_select, parse_timestamp,
@@ -69,7 +69,7 @@ class TableSchemaTests(SynchronousTestCase):
     def test_indexes_are_the_ones_the_store_creates(self):
         named = dict(SCHEMA.keyset_indexes)
         named.update((name, (column,)) for name, column in SCHEMA.range_indexes)
-        created = {name: tuple(c.strip(" `") for c in columns.split(",")) for name, columns in INDEXES}
+        created = {index.name: index.columns + ("id",) for index in schema.INDEXES}
         self.assertEqual({name: columns + ("id",) for name, columns in named.items()}, created)
 
     def test_bad_identifiers_refused(self):
@@ -1419,7 +1419,8 @@ class DatabaseTests(SynchronousTestCase):
             " `pid` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `domain` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,"
             " `name` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,"
-            " `data` JSON" + "".join(", KEY `%s` (%s)" % index for index in INDEXES) + ")") % (DB,))
+            " `data` JSON" + "".join(", KEY `%s` (%s)" % (index.name, ", ".join(index.columns + ("id",)))
+                            for index in schema.INDEXES) + ")") % (DB,))
         self.cursor = cursor
         # the fixture goes in through compile_insert, like persist would
         documents = _rows()

@@ -1,0 +1,82 @@
+"""
+The server's boundaries, declared.
+
+:class:`eventsource.service.EventSourceService` talks to Redis and MariaDB
+only through these: the real :class:`eventsource.bus.RedisBus` and
+:class:`eventsource.store.Store`, and the in-memory doubles of
+:mod:`eventsource.testing`, all provide them, and a test checks each one
+with ``zope.interface.verify.verifyObject``, so the doubles cannot drift
+from what they stand in for.
+"""
+
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from eventsource.query import InsertPlan, SelectPlan
+
+#: what :meth:`IEventStore.read_page` fires with: ``(high_water, bodies,
+#: last_keyset, cut)``
+Page = Tuple[int, List[str], Optional[int], bool]
+
+
+class IEventBus(Interface):
+    """Pub/sub with the outside world (Redis)."""
+
+    def start() -> "Deferred[object]":
+        """
+        Connect and subscribe to the request channels; a Deferred that fires
+        once requests can be taken and answered, or fails if they never can.
+        """
+
+    def stop() -> "Deferred[object]":
+        """Disconnect and stop reconnecting; a Deferred that fires when done."""
+
+    def publish(channel: str, body: str) -> None:
+        """Send ``body`` on ``channel``; nothing to wait for (a lost message is the client's timeout)."""
+
+    def subscribe(channel: str) -> "Deferred[object]":
+        """Listen on a reply channel; a Deferred that fires once Redis confirmed it."""
+
+    def unsubscribe(channel: str) -> "Deferred[object]":
+        """Stop listening on a reply channel; a Deferred."""
+
+
+class IPager(Interface):
+    """One query's result, read a page at a time, holding nothing in between."""
+
+    def next_page() -> "Deferred[Tuple[List[str], bool]]":
+        """A Deferred that fires with ``(bodies, exhausted)``: encoded rows, and whether they were the last."""
+
+
+class IEventStore(Interface):
+    """The events table (MariaDB)."""
+
+    def start() -> "Deferred[object]":
+        """Connect and make sure the table is there; a Deferred firing with the changes made (for the log)."""
+
+    def stop() -> "Deferred[object]":
+        """Drop queued work, stop running statements, close the connections; a Deferred."""
+
+    def drop_reads() -> None:
+        """Shutdown began: fail reads not started, stop running ones (no stream waits for them)."""
+
+    def insert(plan: "InsertPlan") -> "Deferred[Tuple[int, int]]":
+        """
+        Append the rows of an :class:`eventsource.query.InsertPlan`
+        atomically; a Deferred firing with ``(affected_rows, insert_id)``.
+        """
+
+    def pager(plan: "SelectPlan") -> "IPager":
+        """An :class:`IPager` over the rows of an :class:`eventsource.query.SelectPlan`."""
+
+    def read_page(plan: "SelectPlan", high_water: Optional[int], position: int, size: int,
+                  max_bytes: Optional[int] = None) -> "Deferred[Page]":
+        """
+        One page for a pager: a Deferred firing with ``(high_water, bodies,
+        last_keyset, cut)`` (see :class:`eventsource.store.Pager`).
+        """
+

@@ -1,0 +1,204 @@
+"""
+The events table, defined once.
+
+Its columns (with their SQL types and how queries compare them), the columns
+a ``$select`` returns by default, the secondary indexes and the collation
+are written here and nowhere else: the DDL and the in-place upgrade
+(:func:`create_statements`, :func:`plan_upgrade`), the query allow-list
+(:class:`eventsource.query.TableSchema`), the INSERT statement and the
+in-memory store of the tests are all derived from them, so they cannot
+disagree.  The module is pure: it builds SQL text, :mod:`eventsource.store`
+runs it.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+#: how queries compare a column's values (see :mod:`eventsource.query`)
+TEXT, DATETIME, NUMBER = "text", "datetime", "number"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its name, its SQL definition and how queries compare it."""
+
+    name: str
+    sql_type: str
+    kind: str = TEXT
+    #: a stream id, domain or event name: a VARCHAR of at most ``length``
+    #: characters, compared byte for byte (see :data:`COLLATION`)
+    identifier: bool = False
+    #: written by ``$insert`` (the others are the server's: id, append time)
+    written: bool = False
+    length: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Index:
+    """
+    A secondary index on ``columns`` then ``id``, so that a keyset page
+    ("these columns equal, in id order", or a range of one column) is one
+    range read.  ``keyset``: equality indexes; the others serve ranges.
+    """
+
+    name: str
+    columns: Tuple[str, ...]
+    keyset: bool = True
+
+
+#: the one collation of the table: stream ids, domains and event names are
+#: identifiers, compared byte for byte (as in the original's ``utf8_bin``
+#: table), so ``"p1"`` never matches ``"P1"``
+COLLATION = "utf8mb4_bin"
+
+#: the table's columns, in table order
+COLUMNS: Tuple[Column, ...] = (
+    Column("id", "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY", NUMBER),
+    Column("timestamp", "DATETIME(6) NOT NULL DEFAULT NOW(6)", DATETIME),
+    Column("pid", "VARCHAR(255) NOT NULL", identifier=True, written=True, length=255),
+    Column("domain", "VARCHAR(255) NOT NULL", identifier=True, written=True, length=255),
+    Column("name", "VARCHAR(255) NOT NULL", identifier=True, written=True, length=255),
+    Column("data", "JSON", written=True),
+)
+
+#: what a ``$select`` without ``$columns`` returns (the original service's
+#: columns: ``id`` only when asked for explicitly)
+DEFAULT_COLUMNS: Tuple[str, ...] = ("timestamp", "pid", "domain", "name", "data")
+
+#: the secondary indexes; the keyset ones in the order queries prefer them
+INDEXES: Tuple[Index, ...] = (
+    Index("pid_id", ("pid",)),
+    Index("domain_name_id", ("domain", "name")),
+    Index("domain_id", ("domain",)),
+    Index("name_id", ("name",)),
+    Index("timestamp_id", ("timestamp",), keyset=False),
+)
+
+COLUMN_NAMES: Tuple[str, ...] = tuple(column.name for column in COLUMNS)
+#: the columns ``$insert`` writes, in INSERT order
+WRITTEN_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.written)
+#: the columns compared byte for byte, whose collation the upgrade checks
+IDENTIFIER_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.identifier)
+
+
+def columns_of_kind(kind: str) -> Tuple[str, ...]:
+    """The names of the columns that queries compare as ``kind``."""
+    return tuple(column.name for column in COLUMNS if column.kind == kind)
+
+
+def column(name: str) -> Column:
+    """The column called ``name`` (a KeyError for any other name)."""
+    for candidate in COLUMNS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(name)
+
+
+def quote(name: str) -> str:
+    """An identifier backquoted for SQL (names here and checked table names only)."""
+    return f"`{name}`"
+
+
+def qualified(database: str, table: str) -> str:
+    """The backquoted ``database.table`` of SQL."""
+    return f"{quote(database)}.{quote(table)}"
+
+
+def _index_sql(index: Index) -> str:
+    return f"KEY {quote(index.name)} ({', '.join(quote(c) for c in index.columns + ('id',))})"
+
+
+def create_statements(database: str, table: str) -> List[str]:
+    """The statements that create the database and the table, if missing."""
+    definitions = [f"{quote(c.name)} {c.sql_type}" for c in COLUMNS]
+    definitions += [_index_sql(index) for index in INDEXES]
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {quote(database)} "
+        f"CHARACTER SET utf8mb4 COLLATE {COLLATION}",
+        f"CREATE TABLE IF NOT EXISTS {qualified(database, table)} ("
+        + ", ".join(definitions)
+        + f") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={COLLATION}",
+    ]
+
+
+#: whether the table exists (parameters: database, table)
+TABLE_EXISTS_SQL = ("SELECT COUNT(*) FROM information_schema.TABLES"
+                    " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")
+#: the table's columns and their collations (parameters: database, table)
+COLUMNS_SQL = ("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
+               " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")
+#: the names of the table's indexes (parameters: database, table)
+INDEXES_SQL = ("SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
+               " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")
+
+
+class MissingColumns(Exception):
+    """An existing table lacks columns that no upgrade can make up."""
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """What an existing table needs: ``ALTER TABLE`` clauses and their log lines."""
+
+    alterations: Tuple[str, ...] = ()
+    changes: Tuple[str, ...] = ()
+    #: the identifier columns' collations, when they must be converted
+    converted_from: Tuple[str, ...] = ()
+
+    def sql(self, database: str, table: str) -> str:
+        """The one ``ALTER TABLE`` statement making every alteration."""
+        return f"ALTER TABLE {qualified(database, table)} " + ", ".join(self.alterations)
+
+
+def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str]) -> Upgrade:
+    """
+    The upgrade of a table made by the original service (no ``id``, utf8mb3
+    columns) or by an earlier release of this one (case-insensitive ids,
+    fewer indexes), from its columns (lower-cased name -> collation) and
+    index names.  Raises :class:`MissingColumns` when only ``id`` could be added.
+    """
+    missing = set(COLUMN_NAMES) - {"id"} - set(columns)
+    if missing:
+        raise MissingColumns(sorted(missing))
+    alterations, changes = [], []
+    collations = {columns[name] for name in IDENTIFIER_COLUMNS}
+    converted_from: Tuple[str, ...] = ()
+    if collations != {COLLATION}:
+        # The original's utf8 table (utf8_bin) and this project's earlier
+        # tables (utf8mb4_unicode_ci, which matched "p1" with "P1") alike.
+        converted_from = tuple(sorted(str(c) for c in collations))
+        alterations.append(f"CONVERT TO CHARACTER SET utf8mb4 COLLATE {COLLATION}")
+        changes.append(f"converted to utf8mb4 ({COLLATION})")
+    if "id" not in columns:
+        # InnoDB numbers the existing rows in their stored (insertion) order.
+        alterations.append(f"ADD COLUMN {quote('id')} {column('id').sql_type} FIRST")
+        changes.append("added id")
+    present = set(indexes)
+    for index in INDEXES:
+        if index.name not in present:
+            alterations.append("ADD " + _index_sql(index))
+            changes.append(f"added index {index.name}")
+    return Upgrade(tuple(alterations), tuple(changes), converted_from)
+
+
+def insert_sql(table_sql: str, count: int) -> str:
+    """
+    The INSERT of ``count`` rows of :data:`WRITTEN_COLUMNS` into
+    ``table_sql`` (already quoted); the append time is the column's default,
+    ``NOW(6)``: always the server's.
+    """
+    row = "(" + ", ".join(["%s"] * len(WRITTEN_COLUMNS)) + ")"
+    return (f"INSERT INTO {table_sql} ({', '.join(quote(c) for c in WRITTEN_COLUMNS)}) VALUES "
+            + ", ".join([row] * count))
+
+
+def high_water_sql(table_sql: str) -> str:
+    """The largest ``id`` of the table (0 when empty): the snapshot of a fetch."""
+    return f"SELECT COALESCE(MAX({quote('id')}), 0) FROM {table_sql}"
+
+
+def statement_limited(sql: str, seconds: float) -> str:
+    """``sql`` (a SELECT) run under MariaDB's ``max_statement_time``."""
+    if not seconds:
+        return sql
+    return f"SET STATEMENT max_statement_time={seconds:.6f} FOR {sql}"
