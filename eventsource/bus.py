@@ -37,6 +37,9 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from eventsource.interfaces import IEventBus
 
 log = Logger()
 
@@ -335,6 +338,7 @@ def _is_tls_failure(why):
     return why is not None and why.check(SSL.Error) is not None
 
 
+@implementer(IEventBus)
 class RedisBus:
     """
     Pub/sub with the outside world.

@@ -9,7 +9,7 @@ with ``zope.interface.verify.verifyObject``, so the doubles cannot drift
 from what they stand in for.
 """
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from zope.interface import Interface
 
@@ -26,22 +26,22 @@ Page = Tuple[int, List[str], Optional[int], bool]
 class IEventBus(Interface):
     """Pub/sub with the outside world (Redis)."""
 
-    def start() -> "Deferred[object]":
+    def start() -> "Deferred[Any]":
         """
         Connect and subscribe to the request channels; a Deferred that fires
         once requests can be taken and answered, or fails if they never can.
         """
 
-    def stop() -> "Deferred[object]":
+    def stop() -> "Deferred[Any]":
         """Disconnect and stop reconnecting; a Deferred that fires when done."""
 
     def publish(channel: str, body: str) -> None:
         """Send ``body`` on ``channel``; nothing to wait for (a lost message is the client's timeout)."""
 
-    def subscribe(channel: str) -> "Deferred[object]":
+    def subscribe(channel: str) -> "Deferred[Any]":
         """Listen on a reply channel; a Deferred that fires once Redis confirmed it."""
 
-    def unsubscribe(channel: str) -> "Deferred[object]":
+    def unsubscribe(channel: str) -> "Deferred[Any]":
         """Stop listening on a reply channel; a Deferred."""
 
 
@@ -55,10 +55,10 @@ class IPager(Interface):
 class IEventStore(Interface):
     """The events table (MariaDB)."""
 
-    def start() -> "Deferred[object]":
+    def start() -> "Deferred[Any]":
         """Connect and make sure the table is there; a Deferred firing with the changes made (for the log)."""
 
-    def stop() -> "Deferred[object]":
+    def stop() -> "Deferred[Any]":
         """Drop queued work, stop running statements, close the connections; a Deferred."""
 
     def drop_reads() -> None:

@@ -9,14 +9,18 @@ has none) and touches nothing else.
 """
 
 import signal
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from eventsource import query, wire
 from eventsource.channel import EchoBudget, Stream
 from eventsource.config import Config
+from eventsource.interfaces import IEventBus, IEventStore
 
 log = Logger()
 
@@ -27,43 +31,106 @@ FIRST_EVENT_HINT = (
     "\"data\": {{\"foo\": \"bar\"}}}}}}}}}}'"
 )
 
+#: ``on_message(channel, body)``: every message on a subscribed channel
+MessageHandler = Callable[[str, str], None]
+#: builds the bus that delivers to ``(on_message, on_connection_lost)``; the
+#: bus and the service each need the other, so the service builds its bus
+BusFactory = Callable[[MessageHandler, Callable[[], None]], IEventBus]
 
-def _ignore_failure(failure):
+
+def _ignore_failure(failure: Failure) -> None:
     # Leaving a reply channel only fails when Redis went away, and then the
     # subscription is gone with the connection anyway.
     return None
 
 
+def _forget_sigterm(reactor: Any) -> None:
+    """
+    twistd re-raises the signal that stopped the reactor, so after a clean
+    shutdown a SIGTERM'd server would still exit "killed by SIGTERM"; a
+    graceful stop is a success: exit code 0.  Twisted has no public way to
+    say so (``_ISupportsExitSignalCapturing`` is private and only read), so
+    this is the one place that writes the reactor's ``_exitSignal``.
+    """
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None
+
+
+class BoundaryService(service.Service):
+    """
+    A boundary (the store, the bus) as a child service: started once the
+    service before it (``after``) has started, and stopped by its parent.
+
+    Its start's outcome goes to every :meth:`when_started` caller, so the
+    parent (ready, log) and the next boundary can each wait for it.
+    """
+
+    def __init__(self, name: str, boundary: Any, after: "Optional[BoundaryService]" = None):
+        self.setName(name)
+        self.boundary = boundary
+        self._after = after
+        self._outcome: Optional[object] = None
+        self._fired = False
+        self._observers: "List[defer.Deferred[Any]]" = []
+
+    def when_started(self) -> "defer.Deferred[Any]":
+        """Fires with what the boundary's ``start`` fired with (or its failure)."""
+        if self._fired:
+            outcome = self._outcome
+            return defer.fail(outcome) if isinstance(outcome, Failure) else defer.succeed(outcome)
+        d: "defer.Deferred[Any]" = defer.Deferred()
+        self._observers.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._fired = False
+        ready = defer.succeed(None) if self._after is None else self._after.when_started()
+        ready.addCallback(lambda _: self.boundary.start())
+        ready.addBoth(self._started)
+
+    def _started(self, outcome: object) -> None:
+        self._outcome, self._fired = outcome, True
+        observers, self._observers = self._observers, []
+        for d in observers:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def stopService(self) -> "defer.Deferred[Any]":
+        super().stopService()
+        return defer.maybeDeferred(self.boundary.stop)
+
+
 class EventSourceService(service.MultiService):
     """
-    The eventsource server.
+    The eventsource server: a service whose children are the store, then the
+    bus (started in that order, the bus once the table is ready; stopped in
+    reverse order, after the requests in flight are settled).
 
     :param config: a :class:`eventsource.config.Config`.
-    :param reactor: the reactor (also the clock of every row timer); the
-        global one when omitted.
-    :param bus: the Redis boundary (:class:`eventsource.bus.RedisBus` when
-        omitted; :class:`eventsource.testing.MemoryBus` in unit tests).
-    :param store: the MySQL boundary (:class:`eventsource.store.Store` when
-        omitted; :class:`eventsource.testing.MemoryStore` in unit tests).
+    :param reactor: the reactor (also the clock of every row timer; a
+        ``Clock`` in unit tests).
+    :param store: the MySQL boundary, an :class:`IEventStore`.
+    :param bus: builds the Redis boundary, an :class:`IEventBus`, given the
+        service's message and connection-lost handlers (see :func:`make_server`).
+    :param stop_reactor_on_failure: stop the reactor when the server cannot
+        start (what ``twistd`` needs); tests running their own servers say no.
     """
 
-    def __init__(self, config=None, reactor=None, bus=None, store=None):
+    def __init__(self, config: Config, reactor: Any, *, store: IEventStore, bus: BusFactory,
+                 stop_reactor_on_failure: bool = True) -> None:
         super().__init__()
-        self.config = config or Config()
-        if reactor is None:
-            from twisted.internet import reactor
+        self.config = config
         self._reactor = reactor
-        if bus is None:
-            from eventsource.bus import RedisBus
-
-            bus = RedisBus(self.config, reactor, self.message_received,
-                           on_connection_lost=self.redis_lost)
-        if store is None:
-            from eventsource.store import Store
-
-            store = Store(self.config, reactor)
-        self.bus = bus
+        self._stop_reactor_on_failure = stop_reactor_on_failure
         self.store = store
+        self.bus = bus(self.message_received, self.redis_lost)
+        self._store_service = BoundaryService("store", store)
+        self._store_service.setServiceParent(self)
+        self._bus_service = BoundaryService("bus", self.bus, after=self._store_service)
+        self._bus_service.setServiceParent(self)
         self.schema = query.TableSchema(self.config.database, self.config.table_name)
         self.limits = query.Limits(
             max_depth=self.config.max_query_depth,
@@ -72,38 +139,37 @@ class EventSourceService(service.MultiService):
         )
         channels = self.config.request_channels
         #: the handler of each request kind
-        self._kinds = {"persist": self._persist, "fetch": self._fetch,
-                       "fetch-next": self._fetch_next}
+        self._kinds: Dict[str, Callable[[Any], None]] = {
+            "persist": self._persist, "fetch": self._fetch, "fetch-next": self._fetch_next}
         # In tenant mode requests arrive on <prefix>T:<kind> (see
         # message_received) and the version 1 channels are not served.
-        self._handlers = {} if self.config.tenants else {
+        self._handlers: Dict[str, Tuple[str, Callable[[Any], None]]] = {} if self.config.tenants else {
             channels[kind]: (kind, handler) for kind, handler in self._kinds.items()}
         self._reserved = frozenset(channels.values()) | frozenset(channels)
         pattern = self.config.reply_channels
         self._reply_rules = wire.ReplyRules(pattern=wire.Glob(pattern) if pattern else None)
-        self.streams = {}
+        self.streams: Dict[str, Stream] = {}
         #: the rows the server hears again on the reply channels of version 1 streams
         self.echo_budget = EchoBudget(self.config.max_echo_bytes, reactor)
         #: reply channels of open version 1 streams (the server listens on them)
-        self._listened = set()
-        self._persists = set()
+        self._listened: Set[str] = set()
+        self._persists: "Set[defer.Deferred[Any]]" = set()
         self._accepting = False
-        self.ready = defer.Deferred()
+        self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
 
     # -- life cycle -----------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
+        # (observers first: the table's log line comes before the bus starts)
+        self._store_service.when_started().addCallbacks(self._schema_ready, _ignore_failure)
+        self._bus_service.when_started().addCallbacks(self._started, self._start_failed)
         super().startService()
-        d = defer.maybeDeferred(self.store.start)
-        d.addCallback(self._schema_ready)
-        d.addCallback(lambda _: self.bus.start())
-        d.addCallbacks(self._started, self._start_failed)
 
-    def _schema_ready(self, changes):
+    def _schema_ready(self, changes: Optional[List[str]]) -> None:
         log.info("events table {table} ready ({changes})", table=self.config.table,
                  changes=", ".join(changes or []) or "unchanged")
 
-    def _started(self, _):
+    def _started(self, _: object) -> None:
         self._accepting = True
         log.info(
             "eventsource serving {table} on Redis {redis_host}:{redis_port}, "
@@ -115,7 +181,7 @@ class EventSourceService(service.MultiService):
         )
         self.ready.callback(self)
 
-    def _first_event_hint(self):
+    def _first_event_hint(self) -> str:
         prefix = self.config.channel_prefix
         if self.config.tenants:
             persist, reply = f"{prefix}TENANT:persist", f"{prefix}TENANT:reply-1"
@@ -123,19 +189,20 @@ class EventSourceService(service.MultiService):
             persist, reply = self.config.request_channels["persist"], "reply-1"
         return FIRST_EVENT_HINT.format(persist=persist, reply=reply)
 
-    def _start_failed(self, failure):
+    def _start_failed(self, failure: Failure) -> None:
         log.failure("eventsource could not start", failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self._reactor.running and getattr(self, "stop_reactor_on_failure", True):
+        if self._stop_reactor_on_failure and self._reactor.running:
             self._reactor.stop()
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Any:
         """
         Stop taking requests, end streams (dropping their reads that have not
-        started), finish persists in flight, close connections.  Takes at
-        most ``shutdown_timeout`` plus the store's kill grace, whatever is queued.
+        started), finish persists in flight, then stop the bus and the store,
+        one after the other.  Takes at most ``shutdown_timeout`` plus the
+        store's kill grace, whatever is queued.
         """
         self._accepting = False
         for stream in list(self.streams.values()):
@@ -151,21 +218,24 @@ class EventSourceService(service.MultiService):
                 log.warn("{count} persists still unanswered after {timeout} s; closing anyway "
                          "(their outcome is unknown to their clients)",
                          count=len(self._persists), timeout=self.config.shutdown_timeout)
-        yield super().stopService()
-        yield self.bus.stop()
-        yield self.store.stop()
-        # twistd re-raises the signal that stopped the reactor, so after this
-        # clean shutdown a SIGTERM'd server would still exit "killed by
-        # SIGTERM"; a graceful stop is a success: exit code 0.
-        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
-            self._reactor._exitSignal = None
+        # (not MultiService's stop, which stops the children all at once:
+        # the bus goes first, and the store only once the bus is gone)
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield child.stopService()
+        _forget_sigterm(self._reactor)
 
-    def _wait_for_persists(self, timeout):
+    def _wait_for_persists(self, timeout: float) -> "defer.Deferred[bool]":
         """Fires True once every persist in flight is answered, False after ``timeout``."""
-        result = defer.Deferred()
-        timer = self._reactor.callLater(timeout, lambda: result.called or result.callback(False))
+        result: "defer.Deferred[bool]" = defer.Deferred()
 
-        def finished(_):
+        def expired() -> None:
+            if not result.called:
+                result.callback(False)
+
+        timer = self._reactor.callLater(timeout, expired)
+
+        def finished(_: object) -> None:
             if timer.active():
                 timer.cancel()
             if not result.called:
@@ -177,7 +247,7 @@ class EventSourceService(service.MultiService):
 
     # -- messages in ------------------------------------------------------
 
-    def message_received(self, channel, body):
+    def message_received(self, channel: str, body: str) -> None:
         """Every message on every subscribed channel enters here."""
         handler = self._handlers.get(channel)
         if handler is not None:
@@ -194,7 +264,7 @@ class EventSourceService(service.MultiService):
             elif self.config.tenants:
                 self._tenant_request(channel, body)
 
-    def _tenant_request(self, channel, body):
+    def _tenant_request(self, channel: str, body: str) -> None:
         """
         A message on ``<prefix>T:<kind>``: a request of tenant ``T``.  The
         tenant comes from the channel (which a Redis ACL guards), never from
@@ -214,7 +284,8 @@ class EventSourceService(service.MultiService):
                                 namespace=f"{prefix}{tenant}:", request_prefix=prefix)
         self._request(kind, body, self._kinds[kind], rules, channel)
 
-    def _request(self, request_channel, body, handler, rules=None, source=None):
+    def _request(self, request_channel: str, body: str, handler: Callable[[Any], None],
+                 rules: Optional[wire.ReplyRules] = None, source: Optional[str] = None) -> None:
         try:
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
                                          self._reserved, rules or self._reply_rules)
@@ -229,7 +300,8 @@ class EventSourceService(service.MultiService):
             return
         handler(request)
 
-    def _bad_request(self, request_channel, body, reason, channel):
+    def _bad_request(self, request_channel: str, body: Optional[str], reason: str,
+                     channel: Optional[str]) -> None:
         if request_channel == "fetch-next" and channel not in self.streams:
             # An acknowledgement is never answered unless it concerns a live
             # stream: a client that acknowledges every message it gets would
@@ -245,7 +317,7 @@ class EventSourceService(service.MultiService):
                  request_channel=request_channel, channel=channel, reason=reason)
         self._refuse(channel, reason)
 
-    def _refuse(self, channel, reason):
+    def _refuse(self, channel: str, reason: str) -> None:
         """Answer ``"error"``, ``"end"``; a live stream on that channel ends with it."""
         stream = self.streams.get(channel)
         if stream is not None:
@@ -255,16 +327,16 @@ class EventSourceService(service.MultiService):
         else:
             self._reply_error(channel, reason)
 
-    def _reply_error(self, channel, reason):
+    def _reply_error(self, channel: str, reason: str) -> None:
         self.publish(channel, wire.ERROR_BODY)
         self.publish(channel, wire.END_BODY)
 
-    def publish(self, channel, body):
+    def publish(self, channel: str, body: str) -> None:
         self.bus.publish(channel, body)
 
     # -- persist --------------------------------------------------------
 
-    def _persist(self, request):
+    def _persist(self, request: Any) -> None:
         channel = request.channel
         if channel in self.streams:
             self._refuse(channel, "the reply channel is streaming another request")
@@ -287,12 +359,12 @@ class EventSourceService(service.MultiService):
                        callbackArgs=(channel,), errbackArgs=(channel,))
         d.addBoth(self._persist_done, d)
 
-    def _persisted(self, result, channel):
+    def _persisted(self, result: Tuple[int, int], channel: str) -> None:
         affected, insert_id = result
         self.publish(channel, wire.encode_ok_packet(affected, insert_id))
         self.publish(channel, wire.END_BODY)
 
-    def _persist_failed(self, failure, channel):
+    def _persist_failed(self, failure: Failure, channel: str) -> None:
         if failure.check("eventsource.store.StoreStopping"):
             log.warn("persist for {channel} not written: the server stopped first",
                      channel=channel)
@@ -300,12 +372,12 @@ class EventSourceService(service.MultiService):
             log.failure("persist for {channel} failed", failure, channel=channel)
         self._reply_error(channel, "the database refused the insert")
 
-    def _persist_done(self, _, d):
+    def _persist_done(self, _: object, d: "defer.Deferred[Any]") -> None:
         self._persists.discard(d)
 
     # -- fetch ----------------------------------------------------------
 
-    def _fetch(self, request):
+    def _fetch(self, request: Any) -> None:
         channel = request.channel
         if channel in self.streams:
             self._refuse(channel, "the reply channel is already streaming")
@@ -333,9 +405,9 @@ class EventSourceService(service.MultiService):
             subscribed = self.bus.subscribe(channel)
         first = [not windowed]
 
-        def fetch_more(stream):
-            d = pager.next_page()
-            if first[0]:
+        def fetch_more(stream: Stream) -> None:
+            d: "defer.Deferred[Any]" = pager.next_page()
+            if first[0] and subscribed is not None:
                 # The first row goes out only once Redis confirmed our
                 # subscription, or an early "accepted" could be missed.
                 first[0] = False
@@ -358,7 +430,7 @@ class EventSourceService(service.MultiService):
         if stream.is_live:  # (a test double may have answered synchronously)
             self.streams[channel] = stream
 
-    def _stream_failed(self, failure, stream):
+    def _stream_failed(self, failure: Failure, stream: Stream) -> None:
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
         if stream.is_live:
@@ -371,18 +443,19 @@ class EventSourceService(service.MultiService):
                 log.failure("stream on {channel} failed", failure, channel=stream.channel)
             stream.fail(str(failure.value))
 
-    def _stream_closed(self, stream):
+    def _stream_closed(self, stream: Stream) -> None:
         channel = stream.channel
         if self.streams.get(channel) is stream:
             del self.streams[channel]
         log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
-                  state=stream.state.value, rows=stream.rows_sent,
+                  state=stream.state.value,  # type: ignore[attr-defined]  # (the machine's)
+                  rows=stream.rows_sent,
                   reason=f": {stream.reason}" if stream.reason else "")
         if channel in self._listened:
             self._listened.discard(channel)
             self.bus.unsubscribe(channel).addErrback(_ignore_failure)
 
-    def _fetch_next(self, request):
+    def _fetch_next(self, request: Any) -> None:
         stream = self.streams.get(request.channel)
         if stream is not None:
             if request.end:
@@ -396,9 +469,22 @@ class EventSourceService(service.MultiService):
 
     # -- faults ---------------------------------------------------------
 
-    def redis_lost(self):
+    def redis_lost(self) -> None:
         """The subscriber connection dropped: no acceptance can reach open streams."""
         if self.streams:
             log.warn("Redis connection lost: ending {count} open streams", count=len(self.streams))
         for stream in list(self.streams.values()):
             stream.fail("lost the Redis connection")
+
+
+def make_server(config: Config, reactor: Any = None,
+                stop_reactor_on_failure: bool = True) -> EventSourceService:
+    """The server on the real Redis (:class:`RedisBus`) and MariaDB (:class:`Store`)."""
+    from eventsource.bus import RedisBus
+    from eventsource.store import Store
+
+    if reactor is None:
+        from twisted.internet import reactor
+    return EventSourceService(config, reactor, store=Store(config, reactor),
+                              bus=partial(RedisBus, config, reactor),
+                              stop_reactor_on_failure=stop_reactor_on_failure)

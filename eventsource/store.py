@@ -17,8 +17,10 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from eventsource import schema, wire
+from eventsource.interfaces import IEventStore, IPager
 
 log = Logger()
 
@@ -428,6 +430,7 @@ def mysql_tls_context(config):
     return context
 
 
+@implementer(IEventStore)
 class Store:
     """
     The events table behind an ``adbapi`` pool.
@@ -721,6 +724,7 @@ class RowSizeHint:
     largest = 0
 
 
+@implementer(IPager)
 class Pager:
     """
     Reads one query's result a page at a time, holding nothing in between.

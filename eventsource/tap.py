@@ -356,6 +356,6 @@ class Options(usage.Options):
 def makeService(options: Options):
     """Build the server's service tree from parsed :class:`Options`."""
     # Imported here so that ``twistd eventsource --help`` needs none of it.
-    from eventsource.service import EventSourceService
+    from eventsource.service import make_server
 
-    return EventSourceService(options.config)
+    return make_server(options.config)

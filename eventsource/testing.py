@@ -38,6 +38,28 @@ class MemoryBus:
         self.subscribed: Set[str] = set()
         self.pending: List[Tuple["defer.Deferred[None]", None]] = []
         self.started = False
+        self._on_message: Optional[Callable[[str, str], None]] = None
+        self._on_connection_lost: Optional[Callable[[], None]] = None
+
+    def attach(self, on_message: Callable[[str, str], None],
+               on_connection_lost: Callable[[], None]) -> "MemoryBus":
+        """
+        The bus factory of :class:`eventsource.service.EventSourceService`
+        (``bus=memory_bus.attach``): this bus, delivering to the service.
+        """
+        self._on_message = on_message
+        self._on_connection_lost = on_connection_lost
+        return self
+
+    def deliver(self, channel: str, body: str) -> None:
+        """A message arrives on ``channel``, as Redis would deliver it."""
+        assert self._on_message is not None, "attach the bus to a service first"
+        self._on_message(channel, body)
+
+    def lose_connection(self) -> None:
+        """The subscriber connection drops, as a Redis restart would drop it."""
+        assert self._on_connection_lost is not None, "attach the bus to a service first"
+        self._on_connection_lost()
 
     def _answer(self, value: None) -> "defer.Deferred[None]":
         if not self.hold:

@@ -17,7 +17,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.trial.unittest import TestCase
 
 from eventsource.config import Config
-from eventsource.service import EventSourceService
+from eventsource.service import make_server
 
 REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
@@ -215,8 +215,7 @@ class IntegrationTestCase(TestCase):
                         mysql_user=MYSQL["user"], mysql_password=MYSQL["password"],
                         channel_prefix=self.prefix)
         settings.update(overrides)
-        self.server = EventSourceService(Config(**settings))
-        self.server.stop_reactor_on_failure = False
+        self.server = make_server(Config(**settings), stop_reactor_on_failure=False)
         self.server.startService()
         self.addCleanup(self._stop_server, self.server)
         self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")

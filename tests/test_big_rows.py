@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource.bus import redis_limit_warnings
 from eventsource.config import Config
-from eventsource.service import EventSourceService
+from eventsource.service import make_server
 from tests.redis_server import RedisServer
 from tests.support import IntegrationTestCase, WireClient, sql, unique
 from tests.test_scale import rss_kb
@@ -122,10 +122,10 @@ class RedisLimitsCheckTests(PrivateRedisTestCase):
         self.redis.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 12mb 6mb 60")
         del self.logs.events[:]
         yield self.server.stopService()
-        server = EventSourceService(Config(**dict(
-            vars(self.server.config), table=unique("es_test") + ".event")))
+        server = make_server(Config(**dict(
+            vars(self.server.config), table=unique("es_test") + ".event")),
+            stop_reactor_on_failure=False)
         self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{server.config.database}`")
-        server.stop_reactor_on_failure = False
         server.startService()
         self.addCleanup(lambda: server.running and server.stopService())
         yield server.ready

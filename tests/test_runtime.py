@@ -236,7 +236,7 @@ class StopOrderTests(SynchronousTestCase):
 
     def test_streams_end_and_reads_drop_before_the_persist_wait(self):
         clock, bus, store = Clock(), MemoryBus(), MemoryStore(hold=True)
-        service = EventSourceService(Config(shutdown_timeout=3), reactor=clock, bus=bus,
+        service = EventSourceService(Config(shutdown_timeout=3), clock, bus=bus.attach,
                                      store=store)
         service.startService()
         self.successResultOf(service.ready)

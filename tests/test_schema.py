@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support import MYSQL, REDIS_HOST, REDIS_PORT, WireClient, sql, unique
 from eventsource.config import Config
-from eventsource.service import EventSourceService
+from eventsource.service import make_server
 
 
 class SchemaTests(TestCase):
@@ -23,11 +23,10 @@ class SchemaTests(TestCase):
 
     @defer.inlineCallbacks
     def start(self, user=MYSQL["user"], password=MYSQL["password"]):
-        server = EventSourceService(Config(
+        server = make_server(Config(
             table=f"{self.database}.event", redis_host=REDIS_HOST, redis_port=REDIS_PORT,
             mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=user,
-            mysql_password=password, channel_prefix=self.prefix))
-        server.stop_reactor_on_failure = False
+            mysql_password=password, channel_prefix=self.prefix), stop_reactor_on_failure=False)
         server.startService()
         self.addCleanup(server.stopService)
         yield server.ready
@@ -211,10 +210,9 @@ class SchemaTests(TestCase):
     def test_table_missing_columns_is_a_clear_start_failure(self):
         sql(f"CREATE DATABASE `{self.database}`")
         sql(f"CREATE TABLE `{self.database}`.`event` (`x` INT)")
-        server = EventSourceService(Config(table=f"{self.database}.event",
-                                           redis_host=REDIS_HOST, redis_port=REDIS_PORT,
-                                           channel_prefix=self.prefix))
-        server.stop_reactor_on_failure = False
+        server = make_server(Config(table=f"{self.database}.event",
+                                    redis_host=REDIS_HOST, redis_port=REDIS_PORT,
+                                    channel_prefix=self.prefix), stop_reactor_on_failure=False)
         server.startService()
         self.addCleanup(server.stopService)
         failure = yield self.assertFailure(server.ready, RuntimeError)

@@ -36,8 +36,8 @@ class ServiceTestCase(SynchronousTestCase):
         config = Config(**config)
         self.store = MemoryStore(hold=hold_store, page_size=config.page_size,
                                  page_bytes=config.page_bytes)
-        self.service = EventSourceService(config, reactor=self.clock,
-                                          bus=self.bus, store=self.store)
+        self.service = EventSourceService(config, self.clock,
+                                          bus=self.bus.attach, store=self.store)
         self.service.startService()
         self.assertTrue(self.successResultOf(self.service.ready))
         return self.service

@@ -141,8 +141,8 @@ class ServiceTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.bus = MemoryBus()
         self.store = MemoryStore()
-        self.service = EventSourceService(Config(**config), reactor=self.clock,
-                                          bus=self.bus, store=self.store)
+        self.service = EventSourceService(Config(**config), self.clock,
+                                          bus=self.bus.attach, store=self.store)
         self.service.startService()
         self.successResultOf(self.service.ready)
         self.log = capture_log(self)
