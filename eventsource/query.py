@@ -25,10 +25,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from eventsource import schema, wire
 
+
+#: a decoded JSON value from a request (checked where it is used)
+JSON = Any
 
 __all__ = [
     "QueryError",
@@ -82,20 +85,20 @@ class TableSchema:
 
     database: str
     name: str
-    columns: tuple = schema.COLUMN_NAMES
-    default_columns: tuple = schema.DEFAULT_COLUMNS
-    datetime_columns: tuple = schema.columns_of_kind(schema.DATETIME)
+    columns: Tuple[str, ...] = schema.COLUMN_NAMES
+    default_columns: Tuple[str, ...] = schema.DEFAULT_COLUMNS
+    datetime_columns: Tuple[str, ...] = schema.columns_of_kind(schema.DATETIME)
     #: columns compared as numbers; the others (not datetime) are text
-    numeric_columns: tuple = schema.columns_of_kind(schema.NUMBER)
+    numeric_columns: Tuple[str, ...] = schema.columns_of_kind(schema.NUMBER)
     #: indexes that serve "rows with these columns equal, in id order":
     #: (index name, columns), in the order they are preferred; a one-column
     #: index also serves ``column $in [...]`` (see :func:`_keyset_access`)
-    keyset_indexes: tuple = tuple((i.name, i.columns) for i in schema.INDEXES if i.keyset)
+    keyset_indexes: Tuple[Tuple[str, Tuple[str, ...]], ...] = tuple((i.name, i.columns) for i in schema.INDEXES if i.keyset)
     #: indexes that serve a range of one column: (index name, column)
-    range_indexes: tuple = tuple((i.name, i.columns[0]) for i in schema.INDEXES
+    range_indexes: Tuple[Tuple[str, str], ...] = tuple((i.name, i.columns[0]) for i in schema.INDEXES
                                  if not i.keyset and len(i.columns) == 1)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for ident in (self.database, self.name) + tuple(self.columns):
             if (not isinstance(ident, str) or not ident
                     or any(c in ident for c in _BAD_IDENTIFIER_CHARS)):
@@ -106,7 +109,7 @@ class TableSchema:
             if not set(extra) <= set(self.columns):
                 raise ValueError("schema names columns the table does not have")
 
-    def matches(self, ref) -> bool:
+    def matches(self, ref: JSON) -> bool:
         """True when ``ref`` names this table: ``"database.table"`` or the
         bare ``"table"``.  Anything else (other tables, non-strings) is
         False."""
@@ -139,7 +142,7 @@ _TIMESTAMP = re.compile(
 )
 
 
-def _show(value) -> str:
+def _show(value: JSON) -> str:
     """A short, safe rendering of a piece of input for an error message."""
     if isinstance(value, str):
         # readable Unicode, escaped control characters and lone surrogates,
@@ -166,7 +169,7 @@ def _quote_ident(name: str) -> str:
     return "`%s`" % (name,)
 
 
-def _is_int(value) -> bool:
+def _is_int(value: JSON) -> bool:
     """A JSON integer (``bool`` is not an integer here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -189,7 +192,7 @@ def _check_text(text: str, what: str) -> str:
     return text
 
 
-def parse_timestamp(text, what: str = "timestamp") -> datetime:
+def parse_timestamp(text: JSON, what: str = "timestamp") -> datetime:
     """
     Parse an ISO-8601 timestamp into a naive UTC :class:`datetime`.
 
@@ -241,11 +244,11 @@ class _Ref:
 class _Budget:
     """Counts the terms of one query against ``Limits.max_terms``."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.used = 0
 
-    def spend(self, count: int = 1):
+    def spend(self, count: int = 1) -> None:
         self.used += count
         if self.used > self.limits.max_terms:
             raise QueryError(
@@ -258,26 +261,26 @@ class _Conditions:
     the bound values in ``params`` in the order their ``%s`` appear.
     """
 
-    def __init__(self, clause: str, names: dict, budget: _Budget):
+    def __init__(self, clause: str, names: Dict[str, "_Ref"], budget: _Budget) -> None:
         self.clause = clause        # "$where" or "$having", for messages
         self.names = names          # name -> _Ref
         self.budget = budget
         self.limits = budget.limits
-        self.params = []
+        self.params: List[Any] = []
 
-    def compile(self, tree) -> str:
+    def compile(self, tree: JSON) -> str:
         """The SQL of the whole tree; the top level is not parenthesised
         (the caller wraps it where it combines it with more conditions)."""
         return self.where_object(tree, 1, top=True)
 
     # -- structure
 
-    def enter(self, depth: int):
+    def enter(self, depth: int) -> None:
         if depth > self.limits.max_depth:
             raise QueryError("%s is nested too deeply (more than %d levels)"
                              % (self.clause, self.limits.max_depth))
 
-    def where_object(self, obj, depth: int, top: bool = False) -> str:
+    def where_object(self, obj: JSON, depth: int, top: bool = False) -> str:
         """A where-object: its keys are AND-ed."""
         self.enter(depth)
         if not isinstance(obj, dict):
@@ -288,7 +291,7 @@ class _Conditions:
         parts = [self.condition(key, value, depth) for key, value in obj.items()]
         return " AND ".join(parts) if top else _join(parts, "AND")
 
-    def condition(self, key, value, depth: int) -> str:
+    def condition(self, key: JSON, value: JSON, depth: int) -> str:
         """One key of a where-object: a logical operator or a column."""
         if not isinstance(key, str):
             raise QueryError("%s keys must be strings" % (self.clause,))
@@ -309,7 +312,8 @@ class _Conditions:
             raise QueryError("a list is not a value (use $in) for %s" % (_show(key),))
         return _op_compare(self, ref, key, "$eq", value, depth)
 
-    def column_operator(self, ref, column, op, operand, depth) -> str:
+    def column_operator(self, ref: "_Ref", column: str, op: JSON, operand: JSON,
+                        depth: int) -> str:
         if not isinstance(op, str):
             raise QueryError("operator names must be strings")
         handler = _COLUMN_OPERATORS.get(op)
@@ -320,18 +324,18 @@ class _Conditions:
     # -- names and values
 
     def resolve(self, name: str) -> _Ref:
-        ref = self.names.get(name)
-        if ref is None:
+        found = self.names.get(name)
+        if found is None:
             raise QueryError("unknown column %s in %s" % (_show(name), self.clause))
-        return ref
+        return found
 
-    def bind(self, ref: _Ref, column: str, value) -> str:
+    def bind(self, ref: _Ref, column: str, value: JSON) -> str:
         """Bind one non-null scalar for ``ref`` and return its placeholder."""
         self.params.append(_value(ref, column, value))
         return "%s"
 
 
-def _join(parts, word: str) -> str:
+def _join(parts: List[str], word: str) -> str:
     """Join condition fragments with AND/OR, parenthesised when needed."""
     if len(parts) == 1:
         return parts[0]
@@ -350,7 +354,7 @@ def _unknown_key(key: str, where: str) -> QueryError:
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,64}\Z")
 
 
-def _value(ref: _Ref, column: str, value):
+def _value(ref: _Ref, column: str, value: JSON) -> Any:
     """Validate one JSON scalar value (not null) and convert it to the type
     of what it is compared with: ISO-8601 strings become naive UTC datetimes
     for datetime columns, numbers and booleans become their JavaScript text
@@ -389,7 +393,7 @@ def _value(ref: _Ref, column: str, value):
 
 # -- logical operators: (conditions, key, operand, depth) -> sql
 
-def _logical_list(ctx: _Conditions, key: str, operand, depth: int) -> str:
+def _logical_list(ctx: _Conditions, key: str, operand: JSON, depth: int) -> str:
     """``$and`` / ``$or``: a non-empty list of where-objects (an object is
     accepted too, each of its keys being one term)."""
     ctx.enter(depth + 1)
@@ -401,7 +405,7 @@ def _logical_list(ctx: _Conditions, key: str, operand, depth: int) -> str:
     return _join(parts, "AND" if key == "$and" else "OR")
 
 
-def _logical_not(ctx: _Conditions, key: str, operand, depth: int) -> str:
+def _logical_not(ctx: _Conditions, key: str, operand: JSON, depth: int) -> str:
     """``$not``: negates a where-object."""
     return "NOT (%s)" % (ctx.where_object(operand, depth + 1),)
 
@@ -418,7 +422,8 @@ _LOGICAL_OPERATORS = {
 _COMPARISONS = {"$eq": "=", "$ne": "<>", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
 
-def _op_compare(ctx, ref, column, op, operand, depth) -> str:
+def _op_compare(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+                depth: int) -> str:
     """``$eq $ne $gt $gte $lt $lte``; ``null`` with $eq/$ne is IS [NOT] NULL."""
     ctx.budget.spend()
     if operand is None:
@@ -429,7 +434,8 @@ def _op_compare(ctx, ref, column, op, operand, depth) -> str:
     return "%s %s %s" % (ref.sql, _COMPARISONS[op], ctx.bind(ref, column, operand))
 
 
-def _op_membership(ctx, ref, column, op, operand, depth) -> str:
+def _op_membership(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+                   depth: int) -> str:
     """``$in`` / ``$nin``: a non-empty list of scalars (no nulls)."""
     ctx.enter(depth + 1)
     if not isinstance(operand, list) or not operand:
@@ -445,13 +451,14 @@ def _op_membership(ctx, ref, column, op, operand, depth) -> str:
     return "%s %s (%s)" % (ref.sql, "IN" if op == "$in" else "NOT IN", marks)
 
 
-def _pattern_operand(column, op, operand) -> str:
+def _pattern_operand(column: str, op: str, operand: JSON) -> str:
     if not isinstance(operand, str):
         raise QueryError("%s needs a string (column %s), not %s" % (op, _show(column), _show(operand)))
     return _check_text(operand, "the %s value" % (op,))
 
 
-def _op_like(ctx, ref, column, op, operand, depth) -> str:
+def _op_like(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+             depth: int) -> str:
     """``$like``: the client's own LIKE pattern (``%``, ``_``, ``\\``)."""
     ctx.budget.spend()
     ctx.params.append(_pattern_operand(column, op, operand))
@@ -471,7 +478,8 @@ _PATTERN_SHAPES = {
 }
 
 
-def _op_pattern(ctx, ref, column, op, operand, depth) -> str:
+def _op_pattern(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+                depth: int) -> str:
     """``$startsWith $endsWith $contains``: the value matches literally."""
     ctx.budget.spend()
     text = _escape_like(_pattern_operand(column, op, operand))
@@ -480,7 +488,8 @@ def _op_pattern(ctx, ref, column, op, operand, depth) -> str:
     return "%s LIKE %%s ESCAPE '\\\\'" % (ref.sql,)
 
 
-def _op_between(ctx, ref, column, op, operand, depth) -> str:
+def _op_between(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+                depth: int) -> str:
     """``$between``: ``{"$min": a, "$max": b}``, both bounds inclusive."""
     ctx.enter(depth + 1)
     ctx.budget.spend()
@@ -496,7 +505,8 @@ def _op_between(ctx, ref, column, op, operand, depth) -> str:
     return "%s BETWEEN %s AND %s" % (ref.sql, low, high)
 
 
-def _op_is_null(ctx, ref, column, op, operand, depth) -> str:
+def _op_is_null(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: JSON,
+                depth: int) -> str:
     """``$isNull``: true is IS NULL, false is IS NOT NULL."""
     ctx.budget.spend()
     if not isinstance(operand, bool):
@@ -547,7 +557,7 @@ class SelectPlan:
     SQL fragments; they are internal.
     """
 
-    columns: tuple
+    columns: Tuple[str, ...]
     keyset: bool
     limit: Optional[int]
     offset: int
@@ -555,25 +565,25 @@ class SelectPlan:
     select_sql: str = field(default="", repr=False)
     distinct: bool = field(default=False, repr=False)
     where_sql: Optional[str] = field(default=None, repr=False)
-    where_params: tuple = field(default=(), repr=False)
+    where_params: Tuple[Any, ...] = field(default=(), repr=False)
     group_sql: Optional[str] = field(default=None, repr=False)
     having_sql: Optional[str] = field(default=None, repr=False)
-    having_params: tuple = field(default=(), repr=False)
+    having_params: Tuple[Any, ...] = field(default=(), repr=False)
     order_sql: Optional[str] = field(default=None, repr=False)
     index_hint: str = field(default="", repr=False)
     #: keyset plans over ``column $in [...]``: one index range per value
     #: (see :func:`_keyset_access`)
     union_column: Optional[str] = field(default=None, repr=False)
-    union_values: tuple = field(default=(), repr=False)
+    union_values: Tuple[Any, ...] = field(default=(), repr=False)
     union_rest_sql: Optional[str] = field(default=None, repr=False)
-    union_rest_params: tuple = field(default=(), repr=False)
+    union_rest_params: Tuple[Any, ...] = field(default=(), repr=False)
 
     def _where(self, bounds: str) -> str:
         if self.where_sql is None:
             return " WHERE " + bounds
         return " WHERE (%s) AND %s" % (self.where_sql, bounds)
 
-    def page_sql(self, after_id: int, high_water: int, size: int) -> tuple:
+    def page_sql(self, after_id: int, high_water: int, size: int) -> Tuple[str, Tuple[Any, ...]]:
         """
         Keyset plans only: rows with ``after_id < id <= high_water`` that
         match the query, in ``id`` order, at most ``size`` of them.  The
@@ -590,7 +600,8 @@ class SelectPlan:
                + " ORDER BY `id` LIMIT %s")
         return sql, self.where_params + (after_id, high_water, size)
 
-    def _union_page_sql(self, after_id: int, high_water: int, size: int) -> tuple:
+    def _union_page_sql(self, after_id: int, high_water: int,
+                        size: int) -> Tuple[str, Tuple[Any, ...]]:
         """
         A keyset page of ``column IN (v1, ..., vk) AND rest``: for each
         value, its first ``size`` ids after ``after_id`` from the
@@ -602,7 +613,7 @@ class SelectPlan:
         collation).  ``rest`` is written once, in the ``__base`` view, which
         MariaDB merges into every branch.
         """
-        branch = ("(SELECT `id` FROM `__base` WHERE " + self.union_column
+        branch = ("(SELECT `id` FROM `__base` WHERE " + str(self.union_column)
                   + " = %s AND `id` > %s AND `id` <= %s ORDER BY `id` LIMIT %s)")
         sql = ("WITH `__base` AS (SELECT * FROM " + self.table_sql + self.index_hint
                + ("" if self.union_rest_sql is None else " WHERE " + self.union_rest_sql)
@@ -616,7 +627,7 @@ class SelectPlan:
         params.append(size)
         return sql, tuple(params)
 
-    def offset_sql(self, skip: int, high_water: int, size: int) -> tuple:
+    def offset_sql(self, skip: int, high_water: int, size: int) -> Tuple[str, Tuple[Any, ...]]:
         """
         Any plan: the rows of the query over ``id <= high_water``, in the
         query's order (made total by a tie-breaker, so pages do not
@@ -637,7 +648,7 @@ class SelectPlan:
         return sql, self.where_params + (high_water,) + self.having_params + (size, skip)
 
 
-def _check_counts(**counts):
+def _check_counts(**counts: int) -> None:
     """Paging arguments come from the server, not the client: a wrong one
     is a programming error."""
     for name, value in counts.items():
@@ -650,15 +661,15 @@ class _Output:
 
     __slots__ = ("name", "sql", "ref", "aggregate")
 
-    def __init__(self, name, sql, ref, aggregate):
+    def __init__(self, name: str, sql: str, ref: _Ref, aggregate: bool) -> None:
         self.name, self.sql, self.ref, self.aggregate = name, sql, ref, aggregate
 
 
-def _alias(name, schema: TableSchema, column: Optional[str] = None) -> str:
+def _alias(name: JSON, schema: TableSchema, column: Optional[str] = None) -> str:
     """Check an output name given by the client: a plain identifier that
     does not shadow another column and is not reserved."""
-    if name == column:
-        return name
+    if column is not None and name == column:
+        return column
     if not isinstance(name, str) or not _ALIAS.match(name) or name.startswith("__"):
         raise QueryError("alias %s is not allowed (letters, digits and _ only)" % (_show(name),))
     if name.lower() in (c.lower() for c in schema.columns):
@@ -667,7 +678,7 @@ def _alias(name, schema: TableSchema, column: Optional[str] = None) -> str:
     return name
 
 
-def _column_ref(schema: TableSchema, name, what: str) -> str:
+def _column_ref(schema: TableSchema, name: JSON, what: str) -> str:
     """A name that must be one of the table's columns."""
     if not isinstance(name, str):
         raise QueryError("%s must name a column, not %s" % (what, _show(name)))
@@ -689,7 +700,7 @@ def _plain_output(schema: TableSchema, column: str, alias: str) -> _Output:
     return _Output(alias, sql, _Ref(_quote_ident(alias), _kind(schema, column)), False)
 
 
-def _aggregate_output(schema: TableSchema, alias, spec) -> _Output:
+def _aggregate_output(schema: TableSchema, alias: str, spec: JSON) -> _Output:
     """``{"alias": {"$count": "*"|col}}`` and ``$min $max $sum $avg`` over a column."""
     alias = _alias(alias, schema)
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -709,7 +720,7 @@ def _aggregate_output(schema: TableSchema, alias, spec) -> _Output:
     return _Output(alias, sql, _Ref(_quote_ident(alias), kind), True)
 
 
-def _column_entry(schema: TableSchema, key, value) -> list:
+def _column_entry(schema: TableSchema, key: JSON, value: JSON) -> List[_Output]:
     """One entry of the object form ``{"col": true|1|false|0|"alias"}`` or
     ``{"alias": {"$count": ...}}``; returns zero or one outputs."""
     if not isinstance(key, str):
@@ -729,7 +740,7 @@ def _column_entry(schema: TableSchema, key, value) -> list:
                      % (_show(key),))
 
 
-def _columns(schema: TableSchema, spec, budget: _Budget) -> list:
+def _columns(schema: TableSchema, spec: JSON, budget: _Budget) -> List[_Output]:
     """``$columns``: a list of names / single-key objects, an object, a
     single name, or absent (the default columns).  ``"*"`` means the
     default columns."""
@@ -741,7 +752,7 @@ def _columns(schema: TableSchema, spec, budget: _Budget) -> list:
         spec = [{key: value} for key, value in spec.items()]
     if not isinstance(spec, list):
         raise QueryError("$columns must be a list of columns, not %s" % (_show(spec),))
-    outputs = []
+    outputs: List[_Output] = []
     for item in spec:
         if item == "*":
             budget.spend()
@@ -770,7 +781,7 @@ def _columns(schema: TableSchema, spec, budget: _Budget) -> list:
 _INVALID = object()
 
 
-def _order_direction(flag):
+def _order_direction(flag: JSON) -> object:
     """An ``$orderBy`` value: 1/true/"ASC"/"asc" or -1/false/"DESC"/"desc";
     0 leaves the column out (as in json-sql-builder2)."""
     if _is_int(flag) and flag == 0:
@@ -780,7 +791,7 @@ def _order_direction(flag):
     return _INVALID
 
 
-def _group_flag(flag):
+def _group_flag(flag: JSON) -> object:
     """A ``$groupBy`` object value: true/1 groups by the column, false/0
     leaves it out."""
     if flag is True or (_is_int(flag) and flag == 1):
@@ -790,7 +801,8 @@ def _group_flag(flag):
     return _INVALID
 
 
-def _name_list(spec, what: str, budget: _Budget, meaning) -> list:
+def _name_list(spec: JSON, what: str, budget: _Budget,
+               meaning: Callable[[JSON], Any]) -> List[Tuple[str, Any]]:
     """
     The shared shape of ``$groupBy`` and ``$orderBy``: a name, a list of
     names or single-key objects, or an object ``{name: flag}`` whose flags
@@ -831,17 +843,17 @@ def _name_list(spec, what: str, budget: _Budget, meaning) -> list:
 _DECIMAL = re.compile(r"[0-9]{1,16}\Z")
 
 
-def _count(value, what: str) -> int:
+def _count(value: JSON, what: str) -> int:
     if isinstance(value, str) and _DECIMAL.match(value):
         value = int(value)
     if not _is_int(value) or value < 0:
         raise QueryError("%s must be a non-negative integer, not %s" % (what, _show(value)))
     if value > MAX_COUNT:
         raise QueryError("%s is too large" % (what,))
-    return value
+    return int(value)
 
 
-def compile_select(select, schema: TableSchema, limits: Limits = Limits()) -> SelectPlan:
+def compile_select(select: JSON, schema: TableSchema, limits: Limits = Limits()) -> SelectPlan:
     """
     Compile the JSON value of ``"$select"`` for ``schema``'s table.
 
@@ -854,7 +866,7 @@ def compile_select(select, schema: TableSchema, limits: Limits = Limits()) -> Se
         raise QueryError("query is nested too deeply") from None
 
 
-def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
+def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> SelectPlan:
     if not isinstance(select, dict):
         raise QueryError("$select must be an object, not %s" % (_show(select),))
     for key in select:
@@ -919,8 +931,8 @@ def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
     if tie_breakers == ["`id`"] and "`id`" in ordered:
         order = order[:ordered.index("`id`") + 1]   # nothing after a unique key matters
     else:
-        ordered = set(ordered)                        # (linear in the number of outputs)
-        order += [(sql, _ASC) for sql in tie_breakers if sql not in ordered]
+        seen = set(ordered)                           # (linear in the number of outputs)
+        order += [(sql, _ASC) for sql in tie_breakers if sql not in seen]
 
     return SelectPlan(
         columns=tuple(o.name for o in outputs),
@@ -940,11 +952,11 @@ def _compile_select(select, schema: TableSchema, limits: Limits) -> SelectPlan:
     )
 
 
-def _is_value(value) -> bool:
+def _is_value(value: JSON) -> bool:
     return isinstance(value, (str, int, float))          # (bool is an int)
 
 
-def _conjuncts(where, out: list) -> list:
+def _conjuncts(where: JSON, out: List[Tuple[str, JSON]]) -> List[Tuple[str, JSON]]:
     """``(column, condition)`` for every condition that each matching row
     satisfies: the top-level keys and those of top-level ``$and``s.  Runs
     on an already compiled ``$where``, so its depth is bounded."""
@@ -958,7 +970,7 @@ def _conjuncts(where, out: list) -> list:
     return out
 
 
-def _is_equality(condition) -> bool:
+def _is_equality(condition: JSON) -> bool:
     """``"x"``, ``{"$eq": "x", ...}`` or ``{"$in": ["x"]}``: the column
     equals one non-null value."""
     if isinstance(condition, dict):
@@ -972,7 +984,7 @@ def _is_equality(condition) -> bool:
 _RANGE_OPERATORS = frozenset(("$eq", "$gt", "$gte", "$lt", "$lte", "$between", "$in"))
 
 
-def _is_range(condition) -> bool:
+def _is_range(condition: JSON) -> bool:
     """A condition that bounds the column's values from below or above."""
     if isinstance(condition, dict):
         return any(op in _RANGE_OPERATORS and condition[op] is not None for op in condition)
@@ -983,7 +995,8 @@ def _is_range(condition) -> bool:
 MAX_MERGED_RANGES = 16
 
 
-def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits) -> dict:
+def _keyset_access(where: JSON, schema: TableSchema, column_refs: Dict[str, _Ref],
+                   limits: Limits) -> Dict[str, Any]:
     """
     How a keyset page reads the table: the :class:`SelectPlan` fields of
     the index to use, chosen from the conditions every row must meet.
@@ -1030,8 +1043,8 @@ def _keyset_access(where, schema: TableSchema, column_refs: dict, limits: Limits
     return {"index_hint": " FORCE INDEX (PRIMARY)"}
 
 
-def _union_access(where, index: str, column: str, values: list, column_refs: dict,
-                  limits: Limits) -> dict:
+def _union_access(where: Dict[str, JSON], index: str, column: str, values: List[JSON],
+                  column_refs: Dict[str, _Ref], limits: Limits) -> Dict[str, Any]:
     """The plan fields of a keyset page over ``column $in values`` and the
     rest of ``where`` (already compiled once: compiling it again is linear
     and cannot fail)."""
@@ -1070,22 +1083,22 @@ class InsertPlan:
     per document index, for the log.
     """
 
-    rows: tuple
-    ignored: tuple = ()
+    rows: Tuple[Tuple[str, ...], ...]
+    ignored: Tuple[Tuple[int, Tuple[str, ...]], ...] = ()
 
 
 #: the deepest nesting of arrays and objects MariaDB's JSON_VALID accepts
 MAX_DATA_DEPTH = 31
 
 
-def _data_text(data, index: int) -> str:
+def _data_text(data: JSON, index: int) -> str:
     """
     The JSON text stored for a document's ``data``: what JavaScript's
     ``JSON.stringify`` makes of it, as the original stored it.  A string is
     JSON text already (the original's own clients send ``data`` that way):
     the value it encodes is stored, not a JSON string.
     """
-    def too_deep():
+    def too_deep() -> QueryError:
         return QueryError("document %d: data is nested deeper than %d levels, MariaDB's limit "
                           "for JSON" % (index, MAX_DATA_DEPTH))
 
@@ -1116,7 +1129,8 @@ def _field_error(where: str, name: str, value: object) -> QueryError:
     return QueryError("%s: %s is not valid Unicode text" % (where, name))
 
 
-def _document(doc, index: int, ignored: list):
+def _document(doc: JSON, index: int,
+              ignored: List[Tuple[int, Tuple[str, ...]]]) -> Tuple[str, ...]:
     """Validate one document into its row tuple; ``ignored`` collects skipped fields."""
     if not isinstance(doc, dict):
         raise QueryError("document %d must be an object, not %s" % (index, _show(doc)))
@@ -1136,7 +1150,7 @@ def _document(doc, index: int, ignored: list):
     return tuple(values)
 
 
-def compile_insert(insert, schema: TableSchema, max_documents: int = 10000) -> InsertPlan:
+def compile_insert(insert: JSON, schema: TableSchema, max_documents: int = 10000) -> InsertPlan:
     """
     Validate the JSON value of ``"$insert"``:
     ``{"$table": optional, "$documents": object | non-empty list}``.
@@ -1161,6 +1175,6 @@ def compile_insert(insert, schema: TableSchema, max_documents: int = 10000) -> I
         raise QueryError("$documents must be an object or a non-empty list of objects")
     if len(documents) > max_documents:
         raise QueryError("too many documents: %d, at most %d" % (len(documents), max_documents))
-    ignored = []
+    ignored: List[Tuple[int, Tuple[str, ...]]] = []
     rows = tuple(_document(doc, i, ignored) for i, doc in enumerate(documents))
     return InsertPlan(rows=rows, ignored=tuple(ignored))

@@ -12,6 +12,7 @@ thread only moves finished message bodies.
 """
 
 from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
@@ -20,7 +21,22 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eventsource import schema, wire
-from eventsource.interfaces import IEventStore, IPager
+from eventsource.config import Config
+from eventsource.interfaces import IEventStore, IPager, Page
+from eventsource.query import InsertPlan, SelectPlan
+
+if TYPE_CHECKING:
+    import ssl
+
+#: adbapi's Transaction: a pymysql cursor over the interaction's connection
+#: (untyped: it forwards every attribute to the cursor)
+Txn = Any
+#: the rows of one persist: ``(pid, domain, name, data_text)`` tuples
+Rows = Tuple[Tuple[Any, ...], ...]
+#: a persist's answer: ``(affected_rows, insert_id)``
+Answer = defer.Deferred[Tuple[int, int]]
+#: queued work: ``(work, args, answer)``
+Work = Tuple[Callable[..., Any], Tuple[Any, ...], "defer.Deferred[Any]"]
 
 log = Logger()
 
@@ -33,7 +49,7 @@ LOST_CONNECTION = frozenset({0, 2006, 2013, 2014, 2045, 2055})
 FIRST_PAGE = 32
 
 
-def _conversions():
+def _conversions() -> Dict[Any, Any]:
     """
     pymysql's result conversions, except that DATETIME and TIMESTAMP values
     arrive already in their wire form (see :func:`wire.format_mysql_datetime`).
@@ -51,7 +67,7 @@ def _conversions():
 class ConnectionLostBeforeCommit(Exception):
     """The connection died before anything was committed: safe to run again."""
 
-    def __init__(self, error):
+    def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -85,7 +101,7 @@ KILL_TIMEOUT = 2.0
 CUT_GRACE = 1.0
 
 
-def _is_lost_connection(error) -> bool:
+def _is_lost_connection(error: BaseException) -> bool:
     import pymysql
 
     if isinstance(error, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
@@ -93,7 +109,7 @@ def _is_lost_connection(error) -> bool:
     return False
 
 
-def _not_sent(error) -> bool:
+def _not_sent(error: BaseException) -> bool:
     """
     Whether ``error`` says the statement never reached MariaDB (PyMySQL had
     no socket, or could not write to it), so running it again is safe.  A
@@ -109,7 +125,7 @@ def _not_sent(error) -> bool:
     return False
 
 
-def _found_dead(connection) -> bool:
+def _found_dead(connection: Any) -> bool:
     """
     An idle connection has nothing to read: if its socket is readable,
     MariaDB closed it (``KILL``, a restart, ``wait_timeout``) or the network
@@ -128,7 +144,7 @@ def _found_dead(connection) -> bool:
         return True
 
 
-def _check_server(txn, statement_time):
+def _check_server(txn: Txn, statement_time: float) -> str:
     """
     The statement time limit needs MariaDB (``SET STATEMENT``): refuse to
     start against anything else unless the limit is off.
@@ -144,7 +160,7 @@ def _check_server(txn, statement_time):
     return version
 
 
-def _kill_queries(kwargs, thread_ids):
+def _kill_queries(kwargs: Dict[str, Any], thread_ids: List[int]) -> None:
     """``KILL QUERY`` each MariaDB connection id, on a connection of its own."""
     import pymysql
 
@@ -164,7 +180,7 @@ def _kill_queries(kwargs, thread_ids):
 ACCESS_DENIED = frozenset({1044, 1142})
 
 
-def ensure_schema(txn, database, table):
+def ensure_schema(txn: Txn, database: str, table: str) -> List[str]:
     """
     Create the database and events table if missing, and upgrade in place a
     table made by the original service or an earlier release of this one
@@ -208,7 +224,7 @@ def ensure_schema(txn, database, table):
     return list(upgrade.changes)
 
 
-def _encode_page(txn, strip_keyset):
+def _encode_page(txn: Txn, strip_keyset: bool) -> Tuple[List[str], Optional[int]]:
     """Encode the rows of the last statement; returns ``(bodies, last_keyset)``."""
     names = [column[0] for column in txn.description]
     rows = txn.fetchall()
@@ -223,7 +239,8 @@ def _encode_page(txn, strip_keyset):
     return bodies, last
 
 
-def _encode_bounded(cursor, strip_keyset, max_bytes):
+def _encode_bounded(cursor: Any, strip_keyset: bool,
+                    max_bytes: int) -> Tuple[List[str], Optional[int], bool]:
     """
     Encode rows from an unbuffered cursor until they reach ``max_bytes``
     (so a page holds at most its budget plus one row); returns
@@ -233,7 +250,7 @@ def _encode_bounded(cursor, strip_keyset, max_bytes):
     if strip_keyset:
         names = names[:-1]
     encode = wire.encode_row
-    bodies = []
+    bodies: List[str] = []
     append = bodies.append
     total = 0
     last = None
@@ -251,12 +268,13 @@ def _encode_bounded(cursor, strip_keyset, max_bytes):
     return bodies, last, False
 
 
-def _high_water(txn, table, statement_time=0):
+def _high_water(txn: Txn, table: str, statement_time: float = 0) -> int:
     txn.execute(schema.statement_limited(schema.high_water_sql(table), statement_time))
     return int(txn.fetchone()[0])
 
 
-def _read_page(txn, plan, table, high_water, position, size, statement_time=0, max_bytes=None):
+def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int], position: int,
+               size: int, statement_time: float = 0, max_bytes: Optional[int] = None) -> Page:
     """
     One page: at most ``size`` rows and, with ``max_bytes``, at most that
     many bytes of encoded rows plus one row.  The rows are read unbuffered,
@@ -295,7 +313,8 @@ def _read_page(txn, plan, table, high_water, position, size, statement_time=0, m
     return high_water, bodies, last, cut
 
 
-def _insert_batch(txn, table, batch, consecutive_ids):
+def _insert_batch(txn: Txn, table: str, batch: List[Rows],
+                  consecutive_ids: bool) -> List[Tuple[int, int]]:
     """
     Append the rows of several requests in one transaction.
 
@@ -323,7 +342,7 @@ def _insert_batch(txn, table, batch, consecutive_ids):
     return results
 
 
-def _autoinc_settings(txn):
+def _autoinc_settings(txn: Txn) -> bool:
     txn.execute("SELECT @@innodb_autoinc_lock_mode, @@auto_increment_increment")
     lock_mode, increment = txn.fetchone()
     return int(lock_mode) in (0, 1) and int(increment) == 1
@@ -341,23 +360,24 @@ class GroupCommitWriter:
     so one bad request fails alone.
     """
 
-    def __init__(self, store, max_rows=2000, max_bytes=4 * 1024 * 1024):
+    def __init__(self, store: "Store", max_rows: int = 2000, max_bytes: int = 4 * 1024 * 1024) -> None:
         self._store = store
         self._max_rows = max_rows
         self._max_bytes = max_bytes
-        self._queue = deque()
+        self._queue: Deque[Tuple[Rows, Answer, int]] = deque()
         self._busy = False
         self.batches = 0
 
-    def submit(self, rows):
-        d = defer.Deferred()
+    def submit(self, rows: Rows) -> Answer:
+        d: Answer = defer.Deferred()
         self._queue.append((rows, d, sum(len(row[3]) for row in rows)))
         if not self._busy:
             self._write_next()
         return d
 
-    def _take_batch(self):
-        batch, count, size = [], 0, 0
+    def _take_batch(self) -> List[Tuple[Rows, Answer]]:
+        batch: List[Tuple[Rows, Answer]] = []
+        count, size = 0, 0
         while self._queue:
             rows, d, nbytes = self._queue[0]
             if batch and (count + len(rows) > self._max_rows or size + nbytes > self._max_bytes):
@@ -368,7 +388,7 @@ class GroupCommitWriter:
             size += nbytes
         return batch
 
-    def _write_next(self):
+    def _write_next(self) -> None:
         batch = self._take_batch()
         if not batch:
             self._busy = False
@@ -379,13 +399,15 @@ class GroupCommitWriter:
         d.addCallbacks(self._written, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(lambda _: self._write_next())
 
-    def _written(self, results, batch):
+    def _written(self, results: List[Tuple[int, int]], batch: List[Tuple[Rows, Answer]]) -> None:
         for (_, d), result in zip(batch, results):
             d.callback(result)
 
     @defer.inlineCallbacks
-    def _batch_failed(self, failure, batch):
-        if len(batch) == 1 or _is_lost_connection(failure.value) or failure.check(StoreStopping):
+    def _batch_failed(self, failure: Failure, batch: List[Tuple[Rows, Answer]]) -> Any:
+        error = failure.value
+        if len(batch) == 1 or isinstance(error, StoreStopping) or (
+                error is not None and _is_lost_connection(error)):
             # A connection lost at COMMIT leaves the outcome unknown (MariaDB
             # may have committed): writing the rows again could store them
             # twice, so every request of the batch fails instead.
@@ -403,7 +425,7 @@ class GroupCommitWriter:
                 d.callback(result)
 
 
-def mysql_tls_context(config):
+def mysql_tls_context(config: Config) -> "ssl.SSLContext":
     """
     The TLS context of every MySQL connection.  With ``mysql_tls_verify`` the
     server's certificate must chain to ``mysql_tls_ca`` (the system's trust
@@ -444,31 +466,31 @@ class Store:
     :param reactor: the reactor the pool reports back to.
     """
 
-    def __init__(self, config, reactor):
+    def __init__(self, config: Config, reactor: Any) -> None:
         self._config = config
         self._reactor = reactor
-        self._pool = None
-        self._writer = None
+        self._pool: Optional[adbapi.ConnectionPool] = None
+        self._writer: Optional[GroupCommitWriter] = None
         self._consecutive_ids = False
         self._row_sizes = RowSizeHint()
         self.table = f"`{config.database}`.`{config.table_name}`"
-        self._writes = deque()
-        self._reads = deque()
+        self._writes: Deque[Work] = deque()
+        self._reads: Deque[Work] = deque()
         #: work handed to the pool and not finished (adbapi's commit or
         #: rollback included)
         self._in_flight = 0
-        self._idle_waiters = []
+        self._idle_waiters: "List[defer.Deferred[None]]" = []
         #: token -> (pymysql connection, is_read), while our work runs on it
         #: (written by pool threads, read by the reactor thread)
-        self._busy = {}
+        self._busy: Dict[object, Tuple[Any, bool]] = {}
         #: MariaDB connection ids of statements given up on at the read
         #: timeout: they may still run there, so they are killed
-        self._orphans = set()
+        self._orphans: Set[int] = set()
         #: no new reads (shutdown began); ``_closing``: no new work at all
         self._stopping = False
         self._closing = False
 
-    def _connect_kwargs(self):
+    def _connect_kwargs(self) -> Dict[str, Any]:
         config = self._config
         kwargs = dict(
             host=config.mysql_host,
@@ -490,11 +512,11 @@ class Store:
             kwargs["ssl_disabled"] = True
         return kwargs
 
-    def start(self):
+    def start(self) -> "defer.Deferred[List[str]]":
         """Open the pool and make sure the schema is there; fires with the changes made."""
         size = self._config.pool_size
         self._stopping = self._closing = False
-        self._pool = adbapi.ConnectionPool(
+        self._pool = pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
             "pymysql",
             cp_min=min(2, size),
             cp_max=size,
@@ -503,7 +525,7 @@ class Store:
             cp_reactor=self._reactor,
             **self._connect_kwargs(),
         )
-        self._pool.start()
+        pool.start()  # type: ignore[no-untyped-call]
         self._writer = GroupCommitWriter(self)
         d = self._run(_check_server, self._config.max_statement_time)
         d.addCallback(lambda _: self._run(_autoinc_settings))
@@ -511,10 +533,10 @@ class Store:
         d.addCallback(lambda _: self._run(ensure_schema, self._config.database, self._config.table_name))
         return d
 
-    def _set_autoinc(self, consecutive):
+    def _set_autoinc(self, consecutive: bool) -> None:
         self._consecutive_ids = consecutive
 
-    def drop_reads(self):
+    def drop_reads(self) -> None:
         """
         Fail every read that has not started yet, and stop those running
         (their streams have ended): shutdown must not wait for them.
@@ -528,7 +550,7 @@ class Store:
             self._kill(running, set())
 
     @defer.inlineCallbacks
-    def stop(self):
+    def stop(self) -> Any:
         """
         Stop every statement still running and close the pool: queued work
         is dropped, running statements get ``KILL QUERY`` (from a separate
@@ -557,19 +579,30 @@ class Store:
             yield self._wait_idle(CUT_GRACE)
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.close()
+            pool.close()  # type: ignore[no-untyped-call]
 
-    def _wait_idle(self, timeout):
+    def _wait_idle(self, timeout: float) -> "defer.Deferred[None]":
         """Fires once no work is in the pool, or after ``timeout`` seconds."""
         if not self._in_flight:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: "defer.Deferred[None]" = defer.Deferred()
         self._idle_waiters.append(d)
-        timer = self._reactor.callLater(timeout, lambda: d.called or d.callback(None))
-        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+
+        def expired() -> None:
+            if not d.called:
+                d.callback(None)
+
+        timer = self._reactor.callLater(timeout, expired)
+
+        def settled(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(settled)
         return d
 
-    def _kill(self, connections, orphans):
+    def _kill(self, connections: List[Any], orphans: Set[int]) -> "defer.Deferred[None]":
         """``KILL QUERY`` the statements of ``connections`` (and ``orphans``), in a thread."""
         from twisted.internet import threads
 
@@ -589,11 +622,11 @@ class Store:
                                               error=failure.value))
         return d
 
-    def _cut_connections(self):
+    def _cut_connections(self) -> None:
         import socket
 
         pool = self._pool
-        connections = list(pool.connections.values()) if pool is not None else []
+        connections: List[Any] = list(pool.connections.values()) if pool is not None else []
         for connection in connections:
             sock = getattr(connection, "_sock", None)
             if sock is not None:
@@ -602,7 +635,7 @@ class Store:
                 except OSError:
                     pass
 
-    def _run(self, work, *args, read=False):
+    def _run(self, work: Callable[..., Any], *args: Any, read: bool = False) -> "defer.Deferred[Any]":
         """
         Run ``work(txn, *args)`` in the pool, once a thread is free.
 
@@ -615,12 +648,12 @@ class Store:
             return defer.fail(StoreStopping("the server is shutting down"))
         if self._pool is None:
             return defer.fail(RuntimeError("the store is not running"))
-        d = defer.Deferred()
+        d: "defer.Deferred[Any]" = defer.Deferred()
         (self._reads if read else self._writes).append((work, args, d))
         self._next()
         return d
 
-    def _next(self):
+    def _next(self) -> None:
         pool = self._pool
         while pool is not None and self._in_flight < self._config.pool_size:
             if self._writes:
@@ -635,7 +668,7 @@ class Store:
             ran = self._attempt(pool, work, args, read)
             ran.addBoth(self._finished, d)
 
-    def _finished(self, result, d):
+    def _finished(self, result: object, d: "defer.Deferred[Any]") -> None:
         self._in_flight -= 1
         # The freed thread gets its next work before the reactor spends time
         # on this result (publishing a page of rows); then the caller hears
@@ -655,26 +688,32 @@ class Store:
                 if not waiter.called:
                     waiter.callback(None)
 
-    def _attempt(self, pool, work, args, read):
-        def retry(failure):
-            failure.trap(ConnectionLostBeforeCommit)
+    def _attempt(self, pool: adbapi.ConnectionPool, work: Callable[..., Any],
+                 args: Tuple[Any, ...], read: bool) -> "defer.Deferred[Any]":
+        def retry(failure: Failure) -> Any:
+            if not isinstance(failure.value, ConnectionLostBeforeCommit):
+                return failure
             if self._pool is not pool or self._closing:
                 return failure
             log.warn("MySQL connection lost ({error}); retrying once on a new one",
                      error=failure.value)
-            return pool.runInteraction(self._interaction, work, args, read)
+            again: "defer.Deferred[Any]" = pool.runInteraction(  # type: ignore[no-untyped-call]
+                self._interaction, work, args, read)
+            return again
 
-        def unwrap(failure):
-            if failure.check(ConnectionLostBeforeCommit):
-                return Failure(failure.value.error)
+        def unwrap(failure: Failure) -> Failure:
+            if isinstance(failure.value, ConnectionLostBeforeCommit):
+                return Failure(failure.value.error)  # type: ignore[no-untyped-call]
             return failure
 
-        d = pool.runInteraction(self._interaction, work, args, read)
+        d: "defer.Deferred[Any]" = pool.runInteraction(  # type: ignore[no-untyped-call]
+            self._interaction, work, args, read)
         d.addErrback(retry)
         d.addErrback(unwrap)
         return d
 
-    def _interaction(self, txn, work, args, read):
+    def _interaction(self, txn: Any, work: Callable[..., Any], args: Tuple[Any, ...],
+                     read: bool) -> Any:
         """In a pool thread: ``work`` on a live connection, its statements tracked."""
         if read and self._stopping:
             raise StoreStopping("the server is shutting down")
@@ -694,22 +733,25 @@ class Store:
         finally:
             del self._busy[token]
 
-    def insert(self, plan):
+    def insert(self, plan: InsertPlan) -> "defer.Deferred[Tuple[int, int]]":
         """
         Append the rows of an :class:`eventsource.query.InsertPlan` atomically;
         fires with ``(affected_rows, insert_id)``.
         """
+        if self._writer is None:
+            return defer.fail(RuntimeError("the store is not running"))
         return self._writer.submit(plan.rows)
 
-    def _write(self, batch):
+    def _write(self, batch: List[Rows]) -> "defer.Deferred[Any]":
         return self._run(_insert_batch, self.table, batch, self._consecutive_ids)
 
-    def pager(self, plan):
+    def pager(self, plan: SelectPlan) -> "Pager":
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""
         return Pager(self, plan, self._config.page_size, self._config.page_bytes,
                      self._row_sizes)
 
-    def read_page(self, plan, high_water, position, size, max_bytes=None):
+    def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
+                  max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":
         return self._run(_read_page, plan, self.table, high_water, position, size,
                          self._config.max_statement_time, max_bytes, read=True)
 
@@ -740,7 +782,8 @@ class Pager:
     rows past the budget are rarely sent by the database only to be skipped.
     """
 
-    def __init__(self, store, plan, page_size, page_bytes=None, row_sizes=None):
+    def __init__(self, store: IEventStore, plan: SelectPlan, page_size: int,
+                 page_bytes: Optional[int] = None, row_sizes: Optional[RowSizeHint] = None) -> None:
         self._store = store
         self._plan = plan
         self._max_page = max(1, page_size)
@@ -749,11 +792,11 @@ class Pager:
         self._size = min(FIRST_PAGE, self._max_page)
         if row_sizes is not None and row_sizes.largest and page_bytes is not None:
             self._size = min(self._size, max(1, page_bytes // row_sizes.largest))
-        self._high_water = None
+        self._high_water: Optional[int] = None
         self._remaining = plan.limit
         self._position = 0 if plan.keyset else plan.offset
 
-    def next_page(self):
+    def next_page(self) -> "defer.Deferred[Tuple[List[str], bool]]":
         size = self._size
         if self._remaining is not None:
             size = min(size, self._remaining)
@@ -761,10 +804,9 @@ class Pager:
                 return defer.succeed(([], True))
         d = self._store.read_page(self._plan, self._high_water, self._position, size,
                                   self._max_bytes)
-        d.addCallback(self._got_page, size)
-        return d
+        return d.addCallback(self._got_page, size)
 
-    def _got_page(self, result, size):
+    def _got_page(self, result: Page, size: int) -> Tuple[List[str], bool]:
         self._high_water, bodies, last, cut = result
         if self._plan.keyset:
             if last is not None:
