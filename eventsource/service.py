@@ -228,16 +228,9 @@ class EventSourceService(service.MultiService):
     def _wait_for_persists(self, timeout: float) -> "defer.Deferred[bool]":
         """Fires True once every persist in flight is answered, False after ``timeout``."""
         result: "defer.Deferred[bool]" = defer.Deferred()
-
-        def expired() -> None:
-            if not result.called:
-                result.callback(False)
-
-        timer = self._reactor.callLater(timeout, expired)
+        result.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda _, __: False)
 
         def finished(_: object) -> None:
-            if timer.active():
-                timer.cancel()
             if not result.called:
                 result.callback(True)
 

@@ -587,19 +587,7 @@ class Store:
             return defer.succeed(None)
         d: "defer.Deferred[None]" = defer.Deferred()
         self._idle_waiters.append(d)
-
-        def expired() -> None:
-            if not d.called:
-                d.callback(None)
-
-        timer = self._reactor.callLater(timeout, expired)
-
-        def settled(result: None) -> None:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        d.addBoth(settled)
+        d.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda _, __: None)
         return d
 
     def _kill(self, connections: List[Any], orphans: Set[int]) -> "defer.Deferred[None]":
