@@ -441,7 +441,7 @@ class EventSourceService(service.MultiService):
         if self.streams.get(channel) is stream:
             del self.streams[channel]
         log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
-                  state=stream.state.value,  # type: ignore[attr-defined]  # (the machine's)
+                  state=stream.state.value,
                   rows=stream.rows_sent,
                   reason=f": {stream.reason}" if stream.reason else "")
         if channel in self._listened:
