@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,7 +45,7 @@ def _ignore_failure(failure: Failure) -> None:
     return None
 
 
-def _forget_sigterm(reactor: Any) -> None:
+def _forget_sigterm(reactor: IReactorTime) -> None:
     """
     twistd re-raises the signal that stopped the reactor, so after a clean
     shutdown a SIGTERM'd server would still exit "killed by SIGTERM"; a
@@ -53,7 +54,7 @@ def _forget_sigterm(reactor: Any) -> None:
     this is the one place that writes the reactor's ``_exitSignal``.
     """
     if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-        reactor._exitSignal = None
+        reactor._exitSignal = None  # type: ignore[attr-defined]
 
 
 class BoundaryService(service.Service):
@@ -100,6 +101,7 @@ class BoundaryService(service.Service):
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
+        self._fired, self._outcome = False, None  # (a later start is a new outcome)
         return defer.maybeDeferred(self.boundary.stop)
 
 
@@ -110,8 +112,8 @@ class EventSourceService(service.MultiService):
     reverse order, after the requests in flight are settled).
 
     :param config: a :class:`eventsource.config.Config`.
-    :param reactor: the reactor (also the clock of every row timer; a
-        ``Clock`` in unit tests).
+    :param reactor: the clock of every timer (a ``Clock`` in unit tests);
+        stopped when the server cannot start if it is a running reactor.
     :param store: the MySQL boundary, an :class:`IEventStore`.
     :param bus: builds the Redis boundary, an :class:`IEventBus`, given the
         service's message and connection-lost handlers (see :func:`make_server`).
@@ -119,7 +121,7 @@ class EventSourceService(service.MultiService):
         start (what ``twistd`` needs); tests running their own servers say no.
     """
 
-    def __init__(self, config: Config, reactor: Any, *, store: IEventStore, bus: BusFactory,
+    def __init__(self, config: Config, reactor: IReactorTime, *, store: IEventStore, bus: BusFactory,
                  stop_reactor_on_failure: bool = True) -> None:
         super().__init__()
         self.config = config
@@ -193,8 +195,9 @@ class EventSourceService(service.MultiService):
         log.failure("eventsource could not start", failure)
         if not self.ready.called:
             self.ready.errback(failure)
-        if self._stop_reactor_on_failure and self._reactor.running:
-            self._reactor.stop()
+        reactor = self._reactor
+        if self._stop_reactor_on_failure and IReactorCore.providedBy(reactor) and reactor.running:
+            reactor.stop()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -472,7 +475,11 @@ class EventSourceService(service.MultiService):
 
 def make_server(config: Config, reactor: Any = None,
                 stop_reactor_on_failure: bool = True) -> EventSourceService:
-    """The server on the real Redis (:class:`RedisBus`) and MariaDB (:class:`Store`)."""
+    """
+    The server on the real Redis (:class:`RedisBus`) and MariaDB (:class:`Store`),
+    on ``reactor`` (the global one when omitted: the boundaries need a whole
+    reactor, with TCP and threads, not a clock).
+    """
     from eventsource.bus import RedisBus
     from eventsource.store import Store
 

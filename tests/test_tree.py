@@ -10,8 +10,10 @@ import signal
 
 from twisted.application.service import IService
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from eventsource import schema
@@ -96,6 +98,7 @@ class RecordingBus(MemoryBus):
         return self.stopping
 
 
+@implementer(IReactorCore)
 class FakeReactor(Clock):
     """A running reactor's clock that records being stopped, with twistd's exit signal."""
 
