@@ -28,6 +28,9 @@ ERROR_BODY = json.dumps(ERROR)
 TIMEOUT_BODY = json.dumps(TIMEOUT)
 ACCEPTED_BODY = json.dumps(ACCEPTED)
 
+#: the request channels, by kind (after any channel prefix or tenant namespace)
+PERSIST, FETCH, FETCH_NEXT = REQUEST_CHANNELS
+
 #: longest reply channel name we accept, in characters
 MAX_CHANNEL_LENGTH = 512
 
@@ -92,6 +95,37 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 def decode_json(body: str) -> Any:
     """Decode strict JSON text (no NaN or Infinity), raising ``ValueError``."""
     return _decoder.decode(body)
+
+
+#: a client's message bodies: compact, non-ASCII as itself (as ``json.dumps``
+#: with those options, checking for cycles)
+_body_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_lenient_decoder = json.JSONDecoder()
+
+
+def encode_body(message: Any) -> str:
+    """A message body as a client sends it: compact JSON text (a control
+    word becomes a JSON string, as :data:`END_BODY`)."""
+    return _body_encoder.encode(message)
+
+
+def decode_body(body: Any) -> Any:
+    """
+    A message body as a client reads it, leniently: a bare control word
+    (``end`` without quotes) or any other text that is not JSON comes back
+    unchanged, as do bytes that are not UTF-8 and non-text values.
+    """
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+    if not isinstance(body, str):
+        return body
+    try:
+        return _lenient_decoder.decode(body)
+    except ValueError:
+        return body
 
 
 #: integers beyond this are not exact in JavaScript (a double); the original

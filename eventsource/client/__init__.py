@@ -1,0 +1,94 @@
+"""
+The Python client of the eventsource server, for Twisted applications.
+
+The server is only reachable through Redis pub/sub: a request is published on
+``persist`` or ``fetch`` naming a reply channel, and the answer comes back on
+that channel.  This package hides that dance::
+
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import react
+    from eventsource.client import connect
+
+    async def main(reactor):
+        client = await connect(reactor=reactor)
+        try:
+            await client.persist({"pid": "p1", "domain": "user", "name": "created",
+                                  "data": {"foo": "bar"}})
+            async for event in client.fetch_by_pid("p1"):
+                print(event["name"], event["data"])
+        finally:
+            await client.disconnect()
+
+    react(lambda reactor: ensureDeferred(main(reactor)))
+
+Every request uses a fresh reply channel (``reply_prefix`` + a random
+UUID), subscribed to and confirmed by Redis *before* the request is
+published.  One subscriber connection and one publisher connection carry every
+request of a client, however many run at once.
+
+Layout: ``_client`` (:class:`EventSourceClient`, :class:`RowStream`,
+:func:`connect`), ``_requests`` (each request as a state machine, like the
+server's reply channel), ``_redis`` (the Redis boundary: the small
+:class:`PubSub` interface and :class:`RedisPubSub`, the real one),
+``_errors``; :mod:`eventsource.client.testing` has in-memory doubles for
+testing code that uses the client.  The protocol's words and its codec are
+the server's own, from :mod:`eventsource.wire`.
+"""
+
+from eventsource.client._client import (
+    DEFAULT_REPLY_PREFIX,
+    DEFAULT_TIMEOUT,
+    TENANT_REPLY_PREFIX,
+    EventSourceClient,
+    RowStream,
+    connect,
+)
+from eventsource.client._client import _as_json_text as _as_json_text
+from eventsource.client._errors import (
+    BadReply,
+    EventSourceError,
+    NoServerError,
+    RedisConnectionError,
+    ReplyTimeout,
+    ServerError,
+    StreamTimeout,
+)
+from eventsource.client._redis import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
+from eventsource.client._redis import PubSub, RedisPubSub
+from eventsource.client._requests import ACCEPT_BYTES as ACCEPT_BYTES
+from eventsource.client._requests import IDLE_ACCEPT_DELAY as IDLE_ACCEPT_DELAY
+from eventsource.client._requests import PersistResult, Row
+
+# the protocol's words and codec, as the single module this package replaced had them
+from eventsource.wire import ACCEPTED as ACCEPTED
+from eventsource.wire import END as END
+from eventsource.wire import ERROR as ERROR
+from eventsource.wire import FETCH as FETCH
+from eventsource.wire import FETCH_NEXT as FETCH_NEXT
+from eventsource.wire import PERSIST as PERSIST
+from eventsource.wire import TIMEOUT as TIMEOUT
+from eventsource.wire import decode_body, encode_body
+
+__all__ = [
+    "connect",
+    "EventSourceClient",
+    "RowStream",
+    "Row",
+    "PersistResult",
+    "PubSub",
+    "RedisPubSub",
+    "EventSourceError",
+    "ServerError",
+    "StreamTimeout",
+    "NoServerError",
+    "ReplyTimeout",
+    "RedisConnectionError",
+    "BadReply",
+    "DEFAULT_REPLY_PREFIX",
+    "TENANT_REPLY_PREFIX",
+    "DEFAULT_TIMEOUT",
+]
+
+#: a message body as the client reads it, and writes it
+decode = decode_body
+encode = encode_body
