@@ -571,6 +571,20 @@ def parse_control(body: Any) -> Optional[str]:
     return None
 
 
+def encode_next(request: NextRequest) -> str:
+    """
+    The ``fetch-next`` body a client sends for ``request``, as
+    :func:`parse_request` reads it back: ``{"channel": c}`` accepts one row,
+    ``"accepted": k`` more, ``"end": true`` ends a windowed stream.
+    """
+    message: dict[str, Any] = {"channel": request.channel}
+    if request.end:
+        message["end"] = True
+    elif request.accepted != 1:
+        message["accepted"] = request.accepted
+    return encode_body(message)
+
+
 def _encode_value(value: Any) -> Any:
     if isinstance(value, datetime.datetime):
         return format_timestamp(value)

@@ -1,13 +1,14 @@
 """
 Tests for :mod:`eventsource.client`.
 
-The first part drives :class:`EventSourceClient` over an in-memory pub/sub
-(:class:`MemoryPubSub`) and a scripted server (:class:`FakeServer`) with a
+The first part drives :class:`EventSourceClient` over the in-memory pub/sub
+and scripted server of :mod:`eventsource.client.testing` with a
 :class:`Clock`: no reactor, no Redis, milliseconds.  The second part
 (:class:`IntegrationTests`) runs the real client against a private
 redis-server and a real ``twistd eventsource`` process on MariaDB.
 """
 
+import ast
 import atexit
 import gc
 import json
@@ -18,14 +19,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
+from transitions import Machine
+from transitions.core import MachineError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from eventsource import client as client_module
+from eventsource import wire
+from eventsource.client import _requests
+from eventsource.client._requests import RequestState
+from eventsource.config import REQUEST_CHANNELS
 from eventsource.client import (
     BadReply,
     EventSourceClient,
@@ -38,161 +44,10 @@ from eventsource.client import (
     StreamTimeout,
     connect,
 )
+from eventsource.client.testing import FakeServer, MemoryPubSub
 
 OK_PACKET = ('{"fieldCount":0,"affectedRows":%d,"insertId":%d,"serverStatus":2,'
              '"warningCount":0,"message":"","protocol41":true,"changedRows":0}')
-
-
-class MemoryPubSub:
-    """
-    An in-memory Redis pub/sub for one client, recording every call.
-
-    Messages published on a channel the client subscribed to come back to it
-    (as Redis echoes them); ``handlers`` play other subscribers (a server).
-    ``hold_subscribes`` / ``hold_publishes`` make those calls wait until the
-    test fires them from ``held``.
-    """
-
-    def __init__(self):
-        self.receiver = None
-        self.calls = []
-        self.subscribed = set()
-        self.handlers = {}
-        self.hold_subscribes = False
-        self.hold_publishes = False
-        self.held = deque()
-        self.disconnected = False
-
-    def subscribe(self, channel):
-        self.calls.append(("subscribe", channel))
-        if self.hold_subscribes:
-            d = Deferred()
-            self.held.append(d)
-            return d.addCallback(lambda _: self.subscribed.add(channel) or [
-                "subscribe", channel, len(self.subscribed)])
-        self.subscribed.add(channel)
-        return defer.succeed(["subscribe", channel, len(self.subscribed)])
-
-    def unsubscribe(self, channel):
-        self.calls.append(("unsubscribe", channel))
-        self.subscribed.discard(channel)
-        return defer.succeed(["unsubscribe", channel, len(self.subscribed)])
-
-    def publish(self, channel, body):
-        self.calls.append(("publish", channel, body))
-        receivers = 0
-        handler = self.handlers.get(channel)
-        if handler is not None:
-            receivers += 1
-            handler(channel, body)
-        if channel in self.subscribed:
-            receivers += 1
-            self.receiver.message_received(channel, body)
-        if self.hold_publishes:
-            d = Deferred()
-            self.held.append(d)
-            return d.addCallback(lambda _: receivers)
-        return defer.succeed(receivers)
-
-    def deliver(self, channel, body):
-        """A message from someone else: only a subscribed channel hears it."""
-        if channel in self.subscribed:
-            self.receiver.message_received(channel, body)
-
-    def disconnect(self):
-        self.disconnected = True
-        return defer.succeed(None)
-
-    def published(self, channel=None):
-        """Bodies published (on ``channel``), decoded."""
-        return [json.loads(call[2]) for call in self.calls
-                if call[0] == "publish" and (channel is None or call[1] == channel)]
-
-
-class FakeServer:
-    """
-    A scripted eventsource server on a :class:`MemoryPubSub`.
-
-    ``persist`` answers the OkPacket (or ``persist_answer``); ``fetch``
-    streams ``rows`` with the protocol's window rules, capped at
-    ``max_window``; acceptances arrive on ``fetch-next`` or as ``"accepted"``
-    on the reply channel.  ``auto`` False leaves fetches unanswered.
-    """
-
-    def __init__(self, pubsub, rows=(), max_window=1000, prefix=""):
-        self.pubsub = pubsub
-        self.rows = list(rows)
-        self.max_window = max_window
-        self.persist_answer = None
-        self.requests = []
-        self.streams = {}
-        self.acceptances = []
-        pubsub.handlers.update({prefix + "persist": self.on_persist,
-                                prefix + "fetch": self.on_fetch,
-                                prefix + "fetch-next": self.on_fetch_next})
-
-    def send(self, channel, message):
-        self.pubsub.deliver(channel, json.dumps(message))
-
-    def on_persist(self, _, body):
-        request = json.loads(body)
-        self.requests.append(request)
-        channel = request["channel"]
-        if self.persist_answer is None:
-            documents = request["query"]["$insert"]["$documents"]
-            count = len(documents) if isinstance(documents, list) else 1
-            self.pubsub.deliver(channel, OK_PACKET % (count, 1))
-        else:
-            for message in self.persist_answer:
-                self.send(channel, message)
-        self.send(channel, "end")
-
-    def on_fetch(self, _, body):
-        request = json.loads(body)
-        self.requests.append(request)
-        channel = request["channel"]
-        window = min(request.get("window", 1), self.max_window)
-        self.streams[channel] = {"rows": deque(self.rows), "window": window, "out": 0}
-        if request.get("window", 1) == 1:
-            # as the real server: only a version 1 stream is listened to
-            self.pubsub.handlers[channel] = self.on_reply
-        self.pump(channel)
-
-    def pump(self, channel):
-        stream = self.streams.get(channel)
-        if stream is None:
-            return
-        while stream["rows"] and stream["out"] < stream["window"]:
-            stream["out"] += 1
-            self.send(channel, stream["rows"].popleft())
-        if not stream["rows"] and (stream["window"] > 1 or stream["out"] == 0):
-            self.close(channel)
-            self.send(channel, "end")
-
-    def close(self, channel):
-        self.streams.pop(channel, None)
-        self.pubsub.handlers.pop(channel, None)
-
-    def accept(self, channel, count):
-        self.acceptances.append((channel, count))
-        stream = self.streams.get(channel)
-        if stream is not None:
-            stream["out"] = max(0, stream["out"] - count)
-            self.pump(channel)
-
-    def on_fetch_next(self, _, body):
-        message = json.loads(body)
-        if message.get("end") is True:
-            self.close(message["channel"])
-        else:
-            self.accept(message["channel"], message.get("accepted", 1))
-
-    def on_reply(self, channel, body):
-        message = json.loads(body)
-        if message == "accepted":
-            self.accept(channel, 1)
-        elif message == "end":
-            self.close(channel)
 
 
 def rows_of(n, pid="p1"):
@@ -826,6 +681,153 @@ class DecodeTests(SynchronousTestCase):
 
     def test_encode(self):
         self.assertEqual(client_module.encode("accepted"), '"accepted"')
+
+
+class SharedProtocolTests(SynchronousTestCase):
+    """The client speaks with the server's own words and codec (eventsource.wire)."""
+
+    def test_codec_is_the_servers(self):
+        self.assertIs(client_module.encode, wire.encode_body)
+        self.assertIs(client_module.decode, wire.decode_body)
+        self.assertEqual(wire.encode_body(wire.END), wire.END_BODY)
+        self.assertEqual(wire.encode_body(wire.ACCEPTED), wire.ACCEPTED_BODY)
+        self.assertEqual((client_module.PERSIST, client_module.FETCH, client_module.FETCH_NEXT),
+                         REQUEST_CHANNELS)
+
+    def test_no_protocol_word_written_in_the_client(self):
+        """No module of the client package spells a control word or a request
+        channel itself: they come from eventsource.wire."""
+        words = {wire.END, wire.ERROR, wire.TIMEOUT, wire.ACCEPTED, *REQUEST_CHANNELS}
+        folder = os.path.dirname(client_module.__file__)
+        found = []
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                found += [(name, node.lineno, node.value) for node in ast.walk(tree)
+                          if isinstance(node, ast.Constant) and node.value in words
+                          and not _is_field_name(tree, node)]
+        self.assertGreater(len(os.listdir(folder)), 4)
+        self.assertEqual(found, [])
+
+    def test_fetch_next_bodies_read_back_by_the_server(self):
+        """What the client sends on fetch-next is what the server's parser reads."""
+        for request in (wire.NextRequest("c"), wire.NextRequest("c", 7),
+                        wire.NextRequest("c", end=True)):
+            self.assertEqual(wire.parse_request(wire.FETCH_NEXT, wire.encode_next(request),
+                                                10_000), request)
+        self.assertEqual(wire.encode_next(wire.NextRequest("c")), '{"channel":"c"}')
+        self.assertEqual(wire.encode_next(wire.NextRequest("c", end=True)),
+                         '{"channel":"c","end":true}')
+
+
+def _is_field_name(tree, constant):
+    """Whether ``constant`` is a key of a dict display or subscript (a JSON
+    field such as ``"end"`` in ``{"end": true}``), not a word of the protocol."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict) and constant in node.keys:
+            return True
+        if isinstance(node, ast.Subscript) and node.slice is constant:
+            return True
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get" and node.args[:1] == [constant]):
+            return True
+    return False
+
+
+class RequestMachineTests(ClientTestCase):
+    """Each request is a model of the one shared machine of _requests."""
+
+    def test_fetch_goes_through_its_states(self):
+        self.server.rows = rows_of(1)
+        self.pubsub.hold_subscribes = True
+        stream = self.client.fetch({"$select": {}})
+        request = stream._request
+        self.assertIs(request.state, RequestState.NEW)
+        d = stream.next_row()
+        self.assertIs(request.state, RequestState.SUBSCRIBING)
+        self.pubsub.held.popleft().callback(None)
+        self.assertIs(request.state, RequestState.OPEN)
+        self.assertEqual(self.successResultOf(d)["name"], "e0")
+        self.assertIsNone(self.successResultOf(stream.next_row()))
+        self.assertIs(request.state, RequestState.ENDED)
+
+    def test_terminal_states(self):
+        """ended, failed (with the error) and closed: as the outcome of each."""
+        self.server.persist_answer = ["error"]
+        d = self.client.persist({"pid": "p"})
+        self.failureResultOf(d, ServerError)
+        stream = self.client.fetch({"$select": {}})
+        self.successResultOf(stream.aclose())
+        self.assertIs(stream._request.state, RequestState.CLOSED)
+        self.pubsub.handlers["persist"] = lambda channel, body: None
+        d = self.client.persist({"pid": "p"})
+        [request] = self.client._requests.values()
+        self.assertIs(request.state, RequestState.OPEN)
+        d.cancel()
+        self.assertIs(request.state, RequestState.CLOSED)
+        self.failureResultOf(d, defer.CancelledError)
+
+    def test_one_shared_machine_no_models(self):
+        """Requests are driven through the one machine without registering with
+        it, so a request dropped unfinished leaves nothing behind there."""
+        self.server.rows = rows_of(3)
+        self.successResultOf(self.client.persist({"pid": "p"}))
+        self.successResultOf(self.client.fetch_all({"$select": {}}, window=2))
+        self.client.fetch({"$select": {}})
+        gc.collect()
+        self.assertIsInstance(_requests.MACHINE, Machine)
+        self.assertEqual(_requests.MACHINE.models, [])
+        self.assertEqual(self.client.open_requests, 0)
+
+    def test_terminal_states_swallow_every_input(self):
+        for state in _requests.TERMINAL:
+            for name in _requests.INPUTS:
+                pubsub = MemoryPubSub()
+                request = _requests.FetchRequest(EventSourceClient(pubsub, self.clock),
+                                                 {"query": {}}, 1, 1, False, "fetch-next")
+                request.state = state
+                args = {"request_published": (0,), "accept_published": (0,),
+                        "row_received": ({"n": 1},), "result_received": ({},),
+                        "unexpected_received": (1,), "redis_failed": (None,),
+                        "connection_lost": (None,), "client_closed": (None,)}.get(name, ())
+                _requests.MACHINE.events[name].trigger(request, *args)
+                self.assertIs(request.state, state, name)
+                self.assertEqual(pubsub.calls, [], name)
+
+    def test_impossible_input_is_a_bug(self):
+        """A live request given an input its state cannot have raises (a bug),
+        never silently ignores it."""
+        self.pubsub.handlers["fetch"] = lambda channel, body: None
+        stream = self.client.fetch({"$select": {}})
+        d = stream.next_row()
+        request = stream._request
+        self.assertRaises(MachineError, _requests.MACHINE.events["opened"].trigger, request)
+        self.assertRaises(MachineError, _requests.MACHINE.events["subscribed"].trigger,
+                          request)
+        self.successResultOf(stream.aclose())
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_one_input_per_message(self):
+        """Each message on the reply channel is exactly one input of the machine."""
+        fired = []
+        real = _requests._Request._fire
+
+        def recording(request, name, *args):
+            fired.append(name)
+            return real(request, name, *args)
+
+        self.patch(_requests._Request, "_fire", recording)
+        self.pubsub.handlers["fetch"] = lambda channel, body: None
+        stream = self.client.fetch({"$select": {}}, window=4)
+        d = stream.next_row()
+        del fired[:]
+        for body in ('{"n":1}', '"accepted"', "null", '"timeout"'):
+            self.pubsub.deliver(stream.channel, body)
+        self.assertEqual(fired, ["row_received", "accepted_received", "unexpected_received",
+                                 "timeout_received"])
+        self.assertEqual(self.successResultOf(d), {"n": 1})
+        self.failureResultOf(stream.next_row(), StreamTimeout)
 
 
 # -- against a real redis-server and a real server process ----------------------------

@@ -23,13 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource import cli, wire
 from eventsource.bus import RedisRefused
 from eventsource.client import EventSourceClient, connect
+from eventsource.client.testing import FakeServer, MemoryPubSub
 from eventsource.config import Config
 from eventsource.service import EventSourceService
 from eventsource.testing import MemoryBus, MemoryStore
 from tests.redis_server import RedisServer
 from tests.support import IntegrationTestCase, WireClient, unique
 from tests.test_cli import CommandTestCase
-from tests.test_client import FakeServer, MemoryPubSub
 from tests.test_security import PrivateRedisTestCase, StartFailed, connect_client
 
 

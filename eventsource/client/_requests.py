@@ -58,8 +58,10 @@ from eventsource.wire import (
     FETCH_NEXT,
     PERSIST,
     TIMEOUT,
+    NextRequest,
     decode_body,
     encode_body,
+    encode_next,
 )
 
 if TYPE_CHECKING:
@@ -570,11 +572,8 @@ class FetchRequest(_Request):
                  for _ in range(count)], consumeErrors=True)
             d.addCallback(lambda _: None)
         else:
-            message: Dict[str, Any] = {"channel": self.channel}
-            if count > 1:
-                message["accepted"] = count
             d = self._client._pubsub_call("publish", self._client.request_channel(FETCH_NEXT),
-                                          encode_body(message))
+                                          encode_next(NextRequest(self.channel, count)))
         d.addCallbacks(lambda receivers: self._fire("accept_published", receivers),
                        self._redis_failed)
 
@@ -604,7 +603,7 @@ class FetchRequest(_Request):
         if self.windowed:
             d = self._client._pubsub_call(
                 "publish", self._client.request_channel(FETCH_NEXT),
-                encode_body({"channel": self.channel, "end": True}))
+                encode_next(NextRequest(self.channel, end=True)))
         else:
             d = self._client._pubsub_call("publish", self.channel, END_BODY)
         d.addCallback(lambda _: None)
