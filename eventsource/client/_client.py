@@ -6,11 +6,12 @@ requests a Twisted application makes, over one :class:`PubSub`.
 import uuid
 import weakref
 from inspect import isawaitable
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from eventsource.client._errors import RedisConnectionError
 from eventsource.client._redis import DEFAULT_CONNECT_TIMEOUT, PubSub, RedisPubSub
@@ -71,7 +72,7 @@ class RowStream:
     def __aiter__(self) -> "RowStream":
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Any:
         row = await self._request.next_row()
         if row is END_OF_ROWS:
             self._finalizer.detach()
@@ -94,7 +95,7 @@ class RowStream:
     async def __aenter__(self) -> "RowStream":
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
 
@@ -139,7 +140,7 @@ class EventSourceClient:
         version 1 fetches only: windowed ones always use ``fetch-next``).
     """
 
-    def __init__(self, pubsub: PubSub, clock, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, pubsub: PubSub, clock: Any, *, timeout: float = DEFAULT_TIMEOUT,
                  reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
                  channel_prefix: str = "", tenant: Optional[str] = None):
         if accept_via not in (FETCH_NEXT, "reply"):
@@ -176,7 +177,7 @@ class EventSourceClient:
             return f"{self.reply_prefix}{uuid.uuid4().hex}"
         return f"{self.namespace}{self.reply_prefix}{uuid.uuid4().hex}"
 
-    def _pubsub_call(self, method: str, *args) -> Deferred:
+    def _pubsub_call(self, method: str, *args: Any) -> Deferred:
         if self._disconnected:
             return defer.fail(RedisConnectionError("the client is disconnected"))
         return defer.maybeDeferred(getattr(self._pubsub, method), *args)
@@ -214,10 +215,7 @@ class EventSourceClient:
     def connection_made(self) -> None:
         """Called by the pub/sub when a (new) subscriber connection is usable."""
         for channel in sorted(self._sticky):
-            self._pubsub_call("subscribe", channel).addErrback(
-                lambda f, channel=channel: log.warn(
-                    "could not re-subscribe to {channel}: {error}", channel=channel,
-                    error=f.getErrorMessage()))
+            self._pubsub_call("subscribe", channel).addErrback(_warn_resubscribe, channel)
 
     def disconnect(self) -> Deferred:
         """
@@ -235,7 +233,7 @@ class EventSourceClient:
                                                   request.channel))
         d = defer.gatherResults(closing, consumeErrors=True) if closing else defer.succeed(None)
 
-        def close(_):
+        def close(_: object) -> Deferred:
             self._disconnected = True
             return self._pubsub.disconnect()
 
@@ -243,7 +241,7 @@ class EventSourceClient:
 
     # -- persist -------------------------------------------------------------
 
-    def persist(self, documents, table: Optional[str] = None,
+    def persist(self, documents: Union[Dict[str, Any], List[Dict[str, Any]]], table: Optional[str] = None,
                 timeout: Optional[float] = None) -> Deferred:
         """
         Append events, atomically.
@@ -264,7 +262,7 @@ class EventSourceClient:
             documents = [_as_json_text(d) for d in documents]
         else:
             raise ValueError("documents must be a dict or a non-empty list of dicts")
-        insert = {"$documents": documents}
+        insert: Dict[str, Any] = {"$documents": documents}
         if table is not None:
             insert = {"$table": table, "$documents": documents}
         body = {"query": {"$insert": insert}}
@@ -303,7 +301,7 @@ class EventSourceClient:
             raise ValueError("query must be a dict such as {\"$select\": {...}}")
         if type(window) is not int or window < 1:
             raise ValueError("window must be an integer of at least 1")
-        body = {"query": query}
+        body: Dict[str, Any] = {"query": query}
         if window > 1:
             body["window"] = window
         encode_body(body)
@@ -311,12 +309,12 @@ class EventSourceClient:
                                 window, raw, self.accept_via)
         return RowStream(request)
 
-    def fetch_by_pid(self, pid: str, table: Optional[str] = None, **kwargs) -> RowStream:
+    def fetch_by_pid(self, pid: str, table: Optional[str] = None, **kwargs: Any) -> RowStream:
         """All events of one process (aggregate) id, in the order they were appended."""
         return self.fetch(_select({"pid": pid}, table), **kwargs)
 
     def fetch_by_name(self, domain: str, name: Optional[str] = None,
-                      table: Optional[str] = None, **kwargs) -> RowStream:
+                      table: Optional[str] = None, **kwargs: Any) -> RowStream:
         """The events of a domain (of one name in it, if given), in append order."""
         where = {"domain": domain}
         if name is not None:
@@ -324,7 +322,7 @@ class EventSourceClient:
         return self.fetch(_select(where, table), **kwargs)
 
     def fetch_each(self, query: Dict[str, Any], on_row: Callable[[Any], Any],
-                   **kwargs) -> Deferred:
+                   **kwargs: Any) -> Deferred:
         """
         Callback style: call ``on_row(row)`` for every row.
 
@@ -336,7 +334,7 @@ class EventSourceClient:
         """
         stream = self.fetch(query, **kwargs)
 
-        async def run():
+        async def run() -> int:
             count = 0
             async with stream:
                 async for row in stream:
@@ -348,9 +346,9 @@ class EventSourceClient:
 
         return Deferred.fromCoroutine(run())
 
-    def fetch_all(self, query: Dict[str, Any], **kwargs) -> Deferred:
+    def fetch_all(self, query: Dict[str, Any], **kwargs: Any) -> Deferred:
         """Every row of a query in one list (for small results)."""
-        rows = []
+        rows: List[Any] = []
         d = self.fetch_each(query, rows.append, **kwargs)
         return d.addCallback(lambda _: rows)
 
@@ -389,6 +387,11 @@ class EventSourceClient:
         return self._pubsub_call("publish", channel, encode_body(message))
 
 
+def _warn_resubscribe(failure: Failure, channel: str) -> None:
+    log.warn("could not re-subscribe to {channel}: {error}", channel=channel,
+             error=failure.getErrorMessage())
+
+
 def _select(where: Dict[str, Any], table: Optional[str]) -> Dict[str, Any]:
     select: Dict[str, Any] = {"$where": where}
     if table is not None:
@@ -398,7 +401,7 @@ def _select(where: Dict[str, Any], table: Optional[str]) -> Dict[str, Any]:
 
 
 def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str] = None,
-            username: Optional[str] = None, endpoint: Optional[str] = None, reactor=None,
+            username: Optional[str] = None, endpoint: Optional[str] = None, reactor: Any = None,
             timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
             channel_prefix: str = "", max_delay: float = 2.0,

@@ -13,11 +13,9 @@ from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from eventsource.client._errors import RedisConnectionError
 
@@ -54,10 +52,9 @@ class PubSub(Protocol):
         """Close every connection for good."""
 
 
-@implementer(IStreamClientEndpoint)
 class _WatchedEndpoint:
     """
-    An endpoint that tells ``failed`` about every failed connection attempt
+    An endpoint (an ``IStreamClientEndpoint``) that tells ``failed`` about every failed connection attempt
     (txredisapi retries them on its own; :meth:`RedisPubSub.start` wants
     the first one to be final).
     """
@@ -94,7 +91,7 @@ class RedisPubSub:
         self._starting: Optional[Callable[[Failure], None]] = None
         pubsub = self
 
-        class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc, name-defined]
+        class Subscriber(txredisapi.SubscriberProtocol):
             def connectionMade(self) -> Deferred:
                 d = super().connectionMade()
                 d.addCallback(lambda _: pubsub._subscriber_made() if self.connected else None)
@@ -188,13 +185,13 @@ class RedisPubSub:
             log.failure("unhandled error handling a message on {channel}", channel=channel)
 
     def subscribe(self, channel: str) -> Deferred:
-        return self._subscriber_factory.handler.subscribe(channel)  # type: ignore[no-any-return]
+        return self._subscriber_factory.handler.subscribe(channel)
 
     def unsubscribe(self, channel: str) -> Deferred:
-        return self._subscriber_factory.handler.unsubscribe(channel)  # type: ignore[no-any-return]
+        return self._subscriber_factory.handler.unsubscribe(channel)
 
     def publish(self, channel: str, body: str) -> Deferred:
-        return self._publisher_factory.handler.publish(channel, body)  # type: ignore[no-any-return]
+        return self._publisher_factory.handler.publish(channel, body)
 
     def disconnect(self) -> Deferred:
         return defer.gatherResults(

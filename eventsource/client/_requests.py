@@ -31,7 +31,7 @@ Inputs (triggers)
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
 
 from transitions import Machine
 from twisted.internet import defer
@@ -161,7 +161,7 @@ INPUTS = ("opened", "subscribed", "request_published", "accept_published", "resu
 # the fetch's row comes first with the condition ``streams_rows``.  Work that
 # may answer at once (a subscribe, a publish: an in-memory pub/sub answers
 # synchronously) is done in ``after`` callbacks, once the state has changed.
-TRANSITIONS = [
+TRANSITIONS: List[Dict[str, Any]] = [
     {"trigger": "opened", "source": _NEW, "dest": _SUBSCRIBING, "after": "send_subscribe"},
     {"trigger": "subscribed", "source": _SUBSCRIBING, "dest": _OPEN, "after": "send_request"},
     {"trigger": "request_published", "source": _OPEN, "dest": _FAILED,
@@ -208,7 +208,7 @@ TRANSITIONS = [
 # Terminal states swallow every late input.
 TRANSITIONS += [{"trigger": name, "source": TERMINAL, "dest": None} for name in INPUTS]
 
-STATES = [
+STATES: List[Dict[str, Any]] = [
     {"name": _NEW},
     {"name": _SUBSCRIBING},
     {"name": _OPEN},
@@ -561,6 +561,7 @@ class FetchRequest(_Request):
         if self._outcome is END_OF_ROWS or self._outcome_delivered:
             return defer.succeed(END_OF_ROWS)
         self._outcome_delivered = True
+        assert isinstance(self._outcome, EventSourceError)
         return defer.fail(self._outcome)
 
     def _accept(self) -> None:

@@ -70,10 +70,12 @@ class MemoryPubSub:
         if self.hold_subscribes:
             d: Deferred = Deferred()
             self.held.append(d)
-            return d.addCallback(lambda _: self.subscribed.add(channel) or [
-                "subscribe", channel, len(self.subscribed)])
+            return d.addCallback(lambda _: self._confirm(channel))
+        return defer.succeed(self._confirm(channel))
+
+    def _confirm(self, channel: str) -> List[Any]:
         self.subscribed.add(channel)
-        return defer.succeed(["subscribe", channel, len(self.subscribed)])
+        return ["subscribe", channel, len(self.subscribed)]
 
     def unsubscribe(self, channel: str) -> Deferred:
         self.calls.append(("unsubscribe", channel))
