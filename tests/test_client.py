@@ -842,7 +842,7 @@ class RequestMachineTests(ClientTestCase):
 ROW_TIMEOUT = 1.0
 #: the fixture server's window cap
 MAX_WINDOW = 50
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(client_module.__file__)))
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unique(prefix):
