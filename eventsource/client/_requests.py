@@ -33,12 +33,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
 
-from transitions import Machine
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from eventsource.channel import shared_machine
 from eventsource.client._errors import (
     BadReply,
     EventSourceError,
@@ -218,15 +218,7 @@ STATES: List[Dict[str, Any]] = [
 ]
 
 #: The one machine every request shares.
-MACHINE = Machine(
-    model=None,
-    states=STATES,
-    transitions=TRANSITIONS,
-    initial=_NEW,
-    auto_transitions=False,
-    ignore_invalid_triggers=False,
-    queued=False,
-)
+MACHINE = shared_machine(STATES, TRANSITIONS, _NEW)
 
 #: the input each control word of the server is
 _CONTROL_INPUTS = {END: "end_received", ERROR: "error_received", TIMEOUT: "timeout_received",
