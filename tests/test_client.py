@@ -38,6 +38,7 @@ from eventsource.client import (
     NoServerError,
     PersistResult,
     RedisConnectionError,
+    RedisPubSub,
     ReplyTimeout,
     Row,
     ServerError,
@@ -681,6 +682,35 @@ class DecodeTests(SynchronousTestCase):
 
     def test_encode(self):
         self.assertEqual(client_module.encode("accepted"), '"accepted"')
+
+
+class RedisPubSubTests(SynchronousTestCase):
+    """The real Redis boundary, on an endpoint that refuses every attempt."""
+
+    def test_first_refused_attempt_is_final(self):
+        """connect() fails on the first refused attempt of either connection,
+        told by the endpoint (not by txredisapi's pool internals), and stops
+        retrying."""
+        from twisted.internet import reactor
+
+        clock = Clock()
+        attempts = []
+
+        class Refusing:
+            def connect(self, factory):
+                attempts.append(factory)
+                return defer.fail(ConnectionRefusedError("refused"))
+
+        before = set(reactor.getDelayedCalls())
+        d = RedisPubSub(Refusing()).start(clock, timeout=5)
+        clock.advance(0)
+        failure = self.failureResultOf(d, RedisConnectionError)
+        self.assertIn("cannot connect to Redis", str(failure.value))
+        self.assertIn("refused", str(failure.value))
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual([call for call in reactor.getDelayedCalls()
+                          if call not in before and call.active()], [])
 
 
 class SharedProtocolTests(SynchronousTestCase):

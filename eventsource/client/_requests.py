@@ -194,8 +194,9 @@ TRANSITIONS: List[Dict[str, Any]] = [
     {"trigger": "connection_lost", "source": LIVE, "dest": _FAILED,
      "before": ["subscription_gone", "take_error"]},
 
-    {"trigger": "client_closed", "source": _NEW, "dest": _CLOSED, "before": "take_error"},
-    {"trigger": "client_closed", "source": _SUBSCRIBING, "dest": _CLOSED, "before": "take_error"},
+    # (the server is told "end" only once it has the request)
+    {"trigger": "client_closed", "source": [_NEW, _SUBSCRIBING], "dest": _CLOSED,
+     "before": "take_error"},
     {"trigger": "client_closed", "source": _OPEN, "dest": _CLOSED, "conditions": "streams_rows",
      "before": "take_error", "after": "tell_server_end"},
     {"trigger": "client_closed", "source": _OPEN, "dest": _CLOSED, "before": "take_error"},
