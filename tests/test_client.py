@@ -825,6 +825,22 @@ class RequestMachineTests(ClientTestCase):
                 self.assertIs(request.state, state, name)
                 self.assertEqual(pubsub.calls, [], name)
 
+    def test_direct_inputs(self):
+        """Only unconditional internal transitions of the table skip the trigger:
+        a row on a live fetch, a message nobody expects, and every late input."""
+        live = {(state, name): callbacks for (state, name), callbacks in _requests.DIRECT.items()
+                if state not in _requests.TERMINAL}
+        self.assertEqual(live, {
+            (RequestState.SUBSCRIBING, "row_received"): ("take_row",),
+            (RequestState.OPEN, "row_received"): ("take_row",),
+            (RequestState.SUBSCRIBING, "unexpected_received"): ("warn_unexpected",),
+            (RequestState.OPEN, "unexpected_received"): ("warn_unexpected",),
+        })
+        late = {key for key, callbacks in _requests.DIRECT.items() if key not in live}
+        self.assertEqual(late, {(state, name) for state in _requests.TERMINAL
+                                for name in _requests.INPUTS if name != "subscribed"})
+        self.assertFalse(any(_requests.DIRECT[key] for key in late))
+
     def test_impossible_input_is_a_bug(self):
         """A live request given an input its state cannot have raises (a bug),
         never silently ignores it."""

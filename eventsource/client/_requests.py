@@ -221,6 +221,32 @@ STATES: List[Dict[str, Any]] = [
 #: The one machine every request shares.
 MACHINE = shared_machine(STATES, TRANSITIONS, _NEW)
 
+
+def _direct_callbacks(state: RequestState, name: str) -> Optional[Tuple[str, ...]]:
+    """
+    The callbacks of input ``name`` in ``state`` when the table makes it an
+    unconditional internal transition (no state change, nothing to decide),
+    else ``None``.
+    """
+    candidates = MACHINE.events[name].transitions.get(state.name, [])
+    if not candidates:
+        return None
+    first = candidates[0]
+    if first.dest is not None or first.conditions or first.prepare:
+        return None
+    return tuple(str(name) for name in first.before + first.after)  # (all names here)
+
+
+# Such inputs (a row on an open fetch, any late input) run their callbacks
+# without a trigger: the table stays their one definition, and a row costs a
+# method call instead of a trigger, which took a third of a windowed
+# stream's rows per second.  (The machine has no callbacks of its own.)
+assert not (MACHINE.prepare_event or MACHINE.finalize_event or MACHINE.before_state_change
+            or MACHINE.after_state_change)
+DIRECT: Dict[Tuple[RequestState, str], Tuple[str, ...]] = {
+    (state, name): callbacks for state in RequestState for name in INPUTS
+    if (callbacks := _direct_callbacks(state, name)) is not None}
+
 #: the input each control word of the server is
 _CONTROL_INPUTS = {END: "end_received", ERROR: "error_received", TIMEOUT: "timeout_received",
                    ACCEPTED: "accepted_received"}
@@ -264,7 +290,12 @@ class _Request:
         return f"<{type(self).__name__} {self.channel!r} {self.state.value}>"
 
     def _fire(self, name: str, *args: Any) -> None:
-        MACHINE.events[name].trigger(self, *args)
+        callbacks = DIRECT.get((self.state, name))
+        if callbacks is None:
+            MACHINE.events[name].trigger(self, *args)
+        else:
+            for callback in callbacks:
+                getattr(self, callback)(*args)
 
     # -- inputs --------------------------------------------------------------
 
