@@ -21,13 +21,14 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, react
 
 from eventsource import client as client_module
+from eventsource import tap
 from eventsource.client import (
     DEFAULT_REPLY_PREFIX,
     DEFAULT_TIMEOUT,
@@ -111,34 +112,25 @@ def _json_object(text: str) -> Dict[str, Any]:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return value
+def _argument_type(coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    One of :mod:`eventsource.tap`'s coerce functions as an argparse type:
+    argparse shows an ``ArgumentTypeError`` as it is but turns a
+    ``ValueError`` into "invalid value", so the sentence is passed on.
+    """
+    def convert(text: str) -> Any:
+        try:
+            return coerce(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = coerce.__name__
+    return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
-    return value
+_positive_int = _argument_type(tap.positive_int)
+_seconds = _argument_type(tap.positive_seconds)
+_port = _argument_type(tap.port)
 
 
 def _tenant(text: str) -> str:

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from eventsource import cli
+from eventsource import cli, tap
 from eventsource.client import (
     NoServerError,
     PersistResult,
@@ -163,7 +163,7 @@ class ParserTests(CommandTestCase):
             (["fetch", "--where", "{"], "not valid JSON"),
             (["fetch", "--query", "nope"], "not valid JSON"),
             (["fetch", "--window", "0"], "at least 1"),
-            (["fetch", "--timeout", "-1"], "above 0"),
+            (["fetch", "--timeout", "-1"], "greater than 0"),
             (["fetch", "--redis-port", "99999"], "port number"),
             (["fetch", "--format", "xml"], "invalid choice"),
             (["fetch", "--pid", "p", "--where", "{}"], "only one of"),
@@ -179,6 +179,23 @@ class ParserTests(CommandTestCase):
             code = self.run_cli(argv)
             self.assert_one_line_error(code, cli.EXIT_USAGE, text)
         self.assertEqual(self.connected, [])
+
+    def test_values_checked_as_the_server_checks_them(self):
+        """Ports, counts and seconds: the server's coerce functions, word for word."""
+        cases = [
+            ("--redis-port", tap.port, ["99999", "0", "http", "6379.5"]),
+            ("--window", tap.positive_int, ["0", "-3", "many"]),
+            ("--limit", tap.positive_int, ["0", "1.5"]),
+            ("--timeout", tap.positive_seconds, ["-1", "0", "inf", "nan", "soon"]),
+        ]
+        for flag, coerce, values in cases:
+            for value in values:
+                with self.assertRaises(ValueError) as caught:
+                    coerce(value)
+                code = self.run_cli(["fetch", flag, value])
+                self.assert_one_line_error(code, cli.EXIT_USAGE,
+                                           f"argument {flag}: {caught.exception}")
+                self.assertEqual(self.connected, [])
 
     def test_serve_is_not_run_in_process(self):
         self.assertEqual(self.run_cli(["serve"]), cli.EXIT_USAGE)
