@@ -27,9 +27,9 @@ test:
 lint:
 	$(PYTHON) -m pip install -q 'tox>=4' && $(PYTHON) -m tox -e lint
 
-## bench: install the package into $(PYTHON) and run the benchmark
+## bench: install the package into $(PYTHON) and run the benchmark (benchmarks/, not in the wheel)
 bench:
-	$(PYTHON) -m $(DEV_INSTALL) -q && $(PYTHON) -m eventsource.bench $(ARGS)
+	$(PYTHON) -m $(DEV_INSTALL) -q && $(PYTHON) -m benchmarks $(ARGS)
 
 ## config-table: print the README's configuration table from the real options
 config-table:

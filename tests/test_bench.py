@@ -1,5 +1,5 @@
 """
-The benchmark cannot rot: ``python -m eventsource.bench --quick`` runs end to
+The benchmark cannot rot: ``python -m benchmarks --quick`` runs end to
 end against the real Redis and MariaDB and writes every figure, ratio and
 target.  How fast anything was is not judged here (the machine is shared and
 noisy); that it was measured is.
@@ -19,12 +19,13 @@ import tempfile
 import pymysql
 from twisted.trial.unittest import TestCase
 
-from eventsource import bench
+from benchmarks import profiling, report
+from benchmarks.common import Sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: every figure the table shows, plus the connections the idle target adds up
-FIGURES = [key for key, _, unit, _, _ in bench.ROWS if unit is not None] + [
+FIGURES = [key for key, _, unit, _, _ in report.ROWS if unit is not None] + [
     "idle_server_connections"]
 RATIOS = ["fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_100_pairs",
           "fetch_window_100_vs_fetch_1_stream", "fetch_window_100_vs_select",
@@ -51,7 +52,7 @@ def quick_run():
         folder = tempfile.mkdtemp(prefix="test-bench-")
         try:
             path = os.path.join(folder, "results.json")
-            argv = [sys.executable, "-m", "eventsource.bench", "--quick", "--json", path]
+            argv = [sys.executable, "-m", "benchmarks", "--quick", "--json", path]
             process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                                      timeout=200)
             results = None
@@ -88,14 +89,14 @@ class QuickRunTests(TestCase):
 
     def test_targets(self):
         targets = self.results["targets"]
-        self.assertEqual([t["key"] for t in targets], [t[1] for t in bench.TARGETS])
+        self.assertEqual([t["key"] for t in targets], [t[1] for t in report.TARGETS])
         for target in targets:
             self.assertIsInstance(target["pass"], bool)
-        for target in bench.TARGETS:
+        for target in report.TARGETS:
             self.assertIn(target[0], self.process.stdout)
         lines = [line for line in self.process.stdout.splitlines()
                  if line.startswith(("PASS  ", "FAIL  "))]
-        self.assertEqual(len(lines), len(bench.TARGETS))
+        self.assertEqual(len(lines), len(report.TARGETS))
 
     def test_machine_and_sizes(self):
         self.assertTrue(self.results["quick"])
@@ -128,13 +129,34 @@ def _rep(scale=1.0):
                    idle_rss_kb_per_stream=12.0 * scale)
     figures["pingpong_1_pair_rt_per_s"] = 4000.0 * scale
     figures["fetch_1_stream_rows_per_s"] = 3800.0 * scale
-    figures.update(bench.ratios(figures))
+    figures.update(report.ratios(figures))
     return figures
+
+
+class ImportTests(TestCase):
+    def test_no_global_reactor_at_import(self):
+        """Importing any part of the benchmark installs no reactor: react() chooses it."""
+        names = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "benchmarks"))
+                       if name.endswith(".py") and name != "__main__.py")
+        self.assertIn("scenarios", names)
+        code = ("import importlib, sys\n"
+                f"for name in {names!r}:\n"
+                "    importlib.import_module('benchmarks' if name == '__init__' else "
+                "'benchmarks.' + name)\n"
+                "print('twisted.internet.reactor' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "False"), out.stderr)
+
+    def test_not_in_the_package(self):
+        """The benchmark needs a checkout: it is no module of the installed package."""
+        self.assertFalse(os.path.exists(os.path.join(REPO, "eventsource", "bench.py")))
+        self.assertEqual(os.path.dirname(report.__file__), os.path.join(REPO, "benchmarks"))
 
 
 class SummaryTests(TestCase):
     def test_medians_and_worst(self):
-        summary, _ = bench.summarize([_rep(1), _rep(3), _rep(2)], pool_size=10)
+        summary, _ = report.summarize([_rep(1), _rep(3), _rep(2)], pool_size=10)
         self.assertEqual(summary["pingpong_1_pair_rt_per_s"]["value"], 8000.0)
         self.assertEqual(summary["pingpong_1_pair_rt_per_s"]["runs"], [4000.0, 12000.0, 8000.0])
         # memory is judged by its worst repetition, not its median
@@ -142,7 +164,7 @@ class SummaryTests(TestCase):
         self.assertEqual(summary["idle_server_connections"]["value"], 12)
 
     def test_targets(self):
-        _, targets = bench.summarize([_rep()], pool_size=10)
+        _, targets = report.summarize([_rep()], pool_size=10)
         verdicts = {t["key"]: t["pass"] for t in targets}
         self.assertEqual(verdicts, {
             "fetch_1_stream_vs_pingpong_1_pair": True,  # 0.95
@@ -155,13 +177,13 @@ class SummaryTests(TestCase):
         })
 
     def test_table(self):
-        summary, targets = bench.summarize([_rep(), _rep()], pool_size=10)
+        summary, targets = report.summarize([_rep(), _rep()], pool_size=10)
         machine = dict(arch="x86_64", cpu="CPU", cores=2, python="3.11", redis="7",
                        mariadb="10.11")
-        sizes = bench.Sizes(rows=1000, fetch_1_rows=100, rows_per_stream=10, streams=100,
+        sizes = Sizes(rows=1000, fetch_1_rows=100, rows_per_stream=10, streams=100,
                             pairs=100, window=100, duration=0.5, first_row_samples=2,
                             idle_streams=10, repeat=2)
-        table = bench.format_table(summary, targets, machine, sizes, 2)
+        table = report.format_table(summary, targets, machine, sizes, 2)
         self.assertIn("x86_64, CPU, 2 cores", table)
         self.assertIn("Redis ping-pong, 1 pair", table)
         self.assertIn("FAIL  windowed fetch", table)
@@ -183,7 +205,7 @@ class PySpyTests(TestCase):
                 f"thread (1): MainThread;run ({site}twisted/internet/base.py:1);"
                 f"doPoll ({site}twisted/internet/epollreactor.py:3) 5\n"
             )
-        summary = bench.pyspy_summary(path)
+        summary = profiling.pyspy_summary(path)
         self.assertEqual(summary["samples"], 11)
         self.assertEqual(summary["threads"], {"reactor": 8, "other threads": 3})
         self.assertEqual(summary["waiting"], {"reactor": 5})
@@ -200,9 +222,9 @@ class PySpyTests(TestCase):
         self.assertEqual(inclusive["encode_row (eventsource/wire.py)"], 2)
 
     def test_short_paths(self):
-        self.assertEqual(bench._short_path("/x/lib/python3.11/site-packages/txredisapi.py"),
+        self.assertEqual(profiling._short_path("/x/lib/python3.11/site-packages/txredisapi.py"),
                          "txredisapi.py")
-        self.assertEqual(bench._short_path("/x/lib/python3.11/json/encoder.py"),
+        self.assertEqual(profiling._short_path("/x/lib/python3.11/json/encoder.py"),
                          "json/encoder.py")
-        self.assertEqual(bench._short_path(os.path.join(REPO, "eventsource", "bus.py")),
+        self.assertEqual(profiling._short_path(os.path.join(REPO, "eventsource", "bus.py")),
                          os.path.join("eventsource", "bus.py"))
