@@ -1,37 +1,30 @@
 """
-A private ``redis-server`` for the fault and security tests.
+A private ``redis-server`` for the tests, and the test case that serves on one.
 
 Each :class:`RedisServer` runs its own ``redis-server`` on a free loopback
 port, with no persistence (``--save "" --appendonly no``) and its files in a
 temporary folder, so a test may stop it, restart it on the same port, give
 it a password, ACL users or TLS, without touching the machine's Redis.
-:meth:`RedisServer.start` registers the stop with the test's cleanups, so
-a server is never left running.
+Made for a test, it is stopped in the test's cleanups; made for a whole test
+process (``testcase=None``), when the process exits: a server is never left
+running.  :class:`PrivateRedisTestCase` is :class:`IntegrationTestCase` on
+such a server.
 """
 
+import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
-from twisted.internet import reactor, task
+from twisted.internet import defer
+
+from tests.support import IntegrationTestCase, WireClient, free_port, sleep, unique
 
 #: the line redis-server logs once it accepts connections
 READY = "Ready to accept connections"
-
-
-def free_port():
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def tls_supported():
@@ -134,7 +127,7 @@ class RedisServer:
     One private ``redis-server``.
 
     :param testcase: the trial test; the server is stopped and its folder
-        removed in the test's cleanup.
+        removed in the test's cleanup (``None``: when the process exits).
     :param password: ``requirepass`` (the ``default`` user's password).
     :param acl: lines of ACL rules, one user each (``"user alice on >pw ..."``),
         written to the server's configuration file.
@@ -144,7 +137,7 @@ class RedisServer:
     :param extra: more lines for the configuration file.
     """
 
-    def __init__(self, testcase, password=None, acl=(), tls=None, tls_auth_clients="no",
+    def __init__(self, testcase=None, password=None, acl=(), tls=None, tls_auth_clients="no",
                  extra=()):
         self.folder = tempfile.mkdtemp(prefix="es-redis-")
         self.port = free_port()
@@ -155,8 +148,12 @@ class RedisServer:
         self.extra = list(extra)
         self.process = None
         self._starts = 0
-        testcase.addCleanup(shutil.rmtree, self.folder, True)
-        testcase.addCleanup(self.kill)
+        if testcase is None:
+            atexit.register(shutil.rmtree, self.folder, True)
+            atexit.register(self.kill)
+        else:
+            testcase.addCleanup(shutil.rmtree, self.folder, True)
+            testcase.addCleanup(self.kill)
 
     @property
     def host(self):
@@ -189,6 +186,18 @@ class RedisServer:
 
     def start(self):
         """Start (or restart) the server on its port; fires once it accepts connections."""
+        self._spawn()
+        return self._wait_ready(time.monotonic() + 10)
+
+    def start_now(self):
+        """:meth:`start`, blocking until it accepts connections (outside a running reactor)."""
+        self._spawn()
+        deadline = time.monotonic() + 10
+        while not self._ready(deadline):
+            time.sleep(0.005)
+        return self
+
+    def _spawn(self):
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("redis-server is already running")
         self._starts += 1
@@ -202,7 +211,6 @@ class RedisServer:
             ["redis-server", config, "--logfile", self.logfile],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        return self._wait_ready(time.monotonic() + 10)
 
     def log_text(self):
         """What the server logged since it was last started."""
@@ -211,15 +219,21 @@ class RedisServer:
 
     _log = log_text
 
-    def _wait_ready(self, deadline):
+    def _ready(self, deadline):
+        """Whether it accepts connections yet; raises if it exited or the deadline passed."""
         if READY in self._log():
             # the moment the server is back, for the tests that measure recovery
             self.ready_at = time.monotonic()
-            return sleep(0).addCallback(lambda _: self)
+            return True
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server exited ({self.process.returncode}):\n{self._log()}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"redis-server did not start:\n{self._log()}")
+        return False
+
+    def _wait_ready(self, deadline):
+        if self._ready(deadline):
+            return sleep(0).addCallback(lambda _: self)
         return sleep(0.005).addCallback(lambda _: self._wait_ready(deadline))
 
     def stop(self, sig=signal.SIGTERM):
@@ -270,3 +284,42 @@ class RedisServer:
         if out.returncode != 0:
             raise RuntimeError(f"redis-cli {args} failed: {out.stderr}")
         return (out.stdout + out.stderr).strip()
+
+
+class PrivateRedisTestCase(IntegrationTestCase):
+    """
+    :class:`IntegrationTestCase` on a private ``redis-server``: the server of
+    this process and a :class:`WireClient` on it, a database of their own.
+
+    Subclasses choose the Redis (:meth:`make_redis`), the server's settings
+    (:meth:`server_settings`), a request prefix of the test's own
+    (:attr:`unique_prefix`; else none) and whether setUp starts the server and
+    the client (:attr:`start_at_setup`; else the test does, with
+    :meth:`start_server` and :meth:`connect_client`).
+    """
+
+    start_at_setup = True
+    unique_prefix = False
+
+    def make_redis(self):
+        return RedisServer(self)
+
+    def server_settings(self):
+        return dict(self.server_config)
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = self.make_redis()
+        yield self.redis.start()
+        self.database = unique("es_test")
+        self.table = f"{self.database}.event"
+        self.prefix = unique("t") + ":" if self.unique_prefix else ""
+        if self.start_at_setup:
+            yield self.start_server(redis_port=self.redis.port, **self.server_settings())
+            self.client = yield self.connect_client()
+
+    @defer.inlineCallbacks
+    def connect_client(self):
+        client = yield WireClient(self.prefix).connect(port=self.redis.port)
+        self.addCleanup(client.disconnect)
+        return client

@@ -1,18 +1,22 @@
 """
-Shared helpers of the integration tests: a server running in this process
-against the real Redis and MariaDB, a database of its own per test, and an
-independent Redis client (plain txredisapi, not ``eventsource.client``) that
-speaks the wire protocol by hand.
+Shared helpers of the tests, each written once: names no other test uses
+(:func:`unique`), :func:`sleep`, :func:`free_port`, :func:`sql`, a server
+running in this process against the real Redis and MariaDB with a database of
+its own per test (:class:`IntegrationTestCase`), and an independent Redis
+client (plain txredisapi, not ``eventsource.client``) that speaks the wire
+protocol by hand.  The private ``redis-server`` and its test case are in
+:mod:`tests.redis_server`.
 """
 
 import itertools
 import json
 import os
+import socket
 import uuid
 
 import pymysql
 import txredisapi
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -38,6 +42,18 @@ WAIT = 20
 def unique(prefix):
     """A name no other test, run or process uses at the same time."""
     return f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+
+
+def sleep(seconds):
+    """A Deferred that fires after ``seconds`` on the reactor (the one trial runs)."""
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def free_port():
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sql(statement, params=None, database=None):

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource.bus import redis_limit_warnings
 from eventsource.config import Config
 from eventsource.service import make_server
-from tests.redis_server import RedisServer
-from tests.support import IntegrationTestCase, WireClient, sql, unique
+from tests.redis_server import PrivateRedisTestCase, RedisServer
+from tests.support import IntegrationTestCase, sql, unique
 from tests.test_scale import rss_kb
 
 log = Logger()
@@ -47,27 +47,26 @@ class LogCapture:
         return [formatEvent(event) for event in self.events]
 
 
-class PrivateRedisTestCase(IntegrationTestCase):
-    """A server and a client on a private redis-server configured by the test."""
+class ConfiguredRedisTestCase(PrivateRedisTestCase):
+    """A server and a client on a private redis-server configured by the test, logs captured."""
 
+    unique_prefix = True
     redis_extra = ()
     redis_acl = ()
     server_redis = {}
 
-    @defer.inlineCallbacks
+    def make_redis(self):
+        return RedisServer(self, acl=self.redis_acl, extra=self.redis_extra)
+
+    def server_settings(self):
+        return dict(**self.server_redis, **self.server_config)
+
     def setUp(self):
         self.logs = LogCapture(self)
-        self.redis = yield RedisServer(self, acl=self.redis_acl, extra=self.redis_extra).start()
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
-        self.prefix = unique("t") + ":"
-        yield self.start_server(redis_port=self.redis.port, **self.server_redis,
-                                **self.server_config)
-        self.client = yield WireClient(self.prefix).connect(port=self.redis.port)
-        self.addCleanup(self.client.disconnect)
+        return super().setUp()
 
 
-class DrowningTests(PrivateRedisTestCase):
+class DrowningTests(ConfiguredRedisTestCase):
     """A windowed fetch of large rows never comes back to the server's subscriber."""
 
     redis_extra = [SMALL_PUBSUB]
@@ -101,7 +100,7 @@ class DrowningTests(PrivateRedisTestCase):
         self.assertEqual(self.server.streams, {})
 
 
-class RedisLimitsCheckTests(PrivateRedisTestCase):
+class RedisLimitsCheckTests(ConfiguredRedisTestCase):
     """At start the server reads Redis's limits and says how to fix them."""
 
     redis_extra = ["client-output-buffer-limit pubsub 1mb 512kb 60", "proto-max-bulk-len 1mb"]
@@ -132,20 +131,18 @@ class RedisLimitsCheckTests(PrivateRedisTestCase):
         self.assertEqual([t for t in self.logs.texts() if "Fix:" in t or "check" in t], [])
 
 
-class RedisLimitsUncheckedTests(PrivateRedisTestCase):
+class RedisLimitsUncheckedTests(ConfiguredRedisTestCase):
     """An ACL user without CONFIG: the server serves, and says it could not check."""
 
     redis_acl = ["user default off", "user app on >app-pw ~* &* +@all -config"]
     server_redis = {"redis_user": "app", "redis_password": "app-pw"}
 
+    start_at_setup = False  # no client: the default user is off
+
     @defer.inlineCallbacks
     def setUp(self):
-        self.logs = LogCapture(self)
-        self.redis = yield RedisServer(self, acl=self.redis_acl).start()
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
-        self.prefix = unique("t") + ":"
-        yield self.start_server(redis_port=self.redis.port, **self.server_redis)
+        yield super().setUp()
+        yield self.start_server(redis_port=self.redis.port, **self.server_settings())
 
     def test_could_not_check_is_logged(self):
         texts = [t for t in self.logs.texts() if "could not check" in t]

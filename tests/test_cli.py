@@ -30,7 +30,9 @@ from eventsource.client import (
     ServerError,
     StreamTimeout,
 )
-from tests.test_client import CHECKOUT, RedisServer, free_port, shared_fixture, unique
+from tests.redis_server import RedisServer
+from tests.support import free_port, unique
+from tests.test_client import CHECKOUT, shared_fixture
 
 
 class FakeStream:
@@ -418,8 +420,7 @@ class IntegrationTests(TestCase):
             self.assertEqual(code, cli.EXIT_REDIS, err)
             self.assertIn("cannot connect to Redis", err)
 
-            lonely = RedisServer()
-            self.addCleanup(lonely.stop)
+            lonely = await RedisServer(self).start()
             environ = {"REDIS_PORT": str(lonely.port)}
             code, _, err = await self.run_cli("fetch", "--pid", "p", environ=environ)
             self.assertEqual(code, cli.EXIT_NO_SERVER, err)
@@ -455,8 +456,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(result.returncode, cli.EXIT_USAGE)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
 
-        lonely = RedisServer()
-        self.addCleanup(lonely.stop)
+        lonely = RedisServer(self).start_now()
         result = self.subprocess("fetch", "--pid", "p", environ={"REDIS_PORT": str(lonely.port)})
         self.assertEqual(result.returncode, cli.EXIT_NO_SERVER)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)

@@ -22,7 +22,7 @@ import uuid
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from transitions import Machine
 from transitions.core import MachineError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -46,6 +46,8 @@ from eventsource.client import (
     connect,
 )
 from eventsource.client.testing import FakeServer, MemoryPubSub
+from tests.redis_server import RedisServer
+from tests.support import free_port, sleep, unique
 
 OK_PACKET = ('{"fieldCount":0,"affectedRows":%d,"insertId":%d,"serverStatus":2,'
              '"warningCount":0,"message":"","protocol41":true,"changedRows":0}')
@@ -891,21 +893,6 @@ MAX_WINDOW = 50
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def unique(prefix):
-    """A name no other test (or test run) uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
-
-
 def redis_command(port, *words, timeout=2.0):
     """One Redis command over a plain socket; returns the raw reply bytes."""
     command = b"*%d\r\n" % len(words) + b"".join(
@@ -939,30 +926,11 @@ def _wait_for(predicate, seconds, what, process=None, log_path=None):
     raise RuntimeError(f"{what} did not start\n{log}")
 
 
-class RedisServer:
-    """A private redis-server on a free port, without persistence."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        atexit.register(self.stop)
-        _wait_for(lambda: redis_command(self.port, "PING") == b"+PONG\r\n", 10,
-                  "redis-server", self.process)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 class ServerFixture:
     """A private Redis and a ``twistd eventsource`` process serving a private table."""
 
     def __init__(self):
-        self.redis = RedisServer()
+        self.redis = RedisServer().start_now()
         self.redis_port = self.redis.port
         self.database = "es_test_client_" + uuid.uuid4().hex[:8]
         self.channel_prefix = "es-test:"
@@ -1005,7 +973,7 @@ class ServerFixture:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.redis.stop()
+        self.redis.kill()
         try:
             import pymysql
 
@@ -1108,7 +1076,7 @@ class IntegrationTests(TestCase):
             for _ in range(50):
                 if await self.fixture.numsub(client, channel) == 0:
                     break
-                await sleep(self.reactor, 0.02)
+                await sleep(0.02)
             self.assertEqual(await self.fixture.numsub(client, channel), 0)
             self.assertEqual(client.open_requests, 0)
 
@@ -1142,7 +1110,7 @@ class IntegrationTests(TestCase):
             await self.persist_some(client, 2)
             stream = client.fetch_by_pid(self.pid)
             await stream.next_row()
-            await sleep(self.reactor, ROW_TIMEOUT + 0.3)
+            await sleep(ROW_TIMEOUT + 0.3)
             with self.assertRaises(StreamTimeout):
                 await stream.next_row()
 
@@ -1150,8 +1118,7 @@ class IntegrationTests(TestCase):
 
     def test_no_server_fails_fast(self):
         async def go():
-            lonely = RedisServer()
-            self.addCleanup(lonely.stop)
+            lonely = await RedisServer(self).start()
             client = await self.connect(port=lonely.port, timeout=20)
             started = self.reactor.seconds()
             with self.assertRaises(NoServerError):
@@ -1165,16 +1132,15 @@ class IntegrationTests(TestCase):
     def test_redis_gone_fails_open_requests(self):
         """A Redis that dies under an open request fails it at once, not at the timeout."""
         async def go():
-            redis = RedisServer()
-            self.addCleanup(redis.stop)
+            redis = await RedisServer(self).start()
             client = await self.connect(port=redis.port, timeout=20)
             # something listens on persist, but never answers
             mute = await self.connect(port=redis.port)
             await mute.subscribe(self.fixture.channel_prefix + "persist")
             d = client.persist({"pid": "p", "domain": "d", "name": "n"})
-            await sleep(self.reactor, 0.1)
+            await sleep(0.1)
             started = self.reactor.seconds()
-            redis.stop()
+            redis.kill()
             with self.assertRaises(RedisConnectionError):
                 await d
             self.assertLess(self.reactor.seconds() - started, 2)

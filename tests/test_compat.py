@@ -11,16 +11,12 @@ import subprocess
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import wire
 from eventsource.query import TableSchema, compile_select
-from tests.support import IntegrationTestCase, sql, unique
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
+from tests.support import IntegrationTestCase, sleep, sql, unique
 
 
 def event(pid, name="created", domain="order", data=None):

@@ -27,16 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource.bus import JITTER
 from eventsource.channel import MACHINE
 from eventsource.store import FIRST_PAGE
-from tests.redis_server import RedisServer, free_port
-from tests.support import MYSQL, WAIT, IntegrationTestCase, WireClient, sql, unique
+from tests.redis_server import PrivateRedisTestCase, RedisServer
+from tests.support import MYSQL, WAIT, IntegrationTestCase, free_port, sleep, sql, unique
 
 log = Logger()
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def event(pid, **data):
@@ -157,27 +153,8 @@ class TCPProxy:
 # -- Redis goes away and comes back -------------------------------------------
 
 
-class PrivateRedisTestCase(IntegrationTestCase):
-    """A server on a private redis-server."""
-
-    def make_redis(self):
-        return RedisServer(self)
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.redis = self.make_redis()
-        yield self.redis.start()
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
-        self.prefix = ""
-        yield self.start_server(redis_port=self.redis.port)
-        self.client = yield self.connect_client()
-
-    @defer.inlineCallbacks
-    def connect_client(self):
-        client = yield WireClient().connect(port=self.redis.port)
-        self.addCleanup(client.disconnect)
-        return client
+class RedisFaultTestCase(PrivateRedisTestCase):
+    """A server on a private redis-server, which the test stops and starts again."""
 
     @defer.inlineCallbacks
     def first_served(self, client):
@@ -198,7 +175,7 @@ class PrivateRedisTestCase(IntegrationTestCase):
         return client.decoded(channel)
 
 
-class RedisRestartTests(PrivateRedisTestCase):
+class RedisRestartTests(RedisFaultTestCase):
     """A private redis-server, stopped and started again under a running server."""
 
     @defer.inlineCallbacks
@@ -284,7 +261,7 @@ class RedisRestartTests(PrivateRedisTestCase):
         self.assertEqual(answer[-1], "end")
 
 
-class RedisDropsConnectionsTests(PrivateRedisTestCase):
+class RedisDropsConnectionsTests(RedisFaultTestCase):
     """Redis stays up but closes one of the server's connections."""
 
     def make_redis(self):
@@ -643,21 +620,16 @@ class ShutdownTests(IntegrationTestCase):
         self.assertFalse(self.server.bus.connected)
 
 
-class TwistdSigtermTests(IntegrationTestCase):
+class TwistdSigtermTests(PrivateRedisTestCase):
     """The real command: ``twistd -n --pidfile= eventsource``, stopped with SIGTERM."""
 
-    def make_redis(self):
-        return RedisServer(self)
+    start_at_setup = False
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.redis = self.make_redis()
-        yield self.redis.start()
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
+        yield super().setUp()
         self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")
-        self.client = yield WireClient().connect(port=self.redis.port)
-        self.addCleanup(self.client.disconnect)
+        self.client = yield self.connect_client()
 
     def spawn(self):
         self.output = os.path.join(self.redis.folder, "twistd.out")

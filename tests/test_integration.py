@@ -6,17 +6,13 @@ driven by an independent Redis client.
 import json
 import re
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
-from tests.support import IntegrationTestCase, WireClient, sql, unique
+from tests.support import IntegrationTestCase, WireClient, sleep, sql, unique
 
 OK_KEYS = ["fieldCount", "affectedRows", "insertId", "serverStatus", "warningCount",
            "message", "protocol41", "changedRows"]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def event(pid="p1", domain="user", name="created", data=None):

@@ -24,9 +24,9 @@ from eventsource.service import EventSourceService
 from eventsource.store import (CUT_GRACE, KILL_GRACE, SQL_MODE, StatementTimeLimit, Store,
                                _check_server, _not_sent, _read_page)
 from eventsource.testing import MemoryBus, MemoryStore
-from tests.redis_server import RedisServer
-from tests.support import MYSQL, IntegrationTestCase, WireClient, sql, unique
-from tests.test_faults import TCPProxy, lost_connection_errors, sleep, wait_until
+from tests.redis_server import PrivateRedisTestCase, RedisServer
+from tests.support import MYSQL, IntegrationTestCase, sleep, sql, unique
+from tests.test_faults import TCPProxy, lost_connection_errors, wait_until
 
 log = Logger()
 
@@ -444,20 +444,14 @@ SERVER_ACL = ("user eventsource on >server-pass resetkeys resetchannels "
               "&persist &fetch &fetch-next &ok:* -@all +subscribe +unsubscribe +publish +ping")
 
 
-class NoPermTests(IntegrationTestCase):
+class NoPermTests(PrivateRedisTestCase):
     """The server's Redis user may use reply channels ``ok:*`` only; a client names others."""
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.redis = RedisServer(self, acl=["user default on nopass ~* &* +@all", SERVER_ACL])
-        yield self.redis.start()
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
-        self.prefix = ""
-        yield self.start_server(redis_port=self.redis.port, redis_user="eventsource",
-                                redis_password="server-pass")
-        self.client = yield WireClient().connect(port=self.redis.port)
-        self.addCleanup(self.client.disconnect)
+    def make_redis(self):
+        return RedisServer(self, acl=["user default on nopass ~* &* +@all", SERVER_ACL])
+
+    def server_settings(self):
+        return dict(redis_user="eventsource", redis_password="server-pass")
 
     @defer.inlineCallbacks
     def test_refused_reply_channel_is_one_warning_and_the_server_goes_on(self):

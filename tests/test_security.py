@@ -25,8 +25,13 @@ from eventsource.bus import RedisRefused
 from eventsource.config import Config
 from eventsource.store import Store
 from eventsource.tap import Options
-from tests.redis_server import RedisServer, free_port, make_tls_files, tls_supported
-from tests.support import IntegrationTestCase, WireClient, sql, unique
+from tests.redis_server import (
+    PrivateRedisTestCase,
+    RedisServer,
+    make_tls_files,
+    tls_supported,
+)
+from tests.support import IntegrationTestCase, WireClient, free_port, sql, unique
 
 REDIS_SECRET = "redis-s3cret-Zq8!"
 MYSQL_SECRET = "mysql-s3cret-Wx4#"
@@ -110,22 +115,10 @@ class StartFailed:
         return self.failure.getTraceback()
 
 
-class PrivateRedisTestCase(IntegrationTestCase):
-    """A server on a private redis-server made by :meth:`make_redis`."""
+class SecuredRedisTestCase(PrivateRedisTestCase):
+    """A private redis-server made by :meth:`make_redis`; each test starts the server."""
 
-    def make_redis(self):
-        return RedisServer(self)
-
-    def server_settings(self):
-        return {}
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.database = unique("es_test")
-        self.table = f"{self.database}.event"
-        self.prefix = ""
-        self.redis = self.make_redis()
-        yield self.redis.start()
+    start_at_setup = False
 
     @defer.inlineCallbacks
     def start(self, **settings):
@@ -157,7 +150,7 @@ class PrivateRedisTestCase(IntegrationTestCase):
         self.assertEqual(messages[0]["pid"], "sec")
 
 
-class RequirePassTests(PrivateRedisTestCase):
+class RequirePassTests(SecuredRedisTestCase):
     def make_redis(self):
         return RedisServer(self, password=REDIS_SECRET)
 
@@ -204,7 +197,7 @@ class RequirePassTests(PrivateRedisTestCase):
         yield self.round_trip(client)
 
 
-class ACLTests(PrivateRedisTestCase):
+class ACLTests(SecuredRedisTestCase):
     """The ACL recipes of docs/OPERATIONS.md, on a Redis whose default user is off."""
 
     def make_redis(self):
@@ -272,7 +265,7 @@ class ACLTests(PrivateRedisTestCase):
         self.flushLoggedErrors(RedisRefused)
 
 
-class TLSTests(PrivateRedisTestCase):
+class TLSTests(SecuredRedisTestCase):
     """Redis over TLS only, requiring a client certificate (and an ACL user, for good measure)."""
 
     def make_redis(self):
@@ -398,7 +391,7 @@ class PrivateMariaDB:
             connection.close()
 
 
-class MySQLTLSTests(PrivateRedisTestCase):
+class MySQLTLSTests(SecuredRedisTestCase):
     """
     The server's MySQL TLS options against a private MariaDB that refuses
     anything but TLS, with a user that must present a client certificate.
@@ -529,7 +522,7 @@ class ReadOnlyTests(IntegrationTestCase):
 # -- secrets ----------------------------------------------------------------------
 
 
-class SecretsTests(PrivateRedisTestCase):
+class SecretsTests(SecuredRedisTestCase):
     """Passwords never reach the log, ``repr`` of the settings or the help."""
 
     def make_redis(self):

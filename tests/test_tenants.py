@@ -30,7 +30,7 @@ from eventsource.testing import MemoryBus, MemoryStore
 from tests.redis_server import RedisServer
 from tests.support import IntegrationTestCase, WireClient, unique
 from tests.test_cli import CommandTestCase
-from tests.test_security import PrivateRedisTestCase, StartFailed, connect_client
+from tests.test_security import SecuredRedisTestCase, StartFailed, connect_client
 
 
 def persist_body(channel):
@@ -416,7 +416,7 @@ def event(pid="tenant", name="n"):
     return {"pid": pid, "domain": "tenants", "name": name, "data": {"ok": True}}
 
 
-class TenantACLTests(PrivateRedisTestCase):
+class TenantACLTests(SecuredRedisTestCase):
     """Tenants app1 and app2 with the recipe's ACL users; app1 tries every way into app2's streams."""
 
     def make_redis(self):
