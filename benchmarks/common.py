@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import pymysql
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IReactorThreads
 
 #: the checkout this benchmark lives in (it runs the server from it)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,10 +81,12 @@ def connect_mysql(settings: dict[str, Any], **extra: Any) -> pymysql.Connection:
 _T = TypeVar("_T")
 
 
-def in_thread(reactor: IReactorThreads, function: Callable[..., _T], *args: Any
+def in_thread(reactor: Any, function: Callable[..., _T], *args: Any
               ) -> "defer.Deferred[_T]":
     """Run blocking ``function`` in ``reactor``'s thread pool (not the global reactor's)."""
-    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+    d: defer.Deferred[_T] = threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), function, *args)
+    return d
 
 
 def percentile(values: list[float], fraction: float) -> float:

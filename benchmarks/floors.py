@@ -22,7 +22,7 @@ def pingpong(reactor: IReactorTime, client: RedisClient, prefix: str, pairs: int
              duration: float) -> Generator["defer.Deferred[Any]", Any, float]:
     """Round trips/s of ``pairs`` concurrent ping-pong lanes for ``duration`` seconds."""
     done: defer.Deferred[float] = defer.Deferred()
-    state = {"count": 0, "active": pairs}
+    state: dict[str, int] = {"count": 0, "active": pairs}
     deadline = [0.0]
     ack = '{"channel":"ack"}'
     publish = client.publish
@@ -49,7 +49,7 @@ def pingpong(reactor: IReactorTime, client: RedisClient, prefix: str, pairs: int
     for ping, _ in lanes:
         publish(ping, ack)
     done.addTimeout(duration + 30, reactor)
-    end = yield done
+    end: float = yield done
     return state["count"] / (end - start)
 
 
@@ -84,7 +84,7 @@ def _insert_worker(settings: dict[str, Any], table: str, clock: dict[str, Any],
 def raw_inserts(settings: dict[str, Any], table: str, connections: int, duration: float
                 ) -> float:
     """Single-row autocommit INSERTs/s over ``connections`` connections, one thread each."""
-    counts = [0] * connections
+    counts: list[int] = [0] * connections
     errors: list[Exception] = []
     clock: dict[str, Any] = {"ends": [0.0] * connections}
 
@@ -102,7 +102,9 @@ def raw_inserts(settings: dict[str, Any], table: str, connections: int, duration
         worker.join()
     if errors:
         raise BenchError(f"raw INSERT failed: {errors[0]}")
-    return sum(counts) / (max(clock["ends"]) - clock["start"])
+    ends: list[float] = clock["ends"]
+    start: float = clock["start"]
+    return sum(counts) / (max(ends) - start)
 
 
 def raw_select(settings: dict[str, Any], table: str, rows: int) -> float:

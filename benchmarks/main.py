@@ -36,11 +36,12 @@ def _prepare_database(run: Run) -> str:
                               json.dumps({"i": i, "user": f"u-{i}", "amount": 12.5})))
                 if len(batch) == 5000:
                     cursor.executemany(sql, batch)
-                    batch: list[tuple[str, str, str, str]] = []
+                    batch = []
             if batch:
                 cursor.executemany(sql, batch)
             cursor.execute("SELECT VERSION()")
-            version: str = cursor.fetchone()[0]
+            row = cursor.fetchone()
+            version: str = row[0] if row else "unknown"
             return version
     finally:
         connection.close()
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as error:
             outcome["error"] = str(error)
         except Exception:
-            outcome["error"] = Failure().getTraceback()
+            outcome["error"] = Failure().getTraceback()  # type: ignore[no-untyped-call]
 
     try:
         task.react(go)

@@ -112,7 +112,8 @@ def free_port() -> int:
     """A loopback TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 _CLOCK_TICK = os.sysconf("SC_CLK_TCK")

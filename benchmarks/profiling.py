@@ -44,7 +44,7 @@ def _is_waiting(frame_name: str) -> bool:
 
 def profile_summary(path: str, count: int = 10) -> dict[str, Any]:
     """The top functions of a cProfile dump, by own time and by cumulative time."""
-    stats = pstats.Stats(path)
+    stats: Any = pstats.Stats(path)  # its .stats and .total_tt are not in the stubs
     rows: list[dict[str, Any]] = []
     for (filename, line, name), (_cc, nc, tt, ct, _callers) in stats.stats.items():
         where = f"{name} ({_short_path(filename)}:{line})" if line else name

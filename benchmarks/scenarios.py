@@ -89,7 +89,7 @@ class Run:
     def server_config(self) -> Config:
         """The server's configuration, parsed as ``twistd eventsource`` will parse it."""
         options = Options()
-        options.parseOptions(self.server_args())
+        options.parseOptions(self.server_args())  # type: ignore[no-untyped-call]
         return options.config
 
     @defer.inlineCallbacks
@@ -138,15 +138,15 @@ class Run:
         yield client.listen_all({lane.channel: lane.on_message for lane in lanes})
         requests = []
         for lane, (select, _) in zip(lanes, selects):
-            request = {"channel": lane.channel, "query": {"$select": select}}
+            request: dict[str, Any] = {"channel": lane.channel, "query": {"$select": select}}
             if window != 1:
                 request["window"] = window
             requests.append(json.dumps(request))
         server_cpu = proc_cpu_seconds(self.server_pid)
         client_cpu = time.process_time()
         start = clock()
-        for request in requests:
-            publish(self.request_channels["fetch"], request)
+        for body in requests:
+            publish(self.request_channels["fetch"], body)
         try:
             ends = yield _gather_with_timeout(self.reactor, [lane.done for lane in lanes], 300)
         finally:
@@ -182,7 +182,8 @@ class Run:
             latencies.append((arrived - start) * 1000)
             self.client.publish(channel, '"end"')
             yield self.client.unlisten_all([channel])
-        return statistics.median(latencies)
+        median: float = statistics.median(latencies)
+        return median
 
     # -- persist ----------------------------------------------------------
 
@@ -191,7 +192,8 @@ class Run:
                 ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
         """persist/s and latencies (ms) with ``in_flight`` requests outstanding for ``duration`` s."""
         clock = time.perf_counter
-        state = {"active": in_flight, "errors": [], "latencies": [], "done": defer.Deferred()}
+        state: dict[str, Any] = {"active": in_flight, "errors": [], "latencies": [],
+                                 "done": defer.Deferred()}
         lanes = [_PersistLane(self.channel("persist"), i, self.client.publish, clock, state,
                               self.request_channels["persist"])
                  for i in range(in_flight)]
@@ -231,7 +233,7 @@ class Run:
         yield task.deferLater(self.reactor, 0.3, lambda: None)
         rss_before, threads_before = proc_status(pid)
         lanes: dict[str, Handler] = {}
-        arrived = defer.Deferred()
+        arrived: defer.Deferred[None] = defer.Deferred()
         pending = [count]
 
         def lane(channel: str) -> Handler:
@@ -314,7 +316,7 @@ class _FetchLane:
         self.expected = expected
         self.rows = 0
         self.unaccepted = 0
-        self.done = defer.Deferred()
+        self.done: defer.Deferred[float] = defer.Deferred()
         ack = json.dumps({"channel": channel})
 
         def on_message(body: str) -> None:
