@@ -12,12 +12,15 @@ import itertools
 import json
 import os
 import socket
+import time
 import uuid
 
 import pymysql
 import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from eventsource.config import Config
@@ -47,6 +50,45 @@ def unique(prefix):
 def sleep(seconds):
     """A Deferred that fires after ``seconds`` on the reactor (the one trial runs)."""
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_until(check, timeout=WAIT, step=0.01, what="a condition"):
+    """Poll ``check()`` every ``step`` seconds until it is true; returns the seconds waited."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        yield sleep(step)
+    return time.monotonic() - started
+
+
+class LogCapture(list):
+    """
+    Every log event from now until the test ends: the events themselves, in
+    order; :meth:`texts` and :meth:`details` are the same events as text.
+    """
+
+    def __init__(self, testcase):
+        super().__init__()
+        globalLogPublisher.addObserver(self.append)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self.append)
+
+    def texts(self):
+        """Each event's message."""
+        return [formatEvent(event) for event in self]
+
+    def details(self):
+        """Each event's message, any traceback and every field: where a secret could hide."""
+        texts = []
+        for event in self:
+            parts = [formatEvent(event)]
+            failure = event.get("log_failure")
+            if isinstance(failure, Failure):
+                parts.append(failure.getTraceback())
+            parts += [f"{key}={value!r}" for key, value in event.items()]
+            texts.append("\n".join(parts))
+        return texts
 
 
 def free_port():

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from benchmarks import profiling, report
 from benchmarks.common import Sizes
+from tests.support import MYSQL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,15 +33,6 @@ RATIOS = ["fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_10
           "persist_50_vs_insert_8_connections", "persist_1_vs_insert_1_connection"]
 #: figures that are rates: a run that measured anything has them above zero
 RATES = [key for key in FIGURES if key.endswith("_per_s")]
-
-
-def _mysql():
-    return dict(
-        host=os.environ.get("MYSQL_HOST") or "127.0.0.1",
-        port=int(os.environ.get("MYSQL_PORT") or 3306),
-        user=os.environ.get("MYSQL_USER") or "root",
-        password=os.environ.get("MYSQL_PASS") or "",
-    )
 
 
 _quick = {}
@@ -113,7 +105,7 @@ class QuickRunTests(TestCase):
         self.assertGreaterEqual(figures["idle_mysql_connections"]["value"], 1)
 
     def test_database_dropped(self):
-        connection = pymysql.connect(**_mysql())
+        connection = pymysql.connect(**MYSQL)
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SHOW DATABASES LIKE %s", (self.results["database"],))

@@ -7,15 +7,15 @@ start, and the server's memory is bounded in bytes and comes back.
 import gc
 import json
 
-from twisted.internet import defer, reactor
-from twisted.logger import Logger, globalLogPublisher
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource.bus import redis_limit_warnings
 from eventsource.config import Config
 from eventsource.service import make_server
 from tests.redis_server import PrivateRedisTestCase, RedisServer
-from tests.support import IntegrationTestCase, sql, unique
+from tests.support import IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until
 from tests.test_scale import rss_kb
 
 log = Logger()
@@ -31,20 +31,6 @@ def insert_big_rows(database, count, size, pid="big"):
     sql(f"INSERT INTO `{database}`.`event` (pid, domain, name, data)"
         f" SELECT %s, 'd', CONCAT('n', seq), JSON_OBJECT('s', REPEAT('x', {size}))"
         f" FROM `{database}`.seq_1_to_{count}", (pid,))
-
-
-class LogCapture:
-    """Every log event while a test runs."""
-
-    def __init__(self, testcase):
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def texts(self):
-        from twisted.logger import formatEvent
-
-        return [formatEvent(event) for event in self.events]
 
 
 class ConfiguredRedisTestCase(PrivateRedisTestCase):
@@ -112,14 +98,14 @@ class RedisLimitsCheckTests(ConfiguredRedisTestCase):
                       "(redis.conf: proto-max-bulk-len 4mb)", texts[0])
         self.assertIn('CONFIG SET client-output-buffer-limit "pubsub 12mb 6mb 60" '
                       "(redis.conf: client-output-buffer-limit pubsub 12mb 6mb 60)", texts[1])
-        levels = {e["log_level"].name for e in self.logs.events if "problem" in e}
+        levels = {e["log_level"].name for e in self.logs if "problem" in e}
         self.assertEqual(levels, {"warn"})
 
     @defer.inlineCallbacks
     def test_the_fix_silences_the_warning(self):
         self.redis.cli("CONFIG", "SET", "proto-max-bulk-len", "4mb")
         self.redis.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 12mb 6mb 60")
-        del self.logs.events[:]
+        del self.logs[:]
         yield self.server.stopService()
         server = make_server(Config(**dict(
             vars(self.server.config), table=unique("es_test") + ".event")),
@@ -180,7 +166,8 @@ class MemoryTests(IntegrationTestCase):
             self.server.message_received(self.prefix + "fetch", json.dumps(
                 {"channel": channel, "window": 1000, "query": {"$select": select}}))
         yield wait_until(lambda: all(bus.rows.get(c) for c in windowed)
-                         and not any(s._fetching for s in self.server.streams.values()))
+                         and not any(s._fetching for s in self.server.streams.values()),
+                         timeout=120, step=0.05, what="every windowed stream to fill")
         held_mb = (rss_kb() - before) / 1024
         self.assertLess(held_mb, 150, f"RSS grew {held_mb:.0f} MB with 14 streams open")
         streams = list(self.server.streams.values())
@@ -205,18 +192,12 @@ class MemoryTests(IntegrationTestCase):
         self.assertEqual(self.server.streams, {})
         del streams
         gc.collect()
-        yield deferLater(0.1)
+        yield sleep(0.1)
         after_mb = (rss_kb() - before) / 1024
         log.info("measured: 14 streams of 2 MB rows: RSS +{held:.0f} MB open, "
                  "+{after:.0f} MB after they ended", held=held_mb, after=after_mb)
         self.assertLess(after_mb, 40, f"RSS still {after_mb:.0f} MB up after the streams ended "
                                       f"(it was {held_mb:.0f} MB up while they were open)")
-
-
-def deferLater(seconds):
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class HoldingBus:
@@ -241,17 +222,6 @@ class HoldingBus:
 
     def stop(self):
         return defer.succeed(None)
-
-
-@defer.inlineCallbacks
-def wait_until(check, timeout=120):
-    """Poll ``check`` every 50 ms until it holds."""
-    waited = 0.0
-    while not check():
-        if waited > timeout:
-            raise AssertionError("timed out waiting")
-        yield deferLater(0.05)
-        waited += 0.05
 
 
 class RedisLimitWarningTests(SynchronousTestCase):

@@ -28,7 +28,15 @@ from eventsource.bus import JITTER
 from eventsource.channel import MACHINE
 from eventsource.store import FIRST_PAGE
 from tests.redis_server import PrivateRedisTestCase, RedisServer
-from tests.support import MYSQL, WAIT, IntegrationTestCase, free_port, sleep, sql, unique
+from tests.support import (
+    MYSQL,
+    IntegrationTestCase,
+    free_port,
+    sleep,
+    sql,
+    unique,
+    wait_until,
+)
 
 log = Logger()
 
@@ -37,17 +45,6 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def event(pid, **data):
     return {"pid": pid, "domain": "fault", "name": "happened", "data": data}
-
-
-@defer.inlineCallbacks
-def wait_until(check, timeout=WAIT, step=0.01, what="a condition"):
-    """Poll ``check()`` until it is true; returns the seconds waited."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        yield sleep(step)
-    return time.monotonic() - started
 
 
 @defer.inlineCallbacks

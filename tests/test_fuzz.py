@@ -26,12 +26,12 @@ import time
 import pymysql
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from eventsource import wire
 from eventsource.channel import MACHINE
-from tests.support import IntegrationTestCase, WireClient, sql
+from tests.support import IntegrationTestCase, WireClient, sleep, sql
 
 log = Logger()
 
@@ -597,11 +597,11 @@ class FuzzTests(IntegrationTestCase):
         answerable_sent = 0
         for start in range(0, len(requests), 250):
             while len(collector.finished) < answerable_sent - 500:
-                yield task.deferLater(reactor, 0.005, lambda: None)
+                yield sleep(0.005)
             for kind, body, expect in requests[start:start + 250]:
                 collector.publish(self.prefix + kind, body)
                 answerable_sent += bool(expect.answer)
-            yield task.deferLater(reactor, 0, lambda: None)
+            yield sleep(0)
         try:
             yield all_finished.addTimeout(90, reactor)
         except defer.TimeoutError:
@@ -610,7 +610,7 @@ class FuzzTests(IntegrationTestCase):
                           collector.finished]
             self.fail(f"{len(unfinished)} requests unanswered, e.g. {unfinished[:5]}")
         served_in = time.monotonic() - sent_at
-        yield task.deferLater(reactor, 0.5, lambda: None)   # anything late would show now
+        yield sleep(0.5)   # anything late would show now
 
         counts = {}
         for _, body, expect in requests:

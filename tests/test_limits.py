@@ -11,12 +11,11 @@ other streams: every test keeps a bystander stream running through it.
 
 import json
 
-from twisted.internet import defer, reactor, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource.config import Config
-from tests.support import IntegrationTestCase, unique
+from tests.support import IntegrationTestCase, LogCapture, sleep, unique
 
 LIMITS = dict(max_body_bytes=4096, max_streams=4, page_size=8, max_window=4,
               max_query_depth=4, max_query_terms=10, max_in_list=5, max_documents=3)
@@ -24,18 +23,6 @@ LIMITS = dict(max_body_bytes=4096, max_streams=4, page_size=8, max_window=4,
 
 def event(pid="lim", **data):
     return {"pid": pid, "domain": "limits", "name": "tested", "data": data}
-
-
-def capture_log(testcase):
-    """Collect the text of every log event from now until the test ends."""
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observer)
-    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
-    return lines
 
 
 def nested_not(levels):
@@ -94,7 +81,7 @@ class LimitTests(IntegrationTestCase):
 
     @defer.inlineCallbacks
     def test_body_size(self):
-        log = capture_log(self)
+        log = LogCapture(self)
         channel = unique("big")
         yield self.client.subscribe(channel)
         padding = "x" * 4096
@@ -108,8 +95,8 @@ class LimitTests(IntegrationTestCase):
         self.assertEqual(reply[0]["affectedRows"], 1)
         # the large ones were not answered (their reply channel is unknown) but logged
         self.assertEqual(self.client.messages[channel], [])
-        refusals = [line for line in log if "larger than 4096 bytes" in line]
-        self.assertEqual(len(refusals), 2, log)
+        refusals = [line for line in log.texts() if "larger than 4096 bytes" in line]
+        self.assertEqual(len(refusals), 2, log.texts())
         self.assertLess(max(len(line) for line in refusals), 1000)
         self.assertEqual(len(self.rows(where="WHERE pid = 'lim'")), 1)
         yield self.finish_bystander()
@@ -163,7 +150,7 @@ class LimitTests(IntegrationTestCase):
         yield self.client.request("fetch", {"channel": channel, "window": 100, "query": {
             "$select": {"$where": {"pid": "bystander"}}}})
         yield self.client.wait_count(channel, 4)
-        yield task.deferLater(reactor, 0.2, lambda: None)
+        yield sleep(0.2)
         self.assertEqual(len(self.client.messages[channel]), 4)
         yield self.client.request("fetch-next", {"channel": channel, "accepted": 4})
         yield self.client.wait_count(channel, 8)

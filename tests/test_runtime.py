@@ -15,7 +15,7 @@ import time
 import pymysql
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import store as store_module
@@ -25,22 +25,14 @@ from eventsource.store import (CUT_GRACE, KILL_GRACE, SQL_MODE, StatementTimeLim
                                _check_server, _not_sent, _read_page)
 from eventsource.testing import MemoryBus, MemoryStore
 from tests.redis_server import PrivateRedisTestCase, RedisServer
-from tests.support import MYSQL, IntegrationTestCase, sleep, sql, unique
-from tests.test_faults import TCPProxy, lost_connection_errors, wait_until
+from tests.support import MYSQL, IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until
+from tests.test_faults import TCPProxy, lost_connection_errors
 
 log = Logger()
 
 
 def event(pid, **data):
     return {"pid": pid, "domain": "runtime", "name": "ran", "data": data}
-
-
-def capture_log(testcase):
-    """Every log event from now on."""
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
 
 
 class SlowPlan:
@@ -180,7 +172,7 @@ class StatementTimeLimitTests(IntegrationTestCase):
         the client gets "error", "end", and the page is read once only.
         """
         self.insert_events(100000, pid="many")
-        events = capture_log(self)
+        events = LogCapture(self)
         reads = []
 
         def counted(*args):
@@ -370,7 +362,7 @@ class StalledDatabaseTests(IntegrationTestCase):
 
     @defer.inlineCallbacks
     def test_stop_cuts_connections_that_never_answer(self):
-        events = capture_log(self)
+        events = LogCapture(self)
         plan = SlowPlan(60)
         read = self.server.store.read_page(plan, 0, 0, 10)
         read.addErrback(lambda failure: None)
@@ -455,7 +447,7 @@ class NoPermTests(PrivateRedisTestCase):
 
     @defer.inlineCallbacks
     def test_refused_reply_channel_is_one_warning_and_the_server_goes_on(self):
-        events = capture_log(self)
+        events = LogCapture(self)
         yield self.client.request("persist", {"channel": "denied:p", "query": {
             "$insert": {"$documents": event("denied")}}})
         yield self.client.request("fetch", {"channel": "denied:f", "query": {"$select": {}}})

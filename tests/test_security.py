@@ -15,9 +15,8 @@ import time
 
 import pymysql
 import txredisapi
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -31,7 +30,15 @@ from tests.redis_server import (
     make_tls_files,
     tls_supported,
 )
-from tests.support import IntegrationTestCase, WireClient, free_port, sql, unique
+from tests.support import (
+    IntegrationTestCase,
+    LogCapture,
+    WireClient,
+    free_port,
+    sleep,
+    sql,
+    unique,
+)
 
 REDIS_SECRET = "redis-s3cret-Zq8!"
 MYSQL_SECRET = "mysql-s3cret-Wx4#"
@@ -48,23 +55,6 @@ CLIENT_ACL = ("user {user} on >{password} resetkeys resetchannels &reply:{user}:
 
 def event(pid="sec"):
     return {"pid": pid, "domain": "security", "name": "checked", "data": {"ok": True}}
-
-
-def capture_log(testcase):
-    """Every log event from now on, as text: the message, any traceback, every field."""
-    texts = []
-
-    def observer(event):
-        parts = [formatEvent(event)]
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            parts.append(failure.getTraceback())
-        parts += [f"{key}={value!r}" for key, value in event.items()]
-        texts.append("\n".join(parts))
-
-    globalLogPublisher.addObserver(observer)
-    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
-    return texts
 
 
 @defer.inlineCallbacks
@@ -163,16 +153,16 @@ class RequirePassTests(SecuredRedisTestCase):
 
     @defer.inlineCallbacks
     def test_wrong_password_fails_the_start_at_once(self):
-        log = capture_log(self)
+        log = LogCapture(self)
         result = yield self.start(redis_password="not-" + REDIS_SECRET)
         self.assertIsInstance(result, StartFailed)
         result.trap(RedisRefused)
         self.assertIn("WRONGPASS", str(result.value))
         self.assertLess(self.start_took, 2)
-        self.assertNotIn(REDIS_SECRET, "\n".join(log) + str(result.value))
+        self.assertNotIn(REDIS_SECRET, "\n".join(log.details()) + str(result.value))
         self.flushLoggedErrors(RedisRefused)
         # it gave up: no connection left, none coming back
-        yield task.deferLater(reactor, 0.5, lambda: None)
+        yield sleep(0.5)
         clients = self.redis.cli("CLIENT", "LIST").splitlines()
         self.assertEqual(len(clients), 1, clients)  # redis-cli itself
 
@@ -193,7 +183,7 @@ class RequirePassTests(SecuredRedisTestCase):
         for _ in range(300):
             if self.server.bus.connected:
                 break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield sleep(0.01)
         yield self.round_trip(client)
 
 
@@ -298,7 +288,7 @@ class TLSTests(SecuredRedisTestCase):
         for _ in range(300):
             if self.server.bus.connected:
                 break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield sleep(0.01)
         self.assertTrue(self.server.bus.connected)
         client = yield self.client(user="alice", password="alice-pass", tls=self.tls)
         yield self.round_trip(client, reply_prefix="reply:alice:")
@@ -321,12 +311,12 @@ class TLSTests(SecuredRedisTestCase):
     @defer.inlineCallbacks
     def test_plain_connection_to_tls_port_says_so(self):
         """Indistinguishable from a Redis going down mid-handshake: retried, with a warning."""
-        log = capture_log(self)
+        log = LogCapture(self)
         self.start(redis_tls=False)
-        yield task.deferLater(reactor, 1.0, lambda: None)
+        yield sleep(1.0)
         self.assertFalse(self.server.ready.called)
         self.assertFalse(self.server.bus.connected)
-        self.assertTrue([text for text in log if "a TLS port without --redis-tls" in text])
+        self.assertTrue([text for text in log.details() if "a TLS port without --redis-tls" in text])
 
 
 # -- MySQL TLS ------------------------------------------------------------------
@@ -547,7 +537,7 @@ class SecretsTests(SecuredRedisTestCase):
 
     @defer.inlineCallbacks
     def test_start_serve_restart_and_stop_log_no_secret(self):
-        log = capture_log(self)
+        log = LogCapture(self)
         server = yield self.start()
         client = yield self.client(password=REDIS_SECRET)
         yield self.round_trip(client)
@@ -556,22 +546,22 @@ class SecretsTests(SecuredRedisTestCase):
         for _ in range(300):
             if server.bus.connected:
                 break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield sleep(0.01)
         yield server.stopService()
         self.assertGreater(len(log), 5)
-        self.assertTrue(any("serving" in text for text in log))
-        self.assertNoSecret("\n".join(log))
+        self.assertTrue(any("serving" in text for text in log.details()))
+        self.assertNoSecret("\n".join(log.details()))
 
     @defer.inlineCallbacks
     def test_failed_starts_log_no_secret(self):
-        log = capture_log(self)
+        log = LogCapture(self)
         for settings in (dict(redis_password="wrong-" + REDIS_SECRET),
                          dict(mysql_password="wrong-" + MYSQL_SECRET)):
             result = yield self.start(**settings)
             self.assertIsInstance(result, StartFailed)
             self.assertNoSecret(str(result.value))
             self.assertNoSecret(result.getTraceback())
-        self.assertNoSecret("\n".join(log))
+        self.assertNoSecret("\n".join(log.details()))
         self.flushLoggedErrors()
 
     def test_repr_of_settings(self):

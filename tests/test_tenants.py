@@ -15,9 +15,8 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import cli, wire
@@ -28,7 +27,7 @@ from eventsource.config import Config
 from eventsource.service import EventSourceService
 from eventsource.testing import MemoryBus, MemoryStore
 from tests.redis_server import RedisServer
-from tests.support import IntegrationTestCase, WireClient, unique
+from tests.support import IntegrationTestCase, LogCapture, WireClient, sleep, unique
 from tests.test_cli import CommandTestCase
 from tests.test_security import SecuredRedisTestCase, StartFailed, connect_client
 
@@ -40,13 +39,6 @@ def persist_body(channel):
 
 def fetch_body(channel, select=None, **extra):
     return json.dumps({"channel": channel, "query": {"$select": select or {}}, **extra})
-
-
-def capture_log(testcase):
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
 
 
 class GlobTests(SynchronousTestCase):
@@ -145,7 +137,7 @@ class ServiceTestCase(SynchronousTestCase):
                                           bus=self.bus.attach, store=self.store)
         self.service.startService()
         self.successResultOf(self.service.ready)
-        self.log = capture_log(self)
+        self.log = LogCapture(self)
         return self.service
 
     def send(self, channel, body):
@@ -498,7 +490,7 @@ class TenantACLTests(SecuredRedisTestCase):
         for _ in range(500):
             if self.server.bus.connected:
                 break
-            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield sleep(0.01)
         self.assertEqual(self.redis.cli("PUBSUB", "NUMPAT", user="watcher",
                                         password="watcher-pass"), "3")
         app1 = yield self.tenant("app1")
