@@ -178,6 +178,16 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
     ]
 
 
+def _summary(summarize: Callable[[str], dict[str, Any]], path: str, missing: str,
+             **extra: Any) -> dict[str, Any]:
+    """What ``summarize`` reads from ``path``, with ``extra``; ``missing`` if it is not there."""
+    if not os.path.exists(path):
+        raise BenchError(missing)
+    summary = summarize(path)
+    summary.update(extra)
+    return summary
+
+
 @defer.inlineCallbacks
 def run_profiles(run: Run, log: Callable[[str], None]
                  ) -> Generator["defer.Deferred[Any]", Any, dict[str, Any]]:
@@ -200,11 +210,9 @@ def run_profiles(run: Run, log: Callable[[str], None]
             what, seconds = yield scenario()
         finally:
             yield run.stop_server()
-        if not os.path.exists(path):
-            raise BenchError(f"the profiled server wrote no {path}")
-        summary = profile_summary(path)
-        summary.update(what=what, seconds=seconds, stats_file=path)
-        results["cprofile"][name] = summary
+        results["cprofile"][name] = _summary(
+            profile_summary, path, f"the profiled server wrote no {path}",
+            what=what, seconds=seconds, stats_file=path)
         if pyspy is None:
             continue
         log(f"profile: {name}, py-spy")
@@ -223,9 +231,7 @@ def run_profiles(run: Run, log: Callable[[str], None]
         finally:
             yield spy.stop(how=signal.SIGINT)
             yield run.stop_server()
-        if not os.path.exists(path):
-            raise BenchError(f"py-spy wrote no {path}:\n{spy.log_tail()}")
-        summary = pyspy_summary(path)
-        summary.update(what=what, seconds=seconds, samples_file=path)
-        results["py-spy"][name] = summary
+        results["py-spy"][name] = _summary(
+            pyspy_summary, path, f"py-spy wrote no {path}:\n{spy.log_tail()}",
+            what=what, seconds=seconds, samples_file=path)
     return results

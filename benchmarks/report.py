@@ -23,22 +23,22 @@ TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
 )
 
 
+#: each ratio: (key, figure, the figure it is divided by)
+RATIOS = (
+    ("fetch_1_stream_vs_pingpong_1_pair", "fetch_1_stream_rows_per_s", "pingpong_1_pair_rt_per_s"),
+    ("fetch_100_streams_vs_pingpong_100_pairs", "fetch_100_streams_rows_per_s",
+     "pingpong_100_pairs_rt_per_s"),
+    ("fetch_window_100_vs_fetch_1_stream", "fetch_window_100_rows_per_s",
+     "fetch_1_stream_rows_per_s"),
+    ("fetch_window_100_vs_select", "fetch_window_100_rows_per_s", "select_rows_per_s"),
+    ("persist_50_vs_insert_8_connections", "persist_50_per_s", "insert_8_connections_per_s"),
+    ("persist_1_vs_insert_1_connection", "persist_1_per_s", "insert_1_connection_per_s"),
+)
+
+
 def ratios(f: dict[str, float]) -> dict[str, float]:
-    """The ratios of the targets, within one repetition."""
-    return {
-        "fetch_1_stream_vs_pingpong_1_pair":
-            f["fetch_1_stream_rows_per_s"] / f["pingpong_1_pair_rt_per_s"],
-        "fetch_100_streams_vs_pingpong_100_pairs":
-            f["fetch_100_streams_rows_per_s"] / f["pingpong_100_pairs_rt_per_s"],
-        "fetch_window_100_vs_fetch_1_stream":
-            f["fetch_window_100_rows_per_s"] / f["fetch_1_stream_rows_per_s"],
-        "fetch_window_100_vs_select":
-            f["fetch_window_100_rows_per_s"] / f["select_rows_per_s"],
-        "persist_50_vs_insert_8_connections":
-            f["persist_50_per_s"] / f["insert_8_connections_per_s"],
-        "persist_1_vs_insert_1_connection":
-            f["persist_1_per_s"] / f["insert_1_connection_per_s"],
-    }
+    """The ratios of :data:`RATIOS`, within one repetition."""
+    return {key: f[figure] / f[floor] for key, figure, floor in RATIOS}
 
 
 #: (key, label, unit, format, how several repetitions combine)
