@@ -421,12 +421,11 @@ class BusState(enum.Enum):
 
 
 _S = BusState
-#: the states in which the publisher is ready (publish works)
-PUBLISHING = (_S.STARTING_SUBSCRIBER, _S.SERVING, _S.RESUBSCRIBING)
 
 #: every input, each fired from one place: ``start_asked``/``stop_asked``
 #: (:meth:`RedisBus.start`/:meth:`RedisBus.stop`), ``publisher_ready``/
-#: ``subscriber_ready``/``refused`` (the handshake, in ``prepareConnection``),
+#: ``subscriber_ready``/``refused`` (the handshake, in ``prepareConnection``;
+#: a success on the next turn),
 #: ``publisher_lost``/``subscriber_lost`` (a ready connection dropped),
 #: ``stopped`` (both services stopped)
 INPUTS = ("start_asked", "stop_asked", "publisher_ready", "subscriber_ready", "refused",
