@@ -1,17 +1,23 @@
 """
 The Redis boundary: one subscriber connection and one publisher connection.
 
-Each connection runs the same handshake every time it is made, at start and
-after every reconnect: ``AUTH`` (with the ACL user when one is configured),
-then, on the subscriber, ``SUBSCRIBE`` to each request channel (in tenant
-mode ``PSUBSCRIBE`` to each request pattern, ``<prefix>*:<kind>``).
-txredisapi does neither of these for us in a way a server can live with: it
-does not re-subscribe after a reconnect, and when ``AUTH`` fails it stops
-reconnecting for good, silently.  Here a refused handshake at start fails
-the start with a sentence naming the cause (wrong password, missing ACL
-permission, TLS verification); after the server has served, the same
-refusal (a restarted Redis still loading, an ACL being changed) is logged
-and retried with the usual backoff.
+Each connection is kept up by its own ``ClientService``, whose
+``prepareConnection`` hook runs the handshake every time the connection is
+made: ``AUTH`` (with the ACL user when one is configured), then on the
+publisher a ``PING`` and the check of Redis's limits, on the subscriber one
+``SUBSCRIBE`` per request channel (in tenant mode one ``PSUBSCRIBE`` per
+request pattern, ``<prefix>*:<kind>``).  A refused handshake is an ordinary
+failed attempt: the ``ClientService`` closes nothing and counts it, so the
+next attempt waits the usual backoff.  txredisapi re-subscribes nothing after
+a reconnect and gives up for good when ``AUTH`` fails, hence our own handshake.
+
+The life of the two connections together is one small machine
+(:data:`TRANSITIONS`): the subscriber's service runs only while the
+publisher is ready, so the server never takes a request it could not answer.
+A refusal before the bus first served fails :meth:`RedisBus.start` with a
+sentence naming the cause (wrong password, missing ACL permission, TLS
+verification); once it has served, the same refusal (a restarted Redis still
+loading, an ACL being changed) is logged and retried.
 
 One ``SUBSCRIBE`` (or ``PSUBSCRIBE``) per channel: several in one call put
 txredisapi's replies out of step.  Numbers are never converted
@@ -26,20 +32,31 @@ replies, so many publishes pipeline on one connection.  While Redis is away
 publishing fails at once instead of queueing without bound.
 """
 
+from __future__ import annotations
+
+import enum
 import math
 import random
 import re
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Optional, Union, cast
 
 import txredisapi
+from transitions import Machine
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from eventsource.config import Config
 from eventsource.interfaces import IEventBus
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+    from twisted.internet.ssl import Certificate
 
 log = Logger()
 
@@ -58,23 +75,31 @@ CONNECT_TIMEOUT = 5
 #: how many refused reply channels are remembered, so that each is logged once
 REFUSED_REMEMBERED = 1000
 
-
-class ReplyChannelRefused(Exception):
-    """Redis refused the server's user a reply channel (an ACL ``NOPERM``)."""
-
-
 #: seconds the start-up check of Redis's limits may take before it is skipped
 CONFIG_TIMEOUT = 5
 
 _MB = 1024 * 1024
 
 
-def _mb(size):
+class ReplyChannelRefused(Exception):
+    """Redis refused the server's user a reply channel (an ACL ``NOPERM``)."""
+
+
+class RedisUnavailable(ConnectionError):
+    """There is no live connection to Redis right now."""
+
+
+class RedisRefused(ConnectionError):
+    """Redis (or its TLS layer) refused the connection's handshake."""
+
+
+def _mb(size: int) -> str:
     """A size in whole megabytes, rounded up, as redis.conf writes it."""
     return f"{max(1, -(-size // _MB))}mb"
 
 
-def redis_limit_warnings(config, output_buffer_limit, proto_max_bulk_len):
+def redis_limit_warnings(config: Config, output_buffer_limit: str,
+                         proto_max_bulk_len: Union[str, int]) -> list[str]:
     """
     What is wrong, for this server's limits, with Redis's settings (the
     values of ``CONFIG GET client-output-buffer-limit`` and ``CONFIG GET
@@ -122,48 +147,118 @@ def redis_limit_warnings(config, output_buffer_limit, proto_max_bulk_len):
     return warnings
 
 
-class RedisUnavailable(ConnectionError):
-    """There is no live connection to Redis right now."""
+def retry_delay(attempt: int, max_delay: float) -> float:
+    """
+    The ``ClientService`` retry policy: seconds to wait after ``attempt``
+    failed attempts in a row (a refused handshake counts as one), from
+    :data:`INITIAL_DELAY` growing by e up to ``max_delay``, with
+    :data:`JITTER`.
+    """
+    initial = min(INITIAL_DELAY, max_delay)
+    delay = min(initial * math.e ** min(attempt - 1, 100), max_delay)
+    return max(0.0, random.normalvariate(delay, delay * JITTER))
 
 
-class RedisRefused(ConnectionError):
-    """Redis (or its TLS layer) refused the connection's handshake."""
-
-
-def _is_no_permission(error):
+def _is_no_permission(error: object) -> bool:
     return str(error).startswith("NOPERM")
 
 
-def _describe(error):
+def _describe(error: Union[BaseException, Failure]) -> str:
     """A one-line description of a handshake failure, safe to log (no secrets)."""
-    if isinstance(error, Failure):
-        error = error.value
-    text = str(error) or type(error).__name__
+    value = error.value if isinstance(error, Failure) else error
+    text = str(value) or type(value).__name__
     return re.sub(r"\s+", " ", text)[:300]
 
 
-class _Handshaking:
-    """What both of our protocols add to txredisapi's: the handshake and its reporting."""
-
-    #: true once AUTH (and, on the subscriber, SUBSCRIBE) succeeded
-    handshaken = False
-
-    def connectionMade(self):
-        # The factory passes no password to txredisapi, so its own
-        # connectionMade is done at once and never calls stopTrying().
-        d = super().connectionMade()
-        d.addCallback(lambda _: self.factory.bus._connection_made(self) if self.connected else None)
-        return d
-
-    def connectionLost(self, why):
-        super().connectionLost(why)
-        self.factory.bus._connection_lost(self, why)
+def _is_tls_failure(why: Optional[Failure]) -> bool:
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover
+        return False
+    return why is not None and isinstance(why.value, SSL.Error)
 
 
-class _Subscriber(_Handshaking, txredisapi.SubscriberProtocol):
+class RefusedChannels:
+    """
+    Reply channels the server's Redis user may not use (the client named a
+    channel the ACL does not give us): that request cannot be answered,
+    nothing else is wrong.  One warning per channel, the latest remembered.
+    """
+
+    def __init__(self) -> None:
+        self._channels: OrderedDict[str, None] = OrderedDict()
+
+    def report(self, channel: str, action: str, error: BaseException) -> None:
+        channels = self._channels
+        if channel in channels:
+            channels.move_to_end(channel)
+            return
+        channels[channel] = None
+        if len(channels) > REFUSED_REMEMBERED:
+            channels.popitem(last=False)
+        log.warn("Redis refused to let the server {action} reply channel {channel}: "
+                 "{reason}", action=action, channel=channel, reason=_describe(error))
+
+    def publish_refused(self, channel: str, error: BaseException) -> None:
+        """A ``PUBLISH`` on ``channel`` was refused."""
+        if _is_no_permission(error):
+            self.report(channel, "publish on", error)
+        else:
+            log.error("Redis refused a PUBLISH on {channel}: {error}", channel=channel,
+                      error=_describe(error))
+
+
+def _safe_delivery(on_message: Callable[[str, Any], object]) -> Callable[[str, Any], None]:
+    """``on_message``, made unable to take the subscriber connection down with a bug."""
+    def deliver(channel: str, body: Any) -> None:
+        try:
+            on_message(channel, body)
+        except Exception:
+            log.failure("unhandled error handling a message on {channel}", channel=channel)
+    return deliver
+
+
+class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
+    """
+    Builds one kind of our protocols and hands them what they report to:
+    ``deliver`` (messages, on the subscriber), ``request_channels``, and
+    ``publish_refused`` (on the publisher).  Never connects by itself: the
+    bus's ``ClientService`` does.
+    """
+
+    def __init__(self, protocol: type, deliver: Callable[[str, Any], None],
+                 request_channels: frozenset[str],
+                 publish_refused: Callable[[str, BaseException], None]) -> None:
+        super().__init__(None, None, 1, isLazy=True, convertNumbers=False)
+        self.protocol = protocol
+        self.deliver = deliver
+        self.request_channels = request_channels
+        self.publish_refused = publish_refused
+
+
+class _Remembering:
+    """What both protocols add: why the connection was lost (a TLS failure says only that)."""
+
+    lost_reason: Optional[Failure] = None
+
+    @property
+    def itself(self) -> Any:
+        """This protocol, also when reached through ``ClientService``'s proxy (kept for publishing)."""
+        return self
+
+    def connectionLost(self, why: Failure) -> None:
+        self.lost_reason = why
+        super().connectionLost(why)  # type: ignore[misc]
+
+
+#: what a client may say on a reply channel, as it arrives and as it is delivered
+_CONTROL_WORDS = {b'"accepted"': '"accepted"', b'"end"': '"end"'}
+
+
+class _Subscriber(_Remembering, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     role = "subscriber"
 
-    def dataReceived(self, data, unpause=False):
+    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
         """
         The hot path of every message: published messages are handled here,
         straight from hiredis' reader, without txredisapi's per-element
@@ -177,8 +272,8 @@ class _Subscriber(_Handshaking, txredisapi.SubscriberProtocol):
             return super().dataReceived(data, unpause)
         if data:
             reader.feed(data)
-        requests = self.factory.bus._request_channels
-        deliver = self.factory.bus._deliver
+        requests = self.factory.request_channels
+        deliver = self.factory.deliver
         reply = reader.gets()
         while reply is not False:
             if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
@@ -203,24 +298,21 @@ class _Subscriber(_Handshaking, txredisapi.SubscriberProtocol):
             else:
                 self.replyReceived(self.tryConvertData(reply))
             reply = reader.gets()
+        return None
 
-    def messageReceived(self, pattern, channel, message):
-        self.factory.bus._deliver(channel, message)
-
-
-#: what a client may say on a reply channel, as it arrives and as it is delivered
-_CONTROL_WORDS = {b'"accepted"': '"accepted"', b'"end"': '"end"'}
+    def messageReceived(self, pattern: Optional[str], channel: str, message: Any) -> None:
+        self.factory.deliver(channel, message)
 
 
-class _Publisher(_Handshaking, txredisapi.RedisProtocol):
+class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     role = "publisher"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: the channel of each publish whose reply is still to come
-        self._unanswered = deque()
+        self._unanswered: deque[str] = deque()
 
-    def publish_nowait(self, channel, body):
+    def publish_nowait(self, channel: str, body: str) -> None:
         """
         ``PUBLISH`` without a Deferred: the command is written as it is and
         its reply (the number of receivers, which the server never needs)
@@ -229,62 +321,39 @@ class _Publisher(_Handshaking, txredisapi.RedisProtocol):
         belongs to one of these.
         """
         self._unanswered.append(channel)
-        channel = channel.encode("utf-8")
-        body = body.encode("utf-8")
+        name = channel.encode("utf-8")
+        data = body.encode("utf-8")
         self.transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                             % (len(channel), channel, len(body), body))
+                             % (len(name), name, len(data), data))
 
-    def replyReceived(self, reply):
+    def replyReceived(self, reply: Any) -> None:
         if self._unanswered:
             channel = self._unanswered.popleft()
             if isinstance(reply, Exception):
-                self.factory.bus._publish_refused(channel, reply)
+                self.factory.publish_refused(channel, reply)
             return
         super().replyReceived(reply)
 
 
-class _Link:
+def _abandon(protocol: Any) -> None:
     """
-    One of the bus's two connections: a txredisapi factory (which builds the
-    protocol) kept connected by our own ``ClientService``, so the bus can
-    cut a backoff short when the other connection shows Redis is back.
+    Close a connection whose handshake failed, without telling its
+    ``ClientService`` when it is gone.  The service counted the failed
+    ``prepareConnection`` as a failed attempt already, but leaves the
+    connection open, and a loss reported after that has no transition in its
+    machine (Twisted 26.10 raises ``NoTransition`` from ``connectionLost``):
+    so the report of this one loss is cut off at the service's proxy.
     """
-
-    def __init__(self, bus, protocol, endpoint, config, clock):
-        self.role = protocol.role
-        self.factory = txredisapi.RedisFactory(None, None, 1, isLazy=True, convertNumbers=False)
-        self.factory.protocol = protocol
-        self.factory.bus = bus
-        self.initial_delay = min(INITIAL_DELAY, config.redis_max_delay)
-        self.max_delay = config.redis_max_delay
-        #: consecutive refused handshakes: a connection that is made and then
-        #: refused must not reset the backoff and hammer Redis
-        self.refusals = 0
-        #: the connected protocol (handshaken or not), if any
-        self.protocol = None
-        #: the protocol once its handshake succeeded
-        self.ready = None
-        self.service = ClientService(endpoint, self.factory, retryPolicy=self._delay, clock=clock)
-
-    def _delay(self, attempt):
-        attempt = max(attempt, self.refusals)
-        delay = min(self.initial_delay * math.e ** min(attempt - 1, 100), self.max_delay)
-        return max(0.0, random.normalvariate(delay, delay * JITTER))
-
-    def start(self):
-        self.service.startService()
-
-    def stop(self):
-        return self.service.stopService()
-
-    def hurry(self):
-        """Redis is back (the other connection got through): try now, not after the backoff."""
-        if self.protocol is None and self.service.running:
-            self.service.stopService()
-            self.service.startService()
+    protocol._lostNotification = _ignore_loss
+    if protocol.lost_reason is None:
+        protocol.transport.loseConnection()
 
 
-def _load_certificates(path):
+def _ignore_loss(reason: Failure) -> None:
+    pass
+
+
+def _load_certificates(path: str) -> list[Certificate]:
     """Every certificate of a PEM file (a CA bundle may hold several)."""
     from twisted.internet import ssl
 
@@ -297,7 +366,7 @@ def _load_certificates(path):
     return [ssl.Certificate.loadPEM(block) for block in blocks]
 
 
-def tls_options(config):
+def tls_options(config: Config) -> IOpenSSLClientConnectionCreator:
     """
     The client TLS options for Redis: the server's certificate is checked
     against ``redis_tls_ca`` (the system's trust store when none is given)
@@ -308,7 +377,8 @@ def tls_options(config):
 
     trust = None
     if config.redis_tls_ca:
-        trust = ssl.trustRootFromCertificates(_load_certificates(config.redis_tls_ca))
+        trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+            _load_certificates(config.redis_tls_ca))
     client_cert = None
     if config.redis_tls_cert:
         with open(config.redis_tls_cert, "rb") as cert:
@@ -316,26 +386,108 @@ def tls_options(config):
         if config.redis_tls_key:
             with open(config.redis_tls_key, "rb") as key:
                 pem += b"\n" + key.read()
-        client_cert = ssl.PrivateCertificate.loadPEM(pem)
+        client_cert = ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call]
     return ssl.optionsForClientTLS(config.redis_host, trustRoot=trust,
                                    clientCertificate=client_cert)
 
 
-def redis_endpoint(reactor, config):
+def redis_endpoint(reactor: Any, config: Config) -> IStreamClientEndpoint:
     """The client endpoint for the configured Redis, with TLS when asked for."""
-    endpoint = HostnameEndpoint(reactor, config.redis_host, config.redis_port,
-                                timeout=CONNECT_TIMEOUT)
+    # (casts: mypy does not see zope's @implementer without the mypy-zope plugin)
+    endpoint = cast(IStreamClientEndpoint, HostnameEndpoint(
+        reactor, config.redis_host, config.redis_port, timeout=CONNECT_TIMEOUT))
     if not config.redis_tls:
         return endpoint
     return wrapClientTLS(tls_options(config), endpoint)
 
 
-def _is_tls_failure(why):
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover
-        return False
-    return why is not None and why.check(SSL.Error) is not None
+class BusState(enum.Enum):
+    """The states of the bus's two connections taken together."""
+
+    #: not started, or stopped
+    IDLE = "idle"
+    #: started, never served yet: the publisher connects (a refusal fails the start)
+    STARTING = "starting"
+    #: started, never served yet: the publisher is ready, the subscriber connects
+    STARTING_SUBSCRIBER = "starting-subscriber"
+    #: both connections ready: requests are taken and answered
+    SERVING = "serving"
+    #: a connection was lost after serving: the publisher reconnects
+    AWAY = "away"
+    #: a connection was lost after serving: the publisher is ready, the subscriber reconnects
+    RESUBSCRIBING = "resubscribing"
+    #: both services stopping
+    STOPPING = "stopping"
+
+
+_S = BusState
+
+#: every input, each fired from one place: ``start_asked``/``stop_asked``
+#: (:meth:`RedisBus.start`/:meth:`RedisBus.stop`), ``publisher_ready``/
+#: ``subscriber_ready``/``refused`` (the handshake, in ``prepareConnection``;
+#: a success on the next turn),
+#: ``publisher_lost``/``subscriber_lost`` (a ready connection dropped),
+#: ``stopped`` (both services stopped)
+INPUTS = ("start_asked", "stop_asked", "publisher_ready", "subscriber_ready", "refused",
+          "publisher_lost", "subscriber_lost", "stopped")
+
+# The whole transition table.  The subscriber's service runs only in the
+# states where the publisher is ready; leaving them stops it.
+TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": "start_asked", "source": _S.IDLE, "dest": _S.STARTING,
+     "after": "start_publisher"},
+
+    {"trigger": "publisher_ready", "source": _S.STARTING, "dest": _S.STARTING_SUBSCRIBER,
+     "before": "keep_publisher", "after": "start_subscriber"},
+    {"trigger": "publisher_ready", "source": _S.AWAY, "dest": _S.RESUBSCRIBING,
+     "before": "keep_publisher", "after": "start_subscriber"},
+
+    {"trigger": "subscriber_ready", "source": _S.STARTING_SUBSCRIBER, "dest": _S.SERVING,
+     "before": "keep_subscriber", "after": "report_started"},
+    {"trigger": "subscriber_ready", "source": _S.RESUBSCRIBING, "dest": _S.SERVING,
+     "before": "keep_subscriber", "after": "report_back"},
+
+    # a refused handshake: the start fails; once served, it is retried
+    {"trigger": "refused", "source": [_S.STARTING, _S.STARTING_SUBSCRIBER],
+     "dest": _S.STOPPING, "after": "fail_start"},
+    {"trigger": "refused", "source": [_S.AWAY, _S.RESUBSCRIBING], "dest": None,
+     "before": "report_refusal"},
+
+    # requests taken without a publisher could not be answered: no subscriber without one
+    {"trigger": "publisher_lost", "source": _S.SERVING, "dest": _S.AWAY,
+     "after": "report_lost"},
+    {"trigger": "publisher_lost", "source": _S.RESUBSCRIBING, "dest": _S.AWAY},
+    {"trigger": "publisher_lost", "source": _S.STARTING_SUBSCRIBER, "dest": _S.STARTING},
+    {"trigger": "subscriber_lost", "source": _S.SERVING, "dest": _S.RESUBSCRIBING,
+     "after": "report_lost"},
+
+    {"trigger": "stop_asked", "source": [_S.STARTING, _S.STARTING_SUBSCRIBER, _S.SERVING,
+                                         _S.AWAY, _S.RESUBSCRIBING], "dest": _S.STOPPING},
+    {"trigger": "stopped", "source": _S.STOPPING, "dest": _S.IDLE},
+
+    # Late reports, ignored: a subscriber dropped because its publisher was
+    # (its loss may come once the publisher is back), handshakes done as the
+    # bus stopped or dropped them, and the connections of a bus that stops
+    # or stopped.
+    {"trigger": "publisher_ready", "source": [_S.STOPPING, _S.IDLE], "dest": None},
+    {"trigger": "subscriber_ready", "source": [_S.STARTING, _S.AWAY, _S.STOPPING, _S.IDLE],
+     "dest": None},
+    {"trigger": "subscriber_lost", "source": [_S.STARTING, _S.STARTING_SUBSCRIBER, _S.AWAY,
+                                              _S.RESUBSCRIBING, _S.STOPPING, _S.IDLE],
+     "dest": None},
+    {"trigger": "publisher_lost", "source": [_S.STOPPING, _S.IDLE], "dest": None},
+    {"trigger": "refused", "source": [_S.STOPPING, _S.IDLE], "dest": None},
+]
+
+STATES: list[dict[str, Any]] = [
+    {"name": _S.IDLE},
+    {"name": _S.STARTING, "on_enter": ["forget_publisher", "stop_subscriber"]},
+    {"name": _S.STARTING_SUBSCRIBER},
+    {"name": _S.SERVING, "on_exit": "forget_subscriber"},
+    {"name": _S.AWAY, "on_enter": ["forget_publisher", "stop_subscriber"]},
+    {"name": _S.RESUBSCRIBING},
+    {"name": _S.STOPPING, "on_enter": ["forget_publisher", "stop_services"]},
+]
 
 
 @implementer(IEventBus)
@@ -344,180 +496,258 @@ class RedisBus:
     Pub/sub with the outside world.
 
     The bus serves (subscribes to the request channels) only while both of
-    its connections are up: the subscriber subscribes once the publisher
-    is ready, and drops its connection when the publisher loses its own, so
-    no request is taken that could not be answered.
+    its connections are up: the subscriber connects once the publisher is
+    ready, and is dropped when the publisher is lost, so no request is
+    taken that could not be answered.
 
     :param on_message: ``on_message(channel, body)`` for every message on a
         subscribed channel.
-    :param on_connection_lost: called when the subscriber connection drops
-        (reply channels are not re-subscribed: their streams must end).
+    :param on_connection_lost: called when the bus stops serving because a
+        connection dropped (reply channels are not re-subscribed: their
+        streams must end).
     :param on_ready: called each time the request channels are subscribed
         (at start and after every reconnect).
+    :param endpoint: where Redis is (:func:`redis_endpoint` of the config
+        when omitted; tests pass a memory reactor's).
     """
 
-    def __init__(self, config, reactor, on_message, on_connection_lost=None, on_ready=None):
+    state: BusState
+
+    def __init__(self, config: Config, reactor: Any,
+                 on_message: Callable[[str, Any], object],
+                 on_connection_lost: Optional[Callable[[], object]] = None,
+                 on_ready: Optional[Callable[[], object]] = None,
+                 endpoint: Optional[IStreamClientEndpoint] = None) -> None:
         self._config = config
         self._reactor = reactor
-        self._on_message = on_message
         self._on_connection_lost = on_connection_lost
         self._on_ready = on_ready
-        self._links = {}
-        self._starting = {}
-        self._publisher_waiters = []
-        self._stopping = False
-        self._request_channels = frozenset(
-            () if config.tenants else config.request_channels.values())
-        #: reply channels Redis refused us lately (logged once each)
-        self._refused_channels = OrderedDict()
-        #: when the subscriber was last lost (reactor seconds), for the log
-        self._lost_at = None
+        self._endpoint = endpoint
+        self._refused_channels = RefusedChannels()
+        deliver = _safe_delivery(on_message)
+        requests = frozenset(() if config.tenants else config.request_channels.values())
+        self._factories = {
+            protocol.role: _Factory(protocol, deliver, requests,
+                                    self._refused_channels.publish_refused)
+            for protocol in (_Subscriber, _Publisher)}
+        self._services: dict[str, ClientService] = {}
+        # The machine's state data: the ready protocols (the publisher in
+        # PUBLISHING, the subscriber in SERVING), the pending start, the
+        # pending stop, and since when Redis was away (for the log).
+        self._publisher: Any = None
+        self._subscriber: Any = None
+        self._started: Optional[defer.Deferred[None]] = None
+        self._stopping: Optional[defer.Deferred[Any]] = None
+        self._away_since: Optional[float] = None
+        self._machine = Machine(model=self, states=STATES, transitions=TRANSITIONS,
+                                initial=_S.IDLE, auto_transitions=False,
+                                ignore_invalid_triggers=False, queued=True)
+
+    def _input(self, name: str, *args: Any) -> None:
+        self._machine.events[name].trigger(self, *args)
 
     # -- life cycle -----------------------------------------------------
 
-    def start(self):
+    def start(self) -> defer.Deferred[None]:
         """
         Connect; fires once the request channels are subscribed and publishing
         works.  Fails (and stops reconnecting) if Redis refuses the
         credentials, the permissions or the TLS handshake; while Redis cannot
         be reached at all it keeps trying.
         """
-        self._stopping = False
-        self._starting = {"subscriber": defer.Deferred(), "publisher": defer.Deferred()}
-        done = defer.gatherResults(list(self._starting.values()), consumeErrors=True)
-        done.addErrback(self._start_failed)
-        endpoint = redis_endpoint(self._reactor, self._config)
-        for protocol in (_Subscriber, _Publisher):
-            self._links[protocol.role] = _Link(self, protocol, endpoint, self._config,
-                                               self._reactor)
-        for link in self._links.values():
-            link.start()
+        self._started = defer.Deferred()
+        started = self._started
+        endpoint = self._endpoint or redis_endpoint(self._reactor, self._config)
+        self._services = {
+            role: ClientService(endpoint, factory,
+                                retryPolicy=self._retry_delay,
+                                clock=self._reactor,
+                                prepareConnection=self._preparer(role))
+            for role, factory in self._factories.items()}
+        self._input("start_asked")
+        return started
+
+    def stop(self) -> defer.Deferred[None]:
+        """Disconnect both connections and stop reconnecting."""
+        if self.state is not _S.IDLE and self.state is not _S.STOPPING:
+            self._input("stop_asked")
+        if self._stopping is None or self.state is _S.IDLE:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def stopped(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._stopping.addBoth(stopped)
         return done
 
-    def _start_failed(self, failure):
-        if failure.check(defer.FirstError):
-            failure = failure.value.subFailure
-        d = self.stop()
-        d.addBoth(lambda _: failure)
-        return d
-
-    def stop(self):
-        """Disconnect both connections and stop reconnecting."""
-        self._stopping = True
-        links, self._links = list(self._links.values()), {}
-        return defer.gatherResults([link.stop() for link in links], consumeErrors=True)
-
     @property
-    def _subscriber(self):
-        link = self._links.get("subscriber")
-        return link.ready if link is not None else None
-
-    @property
-    def _publisher(self):
-        link = self._links.get("publisher")
-        return link.ready if link is not None else None
-
-    @property
-    def connected(self):
+    def connected(self) -> bool:
         """Serving: subscribed to the request channels, and able to publish."""
-        return self._subscriber is not None and self._publisher is not None
+        return bool(self.state is _S.SERVING)
 
-    def _requests_listened(self):
+    def _retry_delay(self, attempt: int) -> float:
+        return retry_delay(attempt, self._config.redis_max_delay)
+
+    def _requests_listened(self) -> Iterable[str]:
         """The request channels, or in tenant mode the request patterns (one per kind)."""
         config = self._config
         return (config.request_patterns if config.tenants else config.request_channels).values()
 
-    def _where(self):
+    def _where(self) -> str:
         return f"{self._config.redis_host}:{self._config.redis_port}"
 
-    def _link_of(self, protocol):
-        link = self._links.get(protocol.role)
-        return link if link is not None and protocol.factory is link.factory else None
+    # -- the machine's actions ------------------------------------------
 
-    # -- connection events ----------------------------------------------
+    def start_publisher(self, *_: Any) -> None:
+        self._services["publisher"].startService()
 
-    def _when_publisher_ready(self):
-        if self._publisher is not None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._publisher_waiters.append(d)
-        return d
+    def start_subscriber(self, *_: Any) -> None:
+        self._services["subscriber"].startService()
+
+    def stop_subscriber(self, *_: Any) -> None:
+        subscriber = self._services["subscriber"]
+        if subscriber.running:
+            subscriber.stopService()
+
+    def stop_services(self, *_: Any) -> None:
+        # (the subscriber first: it takes no request it could not answer)
+        stopping = [service.stopService() for role, service in sorted(self._services.items(),
+                                                                      reverse=True)
+                    if service.running]
+        self._stopping = stopped = defer.gatherResults(stopping, consumeErrors=True)
+        stopped.addBoth(lambda _: self._input("stopped"))
+
+    def keep_publisher(self, protocol: Any) -> None:
+        self._publisher = protocol
+
+    def keep_subscriber(self, protocol: Any) -> None:
+        self._subscriber = protocol
+
+    def forget_publisher(self, *_: Any) -> None:
+        self._publisher = None
+
+    def forget_subscriber(self, *_: Any) -> None:
+        self._subscriber = None
+
+    def report_started(self, *_: Any) -> None:
+        log.info("subscribed to {channels} on Redis {where}",
+                 channels=",".join(self._requests_listened()), where=self._where())
+        if self._on_ready is not None:
+            self._on_ready()
+        started, self._started = self._started, None
+        if started is not None:
+            started.callback(None)
+
+    def report_back(self, *_: Any) -> None:
+        log.info("Redis {where} is back: subscribed again to {channels} after {seconds:.2f} s",
+                 where=self._where(), channels=",".join(self._requests_listened()),
+                 seconds=self._reactor.seconds() - (self._away_since or 0.0))
+        self._away_since = None
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def report_lost(self, role: str) -> None:
+        self._away_since = self._reactor.seconds()
+        log.warn("lost the Redis {role} connection to {where}; reconnecting", role=role,
+                 where=self._where())
+        if self._on_connection_lost is not None:
+            self._on_connection_lost()
+
+    def report_refusal(self, refusal: RedisRefused) -> None:
+        log.error("{refusal}; retrying", refusal=str(refusal), where=self._where())
+
+    def fail_start(self, refusal: RedisRefused) -> None:
+        started, self._started = self._started, None
+        if started is not None and self._stopping is not None:
+            self._stopping.addBoth(lambda _: started.errback(refusal))
+
+    # -- the handshake --------------------------------------------------
+
+    def _preparer(self, role: str) -> Callable[[IProtocol], defer.Deferred[None]]:
+        """The ``prepareConnection`` of ``role``'s service: the handshake, as machine inputs."""
+        def prepare(protocol: Any) -> defer.Deferred[None]:
+            handshake = self._handshake(role, protocol)
+            handshake.addCallbacks(self._handshaken, self._handshake_failed,
+                                   callbackArgs=(role, protocol),
+                                   errbackArgs=(role, protocol))
+            return handshake
+        return prepare
 
     @defer.inlineCallbacks
-    def _connection_made(self, protocol):
-        link = self._link_of(protocol)
-        if link is None:
-            protocol.transport.loseConnection()
-            return
-        link.protocol = protocol
-        for other in self._links.values():
-            if other is not link:
-                other.hurry()
+    def _handshake(self, role: str, protocol: Any) -> Generator[Any, Any, None]:
         config = self._config
-        try:
-            if config.redis_password is not None:
-                if config.redis_user:
-                    yield protocol.execute_command("AUTH", config.redis_user,
-                                                   config.redis_password)
-                else:
-                    yield protocol.execute_command("AUTH", config.redis_password)
-            if protocol.role == "publisher":
-                # proves the connection speaks Redis (not, say, a TLS port)
-                yield protocol.execute_command("PING")
-                # (before anything is published: publish_nowait's replies
-                # would be taken for this command's)
-                yield self._check_limits(protocol)
+        if config.redis_password is not None:
+            if config.redis_user:
+                yield _command(protocol, "AUTH", config.redis_user, config.redis_password)
             else:
-                # Take requests only once their answers can go out.
-                yield self._when_publisher_ready()
-                for channel in self._requests_listened():
-                    if config.tenants:
-                        yield protocol.psubscribe(channel)
-                    else:
-                        yield protocol.subscribe(channel)
-        except Exception as error:
-            if protocol.connected:
-                self._refused(link, protocol, error)
-            return
-        if not protocol.connected or link.protocol is not protocol:
-            return
-        protocol.handshaken = True
-        link.refusals = 0
-        link.ready = protocol
-        if protocol.role == "subscriber":
-            channels = ",".join(self._requests_listened())
-            if self._lost_at is not None:
-                log.info("Redis {where} is back: subscribed again to {channels} after "
-                         "{seconds:.2f} s", where=self._where(), channels=channels,
-                         seconds=self._reactor.seconds() - self._lost_at)
-                self._lost_at = None
-            else:
-                log.info("subscribed to {channels} on Redis {where}",
-                         channels=channels, where=self._where())
-            if self._on_ready is not None:
-                self._on_ready()
+                yield _command(protocol, "AUTH", config.redis_password)
+        if role == "publisher":
+            # proves the connection speaks Redis (not, say, a TLS port)
+            yield _command(protocol, "PING")
+            # (before anything is published: publish_nowait's replies
+            # would be taken for this command's)
+            yield self._check_limits(protocol)
         else:
-            waiters, self._publisher_waiters = self._publisher_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-        starting = self._starting.get(protocol.role)
-        if starting is not None and not starting.called:
-            starting.callback(None)
+            for channel in self._requests_listened():
+                if config.tenants:
+                    yield protocol.psubscribe(channel)
+                else:
+                    yield protocol.subscribe(channel)
+
+    def _handshaken(self, _: object, role: str, protocol: Any) -> None:
+        # The service takes the connection only once this returns: the
+        # machine hears of it on the next turn, so that what the input sets
+        # off (a start's caller stopping the bus at once) finds the service
+        # connected, not half-way (a stop then would leave the connection open).
+        self._reactor.callLater(0, self._ready, role, protocol)
+
+    def _ready(self, role: str, protocol: Any) -> None:
+        if protocol.lost_reason is not None:
+            return  # lost meanwhile: the service saw it, and retries
+        protocol.whenDisconnected().addCallback(lambda _: self._input(f"{role}_lost", role))
+        self._input(f"{role}_ready", protocol.itself)
+
+    def _handshake_failed(self, failure: Failure, role: str, protocol: Any) -> Failure:
+        """Close the connection; a refusal is a machine input (and the attempt's failure)."""
+        _abandon(protocol)
+        if isinstance(failure.value, defer.CancelledError):  # stopped while connecting
+            return failure
+        lost = protocol.lost_reason
+        user = self._config.redis_user or "default"
+        if lost is not None and _is_tls_failure(lost):
+            # TLS verification failures surface only as a lost connection.
+            refusal = RedisRefused(f"Redis {self._where()} refused the {role} connection: "
+                                   f"TLS handshake failed: {_describe(lost)}")
+        elif lost is not None:
+            log.warn("Redis {where} closed the {role} connection during the handshake "
+                     "(a TLS port without --redis-tls, or not Redis at all?); retrying",
+                     where=self._where(), role=role)
+            return failure
+        else:
+            refusal = RedisRefused(f"Redis {self._where()} refused the {role} connection "
+                                   f"(user {user}): {_describe(failure)}")
+        self._input("refused", refusal)
+        raise refusal
 
     @defer.inlineCallbacks
-    def _check_limits(self, protocol):
+    def _check_limits(self, protocol: Any) -> Generator[Any, Any, None]:
         """Warn, with the fix, when Redis's buffer limits are below what the server needs."""
         try:
-            values = []
+            values: list[Optional[str]] = []
             for name in ("client-output-buffer-limit", "proto-max-bulk-len"):
                 d = protocol.execute_command("CONFIG", "GET", name)
                 d.addTimeout(CONFIG_TIMEOUT, self._reactor)
                 reply = yield d
                 values.append(reply[1] if isinstance(reply, list) and len(reply) == 2 else None)
-            if None in values:
+            limit, bulk = values
+            if limit is None or bulk is None:
                 raise ValueError(f"unexpected CONFIG GET replies {values!r}")
-            warnings = redis_limit_warnings(self._config, *values)
+            warnings = redis_limit_warnings(self._config, limit, bulk)
         except Exception as error:
+            if protocol.lost_reason is not None or isinstance(error, defer.CancelledError):
+                raise  # the connection went, or the service stopped: no handshake to finish
             log.warn("could not check Redis {where}'s client-output-buffer-limit and "
                      "proto-max-bulk-len ({error}); make sure they fit the server's limits "
                      "(see docs/OPERATIONS.md)", where=self._where(), error=_describe(error))
@@ -525,69 +755,9 @@ class RedisBus:
         for warning in warnings:
             log.warn("Redis {where}: {problem}", where=self._where(), problem=warning)
 
-    def _refused(self, link, protocol, error):
-        """The handshake failed: a start fails; a running server retries with backoff."""
-        reason = _describe(error)
-        link.refusals += 1
-        starting = self._starting.get(protocol.role)
-        if starting is not None and not starting.called:
-            starting.errback(RedisRefused(
-                f"Redis {self._where()} refused the {protocol.role} connection "
-                f"(user {self._config.redis_user or 'default'}): {reason}"))
-        else:
-            log.error("Redis {where} refused the {role} connection (user {user}): {reason}; "
-                      "retrying", where=self._where(), role=protocol.role,
-                      user=self._config.redis_user or "default", reason=reason)
-        protocol.transport.loseConnection()
-
-    def _connection_lost(self, protocol, why):
-        link = self._link_of(protocol)
-        if link is None or link.protocol is not protocol:
-            return
-        link.protocol = None
-        if not protocol.handshaken and not self._stopping and _is_tls_failure(why):
-            # TLS verification failures surface only as a lost connection.
-            link.refusals += 1
-            reason = f"TLS handshake failed: {_describe(why)}"
-            starting = self._starting.get(protocol.role)
-            if starting is not None and not starting.called:
-                starting.errback(RedisRefused(
-                    f"Redis {self._where()} refused the {protocol.role} connection: {reason}"))
-            else:
-                log.error("Redis {where}: {reason}; retrying", where=self._where(), reason=reason)
-        elif not protocol.handshaken and not self._stopping:
-            log.warn("Redis {where} closed the {role} connection during the handshake "
-                     "(a TLS port without --redis-tls, or not Redis at all?); retrying",
-                     where=self._where(), role=protocol.role)
-        if link.ready is not protocol:
-            return
-        link.ready = None
-        if protocol.role == "publisher":
-            subscriber = self._links.get("subscriber")
-            if subscriber is not None and subscriber.protocol is not None and not self._stopping:
-                # Requests taken now could not be answered: stop taking them
-                # until the publisher is back.
-                subscriber.protocol.transport.loseConnection()
-            return
-        if self._stopping:
-            log.info("disconnected from Redis {where}", where=self._where())
-        else:
-            self._lost_at = self._reactor.seconds()
-            log.warn("lost the Redis subscriber connection to {where}; reconnecting",
-                     where=self._where())
-        if self._on_connection_lost is not None:
-            self._on_connection_lost()
-
-    def _deliver(self, channel, body):
-        try:
-            self._on_message(channel, body)
-        except Exception:
-            # A bug must never take the subscriber connection down with it.
-            log.failure("unhandled error handling a message on {channel}", channel=channel)
-
     # -- pub/sub --------------------------------------------------------
 
-    def publish(self, channel, body):
+    def publish(self, channel: str, body: str) -> None:
         """
         Publish and do not wait (many publishes pipeline on the connection).
         While Redis is away the message is dropped with a log line: the
@@ -602,7 +772,7 @@ class RedisBus:
         except Exception:
             log.failure("could not publish on {channel}", channel=channel)
 
-    def subscribe(self, channel):
+    def subscribe(self, channel: str) -> defer.Deferred[Any]:
         """
         Subscribe to a reply channel; fires when Redis confirmed it, or fails
         with :class:`ReplyChannelRefused` (already logged) when the server's
@@ -612,48 +782,37 @@ class RedisBus:
         if subscriber is None:
             return defer.fail(RedisUnavailable("Redis is not connected"))
         try:
-            d = subscriber.subscribe(channel)
+            d: defer.Deferred[Any] = subscriber.subscribe(channel)
         except Exception as error:
             return defer.fail(error)
         d.addErrback(self._subscribe_failed, channel)
         return d
 
-    def _subscribe_failed(self, failure, channel):
-        if failure.check(txredisapi.ResponseError) and _is_no_permission(failure.value):
-            self._channel_refused(channel, "subscribe to", failure.value)
+    def _subscribe_failed(self, failure: Failure, channel: str) -> Failure:
+        error = failure.value
+        if isinstance(error, txredisapi.ResponseError) and _is_no_permission(error):
+            self._refused_channels.report(channel, "subscribe to", error)
             raise ReplyChannelRefused(
                 f"Redis refused the reply channel {channel}: {_describe(failure)}")
         return failure
 
-    def _publish_refused(self, channel, error):
-        if _is_no_permission(error):
-            self._channel_refused(channel, "publish on", error)
-        else:
-            log.error("Redis refused a PUBLISH on {channel}: {error}", channel=channel,
-                      error=_describe(error))
-
-    def _channel_refused(self, channel, action, error):
-        """
-        The server's Redis user may not use ``channel`` (the client named a
-        channel the ACL does not give us): that request cannot be answered,
-        nothing else is wrong.  One warning per channel.
-        """
-        refused = self._refused_channels
-        if channel in refused:
-            refused.move_to_end(channel)
-            return
-        refused[channel] = None
-        if len(refused) > REFUSED_REMEMBERED:
-            refused.popitem(last=False)
-        log.warn("Redis refused to let the server {action} reply channel {channel}: "
-                 "{reason}", action=action, channel=channel, reason=_describe(error))
-
-    def unsubscribe(self, channel):
+    def unsubscribe(self, channel: str) -> defer.Deferred[Any]:
         """Leave a reply channel (nothing to do when the connection is gone)."""
         subscriber = self._subscriber
         if subscriber is None:
             return defer.succeed(None)
         try:
-            return subscriber.unsubscribe(channel)
+            d: defer.Deferred[Any] = subscriber.unsubscribe(channel)
+            return d
         except Exception as error:
             return defer.fail(error)
+
+
+def _command(protocol: Any, *args: str) -> defer.Deferred[Any]:
+    """A command of the handshake: an error reply fails it, whichever way txredisapi gives it."""
+    def check(reply: Any) -> Any:
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+    d: defer.Deferred[Any] = protocol.execute_command(*args)
+    return d.addCallback(check)

@@ -81,7 +81,7 @@ class DrowningTests(ConfiguredRedisTestCase):
         self.assertEqual([row["data"] for row in small_rows[:-1]], [str(i) for i in range(30)])
         # the server's subscriber connection was never dropped
         self.assertEqual(lost, [])
-        self.assertIsNone(self.server.bus._lost_at)
+        self.assertIsNone(self.server.bus._away_since)
         self.assertNotIn("output buffer limits", self.redis.log_text())
         self.assertEqual(self.server.streams, {})
 

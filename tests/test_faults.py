@@ -19,12 +19,9 @@ import time
 import pymysql
 from twisted.enterprise import adbapi
 from twisted.internet import defer, reactor, task
-from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.protocols import portforward
-from twisted.trial.unittest import SynchronousTestCase
 
-from eventsource.bus import JITTER
 from eventsource.channel import MACHINE
 from eventsource.store import FIRST_PAGE
 from tests.redis_server import PrivateRedisTestCase, RedisServer
@@ -276,7 +273,7 @@ class RedisDropsConnectionsTests(RedisFaultTestCase):
 
     def kill_connection(self, role):
         """``CLIENT KILL`` one of the server's two connections, by its address."""
-        address = self.server.bus._links[role].protocol.transport.getHost()
+        address = getattr(self.server.bus, f"_{role}").transport.getHost()
         self.assertEqual(self.redis.cli("CLIENT", "KILL", f"{address.host}:{address.port}"),
                          "OK")
 
@@ -696,33 +693,3 @@ class TwistdSigtermTests(PrivateRedisTestCase):
         self.assertIn("Main loop terminated", self.log_text())
         self.assertNotIn("Traceback", self.log_text())
 
-
-class BackoffTests(SynchronousTestCase):
-    """The reconnect delays of the Redis connections: short at first, bounded."""
-
-    def link(self, max_delay=2.0):
-        from eventsource.bus import _Link, _Publisher
-        from eventsource.config import Config
-
-        return _Link(bus=None, protocol=_Publisher, endpoint=None,
-                     config=Config(redis_max_delay=max_delay), clock=Clock())
-
-    def test_first_retry_is_quick_and_all_are_bounded(self):
-        link = self.link()
-        first = [link._delay(1) for _ in range(200)]
-        self.assertLess(max(first), 0.1 * (1 + 5 * JITTER))
-        self.assertLess(abs(sorted(first)[100] - 0.1), 0.02)
-        later = [link._delay(attempt) for attempt in range(2, 60) for _ in range(20)]
-        self.assertLess(max(later), 2.0 * (1 + 5 * JITTER))
-        self.assertGreaterEqual(min(later), 0)
-        self.assertLess(abs(sorted(link._delay(30) for _ in range(201))[100] - 2.0), 0.1)
-
-    def test_refused_handshakes_back_off_too(self):
-        link = self.link()
-        link.refusals = 10
-        self.assertLess(abs(sorted(link._delay(1) for _ in range(201))[100] - 2.0), 0.1)
-
-    def test_max_delay_below_the_initial_delay(self):
-        link = self.link(max_delay=0.05)
-        self.assertLess(max(link._delay(a) for a in range(1, 10) for _ in range(50)),
-                        0.05 * (1 + 5 * JITTER))
