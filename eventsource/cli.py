@@ -21,10 +21,11 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import IO, Any, Callable, Dict, List, Mapping, NoReturn, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, react
 
 from eventsource import client as client_module
@@ -33,6 +34,7 @@ from eventsource.client import (
     DEFAULT_REPLY_PREFIX,
     DEFAULT_TIMEOUT,
     TENANT_REPLY_PREFIX,
+    EventSourceClient,
     EventSourceError,
     NoServerError,
     RedisConnectionError,
@@ -94,7 +96,7 @@ def _error_code(error: BaseException) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on standard error, exit 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -280,7 +282,7 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
 # -- commands ---------------------------------------------------------------------
 
 
-def _documents(args, stdin) -> Any:
+def _documents(args: argparse.Namespace, stdin: Optional[IO[str]]) -> Any:
     flags = [args.pid, args.domain, args.name]
     if any(flag is not None for flag in flags) or args.data is not None:
         if not all(flags):
@@ -307,7 +309,7 @@ def _documents(args, stdin) -> Any:
     return documents
 
 
-def fetch_query(args) -> Dict[str, Any]:
+def fetch_query(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``{"$select": ...}`` query the fetch flags describe."""
     simple = {key: value for key, value in
               (("pid", args.pid), ("domain", args.domain), ("name", args.name))
@@ -343,7 +345,8 @@ class Progress:
     for reads that take longer than :data:`PROGRESS_DELAY`.
     """
 
-    def __init__(self, clock, stream, delay=PROGRESS_DELAY, interval=PROGRESS_INTERVAL):
+    def __init__(self, clock: IReactorTime, stream: IO[str], delay: float = PROGRESS_DELAY,
+                 interval: float = PROGRESS_INTERVAL):
         self._clock = clock
         self._stream = stream
         self._delay = delay
@@ -354,18 +357,18 @@ class Progress:
         self._loop.clock = clock
         self._loop.start(interval, now=False)
 
-    def _line(self):
+    def _line(self) -> str:
         elapsed = max(self._clock.seconds() - self._started, 1e-9)
         return f"{self.rows} rows, {self.rows / elapsed:.0f} rows/s, {elapsed:.1f} s"
 
-    def _show(self):
+    def _show(self) -> None:
         if self._clock.seconds() - self._started < self._delay:
             return
         self._shown = True
         self._stream.write("\r" + self._line() + "\x1b[K")
         self._stream.flush()
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop; a read long enough to have shown progress leaves its total."""
         if self._loop.running:
             self._loop.stop()
@@ -395,7 +398,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     widths = [max([len(column)] + [len(line[i]) for line in cells])
               for i, column in enumerate(columns)]
 
-    def line(values):
+    def line(values: List[str]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
 
     lines = [line(columns), line(["-" * w for w in widths])]
@@ -404,14 +407,17 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def _persist(client, args, stdout, documents) -> int:
+async def _persist(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
+                   documents: Any) -> int:
     result = await client.persist(documents, table=args.table)
     stdout.write(json.dumps(result.raw, separators=(",", ":")) + "\n")
     stdout.flush()
     return EXIT_OK
 
 
-async def _fetch(client, args, stdout, stderr, clock, query, holder) -> int:
+async def _fetch(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
+                 stderr: IO[str], clock: IReactorTime, query: Dict[str, Any],
+                 holder: List[Any]) -> int:
     stream = client.fetch(query, window=args.window, raw=args.raw)
     holder.append(stream)
     progress = None
@@ -439,8 +445,10 @@ async def _fetch(client, args, stdout, stderr, clock, query, holder) -> int:
     return EXIT_OK
 
 
-async def execute(reactor, args, stdout, stderr, stdin=None, connect=None,
-                  holder=None) -> int:
+async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stderr: IO[str],
+                  stdin: Optional[IO[str]] = None,
+                  connect: Optional[Callable[..., Any]] = None,
+                  holder: Optional[List[Any]] = None) -> int:
     """
     Run a parsed ``persist`` or ``fetch``; returns the exit status.
 
@@ -488,7 +496,7 @@ async def execute(reactor, args, stdout, stderr, stdin=None, connect=None,
         await client.disconnect()
 
 
-def _silence_stdout(stdout) -> None:
+def _silence_stdout(stdout: IO[str]) -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stdout.fileno())
@@ -496,7 +504,9 @@ def _silence_stdout(stdout) -> None:
         pass
 
 
-async def run(reactor, argv, stdout, stderr, stdin=None, environ=None, connect=None) -> int:
+async def run(reactor: Any, argv: List[str], stdout: IO[str], stderr: IO[str],
+              stdin: Optional[IO[str]] = None, environ: Optional[Mapping[str, str]] = None,
+              connect: Optional[Callable[..., Any]] = None) -> int:
     """The whole ``eventsource`` command for ``argv`` (without the program name)."""
     parser = build_parser(environ)
     try:
@@ -510,19 +520,23 @@ async def run(reactor, argv, stdout, stderr, stdin=None, environ=None, connect=N
     return await execute(reactor, args, stdout, stderr, stdin, connect)
 
 
-async def _react_main(reactor, args):
+async def _react_main(reactor: Any, args: argparse.Namespace) -> None:
     """Under react: run the command; Ctrl-C ends an open fetch with "end" first."""
-    holder = []
-    finished = Deferred()
+    holder: List[Any] = []
+    finished: Deferred[None] = Deferred()
     work = Deferred.fromCoroutine(execute(reactor, args, sys.stdout, sys.stderr, sys.stdin,
                                           holder=holder))
-    work.addBoth(lambda result: (finished.callback(None), result)[1])
+    def done(result: Any) -> Any:
+        finished.callback(None)
+        return result
 
-    def interrupted():
+    work.addBoth(done)
+
+    def interrupted() -> Optional[Deferred[None]]:
         if finished.called:
             return None
         work.cancel()
-        waiting = Deferred()
+        waiting: Deferred[None] = Deferred()
         finished.addBoth(lambda _: waiting.callback(None) if not waiting.called else None)
         return waiting.addTimeout(2, reactor).addErrback(lambda _: None)
 
@@ -561,7 +575,7 @@ def serve(arguments: List[str]) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[List[str]] = None):
+def main(argv: Optional[List[str]] = None) -> None:
     """The console script: ``eventsource COMMAND ...``; exits with the status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:

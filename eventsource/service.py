@@ -2,7 +2,7 @@
 The service that wires Redis, MySQL and the reply-channel machines together.
 
 A message enters at :meth:`EventSourceService.message_received`; SQL is built
-by :mod:`eventsource.query`; rows leave through :class:`eventsource.channel.Stream`
+by :mod:`eventsource.query`; rows leave through :class:`eventsource.stream.Stream`
 and :meth:`eventsource.bus.RedisBus.publish`.  Every failure of one request
 becomes ``"error"``, ``"end"`` on its reply channel (or a log line when it
 has none) and touches nothing else.
@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eventsource import query, wire
-from eventsource.channel import EchoBudget, Stream
+from eventsource.stream import EchoBudget, Stream
 from eventsource.config import Config
 from eventsource.interfaces import IEventBus, IEventStore
 

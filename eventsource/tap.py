@@ -15,11 +15,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
 from twisted.python import usage
 
 from eventsource.config import Config
+
+if TYPE_CHECKING:  # (the service is imported only when it is built)
+    from eventsource.service import EventSourceService
 
 
 # Coerce functions: text in, typed value out, ValueError with the end of a
@@ -280,7 +283,7 @@ def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     @raise usage.UsageError: naming the option, and the variable when the
         bad value came from the environment.
     """
-    values = {}
+    values: Dict[str, Any] = {}
     for setting in SETTINGS:
         given_value = given.get(setting.option)
         if setting.flag and given_value:
@@ -353,7 +356,7 @@ class Options(usage.Options):
         self.config = config_from(self, environ)
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> "EventSourceService":
     """Build the server's service tree from parsed :class:`Options`."""
     # Imported here so that ``twistd eventsource --help`` needs none of it.
     from eventsource.service import make_server

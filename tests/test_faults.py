@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
 from twisted.protocols import portforward
 
-from eventsource.channel import MACHINE
+from eventsource.stream import MACHINE
 from eventsource.store import FIRST_PAGE
 from tests.redis_server import PrivateRedisTestCase, RedisServer
 from tests.support import (

@@ -30,7 +30,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from eventsource import wire
-from eventsource.channel import MACHINE
+from eventsource.stream import MACHINE
 from tests.support import IntegrationTestCase, WireClient, sleep, sql
 
 log = Logger()

@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from tests.support import IntegrationTestCase, sql, unique
-from eventsource.channel import MACHINE
+from eventsource.stream import MACHINE
 
 log = Logger()
 

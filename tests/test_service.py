@@ -8,7 +8,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from eventsource.channel import MACHINE
+from eventsource.stream import MACHINE
 from eventsource.config import Config
 from eventsource.service import EventSourceService
 from eventsource.testing import MemoryBus, MemoryStore

@@ -1,6 +1,6 @@
 """
 The client's requests, as state machines mirroring the server's reply
-channel (:mod:`eventsource.channel`).
+channel (:mod:`eventsource.stream`).
 
 A request is a plain model driven by the one shared :data:`MACHINE` (never
 a ``Machine`` per request; models are not registered with it either, so
@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eventsource.channel import shared_machine
+from eventsource.stream import shared_machine
 from eventsource.client._errors import (
     BadReply,
     EventSourceError,

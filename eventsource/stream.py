@@ -1,5 +1,5 @@
 """
-The reply channel of one fetch, as a state machine.
+The stream of one fetch on its reply channel, as a state machine (:class:`Stream`).
 
 A :class:`Stream` is a plain model driven by one shared ``transitions``
 :data:`MACHINE`.  It knows nothing of Redis or MySQL: it is handed a
@@ -8,7 +8,7 @@ for the next page of rows (answered later through :meth:`Stream.receive` or
 :meth:`Stream.fail`), a clock for its row timer, and a ``closed(stream)``
 function called once when it reaches a terminal state.
 
-States (:class:`ChannelState`)
+States (:class:`StreamState`)
     ``awaiting-row``: the window has room; the stream waits for rows from
     the database (or, with rows buffered, for the echo budget).  ``awaiting-accept``: the window is full (or the last row
     of a version 1 stream is out): the stream waits for the client.
@@ -48,8 +48,8 @@ from transitions import Machine
 from eventsource.wire import END_BODY, ERROR_BODY, TIMEOUT_BODY
 
 
-class ChannelState(enum.Enum):
-    """The states of a reply channel, named as the protocol documentation does."""
+class StreamState(enum.Enum):
+    """The states of a stream, named as the protocol documentation does."""
 
     AWAITING_ROW = "awaiting-row"
     AWAITING_ACCEPT = "awaiting-accept"
@@ -58,10 +58,10 @@ class ChannelState(enum.Enum):
     TIMED_OUT = "timed-out"
 
 
-_ROW = ChannelState.AWAITING_ROW
-_ACCEPT = ChannelState.AWAITING_ACCEPT
+_ROW = StreamState.AWAITING_ROW
+_ACCEPT = StreamState.AWAITING_ACCEPT
 LIVE = (_ROW, _ACCEPT)
-TERMINAL = (ChannelState.ENDED, ChannelState.ERRORED, ChannelState.TIMED_OUT)
+TERMINAL = (StreamState.ENDED, StreamState.ERRORED, StreamState.TIMED_OUT)
 
 INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed", "room_made")
 
@@ -70,7 +70,7 @@ INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed", "r
 # conditions, which look ahead at the result of that, pick where it lands.
 # Transitions are tried in order; the first whose conditions hold wins.
 TRANSITIONS: List[dict[str, Any]] = [
-    {"trigger": "row_ready", "source": _ROW, "dest": ChannelState.ENDED,
+    {"trigger": "row_ready", "source": _ROW, "dest": StreamState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
     {"trigger": "row_ready", "source": _ROW, "dest": _ACCEPT,
      "conditions": "will_wait", "before": "send_rows"},
@@ -78,13 +78,13 @@ TRANSITIONS: List[dict[str, Any]] = [
 
     # (the echo budget had room again for a stream it held back, which
     # waits in awaiting-row with its rows buffered and none unaccepted)
-    {"trigger": "room_made", "source": _ROW, "dest": ChannelState.ENDED,
+    {"trigger": "room_made", "source": _ROW, "dest": StreamState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
     {"trigger": "room_made", "source": _ROW, "dest": _ACCEPT,
      "conditions": "will_wait", "before": "send_rows"},
     {"trigger": "room_made", "source": _ROW, "dest": None, "before": "send_rows"},
 
-    {"trigger": "accepted", "source": LIVE, "dest": ChannelState.ENDED,
+    {"trigger": "accepted", "source": LIVE, "dest": StreamState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
     # (the commonest of all: a row accepted, the next one sent; internal, so
     # no exit/enter work for a state that does not change)
@@ -94,9 +94,9 @@ TRANSITIONS: List[dict[str, Any]] = [
      "conditions": "will_wait", "before": "send_rows"},
     {"trigger": "accepted", "source": LIVE, "dest": _ROW, "before": "send_rows"},
 
-    {"trigger": "client_end", "source": LIVE, "dest": ChannelState.ENDED},
-    {"trigger": "deadline_passed", "source": LIVE, "dest": ChannelState.TIMED_OUT},
-    {"trigger": "failed", "source": LIVE, "dest": ChannelState.ERRORED},
+    {"trigger": "client_end", "source": LIVE, "dest": StreamState.ENDED},
+    {"trigger": "deadline_passed", "source": LIVE, "dest": StreamState.TIMED_OUT},
+    {"trigger": "failed", "source": LIVE, "dest": StreamState.ERRORED},
 ]
 # Terminal states swallow every late input.
 TRANSITIONS += [{"trigger": name, "source": list(TERMINAL), "dest": None} for name in INPUTS]
@@ -104,9 +104,9 @@ TRANSITIONS += [{"trigger": name, "source": list(TERMINAL), "dest": None} for na
 STATES: List[dict[str, Any]] = [
     {"name": _ROW, "on_enter": "want_rows"},
     {"name": _ACCEPT},
-    {"name": ChannelState.ENDED, "on_enter": "close"},
-    {"name": ChannelState.ERRORED, "on_enter": ["send_error", "close"]},
-    {"name": ChannelState.TIMED_OUT, "on_enter": ["send_timeout", "close"]},
+    {"name": StreamState.ENDED, "on_enter": "close"},
+    {"name": StreamState.ERRORED, "on_enter": ["send_error", "close"]},
+    {"name": StreamState.TIMED_OUT, "on_enter": ["send_timeout", "close"]},
 ]
 
 
@@ -202,7 +202,7 @@ class Stream:
     """
 
     # the machine's state and its inputs, which MACHINE.add_model binds
-    state: ChannelState
+    state: StreamState
     row_ready: Callable[[], bool]
     accepted: Callable[[], bool]
     client_end: Callable[[], bool]

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from transitions import MachineError
 
-from eventsource.channel import MACHINE, ChannelState, EchoBudget, Stream
+from eventsource.stream import MACHINE, StreamState, EchoBudget, Stream
 
 END, ERROR, TIMEOUT = '"end"', '"error"', '"timeout"'
 
@@ -47,7 +47,7 @@ class Version1Tests(SynchronousTestCase):
 
     def test_starts_awaiting_row_and_asks_for_rows(self):
         h = Harness()
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.fetches, 1)
         self.assertIs(h.asked_by, h.stream)
         self.assertIn(h.stream, MACHINE.models)
@@ -57,7 +57,7 @@ class Version1Tests(SynchronousTestCase):
         h = Harness()
         h.stream.receive([], True)
         self.assertEqual(h.out, [END])
-        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.state, StreamState.ENDED)
         self.assertEqual(h.closed, [h.stream])
         self.assertNotIn(h.stream, MACHINE.models)
 
@@ -65,13 +65,13 @@ class Version1Tests(SynchronousTestCase):
         h = Harness()
         h.stream.receive(["r1", "r2"], True)
         self.assertEqual(h.out, ["r1"])
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.stream.accept()
         self.assertEqual(h.out, ["r1", "r2"])
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.stream.accept()
         self.assertEqual(h.out, ["r1", "r2", END])
-        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.state, StreamState.ENDED)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_asks_for_next_page_when_buffer_runs_dry(self):
@@ -79,7 +79,7 @@ class Version1Tests(SynchronousTestCase):
         h.stream.receive(["r1"], False)
         self.assertEqual(h.fetches, 1)
         h.stream.accept()
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.fetches, 2)
         h.stream.receive(["r2"], True)
         self.assertEqual(h.out, ["r1", "r2"])
@@ -89,7 +89,7 @@ class Version1Tests(SynchronousTestCase):
     def test_acceptance_with_no_row_pending_is_ignored(self):
         h = Harness()
         h.stream.accept()
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         h.stream.receive(["r1", "r2"], True)
         h.stream.accept(5)  # only one row is out: counts as one
         self.assertEqual(h.out, ["r1", "r2"])
@@ -98,10 +98,10 @@ class Version1Tests(SynchronousTestCase):
         h = Harness(timeout=5)
         h.stream.receive(["r1", "r2"], True)
         h.clock.advance(4.9)
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.clock.advance(0.2)
         self.assertEqual(h.out, ["r1", TIMEOUT])
-        self.assertEqual(h.state, ChannelState.TIMED_OUT)
+        self.assertEqual(h.state, StreamState.TIMED_OUT)
         self.assertEqual(h.closed, [h.stream])
         self.assertNotIn(h.stream, MACHINE.models)
 
@@ -111,14 +111,14 @@ class Version1Tests(SynchronousTestCase):
         h.clock.advance(4)
         h.stream.accept()
         h.clock.advance(4)
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.clock.advance(1.5)
         self.assertEqual(h.out, ["r1", "r2", TIMEOUT])
 
     def test_no_timer_while_waiting_for_the_database(self):
         h = Harness(timeout=5)
         h.clock.advance(60)
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_stale_timer_while_waiting_for_a_page_does_not_time_out(self):
@@ -127,10 +127,10 @@ class Version1Tests(SynchronousTestCase):
         h.clock.advance(4)
         h.stream.accept()  # next page requested; the old deadline (t=5) passes while waiting
         h.clock.advance(3)
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         h.stream.receive(["r2"], True)  # sent at t=7: a full timeout from now
         h.clock.advance(4.9)
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.clock.advance(0.2)
         self.assertEqual(h.out, ["r1", "r2", TIMEOUT])
 
@@ -141,7 +141,7 @@ class Version1Tests(SynchronousTestCase):
                 h.stream.receive(rows, False)
             h.stream.end()
             self.assertEqual(h.out, rows)
-            self.assertEqual(h.state, ChannelState.ENDED)
+            self.assertEqual(h.state, StreamState.ENDED)
             self.assertEqual(h.clock.getDelayedCalls(), [])
             self.assertNotIn(h.stream, MACHINE.models)
 
@@ -150,7 +150,7 @@ class Version1Tests(SynchronousTestCase):
         h.stream.receive(["r1"], False)
         h.stream.fail("boom")
         self.assertEqual(h.out, ["r1", ERROR, END])
-        self.assertEqual(h.state, ChannelState.ERRORED)
+        self.assertEqual(h.state, StreamState.ERRORED)
         self.assertEqual(h.clock.getDelayedCalls(), [])
         self.assertNotIn(h.stream, MACHINE.models)
 
@@ -187,7 +187,7 @@ class WindowTests(SynchronousTestCase):
         h = Harness(window=3)
         h.stream.receive([f"r{i}" for i in range(10)], True)
         self.assertEqual(h.out, ["r0", "r1", "r2"])
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.stream.accept(2)
         self.assertEqual(h.out, ["r0", "r1", "r2", "r3", "r4"])
         h.stream.accept(1)
@@ -196,15 +196,15 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual(h.out[-3:], ["r6", "r7", "r8"])
         h.stream.accept(1)
         self.assertEqual(h.out[-2:], ["r9", END])
-        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.state, StreamState.ENDED)
 
     def test_partial_window_keeps_asking_for_rows(self):
         h = Harness(window=4)
         h.stream.receive(["r0"], False)
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.fetches, 2)
         h.stream.accept()  # acceptance while awaiting a row
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.fetches, 2)  # one page at a time
         h.stream.receive(["r1"], True)
         self.assertEqual(h.out, ["r0", "r1", END])
@@ -216,7 +216,7 @@ class WindowTests(SynchronousTestCase):
         h.stream.receive(["r1", "r2"], False)  # r1 out at t=3
         h.stream.accept()  # r0 accepted; r1 oldest, deadline t=8; r2 out at t=3
         h.clock.advance(4.9)  # t=7.9
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.clock.advance(0.2)
         self.assertEqual(h.out, ["r0", "r1", "r2", TIMEOUT])
 
@@ -224,7 +224,7 @@ class WindowTests(SynchronousTestCase):
         h = Harness(window=5)
         h.stream.receive(["r0", "r1"], False)
         h.stream.accept(100)
-        self.assertEqual(h.stream.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.stream.state, StreamState.AWAITING_ROW)
         h.stream.receive(["r2", "r3", "r4", "r5", "r6", "r7"], False)
         self.assertEqual(h.out, ["r0", "r1", "r2", "r3", "r4", "r5", "r6"])
 
@@ -252,14 +252,14 @@ class WindowBytesTests(SynchronousTestCase):
         h.stream.receive(sent, True)
         self.assertEqual(h.out, sent[:2])  # 80 bytes; a third row would be 120
         self.assertEqual(h.stream.unaccepted_bytes, 80)
-        self.assertEqual(h.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
         h.stream.accept(1)
         self.assertEqual(h.out, sent[:4])  # 40 + 40 + 10
         h.stream.accept(3)
         self.assertEqual(h.out, sent[:5])  # 90 alone
         h.stream.accept(1)
         self.assertEqual(h.out, sent + [END])
-        self.assertEqual(h.state, ChannelState.ENDED)
+        self.assertEqual(h.state, StreamState.ENDED)
 
     def test_a_row_larger_than_the_window_goes_alone(self):
         h = Harness(window=1000, window_bytes=100)
@@ -271,7 +271,7 @@ class WindowBytesTests(SynchronousTestCase):
         self.assertEqual(h.out, big[:2])
         h.stream.accept(1)
         self.assertEqual(h.out, big)
-        self.assertEqual(h.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(h.state, StreamState.AWAITING_ROW)
         self.assertEqual(h.fetches, 2)
 
     def test_non_ascii_rows_count_their_utf8_bytes(self):
@@ -305,7 +305,7 @@ class EchoBudgetTests(SynchronousTestCase):
         c.stream.receive(rows(30, tag="c"), True)
         self.assertEqual((len(a.out), b.out, c.out), (1, [], []))  # c queues behind b
         self.assertEqual(self.budget.used, 60)
-        self.assertEqual(b.state, ChannelState.AWAITING_ROW)
+        self.assertEqual(b.state, StreamState.AWAITING_ROW)
         a.stream.accept()
         # a's next row queues behind b and c; they are woken as a follow-up
         self.assertEqual((len(a.out), b.out, c.out), (1, [], []))
@@ -353,6 +353,6 @@ class EchoBudgetTests(SynchronousTestCase):
         a.stream.accept()
         self.clock.advance(0)
         self.clock.advance(4.9)  # b's row went out at t=4
-        self.assertEqual(b.state, ChannelState.AWAITING_ACCEPT)
+        self.assertEqual(b.state, StreamState.AWAITING_ACCEPT)
         self.clock.advance(0.2)
         self.assertEqual(b.out[-1], TIMEOUT)
