@@ -59,28 +59,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_seconds(text: str) -> float:
-    """A duration in seconds: a finite number greater than 0."""
-    wanted = "a number of seconds greater than 0"
+def _seconds(text: str, wanted: str, zero_allowed: bool) -> float:
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"must be {wanted}, not {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
         raise ValueError(f"must be {wanted}, not {text!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds: a finite number greater than 0."""
+    return _seconds(text, "a number of seconds greater than 0", zero_allowed=False)
 
 
 def seconds_or_off(text: str) -> float:
     """A duration in seconds, or 0 for no limit: a finite number of at least 0."""
-    wanted = "a number of seconds (0 for no limit)"
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"must be {wanted}, not {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"must be {wanted}, not {text!r}")
-    return value
+    return _seconds(text, "a number of seconds (0 for no limit)", zero_allowed=True)
 
 
 def boolean(text: str) -> bool:

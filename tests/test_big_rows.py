@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource.bus import redis_limit_warnings
 from eventsource.config import Config
 from eventsource.service import make_server
+from eventsource.testing import MemoryBus
 from tests.redis_server import PrivateRedisTestCase, RedisServer
 from tests.support import IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until
 from tests.test_scale import rss_kb
@@ -200,10 +201,11 @@ class MemoryTests(IntegrationTestCase):
                                       f"(it was {held_mb:.0f} MB up while they were open)")
 
 
-class HoldingBus:
+class HoldingBus(MemoryBus):
     """Stands in for Redis: counts the rows published per channel and accepts none."""
 
     def __init__(self, service):
+        super().__init__()
         self.service = service
         self.rows = {}
 
@@ -211,17 +213,6 @@ class HoldingBus:
         if body.startswith("{"):
             self.rows[channel] = self.rows.get(channel, 0) + 1
 
-    def subscribe(self, channel):
-        return defer.succeed(None)
-
-    def unsubscribe(self, channel):
-        return defer.succeed(None)
-
-    def start(self):
-        return defer.succeed(None)
-
-    def stop(self):
-        return defer.succeed(None)
 
 
 class RedisLimitWarningTests(SynchronousTestCase):

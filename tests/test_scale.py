@@ -10,6 +10,7 @@ import threading
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
+from eventsource.testing import MemoryBus
 from tests.support import IntegrationTestCase, sql, unique
 from eventsource.stream import MACHINE
 
@@ -22,13 +23,14 @@ def rss_kb():
         return int(statm.read().split()[1]) * resource.getpagesize() // 1024
 
 
-class CountingBus:
+class CountingBus(MemoryBus):
     """
     Stands in for Redis in front of the real database: counts rows and
     accepts them in batches from the reactor, like a windowed client.
     """
 
     def __init__(self, service, batch):
+        super().__init__()
         self.service = service
         self.batch = batch
         self.rows = 0
@@ -57,17 +59,6 @@ class CountingBus:
                 self.ended.callback(self.last)
         return defer.succeed(1)
 
-    def subscribe(self, channel):
-        return defer.succeed(None)
-
-    def unsubscribe(self, channel):
-        return defer.succeed(None)
-
-    def start(self):
-        return defer.succeed(None)
-
-    def stop(self):
-        return defer.succeed(None)
 
 
 class MillionRowTests(IntegrationTestCase):
