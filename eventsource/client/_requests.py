@@ -5,7 +5,7 @@ channel (:mod:`eventsource.stream`).
 A request is a plain model driven by the one shared :data:`MACHINE` (never
 a ``Machine`` per request; models are not registered with it either, so
 nothing is left behind by a request that is dropped unfinished).  It knows
-its client only through a few calls: ``_pubsub_call`` (the Redis
+its client only through :class:`RequestOwner`: ``_pubsub_call`` (the Redis
 boundary), ``_clock``, ``_requests`` (where messages are routed by reply
 channel) and ``request_channel``.
 
@@ -31,10 +31,11 @@ Inputs (triggers)
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Protocol, Tuple, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -64,8 +65,25 @@ from eventsource.wire import (
     encode_next,
 )
 
-if TYPE_CHECKING:
-    from eventsource.client._client import EventSourceClient
+
+
+class RequestOwner(Protocol):
+    """
+    What a request needs of the client that made it (the client implements
+    it; declared here so requests depend on this, not on the client class).
+    """
+
+    _requests: Dict[str, Any]
+    _clock: IReactorTime
+
+    def request_channel(self, kind: str) -> str:
+        """The channel requests of ``kind`` are published on."""
+
+    def _new_channel(self) -> str:
+        """A fresh reply channel."""
+
+    def _pubsub_call(self, method: str, *args: Any) -> Deferred:
+        """Call the client's Redis pub/sub (failing at once when disconnected)."""
 
 log = Logger()
 
@@ -274,7 +292,7 @@ class _Request:
     #: the input a JSON object from the server is
     object_input = ""
 
-    def __init__(self, client: "EventSourceClient", body: Dict[str, Any], timeout: float):
+    def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float):
         self._client = client
         self.channel = client._new_channel()
         self._body = dict(body, channel=self.channel)
@@ -437,7 +455,7 @@ class PersistRequest(_Request):
     kind = PERSIST
     object_input = "result_received"
 
-    def __init__(self, client: "EventSourceClient", body: Dict[str, Any], timeout: float):
+    def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float):
         super().__init__(client, body, timeout)
         self._result: Optional[PersistResult] = None
         self.result: Deferred = Deferred(self._cancelled)
@@ -477,7 +495,7 @@ class FetchRequest(_Request):
     kind = FETCH
     object_input = "row_received"
 
-    def __init__(self, client: "EventSourceClient", body: Dict[str, Any], timeout: float,
+    def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float,
                  window: int, raw: bool, accept_via: str):
         super().__init__(client, body, timeout)
         self.window = window
