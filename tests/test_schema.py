@@ -8,7 +8,7 @@ import json
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tests.support import MYSQL, REDIS_HOST, REDIS_PORT, WireClient, sql, unique
+from tests.support import MYSQL, REDIS_HOST, REDIS_PORT, LogCapture, WireClient, sql, unique
 from eventsource.config import Config
 from eventsource.service import make_server
 
@@ -105,18 +105,22 @@ class SchemaTests(TestCase):
         self.assertEqual(messages[0], {"timestamp": "2020-01-01T00:00:01.000Z", "name": "n1"})
         self.assertEqual([m["name"] for m in messages[:-1]], [f"n{i}" for i in range(1, 30, 3)])
 
-    def create_earlier_version(self):
-        """The table as the previous release created it: two secondary indexes."""
-        sql(f"CREATE DATABASE `{self.database}`")
+    def create_earlier_version(self, rows=(("p", "n1", "1"), ("q", "n2", "2"))):
+        """
+        The table as the previous release created it: two secondary indexes,
+        ids collated case-insensitively (utf8mb4_unicode_ci).
+        """
+        sql(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
         sql(f"CREATE TABLE `{self.database}`.`event` ("
             " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
             " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
             " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
             " `name` VARCHAR(255) NOT NULL, `data` JSON,"
             " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`)"
-            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
-        sql(f"INSERT INTO `{self.database}`.`event` (`pid`, `domain`, `name`, `data`)"
-            " VALUES ('p', 'd', 'n1', '1'), ('q', 'd', 'n2', '2')")
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci")
+        for pid, name, data in rows:
+            sql(f"INSERT INTO `{self.database}`.`event` (`pid`, `domain`, `name`, `data`)"
+                " VALUES (%s, 'd', %s, %s)", (pid, name, data))
 
     @defer.inlineCallbacks
     def test_adds_new_indexes_to_a_table_of_an_earlier_version(self):
@@ -178,21 +182,8 @@ class SchemaTests(TestCase):
         A table this project created before ids were binary
         (utf8mb4_unicode_ci): converted, with a log line saying so.
         """
-        sql(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        sql(f"CREATE TABLE `{self.database}`.`event` ("
-            " `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,"
-            " `timestamp` DATETIME(6) NOT NULL DEFAULT NOW(6),"
-            " `pid` VARCHAR(255) NOT NULL, `domain` VARCHAR(255) NOT NULL,"
-            " `name` VARCHAR(255) NOT NULL, `data` JSON,"
-            " KEY `pid_id` (`pid`, `id`), KEY `domain_name_id` (`domain`, `name`, `id`)"
-            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci")
-        for pid in ("Order-1", "order-1"):
-            sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
-                " VALUES (%s, 'order', 'created', '{}')", (pid,))
-        logged = []
-        from twisted.logger import globalLogPublisher
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.create_earlier_version(rows=[(pid, "created", "{}") for pid in ("Order-1", "order-1")])
+        logged = LogCapture(self)
 
         yield self.start()
 
