@@ -148,7 +148,8 @@ _keys = st.one_of(st.text(max_size=6), st.integers(0, 2 ** 33).map(str), st.samp
 _numbers = st.one_of(st.integers(-(2 ** 70), 2 ** 70), st.floats(allow_nan=False),
                      st.sampled_from([0.0, -0.0, 1e21, 1e-7, 5e-324, 1e300 * 10, 123456789012345678]))
 _values = st.recursive(
-    st.none() | st.booleans() | _numbers | st.text(max_size=8),
+    st.none() | st.booleans() | _numbers | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "a\udfffb", "\u2028\u2029", "\x7f\x00\x1f", "é😀"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=4),
     max_leaves=12)
 
