@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from benchmarks.common import BenchError, connect_mysql
+from eventsource.ids import uuid7
 from benchmarks.redis_client import Handler, RedisClient
 
 
@@ -65,12 +66,14 @@ def _insert_worker(settings: dict[str, Any], table: str, clock: dict[str, Any],
         if connection is None:
             return
         with connection.cursor() as cursor:
-            sql = (f"INSERT INTO {table} (`pid`, `domain`, `name`, `data`)"
-                   " VALUES (%s, %s, %s, %s)")
+            # (the stream columns as the server writes them: a version and a UUIDv7)
+            sql = (f"INSERT INTO {table} (`pid`, `domain`, `name`, `data`, `version`, `event_id`)"
+                   " VALUES (%s, %s, %s, %s, %s, %s)")
+            pid = f"floor{index}-{time.perf_counter_ns()}"
             deadline = clock["deadline"]
             n = 0
             while time.perf_counter() < deadline:
-                cursor.execute(sql, (f"floor{index}", "bench", "floor", '{"n": %d}' % n))
+                cursor.execute(sql, (pid, "bench", "floor", '{"n": %d}' % n, n, uuid7()))
                 n += 1
             counts[index] = n
             clock["ends"][index] = time.perf_counter()

@@ -20,6 +20,7 @@ from benchmarks.profiling import format_profile, format_pyspy, run_profiles
 from benchmarks.redis_client import RedisClient, ignore
 from benchmarks.report import format_table, machine_info, summarize
 from benchmarks.scenarios import Run, repetition, warm_up
+from eventsource.ids import uuid7
 
 
 def _prepare_database(run: Run) -> str:
@@ -28,12 +29,13 @@ def _prepare_database(run: Run) -> str:
     try:
         with connection.cursor() as cursor:
             cursor.execute(f"CREATE TABLE {run.floor_table} LIKE {run.table}")
-            sql = (f"INSERT INTO {run.table} (`pid`, `domain`, `name`, `data`)"
-                   " VALUES (%s, %s, %s, %s)")
-            batch: list[tuple[str, str, str, str]] = []
+            sql = (f"INSERT INTO {run.table} (`pid`, `domain`, `name`, `data`, `version`,"
+                   " `event_id`) VALUES (%s, %s, %s, %s, %s, %s)")
+            batch: list[tuple[str, str, str, str, int, bytes]] = []
             for i in range(run.sizes.rows):
                 batch.append((f"p{i % PIDS}", "bench", "filled",
-                              json.dumps({"i": i, "user": f"u-{i}", "amount": 12.5})))
+                              json.dumps({"i": i, "user": f"u-{i}", "amount": 12.5}),
+                              i // PIDS, uuid7()))
                 if len(batch) == 5000:
                     cursor.executemany(sql, batch)
                     batch = []

@@ -85,7 +85,7 @@ class TableSchema:
 
     database: str
     name: str
-    columns: Tuple[str, ...] = schema.COLUMN_NAMES
+    columns: Tuple[str, ...] = schema.V1_COLUMN_NAMES
     default_columns: Tuple[str, ...] = schema.DEFAULT_COLUMNS
     datetime_columns: Tuple[str, ...] = schema.columns_of_kind(schema.DATETIME)
     #: columns compared as numbers; the others (not datetime) are text

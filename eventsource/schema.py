@@ -31,6 +31,11 @@ class Column:
     #: written by ``$insert`` (the others are the server's: id, append time)
     written: bool = False
     length: Optional[int] = None
+    #: visible to version 1 queries (``$columns``, ``$where``...); the
+    #: stream columns are not, so version 1 replies stay the original's
+    v1: bool = True
+    #: the SQL type an upgrade adds the column with, NULL-able until filled
+    nullable_type: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class Index:
     name: str
     columns: Tuple[str, ...]
     keyset: bool = True
+    #: a unique key on exactly ``columns`` (no ``id`` appended)
+    unique: bool = False
 
 
 #: the one collation of the table: stream ids, domains and event names are
@@ -59,6 +66,11 @@ COLUMNS: Tuple[Column, ...] = (
     Column("domain", "VARCHAR(255) NOT NULL", identifier=True, written=True, length=255),
     Column("name", "VARCHAR(255) NOT NULL", identifier=True, written=True, length=255),
     Column("data", "JSON", written=True),
+    # The stream columns: the event's 0-based number within its pid and a
+    # UUIDv7, both assigned by the server's writer (see eventsource.store).
+    Column("version", "BIGINT UNSIGNED NOT NULL", NUMBER, v1=False,
+           nullable_type="BIGINT UNSIGNED NULL"),
+    Column("event_id", "BINARY(16) NOT NULL", v1=False, nullable_type="BINARY(16) NULL"),
 )
 
 #: what a ``$select`` without ``$columns`` returns (the original service's
@@ -74,7 +86,18 @@ INDEXES: Tuple[Index, ...] = (
     Index("timestamp_id", ("timestamp",), keyset=False),
 )
 
+#: the unique keys: one version per stream position, one row per event id
+#: (added last by an upgrade, once every row has its version and event id)
+UNIQUE_KEYS: Tuple[Index, ...] = (
+    Index("pid_version", ("pid", "version"), keyset=False, unique=True),
+    Index("event_id", ("event_id",), keyset=False, unique=True),
+)
+
 COLUMN_NAMES: Tuple[str, ...] = tuple(column.name for column in COLUMNS)
+#: the columns version 1 queries may name (the allow-list of ``$columns``, ``$where``...)
+V1_COLUMN_NAMES: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.v1)
+#: the columns the writer assigns to each row, after the written ones in INSERT order
+STREAM_COLUMNS: Tuple[str, ...] = ("version", "event_id")
 #: the columns ``$insert`` writes, in INSERT order
 WRITTEN_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.written)
 #: the columns compared byte for byte, whose collation the upgrade checks
@@ -82,8 +105,8 @@ IDENTIFIER_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.identif
 
 
 def columns_of_kind(kind: str) -> Tuple[str, ...]:
-    """The names of the columns that queries compare as ``kind``."""
-    return tuple(column.name for column in COLUMNS if column.kind == kind)
+    """The names of the version 1 columns that queries compare as ``kind``."""
+    return tuple(column.name for column in COLUMNS if column.kind == kind and column.v1)
 
 
 def column(name: str) -> Column:
@@ -105,13 +128,15 @@ def qualified(database: str, table: str) -> str:
 
 
 def _index_sql(index: Index) -> str:
+    if index.unique:
+        return f"UNIQUE KEY {quote(index.name)} ({', '.join(quote(c) for c in index.columns)})"
     return f"KEY {quote(index.name)} ({', '.join(quote(c) for c in index.columns + ('id',))})"
 
 
 def create_statements(database: str, table: str) -> List[str]:
     """The statements that create the database and the table, if missing."""
     definitions = [f"{quote(c.name)} {c.sql_type}" for c in COLUMNS]
-    definitions += [_index_sql(index) for index in INDEXES]
+    definitions += [_index_sql(index) for index in INDEXES + UNIQUE_KEYS]
     return [
         f"CREATE DATABASE IF NOT EXISTS {quote(database)} "
         f"CHARACTER SET utf8mb4 COLLATE {COLLATION}",
@@ -144,6 +169,9 @@ class Upgrade:
     changes: Tuple[str, ...] = ()
     #: the identifier columns' collations, when they must be converted
     converted_from: Tuple[str, ...] = ()
+    #: the unique keys still missing: the stream columns must be filled
+    #: (:func:`fill_sql`) before :func:`finish_sql` adds them
+    missing_keys: Tuple[Index, ...] = ()
 
     def sql(self, database: str, table: str) -> str:
         """The one ``ALTER TABLE`` statement making every alteration."""
@@ -154,10 +182,11 @@ def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str]) -> U
     """
     The upgrade of a table made by the original service (no ``id``, utf8mb3
     columns) or by an earlier release of this one (case-insensitive ids,
-    fewer indexes), from its columns (lower-cased name -> collation) and
-    index names.  Raises :class:`MissingColumns` when only ``id`` could be added.
+    fewer indexes, no stream columns), from its columns (lower-cased name ->
+    collation) and index names.  Raises :class:`MissingColumns` when only
+    ``id`` and the stream columns could be added.
     """
-    missing = set(COLUMN_NAMES) - {"id"} - set(columns)
+    missing = set(COLUMN_NAMES) - {"id"} - set(STREAM_COLUMNS) - set(columns)
     if missing:
         raise MissingColumns(sorted(missing))
     alterations, changes = [], []
@@ -173,23 +202,93 @@ def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str]) -> U
         # InnoDB numbers the existing rows in their stored (insertion) order.
         alterations.append(f"ADD COLUMN {quote('id')} {column('id').sql_type} FIRST")
         changes.append("added id")
+    for name in STREAM_COLUMNS:
+        if name not in columns:
+            # NULL-able until every row has its value (see fill_sql)
+            alterations.append(f"ADD COLUMN {quote(name)} {column(name).nullable_type}")
+            changes.append(f"added {name}")
     present = set(indexes)
     for index in INDEXES:
         if index.name not in present:
             alterations.append("ADD " + _index_sql(index))
             changes.append(f"added index {index.name}")
-    return Upgrade(tuple(alterations), tuple(changes), converted_from)
+    missing_keys = tuple(key for key in UNIQUE_KEYS if key.name not in present)
+    return Upgrade(tuple(alterations), tuple(changes), converted_from, missing_keys)
+
+
+def first_unfilled_sql(table_sql: str) -> str:
+    """
+    The smallest ``id`` whose stream columns are not filled yet (no row when
+    all are): the fill goes in ``id`` order and commits whole ranges, so
+    every row before it is filled and every row from it on is not.
+    """
+    return (f"SELECT {quote('id')} FROM {table_sql} WHERE {quote('version')} IS NULL"
+            f" OR {quote('event_id')} IS NULL ORDER BY {quote('id')} LIMIT 1")
+
+
+def unfilled_count_sql(table_sql: str) -> str:
+    """How many rows the fill has left (for its progress line)."""
+    return (f"SELECT COUNT(*) FROM {table_sql} WHERE {quote('version')} IS NULL"
+            f" OR {quote('event_id')} IS NULL")
+
+
+#: a UUIDv7 (RFC 9562) of a row's ``timestamp`` (UTC), as 16 bytes: 48-bit
+#: Unix milliseconds, version 7, 12 random bits, the variant and 62 random bits
+_UUID7_OF_TIMESTAMP = (
+    "UNHEX(CONCAT("
+    "LPAD(HEX(COALESCE(FLOOR(UNIX_TIMESTAMP(u.`timestamp`) * 1000), 0)), 12, '0'),"
+    " '7', SUBSTR(HEX(RANDOM_BYTES(2)), 1, 3), HEX(8 + FLOOR(RAND() * 4)),"
+    " SUBSTR(HEX(RANDOM_BYTES(8)), 1, 15)))")
+
+
+def fill_sql(table_sql: str) -> str:
+    """
+    The UPDATE filling the stream columns of the rows with ``id`` in
+    ``[first, end)`` (parameters: first, first, end), all before them being
+    filled: each row's version follows the last version of its ``pid``
+    before ``first`` (one ``pid_id`` lookup per pid), in ``id`` order.  The
+    numbering depends only on the rows, so a fill stopped and restarted
+    numbers them exactly as one run would.
+    """
+    return (
+        f"UPDATE {table_sql} AS u JOIN ("
+        f"SELECT c.`id`, COALESCE((SELECT p.`version` + 1 FROM {table_sql} AS p"
+        " WHERE p.`pid` = c.`pid` AND p.`id` < %s ORDER BY p.`id` DESC LIMIT 1), 0)"
+        " + ROW_NUMBER() OVER (PARTITION BY c.`pid` ORDER BY c.`id`) - 1 AS v"
+        f" FROM {table_sql} AS c WHERE c.`id` >= %s AND c.`id` < %s"
+        ") AS n ON u.`id` = n.`id`"
+        f" SET u.`version` = n.v, u.`event_id` = {_UUID7_OF_TIMESTAMP}")
+
+
+def finish_sql(table_sql: str, keys: Iterable[Index]) -> str:
+    """The stream columns made NOT NULL and the missing unique keys added, once filled."""
+    clauses = [f"MODIFY {quote(name)} {column(name).sql_type}" for name in STREAM_COLUMNS]
+    clauses += ["ADD " + _index_sql(key) for key in keys]
+    return f"ALTER TABLE {table_sql} " + ", ".join(clauses)
+
+
+#: the columns of an INSERT: the request's, then the writer's
+INSERT_COLUMNS: Tuple[str, ...] = WRITTEN_COLUMNS + STREAM_COLUMNS
 
 
 def insert_sql(table_sql: str, count: int) -> str:
     """
-    The INSERT of ``count`` rows of :data:`WRITTEN_COLUMNS` into
+    The INSERT of ``count`` rows of :data:`INSERT_COLUMNS` into
     ``table_sql`` (already quoted); the append time is the column's default,
     ``NOW(6)``: always the server's.
     """
-    row = "(" + ", ".join(["%s"] * len(WRITTEN_COLUMNS)) + ")"
-    return (f"INSERT INTO {table_sql} ({', '.join(quote(c) for c in WRITTEN_COLUMNS)}) VALUES "
+    row = "(" + ", ".join(["%s"] * len(INSERT_COLUMNS)) + ")"
+    return (f"INSERT INTO {table_sql} ({', '.join(quote(c) for c in INSERT_COLUMNS)}) VALUES "
             + ", ".join([row] * count))
+
+
+def last_versions_sql(table_sql: str, count: int) -> str:
+    """
+    The last version of each of ``count`` pids (parameters: the pids), read
+    through the ``pid_version`` key; a pid without events has no row.
+    """
+    return (f"SELECT {quote('pid')}, MAX({quote('version')}) FROM {table_sql}"
+            f" WHERE {quote('pid')} IN ({', '.join(['%s'] * count)}) GROUP BY {quote('pid')}")
 
 
 def high_water_sql(table_sql: str) -> str:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eventsource import schema, wire
+from eventsource import ids, schema, wire
 from eventsource.config import Config
 from eventsource.interfaces import IEventStore, IPager, Page
 from eventsource.query import InsertPlan, SelectPlan
@@ -180,13 +180,15 @@ def _kill_queries(kwargs: Dict[str, Any], thread_ids: List[int]) -> None:
 ACCESS_DENIED = frozenset({1044, 1142})
 
 
-def ensure_schema(txn: Txn, database: str, table: str) -> List[str]:
+def ensure_schema(txn: Txn, database: str, table: str) -> "Tuple[List[str], Tuple[schema.Index, ...]]":
     """
     Create the database and events table if missing, and upgrade in place a
     table made by the original service or an earlier release of this one
     (see :func:`eventsource.schema.plan_upgrade`).
 
-    Returns the list of changes made (for the log).
+    Returns the list of changes made (for the log) and the unique keys still
+    missing: the stream columns are then to be filled (:func:`fill_range`)
+    and the table finished (:func:`finish_upgrade`).
     """
     txn.execute(schema.TABLE_EXISTS_SQL, (database, table))
     existed = txn.fetchone()[0] > 0
@@ -194,7 +196,7 @@ def ensure_schema(txn: Txn, database: str, table: str) -> List[str]:
         # (only then: a read-only server's user may lack CREATE privileges)
         for statement in schema.create_statements(database, table):
             txn.execute(statement)
-        return ["created table"]
+        return ["created table"], ()
     txn.execute(schema.COLUMNS_SQL, (database, table))
     columns = {name.lower(): collation for name, collation in txn.fetchall()}
     txn.execute(schema.INDEXES_SQL, (database, table))
@@ -221,7 +223,35 @@ def ensure_schema(txn: Txn, database: str, table: str) -> List[str]:
                     " that may ALTER the table"
                 ) from error
             raise
-    return list(upgrade.changes)
+    return list(upgrade.changes), upgrade.missing_keys
+
+
+def first_unfilled(txn: Txn, table: str) -> Tuple[Optional[int], int, int]:
+    """``(first unfilled id or None, rows left, largest id)`` of a fill."""
+    txn.execute(schema.first_unfilled_sql(table))
+    row = txn.fetchone()
+    txn.execute(schema.unfilled_count_sql(table))
+    left = int(txn.fetchone()[0])
+    return (None if row is None else int(row[0])), left, _high_water(txn, table)
+
+
+def fill_range(txn: Txn, table: str, first: int, end: int) -> int:
+    """Fill the stream columns of ids ``[first, end)`` in one transaction; returns the rows."""
+    txn.execute(schema.fill_sql(table), (first, first, end))
+    return int(txn.rowcount)
+
+
+def finish_upgrade(txn: Txn, table: str, keys: Tuple[schema.Index, ...]) -> Optional[int]:
+    """
+    The stream columns made NOT NULL and the unique keys added; a row left
+    unfilled (written meanwhile by an older server) is returned instead.
+    """
+    txn.execute(schema.first_unfilled_sql(table))
+    row = txn.fetchone()
+    if row is not None:
+        return int(row[0])
+    txn.execute(schema.finish_sql(table, keys))
+    return None
 
 
 def _encode_page(txn: Txn, strip_keyset: bool) -> Tuple[List[str], Optional[int]]:
@@ -313,16 +343,67 @@ def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int]
     return high_water, bodies, last, cut
 
 
+#: MariaDB's ER_DUP_ENTRY (a version or event id taken by another writer)
+#: and ER_LOCK_DEADLOCK: the batch is run again on fresh versions
+RETRIED_ERRORS = frozenset({1062, 1213})
+
+#: how many times a batch is written again after a duplicate version
+VERSION_RETRIES = 5
+
+
+class VersionConflict(Exception):
+    """Other writers kept taking the versions a batch was given."""
+
+
+def _last_versions(txn: Txn, table: str, pids: List[str]) -> Dict[str, int]:
+    txn.execute(schema.last_versions_sql(table, len(pids)), pids)
+    return {pid: int(version) for pid, version in txn.fetchall()}
+
+
 def _insert_batch(txn: Txn, table: str, batch: List[Rows],
                   consecutive_ids: bool) -> List[Tuple[int, int]]:
     """
-    Append the rows of several requests in one transaction.
+    Append the rows of several requests in one transaction, each row given
+    its stream's next version (in request order) and a new event id.
 
-    Returns ``(affected_rows, insert_id)`` per request.  With consecutive
-    auto-increment ids (``innodb_autoinc_lock_mode`` 0 or 1 and an increment
-    of 1) one multi-row statement writes them all and each request's first
-    id follows from its place in it; otherwise every request gets its own
-    statement, still in the one transaction.
+    Returns ``(affected_rows, insert_id)`` per request.  A duplicate key (a
+    writer outside this server took one of the versions) rolls the
+    transaction back and writes the batch again on the versions read anew,
+    at most :data:`VERSION_RETRIES` times.
+    """
+    import pymysql
+
+    event_ids = [[ids.uuid7() for _ in request] for request in batch]
+    pids = sorted({row[0] for request in batch for row in request})
+    for attempt in range(VERSION_RETRIES + 1):
+        try:
+            last = _last_versions(txn, table, pids)
+            numbered: List[List[Tuple[Any, ...]]] = []
+            for request, request_ids in zip(batch, event_ids):
+                rows = []
+                for row, event_id in zip(request, request_ids):
+                    version = last.get(row[0], -1) + 1
+                    last[row[0]] = version
+                    rows.append(tuple(row) + (version, event_id))
+                numbered.append(rows)
+            return _insert_numbered(txn, table, numbered, consecutive_ids)
+        except pymysql.err.MySQLError as error:
+            if not (error.args and error.args[0] in RETRIED_ERRORS):
+                raise
+            txn.connection.rollback()
+            log.info("a batch of persists met versions taken by another writer ({error});"
+                     " writing it again ({attempt} of {retries})", error=error,
+                     attempt=attempt + 1, retries=VERSION_RETRIES)
+    raise VersionConflict(f"versions kept being taken by another writer ({VERSION_RETRIES} retries)")
+
+
+def _insert_numbered(txn: Txn, table: str, batch: List[List[Tuple[Any, ...]]],
+                     consecutive_ids: bool) -> List[Tuple[int, int]]:
+    """
+    With consecutive auto-increment ids (``innodb_autoinc_lock_mode`` 0 or
+    1 and an increment of 1) one multi-row statement writes them all and
+    each request's first id follows from its place in it; otherwise every
+    request gets its own statement, still in the one transaction.
     """
     if consecutive_ids and len(batch) > 1:
         rows = [row for request in batch for row in request]
@@ -531,7 +612,63 @@ class Store:
         d.addCallback(lambda _: self._run(_autoinc_settings))
         d.addCallback(self._set_autoinc)
         d.addCallback(lambda _: self._run(ensure_schema, self._config.database, self._config.table_name))
+        d.addCallback(self._upgrade)
         return d
+
+    #: ids filled per transaction by an upgrade
+    fill_batch = 10000
+    #: seconds between the upgrade's progress lines
+    progress_interval = 5.0
+
+    @defer.inlineCallbacks
+    def _upgrade(self, planned: "Tuple[List[str], Tuple[schema.Index, ...]]") -> Any:
+        """
+        Give every existing row its version and event id, ``fill_batch`` ids
+        per transaction in ``id`` order, then add the unique keys: the
+        server serves only once this is done.  Each committed range stays
+        done, so a server killed meanwhile continues where it stopped.
+        """
+        changes, keys = planned
+        if not keys:
+            return changes
+        table = self.table
+        clock = self._reactor.seconds
+        first, left, top = yield self._run(first_unfilled, table)
+        log.info("events table {table}: numbering {left} events by stream (versions and "
+                 "event ids), {batch} ids per transaction", table=table, left=left,
+                 batch=self.fill_batch)
+        started = last_line = clock()
+        done = 0
+        while True:
+            while first is not None and first <= top:
+                end = first + self.fill_batch
+                try:
+                    count = yield self._run(fill_range, table, first, end)
+                except Exception as error:
+                    if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
+                        raise RuntimeError(
+                            f"table {table} needs its events numbered (stream versions and event"
+                            " ids), which this MariaDB user may not do: start the server once"
+                            " with a user that may UPDATE and ALTER the table") from error
+                    raise
+                done += count
+                first = end
+                now = clock()
+                if now - last_line >= self.progress_interval:
+                    last_line = now
+                    log.info("events table {table}: numbered {done} events, {left} left"
+                             " ({rate:.0f} events/s)", table=table, done=done,
+                             left=max(0, left - done), rate=done / max(now - started, 1e-9))
+            # (a row written meanwhile by an older server is numbered before the keys)
+            first = yield self._run(finish_upgrade, table, keys)
+            if first is None:
+                break
+            top = yield self._run(_high_water, table)
+        elapsed = clock() - started
+        log.info("events table {table}: numbered {done} events in {elapsed:.1f} s"
+                 " ({rate:.0f} events/s); unique keys added", table=table, done=done,
+                 elapsed=elapsed, rate=done / max(elapsed, 1e-9))
+        return changes + [f"numbered {done} events", "added unique keys"]
 
     def _set_autoinc(self, consecutive: bool) -> None:
         self._consecutive_ids = consecutive

@@ -10,12 +10,12 @@ releases them, which is how slow databases and slow subscriptions are played.
 
 import datetime
 import json
-from typing import Any, Callable, List, Optional, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from eventsource import schema, wire
+from eventsource import ids, schema, wire
 from eventsource.interfaces import IEventBus, IEventStore, Page
 from eventsource.query import InsertPlan, SelectPlan
 from eventsource.store import Pager
@@ -117,6 +117,8 @@ class MemoryStore:
         self.page_size = page_size
         self.page_bytes = page_bytes
         self.events: List[Event] = []
+        #: pid -> its last version
+        self._versions: Dict[str, int] = {}
         self.pending: List[Tuple["defer.Deferred[Any]", Callable[[], Any]]] = []
         self.fail_next: Optional[BaseException] = None
         self.reads: List[Tuple[int, int]] = []
@@ -162,12 +164,16 @@ class MemoryStore:
     def _append(self, written: Tuple[Any, ...],
                 timestamp: Optional[datetime.datetime] = None) -> int:
         """Store the values of :data:`~eventsource.schema.WRITTEN_COLUMNS`."""
-        event_id = len(self.events) + 1
+        position = len(self.events) + 1
         values = dict(zip(schema.WRITTEN_COLUMNS, written))
-        values["id"] = event_id
+        values["id"] = position
         values["timestamp"] = timestamp or datetime.datetime(2020, 4, 6, 11, 35, 18, 414000)
+        # the stream columns, as the real writer assigns them
+        values["version"] = self._versions.get(values["pid"], -1) + 1
+        self._versions[values["pid"]] = values["version"]
+        values["event_id"] = ids.uuid7()
         self.events.append(tuple(values[column] for column in schema.COLUMN_NAMES))
-        return event_id
+        return position
 
     def insert(self, plan: InsertPlan) -> "defer.Deferred[Tuple[int, int]]":
         def compute() -> Tuple[int, int]:

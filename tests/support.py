@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from eventsource.config import Config
+from eventsource.ids import uuid7
 from eventsource.service import make_server
 
 REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
@@ -89,6 +90,32 @@ class LogCapture(list):
             parts += [f"{key}={value!r}" for key, value in event.items()]
             texts.append("\n".join(parts))
         return texts
+
+
+#: the stream columns of row ``seq`` of an ``INSERT ... SELECT`` from a
+#: SEQUENCE table, all rows of one new pid: ``version, event_id``
+SEQ_STREAM_COLUMNS = "seq - 1, UNHEX(REPLACE(UUID(), '-', ''))"
+
+
+def numbered(rows, pid_index=0, versions=None):
+    """
+    ``rows`` each followed by the stream columns a direct INSERT must write
+    (``version, event_id``), numbered per pid from ``versions`` (pid -> last
+    version; new pids start at 0), as the server's writer numbers them.
+    """
+    versions = {} if versions is None else versions
+    result = []
+    for row in rows:
+        pid = row[pid_index]
+        versions[pid] = versions.get(pid, -1) + 1
+        result.append(tuple(row) + (versions[pid], uuid7()))
+    return result
+
+
+def last_versions(cursor, table_sql):
+    """pid -> last version of a table (for :func:`numbered`)."""
+    cursor.execute(f"SELECT pid, MAX(version) FROM {table_sql} GROUP BY pid")
+    return dict(cursor.fetchall())
 
 
 def free_port():
@@ -294,10 +321,13 @@ class IntegrationTestCase(TestCase):
         connection = pymysql.connect(autocommit=False, **MYSQL)
         try:
             with connection.cursor() as cursor:
+                values = numbered(values, versions=last_versions(
+                    cursor, f"`{self.database}`.`event`"))
                 for start in range(0, count, 5000):
                     cursor.executemany(
-                        f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
-                        " VALUES (%s, %s, %s, %s)", values[start:start + 5000])
+                        f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data,"
+                        " version, event_id) VALUES (%s, %s, %s, %s, %s, %s)",
+                        values[start:start + 5000])
             connection.commit()
         finally:
             connection.close()

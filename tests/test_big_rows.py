@@ -16,7 +16,8 @@ from eventsource.config import Config
 from eventsource.service import make_server
 from eventsource.testing import MemoryBus
 from tests.redis_server import PrivateRedisTestCase, RedisServer
-from tests.support import IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until
+from tests.support import (
+    SEQ_STREAM_COLUMNS, IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until)
 from tests.test_scale import rss_kb
 
 log = Logger()
@@ -29,9 +30,9 @@ SMALL_PUBSUB = "client-output-buffer-limit pubsub 2mb 1mb 60"
 
 def insert_big_rows(database, count, size, pid="big"):
     """``count`` rows whose data is a JSON object holding ``size`` characters."""
-    sql(f"INSERT INTO `{database}`.`event` (pid, domain, name, data)"
-        f" SELECT %s, 'd', CONCAT('n', seq), JSON_OBJECT('s', REPEAT('x', {size}))"
-        f" FROM `{database}`.seq_1_to_{count}", (pid,))
+    sql(f"INSERT INTO `{database}`.`event` (pid, domain, name, data, version, event_id)"
+        f" SELECT %s, 'd', CONCAT('n', seq), JSON_OBJECT('s', REPEAT('x', {size})),"
+        f" {SEQ_STREAM_COLUMNS} FROM `{database}`.seq_1_to_{count}", (pid,))
 
 
 class ConfiguredRedisTestCase(PrivateRedisTestCase):

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from eventsource import wire
 from eventsource.stream import MACHINE
-from tests.support import IntegrationTestCase, WireClient, sleep, sql
+from tests.support import IntegrationTestCase, WireClient, numbered, sleep, sql
 
 log = Logger()
 
@@ -558,9 +558,10 @@ class FuzzTests(IntegrationTestCase):
         try:
             with connection.cursor() as cursor:
                 cursor.executemany(
-                    f"INSERT INTO `{self.database}`.event (pid, domain, name, data)"
-                    " VALUES (%s, 'seed', %s, %s)",
-                    [(SEED_PIDS[j % 10], f"n{j}", json.dumps({"j": j})) for j in range(30)])
+                    f"INSERT INTO `{self.database}`.event (pid, domain, name, data, version,"
+                    " event_id) VALUES (%s, 'seed', %s, %s, %s, %s)",
+                    numbered([(SEED_PIDS[j % 10], f"n{j}", json.dumps({"j": j}))
+                              for j in range(30)]))
         finally:
             connection.close()
         self.seeds = [tuple(row) for row in sql(

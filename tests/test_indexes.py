@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import pymysql
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import MYSQL
+from tests.support import MYSQL, numbered
 from eventsource.query import TableSchema, compile_select
 from eventsource.store import ensure_schema
 
@@ -62,9 +62,10 @@ class IndexTests(SynchronousTestCase):
         cursor.execute("DROP DATABASE IF EXISTS `%s`" % (DB,))
         self.addCleanup(cursor.execute, "DROP DATABASE IF EXISTS `%s`" % (DB,))
         ensure_schema(cursor, DB, "event")
-        cursor.execute("INSERT INTO " + SCHEMA.quoted + " (`timestamp`, `pid`, `domain`, `name`, `data`)"
-                       " VALUES " + ", ".join(["(%s, %s, %s, %s, %s)"] * ROWS),
-                       [value for event in EVENTS for value in event])
+        cursor.execute("INSERT INTO " + SCHEMA.quoted + " (`timestamp`, `pid`, `domain`, `name`,"
+                       " `data`, `version`, `event_id`)"
+                       " VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * ROWS),
+                       [value for event in numbered(EVENTS, pid_index=1) for value in event])
         cursor.execute("ANALYZE TABLE " + SCHEMA.quoted)
         cursor.fetchall()
         self.rows = [dict(zip(("id", "timestamp", "pid", "domain", "name"), (i + 1,) + e[:4]))

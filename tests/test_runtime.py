@@ -270,9 +270,10 @@ class StopKillsStatementsTests(IntegrationTestCase):
         yield self.client.subscribe("blocked")
         yield self.client.request("persist", {"channel": "blocked", "query": {
             "$insert": {"$documents": event("blocked")}}})
-        inserting = f"INSERT INTO `{self.database}`.`event`%"
+        # (the writer's first statement reads the stream's last version)
+        writing = f"SELECT `pid`, MAX(`version`) FROM `{self.database}`.`event`%"
         yield wait_until(lambda: sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                                     " WHERE INFO LIKE %s", (inserting,))[0][0] == 1,
+                                     " WHERE INFO LIKE %s", (writing,))[0][0] == 1,
                          what="the persist to wait for the lock")
         ids = server_connections(self.server)
         self.assertEqual(len(ids), 2)

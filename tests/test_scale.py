@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from eventsource.testing import MemoryBus
-from tests.support import IntegrationTestCase, sql, unique
+from tests.support import SEQ_STREAM_COLUMNS, IntegrationTestCase, sql, unique
 from eventsource.stream import MACHINE
 
 log = Logger()
@@ -70,8 +70,9 @@ class MillionRowTests(IntegrationTestCase):
     def setUp(self):
         yield super().setUp()
         # MariaDB's SEQUENCE engine: one statement, about two seconds.
-        sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data)"
-            f" SELECT 'p', 'd', 'n', '{{\"k\": 1}}' FROM `{self.database}`.seq_1_to_1000000")
+        sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data, version, event_id)"
+            f" SELECT 'p', 'd', 'n', '{{\"k\": 1}}', {SEQ_STREAM_COLUMNS}"
+            f" FROM `{self.database}`.seq_1_to_1000000")
 
     @defer.inlineCallbacks
     def test_million_rows_in_constant_memory(self):

@@ -39,6 +39,11 @@ class SchemaTests(TestCase):
                     " FROM information_schema.COLUMNS"
                     " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'", (self.database,))}
 
+    def nullable(self):
+        return dict(sql("SELECT COLUMN_NAME, IS_NULLABLE FROM information_schema.COLUMNS"
+                        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event'"
+                        " AND COLUMN_NAME IN ('version', 'event_id')", (self.database,)))
+
     def assertBinaryIds(self):
         columns = self.columns()
         for text in ("pid", "domain", "name", "data"):
@@ -53,14 +58,24 @@ class SchemaTests(TestCase):
                         ("domain_name_id", 1, "domain"), ("domain_name_id", 2, "name"),
                         ("domain_name_id", 3, "id"), ("domain_id", 1, "domain"), ("domain_id", 2, "id"),
                         ("name_id", 1, "name"), ("name_id", 2, "id"),
-                        ("timestamp_id", 1, "timestamp"), ("timestamp_id", 2, "id")}
+                        ("timestamp_id", 1, "timestamp"), ("timestamp_id", 2, "id"),
+                        ("pid_version", 1, "pid"), ("pid_version", 2, "version"),
+                        ("event_id", 1, "event_id")}
 
     @defer.inlineCallbacks
     def test_creates_database_and_table(self):
         yield self.start()
         columns = self.columns()
-        self.assertEqual(set(columns), {"id", "timestamp", "pid", "domain", "name", "data"})
+        self.assertEqual(set(columns), {"id", "timestamp", "pid", "domain", "name", "data",
+                                        "version", "event_id"})
         self.assertEqual(columns["id"][0], "bigint(20) unsigned")
+        self.assertEqual(columns["version"][0], "bigint(20) unsigned")
+        self.assertEqual(columns["event_id"][0], "binary(16)")
+        self.assertEqual(self.nullable(), {"version": "NO", "event_id": "NO"})
+        unique = sql("SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
+                     " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'event' AND NON_UNIQUE = 0",
+                     (self.database,))
+        self.assertEqual({row[0] for row in unique}, {"PRIMARY", "pid_version", "event_id"})
         self.assertEqual(columns["timestamp"][0], "datetime(6)")
         self.assertBinaryIds()
         self.assertEqual(self.indexes(), self.EXPECTED_INDEXES)

@@ -217,17 +217,39 @@ class SchemaSQLTests(SynchronousTestCase):
         for index in schema.INDEXES:
             self.assertIn(f"KEY `{index.name}` (" + ", ".join(
                 f"`{c}`" for c in index.columns + ("id",)) + ")", table)
+        self.assertIn("UNIQUE KEY `pid_version` (`pid`, `version`)", table)
+        self.assertIn("UNIQUE KEY `event_id` (`event_id`)", table)
 
-    def test_insert_writes_the_written_columns(self):
+    def test_insert_writes_the_written_and_stream_columns(self):
         self.assertEqual(schema.insert_sql("`es`.`event`", 2),
-                         "INSERT INTO `es`.`event` (`pid`, `domain`, `name`, `data`) VALUES"
-                         " (%s, %s, %s, %s), (%s, %s, %s, %s)")
+                         "INSERT INTO `es`.`event` (`pid`, `domain`, `name`, `data`, `version`,"
+                         " `event_id`) VALUES (%s, %s, %s, %s, %s, %s), (%s, %s, %s, %s, %s, %s)")
+
+    def test_stream_columns_are_not_visible_to_version_1(self):
+        self.assertEqual(schema.V1_COLUMN_NAMES,
+                         ("id", "timestamp", "pid", "domain", "name", "data"))
+        self.assertNotIn("version", schema.columns_of_kind(schema.NUMBER))
 
     def test_an_up_to_date_table_needs_nothing(self):
         columns = {name: (schema.COLLATION if name in schema.IDENTIFIER_COLUMNS else None)
                    for name in schema.COLUMN_NAMES}
-        upgrade = schema.plan_upgrade(columns, [index.name for index in schema.INDEXES])
+        upgrade = schema.plan_upgrade(columns, [index.name for index in
+                                                schema.INDEXES + schema.UNIQUE_KEYS])
         self.assertEqual(upgrade, schema.Upgrade())
+
+    def test_a_table_of_an_earlier_release_gets_the_stream_columns(self):
+        columns = {name: (schema.COLLATION if name in schema.IDENTIFIER_COLUMNS else None)
+                   for name in schema.V1_COLUMN_NAMES}
+        upgrade = schema.plan_upgrade(columns, [index.name for index in schema.INDEXES])
+        self.assertEqual(upgrade.sql("es", "event"),
+                         "ALTER TABLE `es`.`event` ADD COLUMN `version` BIGINT UNSIGNED NULL,"
+                         " ADD COLUMN `event_id` BINARY(16) NULL")
+        self.assertEqual(upgrade.missing_keys, schema.UNIQUE_KEYS)
+        self.assertEqual(schema.finish_sql("`es`.`event`", upgrade.missing_keys),
+                         "ALTER TABLE `es`.`event` MODIFY `version` BIGINT UNSIGNED NOT NULL,"
+                         " MODIFY `event_id` BINARY(16) NOT NULL,"
+                         " ADD UNIQUE KEY `pid_version` (`pid`, `version`),"
+                         " ADD UNIQUE KEY `event_id` (`event_id`)")
 
     def test_the_original_table_is_upgraded(self):
         columns = {"timestamp": None, "pid": "utf8mb3_bin", "domain": "utf8mb3_bin",
@@ -235,11 +257,13 @@ class SchemaSQLTests(SynchronousTestCase):
         upgrade = schema.plan_upgrade(columns, [])
         self.assertEqual(upgrade.converted_from, ("utf8mb3_bin",))
         self.assertEqual(upgrade.changes[:2], ("converted to utf8mb4 (utf8mb4_bin)", "added id"))
-        self.assertEqual(upgrade.changes[2:], tuple(f"added index {index.name}"
+        self.assertEqual(upgrade.changes[2:4], ("added version", "added event_id"))
+        self.assertEqual(upgrade.changes[4:], tuple(f"added index {index.name}"
                                                     for index in schema.INDEXES))
         self.assertTrue(upgrade.sql("es", "event").startswith(
             "ALTER TABLE `es`.`event` CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, "
             "ADD COLUMN `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST, "
+            "ADD COLUMN `version` BIGINT UNSIGNED NULL, ADD COLUMN `event_id` BINARY(16) NULL, "
             "ADD KEY `pid_id` (`pid`, `id`)"))
 
     def test_missing_columns_cannot_be_upgraded(self):
