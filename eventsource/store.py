@@ -355,9 +355,18 @@ class VersionConflict(Exception):
     """Other writers kept taking the versions a batch was given."""
 
 
+def _stream(pid: str) -> str:
+    """
+    The stream of ``pid`` as the ``pid_version`` key compares it: MariaDB's
+    collations ignore trailing spaces (PAD SPACE), so ``"a "`` is ``"a"``.
+    """
+    return pid.rstrip(" ")
+
+
 def _last_versions(txn: Txn, table: str, pids: List[str]) -> Dict[str, int]:
-    txn.execute(schema.last_versions_sql(table, len(pids)), pids)
-    return {pid: int(version) for pid, version in txn.fetchall()}
+    """pid -> its last version, for the pids that have events."""
+    txn.execute(schema.last_versions_sql(table, len(pids)), [p for pid in pids for p in (pid, pid)])
+    return {pid: int(version) for pid, version in txn.fetchall() if version is not None}
 
 
 def _insert_batch(txn: Txn, table: str, batch: List[Rows],
@@ -374,7 +383,7 @@ def _insert_batch(txn: Txn, table: str, batch: List[Rows],
     import pymysql
 
     event_ids = [[ids.uuid7() for _ in request] for request in batch]
-    pids = sorted({row[0] for request in batch for row in request})
+    pids = sorted({_stream(row[0]) for request in batch for row in request})
     for attempt in range(VERSION_RETRIES + 1):
         try:
             last = _last_versions(txn, table, pids)
@@ -382,8 +391,9 @@ def _insert_batch(txn: Txn, table: str, batch: List[Rows],
             for request, request_ids in zip(batch, event_ids):
                 rows = []
                 for row, event_id in zip(request, request_ids):
-                    version = last.get(row[0], -1) + 1
-                    last[row[0]] = version
+                    stream = _stream(row[0])
+                    version = last.get(stream, -1) + 1
+                    last[stream] = version
                     rows.append(tuple(row) + (version, event_id))
                 numbered.append(rows)
             return _insert_numbered(txn, table, numbered, consecutive_ids)

@@ -123,6 +123,13 @@ class WritePathTests(IntegrationTestCase):
                           ("c", 0), ("a", 4), ("b", 1)])
         assert_streams_exact(self, rows)
 
+    @defer.inlineCallbacks
+    def test_trailing_spaces_are_the_same_stream_as_the_unique_key_says(self):
+        reply = yield self.client.persist([{"pid": p, "domain": "d", "name": "n", "data": 1}
+                                           for p in ("t", "t ", "t  ", "u")])
+        self.assertEqual(reply[0]["affectedRows"], 4)
+        self.assertEqual(self.rows("pid, version"), (("t", 0), ("t ", 1), ("t  ", 2), ("u", 0)))
+
     def behind_the_servers_back(self, times):
         """
         After the writer reads the last versions, another connection appends
