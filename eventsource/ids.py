@@ -6,7 +6,7 @@ of the ``event_id`` key (Python 3.10 has no ``uuid.uuid7``).
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, List
 
 #: the 74 bits after the timestamp that are not version or variant
 _RANDOM_BITS = 74
@@ -18,10 +18,6 @@ def uuid7_bytes(ms: int, random: int) -> bytes:
     rand_b = random & ((1 << 62) - 1)
     value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     return value.to_bytes(16, "big")
-
-
-def _random() -> int:
-    return int.from_bytes(os.urandom(10), "big") >> (80 - _RANDOM_BITS)
 
 
 class UUID7:
@@ -38,19 +34,28 @@ class UUID7:
         self._last_random = 0
 
     def __call__(self) -> bytes:
+        return self.many(1)[0]
+
+    def many(self, count: int) -> List[bytes]:
+        """``count`` increasing ids (one call for the random bits of all)."""
         ms = int(self._clock() * 1000)
+        pool = os.urandom(10 * count)
+        made = []
         with self._lock:
-            if ms <= self._last_ms:
-                ms = self._last_ms
-                random = self._last_random + 1 + int.from_bytes(os.urandom(4), "big")
-                if random >> _RANDOM_BITS:
-                    # (the steps used up the random bits: borrow the next millisecond)
-                    ms += 1
-                    random = _random()
-            else:
-                random = _random()
-            self._last_ms, self._last_random = ms, random
-        return uuid7_bytes(ms, random)
+            for i in range(count):
+                drawn = int.from_bytes(pool[10 * i:10 * i + 10], "big")
+                if ms <= self._last_ms:
+                    ms = self._last_ms
+                    random = self._last_random + 1 + (drawn >> 48)
+                    if random >> _RANDOM_BITS:
+                        # (the steps used up the random bits: borrow the next millisecond)
+                        ms += 1
+                        random = drawn >> (80 - _RANDOM_BITS)
+                else:
+                    random = drawn >> (80 - _RANDOM_BITS)
+                self._last_ms, self._last_random = ms, random
+                made.append(uuid7_bytes(ms, random))
+        return made
 
 
 #: the server's generator

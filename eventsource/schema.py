@@ -284,13 +284,13 @@ def insert_sql(table_sql: str, count: int) -> str:
 
 def last_versions_sql(table_sql: str, count: int) -> str:
     """
-    The last version of each of ``count`` pids (parameters: each pid twice),
-    ``(pid, version)`` rows, the version NULL for a pid without events.  A
-    ``MAX`` on one pid is one dive into the ``pid_version`` key whatever
-    the table's statistics (an ``IN (...) GROUP BY`` read every version of
-    the pids until ``ANALYZE TABLE`` made MariaDB choose a loose scan).
+    The last version of each of ``count`` pids (parameters: the pids), as
+    ``(pid, version)`` rows, both NULL for a pid without events.  A ``MAX``
+    on one pid is one dive into the ``pid_version`` key whatever the
+    table's statistics (an ``IN (...) GROUP BY`` read every version of the
+    pids until ``ANALYZE TABLE`` made MariaDB choose a loose scan).
     """
-    one = (f"SELECT %s, MAX({quote('version')}) FROM {table_sql}"
+    one = (f"SELECT {quote('pid')}, MAX({quote('version')}) FROM {table_sql}"
            f" WHERE {quote('pid')} = %s")
     return " UNION ALL ".join([one] * count)
 

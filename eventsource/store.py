@@ -364,29 +364,37 @@ def _stream(pid: str) -> str:
 
 
 def _last_versions(txn: Txn, table: str, pids: List[str]) -> Dict[str, int]:
-    """pid -> its last version, for the pids that have events."""
-    txn.execute(schema.last_versions_sql(table, len(pids)), [p for pid in pids for p in (pid, pid)])
-    return {pid: int(version) for pid, version in txn.fetchall() if version is not None}
+    """stream -> its last version, for the streams of ``pids`` that have events."""
+    txn.execute(schema.last_versions_sql(table, len(pids)), pids)
+    return {_stream(pid): int(version) for pid, version in txn.fetchall() if pid is not None}
 
 
-def _insert_batch(txn: Txn, table: str, batch: List[Rows],
-                  consecutive_ids: bool) -> List[Tuple[int, int]]:
+def _insert_batch(txn: Txn, table: str, batch: List[Rows], consecutive_ids: bool,
+                  known: Optional[Dict[str, int]] = None
+                  ) -> Tuple[List[Tuple[int, int]], Dict[str, int]]:
     """
     Append the rows of several requests in one transaction, each row given
     its stream's next version (in request order) and a new event id.
 
-    Returns ``(affected_rows, insert_id)`` per request.  A duplicate key (a
-    writer outside this server took one of the versions) rolls the
-    transaction back and writes the batch again on the versions read anew,
-    at most :data:`VERSION_RETRIES` times.
+    ``known``: the last versions of some of the batch's streams as this
+    server committed them; the others are read (one statement).  Returns
+    ``(affected_rows, insert_id)`` per request and the streams' new last
+    versions.  A duplicate key (a writer outside this server took one of
+    the versions) rolls the transaction back and writes the batch again on
+    versions all read anew, at most :data:`VERSION_RETRIES` times.
     """
     import pymysql
 
-    event_ids = [[ids.uuid7() for _ in request] for request in batch]
-    pids = sorted({_stream(row[0]) for request in batch for row in request})
+    made = iter(ids.uuid7.many(sum(map(len, batch))))
+    event_ids = [[next(made) for _ in request] for request in batch]
+    streams = sorted({_stream(row[0]) for request in batch for row in request})
+    known = dict(known or {})
     for attempt in range(VERSION_RETRIES + 1):
         try:
-            last = _last_versions(txn, table, pids)
+            last = {stream: known[stream] for stream in streams if stream in known}
+            unknown = [stream for stream in streams if stream not in known]
+            if unknown:
+                last.update(_last_versions(txn, table, unknown))
             numbered: List[List[Tuple[Any, ...]]] = []
             for request, request_ids in zip(batch, event_ids):
                 rows = []
@@ -396,11 +404,12 @@ def _insert_batch(txn: Txn, table: str, batch: List[Rows],
                     last[stream] = version
                     rows.append(tuple(row) + (version, event_id))
                 numbered.append(rows)
-            return _insert_numbered(txn, table, numbered, consecutive_ids)
+            return _insert_numbered(txn, table, numbered, consecutive_ids), last
         except pymysql.err.MySQLError as error:
             if not (error.args and error.args[0] in RETRIED_ERRORS):
                 raise
             txn.connection.rollback()
+            known = {}
             log.info("a batch of persists met versions taken by another writer ({error});"
                      " writing it again ({attempt} of {retries})", error=error,
                      attempt=attempt + 1, retries=VERSION_RETRIES)
@@ -563,6 +572,8 @@ class Store:
         self._pool: Optional[adbapi.ConnectionPool] = None
         self._writer: Optional[GroupCommitWriter] = None
         self._consecutive_ids = False
+        #: stream -> the last version this server committed (see _write)
+        self._known_versions: Dict[str, int] = {}
         self._row_sizes = RowSizeHint()
         self.table = f"`{config.database}`.`{config.table_name}`"
         self._writes: Deque[Work] = deque()
@@ -618,6 +629,7 @@ class Store:
         )
         pool.start()  # type: ignore[no-untyped-call]
         self._writer = GroupCommitWriter(self)
+        self._known_versions.clear()
         d = self._run(_check_server, self._config.max_statement_time)
         d.addCallback(lambda _: self._run(_autoinc_settings))
         d.addCallback(self._set_autoinc)
@@ -877,8 +889,36 @@ class Store:
             return defer.fail(RuntimeError("the store is not running"))
         return self._writer.submit(plan.rows)
 
+    #: streams whose last version the writer remembers (then forgets them all)
+    max_known_versions = 100_000
+
     def _write(self, batch: List[Rows]) -> "defer.Deferred[Any]":
-        return self._run(_insert_batch, self.table, batch, self._consecutive_ids)
+        """
+        Write a batch, numbering its streams from the last versions this
+        server committed when it knows them (a stream another writer
+        appended to meanwhile fails on the ``pid_version`` key and is read
+        anew), so that the usual batch reads no version at all.  Versions
+        are remembered only once their transaction committed.
+        """
+        known = self._known_versions
+        streams = {_stream(row[0]) for request in batch for row in request}
+        given = {stream: known[stream] for stream in streams if stream in known}
+
+        def committed(result: Tuple[List[Tuple[int, int]], Dict[str, int]]) -> List[Tuple[int, int]]:
+            results, last = result
+            if len(known) + len(last) > self.max_known_versions:
+                known.clear()
+            known.update(last)
+            return results
+
+        def failed(failure: Failure) -> Failure:
+            # (maybe committed, maybe not: read these streams next time)
+            for stream in streams:
+                known.pop(stream, None)
+            return failure
+
+        d = self._run(_insert_batch, self.table, batch, self._consecutive_ids, given)
+        return d.addCallbacks(committed, failed)
 
     def pager(self, plan: SelectPlan) -> "Pager":
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""

@@ -271,7 +271,7 @@ class StopKillsStatementsTests(IntegrationTestCase):
         yield self.client.request("persist", {"channel": "blocked", "query": {
             "$insert": {"$documents": event("blocked")}}})
         # (the writer's first statement reads the stream's last version)
-        writing = f"SELECT %, MAX(`version`) FROM `{self.database}`.`event`%"
+        writing = f"SELECT `pid`, MAX(`version`) FROM `{self.database}`.`event`%"
         yield wait_until(lambda: sql("SELECT COUNT(*) FROM information_schema.PROCESSLIST"
                                      " WHERE INFO LIKE %s", (writing,))[0][0] == 1,
                          what="the persist to wait for the lock")

@@ -132,30 +132,34 @@ class WritePathTests(IntegrationTestCase):
 
     def behind_the_servers_back(self, times):
         """
-        After the writer reads the last versions, another connection appends
-        the next event of each pid read, ``times`` times: as another server
-        or a migration would, between the writer's read and its INSERT.
+        Just before the writer's INSERT, another connection appends the
+        event the writer is about to write for each of its streams, ``times``
+        times: as another server or a migration would, between the writer's
+        numbering and its INSERT.
         """
-        real = store._last_versions
+        real = store._insert_numbered
         done = []
 
-        def racing(txn, table, pids):
-            last = real(txn, table, pids)
+        def racing(txn, table, batch, consecutive_ids):
             if len(done) < times:
-                done.append(pids)
+                firsts = {}
+                for request in batch:
+                    for row in request:
+                        firsts.setdefault(row[0], row[4])
+                done.append(firsts)
                 other = pymysql.connect(autocommit=True, **MYSQL)
                 try:
                     with other.cursor() as cursor:
-                        for pid in pids:
+                        for pid, version in firsts.items():
                             cursor.execute(
                                 f"INSERT INTO {table} (pid, domain, name, data, version, event_id)"
                                 " VALUES (%s, 'd', 'external', '{}', %s, %s)",
-                                (pid, last.get(pid, -1) + 1, ids.uuid7()))
+                                (pid, version, ids.uuid7()))
                 finally:
                     other.close()
-            return last
+            return real(txn, table, batch, consecutive_ids)
 
-        self.patch(store, "_last_versions", racing)
+        self.patch(store, "_insert_numbered", racing)
         return done
 
     @defer.inlineCallbacks
@@ -176,6 +180,22 @@ class WritePathTests(IntegrationTestCase):
         self.flushLoggedErrors(pymysql.err.IntegrityError)
 
     @defer.inlineCallbacks
+    def test_a_stream_appended_to_between_two_persists_continues_after_it(self):
+        """The writer remembers the versions it wrote; another writer's make it read again."""
+        reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 1}])
+        self.assertEqual(reply[0]["affectedRows"], 1)
+        for version in (1, 2):
+            sql(f"INSERT INTO `{self.database}`.`event` (pid, domain, name, data, version,"
+                " event_id) VALUES ('x', 'd', 'external', '{}', %s, %s)", (version, ids.uuid7()))
+        reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 2}])
+        self.assertEqual(reply[0]["affectedRows"], 1)
+        self.assertEqual(self.rows("name, version"),
+                         (("mine", 0), ("external", 1), ("external", 2), ("mine", 3)))
+        reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 3}])
+        self.assertEqual(self.rows("version", "WHERE name = 'mine'"), ((0,), (3,), (4,)))
+        self.flushLoggedErrors(pymysql.err.IntegrityError)
+
+    @defer.inlineCallbacks
     def test_retries_are_bounded(self):
         self.behind_the_servers_back(store.VERSION_RETRIES + 1)
         reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 1}])
@@ -193,7 +213,7 @@ class WritePathTests(IntegrationTestCase):
     def test_version_1_cannot_see_the_stream_columns(self):
         yield self.client.persist([{"pid": "x", "domain": "d", "name": "n", "data": 1}])
         for select in ({"$columns": ["version"]}, {"$where": {"version": 0}},
-                       {"$columns": ["event_id"]}):
+                       {"$columns": ["event_id"]}, {"$orderBy": {"version": 1}}):
             messages = yield self.client.fetch(select)
             self.assertEqual(messages, ["error", "end"])
         messages = yield self.client.fetch({})
