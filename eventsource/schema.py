@@ -152,6 +152,9 @@ TABLE_EXISTS_SQL = ("SELECT COUNT(*) FROM information_schema.TABLES"
 #: the table's columns and their collations (parameters: database, table)
 COLUMNS_SQL = ("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
                " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")
+#: the table's NULL-able columns (parameters: database, table)
+NULLABLE_SQL = ("SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s AND IS_NULLABLE = 'YES'")
 #: the names of the table's indexes (parameters: database, table)
 INDEXES_SQL = ("SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
                " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")
@@ -169,21 +172,22 @@ class Upgrade:
     changes: Tuple[str, ...] = ()
     #: the identifier columns' collations, when they must be converted
     converted_from: Tuple[str, ...] = ()
-    #: the unique keys still missing: the stream columns must be filled
-    #: (:func:`fill_sql`) before :func:`finish_sql` adds them
-    missing_keys: Tuple[Index, ...] = ()
+    #: the stream columns are (or were just made) NULL-able: every row must
+    #: be numbered (:func:`fill_sql`) before :func:`finish_sql`
+    fill: bool = False
 
     def sql(self, database: str, table: str) -> str:
         """The one ``ALTER TABLE`` statement making every alteration."""
         return f"ALTER TABLE {qualified(database, table)} " + ", ".join(self.alterations)
 
 
-def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str]) -> Upgrade:
+def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str],
+                 nullable: Iterable[str] = ()) -> Upgrade:
     """
     The upgrade of a table made by the original service (no ``id``, utf8mb3
     columns) or by an earlier release of this one (case-insensitive ids,
     fewer indexes, no stream columns), from its columns (lower-cased name ->
-    collation) and index names.  Raises :class:`MissingColumns` when only
+    collation), index names and NULL-able columns.  Raises :class:`MissingColumns` when only
     ``id`` and the stream columns could be added.
     """
     missing = set(COLUMN_NAMES) - {"id"} - set(STREAM_COLUMNS) - set(columns)
@@ -202,18 +206,21 @@ def plan_upgrade(columns: Dict[str, Optional[str]], indexes: Iterable[str]) -> U
         # InnoDB numbers the existing rows in their stored (insertion) order.
         alterations.append(f"ADD COLUMN {quote('id')} {column('id').sql_type} FIRST")
         changes.append("added id")
+    fill = bool(set(STREAM_COLUMNS) & set(nullable))
     for name in STREAM_COLUMNS:
         if name not in columns:
             # NULL-able until every row has its value (see fill_sql)
             alterations.append(f"ADD COLUMN {quote(name)} {column(name).nullable_type}")
             changes.append(f"added {name}")
+            fill = True
     present = set(indexes)
-    for index in INDEXES:
+    # (the unique keys allow the NULLs of rows not numbered yet; the fill
+    # reads each stream's last version through pid_version)
+    for index in INDEXES + UNIQUE_KEYS:
         if index.name not in present:
             alterations.append("ADD " + _index_sql(index))
             changes.append(f"added index {index.name}")
-    missing_keys = tuple(key for key in UNIQUE_KEYS if key.name not in present)
-    return Upgrade(tuple(alterations), tuple(changes), converted_from, missing_keys)
+    return Upgrade(tuple(alterations), tuple(changes), converted_from, fill)
 
 
 def first_unfilled_sql(table_sql: str) -> str:
@@ -244,26 +251,26 @@ _UUID7_OF_TIMESTAMP = (
 def fill_sql(table_sql: str) -> str:
     """
     The UPDATE filling the stream columns of the rows with ``id`` in
-    ``[first, end)`` (parameters: first, first, end), all before them being
-    filled: each row's version follows the last version of its ``pid``
-    before ``first`` (one ``pid_id`` lookup per pid), in ``id`` order.  The
-    numbering depends only on the rows, so a fill stopped and restarted
-    numbers them exactly as one run would.
+    ``[first, end)`` (parameters: first, end), all rows before them being
+    filled and none after: each row's version follows its ``pid``'s last
+    version (one backward step into ``pid_version`` per pid, where NULLs
+    sort first), in ``id`` order.  The numbering depends only on the rows,
+    so a fill stopped and restarted numbers them exactly as one run would.
     """
     return (
         f"UPDATE {table_sql} AS u JOIN ("
         f"SELECT c.`id`, COALESCE((SELECT p.`version` + 1 FROM {table_sql} AS p"
-        " WHERE p.`pid` = c.`pid` AND p.`id` < %s ORDER BY p.`id` DESC LIMIT 1), 0)"
+        " WHERE p.`pid` = c.`pid` AND p.`version` IS NOT NULL"
+        " ORDER BY p.`version` DESC LIMIT 1), 0)"
         " + ROW_NUMBER() OVER (PARTITION BY c.`pid` ORDER BY c.`id`) - 1 AS v"
         f" FROM {table_sql} AS c WHERE c.`id` >= %s AND c.`id` < %s"
         ") AS n ON u.`id` = n.`id`"
         f" SET u.`version` = n.v, u.`event_id` = {_UUID7_OF_TIMESTAMP}")
 
 
-def finish_sql(table_sql: str, keys: Iterable[Index]) -> str:
-    """The stream columns made NOT NULL and the missing unique keys added, once filled."""
+def finish_sql(table_sql: str) -> str:
+    """The stream columns made NOT NULL, once every row is numbered."""
     clauses = [f"MODIFY {quote(name)} {column(name).sql_type}" for name in STREAM_COLUMNS]
-    clauses += ["ADD " + _index_sql(key) for key in keys]
     return f"ALTER TABLE {table_sql} " + ", ".join(clauses)
 
 

@@ -180,15 +180,15 @@ def _kill_queries(kwargs: Dict[str, Any], thread_ids: List[int]) -> None:
 ACCESS_DENIED = frozenset({1044, 1142})
 
 
-def ensure_schema(txn: Txn, database: str, table: str) -> "Tuple[List[str], Tuple[schema.Index, ...]]":
+def ensure_schema(txn: Txn, database: str, table: str) -> Tuple[List[str], bool]:
     """
     Create the database and events table if missing, and upgrade in place a
     table made by the original service or an earlier release of this one
     (see :func:`eventsource.schema.plan_upgrade`).
 
-    Returns the list of changes made (for the log) and the unique keys still
-    missing: the stream columns are then to be filled (:func:`fill_range`)
-    and the table finished (:func:`finish_upgrade`).
+    Returns the list of changes made (for the log) and whether the stream
+    columns are then to be filled (:func:`fill_range`) and the table
+    finished (:func:`finish_upgrade`).
     """
     txn.execute(schema.TABLE_EXISTS_SQL, (database, table))
     existed = txn.fetchone()[0] > 0
@@ -196,13 +196,15 @@ def ensure_schema(txn: Txn, database: str, table: str) -> "Tuple[List[str], Tupl
         # (only then: a read-only server's user may lack CREATE privileges)
         for statement in schema.create_statements(database, table):
             txn.execute(statement)
-        return ["created table"], ()
+        return ["created table"], False
     txn.execute(schema.COLUMNS_SQL, (database, table))
     columns = {name.lower(): collation for name, collation in txn.fetchall()}
     txn.execute(schema.INDEXES_SQL, (database, table))
     indexes = [row[0] for row in txn.fetchall()]
+    txn.execute(schema.NULLABLE_SQL, (database, table))
+    nullable = [row[0].lower() for row in txn.fetchall()]
     try:
-        upgrade = schema.plan_upgrade(columns, indexes)
+        upgrade = schema.plan_upgrade(columns, indexes, nullable)
     except schema.MissingColumns as missing:
         raise RuntimeError(
             f"table {database}.{table} exists but lacks the columns {missing.args[0]}"
@@ -223,7 +225,7 @@ def ensure_schema(txn: Txn, database: str, table: str) -> "Tuple[List[str], Tupl
                     " that may ALTER the table"
                 ) from error
             raise
-    return list(upgrade.changes), upgrade.missing_keys
+    return list(upgrade.changes), upgrade.fill
 
 
 def first_unfilled(txn: Txn, table: str) -> Tuple[Optional[int], int, int]:
@@ -237,20 +239,20 @@ def first_unfilled(txn: Txn, table: str) -> Tuple[Optional[int], int, int]:
 
 def fill_range(txn: Txn, table: str, first: int, end: int) -> int:
     """Fill the stream columns of ids ``[first, end)`` in one transaction; returns the rows."""
-    txn.execute(schema.fill_sql(table), (first, first, end))
+    txn.execute(schema.fill_sql(table), (first, end))
     return int(txn.rowcount)
 
 
-def finish_upgrade(txn: Txn, table: str, keys: Tuple[schema.Index, ...]) -> Optional[int]:
+def finish_upgrade(txn: Txn, table: str) -> Optional[int]:
     """
-    The stream columns made NOT NULL and the unique keys added; a row left
-    unfilled (written meanwhile by an older server) is returned instead.
+    The stream columns made NOT NULL; the id of a row left unfilled
+    (written meanwhile by an older server) is returned instead.
     """
     txn.execute(schema.first_unfilled_sql(table))
     row = txn.fetchone()
     if row is not None:
         return int(row[0])
-    txn.execute(schema.finish_sql(table, keys))
+    txn.execute(schema.finish_sql(table))
     return None
 
 
@@ -639,19 +641,20 @@ class Store:
 
     #: ids filled per transaction by an upgrade
     fill_batch = 10000
-    #: seconds between the upgrade's progress lines
-    progress_interval = 5.0
+    #: seconds between the upgrade's progress lines (one transaction, well
+    #: under a second, may come on top: still one at least every 5 s)
+    progress_interval = 4.0
 
     @defer.inlineCallbacks
-    def _upgrade(self, planned: "Tuple[List[str], Tuple[schema.Index, ...]]") -> Any:
+    def _upgrade(self, planned: Tuple[List[str], bool]) -> Any:
         """
         Give every existing row its version and event id, ``fill_batch`` ids
-        per transaction in ``id`` order, then add the unique keys: the
+        per transaction in ``id`` order, then make the columns NOT NULL: the
         server serves only once this is done.  Each committed range stays
         done, so a server killed meanwhile continues where it stopped.
         """
-        changes, keys = planned
-        if not keys:
+        changes, fill = planned
+        if not fill:
             return changes
         table = self.table
         clock = self._reactor.seconds
@@ -682,15 +685,15 @@ class Store:
                              " ({rate:.0f} events/s)", table=table, done=done,
                              left=max(0, left - done), rate=done / max(now - started, 1e-9))
             # (a row written meanwhile by an older server is numbered before the keys)
-            first = yield self._run(finish_upgrade, table, keys)
+            first = yield self._run(finish_upgrade, table)
             if first is None:
                 break
             top = yield self._run(_high_water, table)
         elapsed = clock() - started
         log.info("events table {table}: numbered {done} events in {elapsed:.1f} s"
-                 " ({rate:.0f} events/s); unique keys added", table=table, done=done,
-                 elapsed=elapsed, rate=done / max(elapsed, 1e-9))
-        return changes + [f"numbered {done} events", "added unique keys"]
+                 " ({rate:.0f} events/s); version and event_id are NOT NULL", table=table,
+                 done=done, elapsed=elapsed, rate=done / max(elapsed, 1e-9))
+        return changes + [f"numbered {done} events"]
 
     def _set_autoinc(self, consecutive: bool) -> None:
         self._consecutive_ids = consecutive

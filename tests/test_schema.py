@@ -156,7 +156,8 @@ class SchemaTests(TestCase):
             sql(f"GRANT SELECT ON `{self.database}`.* TO '{user}'@'{host}'")
             self.addCleanup(sql, f"DROP USER IF EXISTS '{user}'@'{host}'")
         failure = yield self.assertFailure(self.start(user, "ro-pass"), RuntimeError)
-        self.assertIn("added index domain_id, added index name_id, added index timestamp_id)"
+        self.assertIn("added index domain_id, added index name_id, added index timestamp_id,"
+                      " added index pid_version, added index event_id)"
                       " that this MariaDB user may not make", str(failure))
         self.flushLoggedErrors(RuntimeError)
         # once a user that may ALTER has started it, the SELECT-only user can

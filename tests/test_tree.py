@@ -243,13 +243,21 @@ class SchemaSQLTests(SynchronousTestCase):
         upgrade = schema.plan_upgrade(columns, [index.name for index in schema.INDEXES])
         self.assertEqual(upgrade.sql("es", "event"),
                          "ALTER TABLE `es`.`event` ADD COLUMN `version` BIGINT UNSIGNED NULL,"
-                         " ADD COLUMN `event_id` BINARY(16) NULL")
-        self.assertEqual(upgrade.missing_keys, schema.UNIQUE_KEYS)
-        self.assertEqual(schema.finish_sql("`es`.`event`", upgrade.missing_keys),
-                         "ALTER TABLE `es`.`event` MODIFY `version` BIGINT UNSIGNED NOT NULL,"
-                         " MODIFY `event_id` BINARY(16) NOT NULL,"
+                         " ADD COLUMN `event_id` BINARY(16) NULL,"
                          " ADD UNIQUE KEY `pid_version` (`pid`, `version`),"
                          " ADD UNIQUE KEY `event_id` (`event_id`)")
+        self.assertTrue(upgrade.fill)
+        self.assertEqual(schema.finish_sql("`es`.`event`"),
+                         "ALTER TABLE `es`.`event` MODIFY `version` BIGINT UNSIGNED NOT NULL,"
+                         " MODIFY `event_id` BINARY(16) NOT NULL")
+
+    def test_a_fill_stopped_half_way_goes_on(self):
+        columns = {name: (schema.COLLATION if name in schema.IDENTIFIER_COLUMNS else None)
+                   for name in schema.COLUMN_NAMES}
+        indexes = [index.name for index in schema.INDEXES + schema.UNIQUE_KEYS]
+        upgrade = schema.plan_upgrade(columns, indexes, nullable=["data", "version", "event_id"])
+        self.assertEqual((upgrade.alterations, upgrade.fill), ((), True))
+        self.assertFalse(schema.plan_upgrade(columns, indexes, nullable=["data"]).fill)
 
     def test_the_original_table_is_upgraded(self):
         columns = {"timestamp": None, "pid": "utf8mb3_bin", "domain": "utf8mb3_bin",
@@ -259,7 +267,7 @@ class SchemaSQLTests(SynchronousTestCase):
         self.assertEqual(upgrade.changes[:2], ("converted to utf8mb4 (utf8mb4_bin)", "added id"))
         self.assertEqual(upgrade.changes[2:4], ("added version", "added event_id"))
         self.assertEqual(upgrade.changes[4:], tuple(f"added index {index.name}"
-                                                    for index in schema.INDEXES))
+                                                    for index in schema.INDEXES + schema.UNIQUE_KEYS))
         self.assertTrue(upgrade.sql("es", "event").startswith(
             "ALTER TABLE `es`.`event` CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, "
             "ADD COLUMN `id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST, "

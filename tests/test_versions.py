@@ -315,10 +315,11 @@ class UpgradeTests(TestCase):
         self.assertEqual(progress[-1]["done"], UPGRADE_ROWS)
         self.assertEqual(progress[-1]["left"], 0)
         self.assertGreater(progress[0]["rate"], 0)
-        finished = [e for e in logged if "unique keys added" in e.get("log_format", "")]
+        finished = [e for e in logged if "are NOT NULL" in e.get("log_format", "")]
         self.assertEqual(finished[0]["done"], UPGRADE_ROWS)
         ready = [e for e in logged if "ready ({changes})" in e.get("log_format", "")]
-        self.assertIn(f"numbered {UPGRADE_ROWS} events, added unique keys", ready[0]["changes"])
+        self.assertIn("added index pid_version, added index event_id, "
+                      f"numbered {UPGRADE_ROWS} events", ready[0]["changes"])
         yield self.persist_after(table)
 
     @defer.inlineCallbacks
@@ -357,6 +358,10 @@ class UpgradeTests(TestCase):
         self.assertEqual([row[0] for row in before], list(range(1, 10001)))
         self.assertEqual(sql(f"SELECT COUNT(*) FROM {self.table} WHERE version IS NULL"),
                          ((UPGRADE_ROWS - 10000,),))
+        nullable = sql("SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
+                       " AND COLUMN_NAME IN ('version', 'event_id') AND IS_NULLABLE = 'YES'",
+                       (self.database,))
+        self.assertEqual(nullable, ((2,),))
 
         self.patch(store, "fill_range", real)
         yield self.start()
