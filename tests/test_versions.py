@@ -232,8 +232,8 @@ class UpgradeTests(TestCase):
         self.table = f"`{self.database}`.`event`"
         self.addCleanup(sql, f"DROP DATABASE IF EXISTS `{self.database}`")
 
-    @defer.inlineCallbacks
-    def start(self):
+    def starting(self):
+        """A server starting on the table (its ``ready`` not fired yet)."""
         server = make_server(Config(
             table=f"{self.database}.event", redis_host=REDIS_HOST, redis_port=REDIS_PORT,
             mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
@@ -241,6 +241,11 @@ class UpgradeTests(TestCase):
             stop_reactor_on_failure=False)
         server.startService()
         self.addCleanup(server.stopService)
+        return server
+
+    @defer.inlineCallbacks
+    def start(self):
+        server = self.starting()
         yield server.ready
         return server
 
@@ -343,13 +348,7 @@ class UpgradeTests(TestCase):
             return real(txn, table, first, end)
 
         self.patch(store, "fill_range", stopping)
-        server = make_server(Config(
-            table=f"{self.database}.event", redis_host=REDIS_HOST, redis_port=REDIS_PORT,
-            mysql_host=MYSQL["host"], mysql_port=MYSQL["port"], mysql_user=MYSQL["user"],
-            mysql_password=MYSQL["password"], channel_prefix=self.prefix),
-            stop_reactor_on_failure=False)
-        server.startService()
-        self.addCleanup(server.stopService)
+        server = self.starting()
         yield self.assertFailure(server.ready, RuntimeError)
         self.flushLoggedErrors(RuntimeError)
         yield server.stopService()
