@@ -1091,6 +1091,11 @@ class InsertPlan:
 MAX_DATA_DEPTH = 31
 
 
+def _too_deep(index: int) -> QueryError:
+    return QueryError("document %d: data is nested deeper than %d levels, MariaDB's limit "
+                      "for JSON" % (index, MAX_DATA_DEPTH))
+
+
 def _data_text(data: JSON, index: int) -> str:
     """
     The JSON text stored for a document's ``data``: what JavaScript's
@@ -1098,26 +1103,22 @@ def _data_text(data: JSON, index: int) -> str:
     JSON text already (the original's own clients send ``data`` that way):
     the value it encodes is stored, not a JSON string.
     """
-    def too_deep() -> QueryError:
-        return QueryError("document %d: data is nested deeper than %d levels, MariaDB's limit "
-                          "for JSON" % (index, MAX_DATA_DEPTH))
-
     if isinstance(data, str):
         try:
             data = wire.decode_nested(data, MAX_DATA_DEPTH)
         except wire.TooDeep:
-            raise too_deep() from None
+            raise _too_deep(index) from None
         except ValueError:
             raise QueryError("document %d: data is a string, but not JSON text" % (index,)) from None
     try:
         text = wire.json_stringify(data)
     except RecursionError:
-        raise too_deep() from None
+        raise _too_deep(index) from None
     except TypeError:
         raise QueryError("document %d: data is not a JSON value" % (index,)) from None
     # (C-speed count first: the walk runs only for data with many brackets)
     if text.count("[") + text.count("{") > MAX_DATA_DEPTH and wire.deeper_than(data, MAX_DATA_DEPTH):
-        raise too_deep()
+        raise _too_deep(index)
     return text
 
 
