@@ -70,6 +70,15 @@ class IEventStore(Interface):
         atomically; a Deferred firing with ``(affected_rows, insert_id)``.
         """
 
+    def append(plan: "InsertPlan") -> "Deferred[Any]":
+        """
+        Append a version 2 persist atomically, its expected versions
+        checked and its event ids kept: a Deferred firing with an
+        :class:`eventsource.appends.Appended` (``duplicate`` when every event
+        id was stored already), or failing with an
+        :class:`eventsource.appends.AppendRefused`.
+        """
+
     def pager(plan: "SelectPlan") -> "IPager":
         """An :class:`IPager` over the rows of an :class:`eventsource.query.SelectPlan`."""
 

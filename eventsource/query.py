@@ -25,9 +25,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from eventsource import schema, wire
+from eventsource import appends, schema, wire
 
 
 #: a decoded JSON value from a request (checked where it is used)
@@ -35,12 +35,15 @@ JSON = Any
 
 __all__ = [
     "QueryError",
+    "QueryRefused",
+    "QueryTooLarge",
     "Limits",
     "TableSchema",
     "SelectPlan",
     "InsertPlan",
     "compile_select",
     "compile_insert",
+    "compile_append",
     "parse_timestamp",
 ]
 
@@ -51,7 +54,22 @@ class QueryError(ValueError):
 
     ``str(exc)`` is a short human sentence that is safe to log and to send
     back: quoted input is truncated, containers are described, not dumped.
+    ``code`` is the version 2 error code (docs/PROTOCOL.md).
     """
+
+    code = "badRequest"
+
+
+class QueryRefused(QueryError):
+    """A query naming another table, an unknown column or an operator we do not have."""
+
+    code = "refused"
+
+
+class QueryTooLarge(QueryError):
+    """A query or insert over the limits (:class:`Limits`, ``max_documents``)."""
+
+    code = "tooLarge"
 
 
 @dataclass(frozen=True)
@@ -97,17 +115,66 @@ class TableSchema:
     #: indexes that serve a range of one column: (index name, column)
     range_indexes: Tuple[Tuple[str, str], ...] = tuple((i.name, i.columns[0]) for i in schema.INDEXES
                                  if not i.keyset and len(i.columns) == 1)
+    #: the names whose table column is another: (name, table column)
+    renamed: Tuple[Tuple[str, str], ...] = ()
+    #: columns of 16-byte UUIDs (UUID text on the wire)
+    uuid_columns: Tuple[str, ...] = ()
+    #: columns of JSON text sent as the JSON value itself (version 2's ``data``)
+    json_columns: Tuple[str, ...] = ()
+    #: whether a query on one ``pid`` is read in version order from the
+    #: ``pid_version`` key (version 2's stream reads)
+    stream_reads: bool = False
+
+    @classmethod
+    def version2(cls, database: str, name: str) -> "TableSchema":
+        """The table as version 2 queries see it: every column, under version 2's names."""
+        def named(columns: Tuple[str, ...]) -> Tuple[str, ...]:
+            return tuple(schema.V2_NAMES.get(column, column) for column in columns)
+
+        def of_kind(kind: str) -> Tuple[str, ...]:
+            return named(tuple(c.name for c in schema.COLUMNS if c.kind == kind))
+
+        return cls(
+            database, name,
+            columns=named(schema.COLUMN_NAMES),
+            default_columns=schema.V2_DEFAULT_COLUMNS,
+            datetime_columns=of_kind(schema.DATETIME),
+            numeric_columns=of_kind(schema.NUMBER),
+            renamed=tuple((new, old) for old, new in schema.V2_NAMES.items()),
+            uuid_columns=of_kind(schema.UUID),
+            json_columns=("data",),
+            stream_reads=True,
+        )
 
     def __post_init__(self) -> None:
         for ident in (self.database, self.name) + tuple(self.columns):
             if (not isinstance(ident, str) or not ident
                     or any(c in ident for c in _BAD_IDENTIFIER_CHARS)):
                 raise ValueError("invalid identifier in table schema: %r" % (ident,))
-        if "id" not in self.columns:
+        if "id" not in (self.table_column(c) for c in self.columns):
             raise ValueError("the events table must have an `id` column")
-        for extra in (self.default_columns, self.datetime_columns, self.numeric_columns):
+        for extra in (self.default_columns, self.datetime_columns, self.numeric_columns,
+                      self.uuid_columns, self.json_columns):
             if not set(extra) <= set(self.columns):
                 raise ValueError("schema names columns the table does not have")
+
+    def table_column(self, name: str) -> str:
+        """The table's own name of the column a query calls ``name``."""
+        for new, old in self.renamed:
+            if new == name:
+                return old
+        return name
+
+    def column_sql(self, name: str) -> str:
+        """The backquoted table column of ``name`` (one of :attr:`columns`)."""
+        return _quote_ident(self.table_column(name))
+
+    def reserved_name(self, name: str) -> bool:
+        """Whether ``name`` (compared as MariaDB compares names) is a column, by
+        the query's name or the table's: no alias may take it."""
+        lowered = name.lower()
+        return any(lowered == c.lower() or lowered == self.table_column(c).lower()
+                   for c in self.columns)
 
     def matches(self, ref: JSON) -> bool:
         """True when ``ref`` names this table: ``"database.table"`` or the
@@ -229,7 +296,7 @@ def parse_timestamp(text: JSON, what: str = "timestamp") -> datetime:
 
 #: value kinds of a referenceable name: values are bound with its type, so
 #: MariaDB never casts the column (``name = 0`` would cast every name)
-_TEXT, _NUMBER, _DATETIME = schema.TEXT, schema.NUMBER, schema.DATETIME
+_TEXT, _NUMBER, _DATETIME, _UUID = schema.TEXT, schema.NUMBER, schema.DATETIME, schema.UUID
 
 
 @dataclass(frozen=True)
@@ -251,7 +318,7 @@ class _Budget:
     def spend(self, count: int = 1) -> None:
         self.used += count
         if self.used > self.limits.max_terms:
-            raise QueryError(
+            raise QueryTooLarge(
                 "query is too large: more than %d terms" % (self.limits.max_terms,))
 
 
@@ -277,7 +344,7 @@ class _Conditions:
 
     def enter(self, depth: int) -> None:
         if depth > self.limits.max_depth:
-            raise QueryError("%s is nested too deeply (more than %d levels)"
+            raise QueryTooLarge("%s is nested too deeply (more than %d levels)"
                              % (self.clause, self.limits.max_depth))
 
     def where_object(self, obj: JSON, depth: int, top: bool = False) -> str:
@@ -319,6 +386,9 @@ class _Conditions:
         handler = _COLUMN_OPERATORS.get(op)
         if handler is None:
             raise _unknown_key(op, self.clause)
+        if ref.kind == _UUID and op not in _UUID_OPERATORS:
+            raise QueryRefused("%s is not an operator of UUID column %s (only %s)"
+                               % (op, _show(column), ", ".join(sorted(_UUID_OPERATORS))))
         return handler(self, ref, column, op, operand, depth)
 
     # -- names and values
@@ -326,7 +396,7 @@ class _Conditions:
     def resolve(self, name: str) -> _Ref:
         found = self.names.get(name)
         if found is None:
-            raise QueryError("unknown column %s in %s" % (_show(name), self.clause))
+            raise QueryRefused("unknown column %s in %s" % (_show(name), self.clause))
         return found
 
     def bind(self, ref: _Ref, column: str, value: JSON) -> str:
@@ -345,13 +415,23 @@ def _join(parts: List[str], word: str) -> str:
 def _unknown_key(key: str, where: str) -> QueryError:
     """The error for a ``$key`` we do not implement (or refuse on purpose)."""
     if key == "$join" or key.endswith("Join"):
-        return QueryError("joins are not supported")
+        return QueryRefused("joins are not supported")
     if key.startswith("$__"):
-        return QueryError("raw SQL helpers such as $__ are not allowed")
-    return QueryError("unknown key %s in %s" % (_show(key), where))
+        return QueryRefused("raw SQL helpers such as $__ are not allowed")
+    return QueryRefused("unknown key %s in %s" % (_show(key), where))
 
 
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]{1,64}\Z")
+
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+def parse_uuid(value: JSON, what: str) -> bytes:
+    """A UUID in its 36-character text form (either case), as its 16 bytes."""
+    if not isinstance(value, str) or not _UUID_TEXT.match(value):
+        raise QueryError("%s must be UUIDs (36 characters, such as "
+                         "\"0192f7b0-8c4e-7cc1-9f0e-2b6a3c1d5e4f\"), not %s" % (what, _show(value)))
+    return bytes.fromhex(value.replace("-", ""))
 
 
 def _value(ref: _Ref, column: str, value: JSON) -> Any:
@@ -364,6 +444,8 @@ def _value(ref: _Ref, column: str, value: JSON) -> Any:
         raise QueryError("objects and lists are not values (column %s)" % (_show(column),))
     if value is None:
         raise QueryError("null is not allowed here (column %s)" % (_show(column),))
+    if ref.kind == _UUID:
+        return parse_uuid(value, "values for %s" % (_show(column),))
     if ref.kind == _DATETIME:
         if not isinstance(value, str):
             raise QueryError("values for %s must be ISO-8601 strings, not %s"
@@ -441,7 +523,7 @@ def _op_membership(ctx: _Conditions, ref: _Ref, column: str, op: str, operand: J
     if not isinstance(operand, list) or not operand:
         raise QueryError("%s needs a non-empty list of values (column %s)" % (op, _show(column)))
     if len(operand) > ctx.limits.max_in_list:
-        raise QueryError("%s list is too long: %d values, at most %d"
+        raise QueryTooLarge("%s list is too long: %d values, at most %d"
                          % (op, len(operand), ctx.limits.max_in_list))
     ctx.budget.spend(len(operand))
     for item in operand:
@@ -530,6 +612,9 @@ _COLUMN_OPERATORS = {
 
 _ASC, _DESC = "ASC", "DESC"
 
+#: the operators of UUID columns: equality only (their order means nothing)
+_UUID_OPERATORS = frozenset(("$eq", "$ne", "$in", "$nin", "$isNull"))
+
 _AGGREGATES = {"$count": "COUNT", "$min": "MIN", "$max": "MAX", "$sum": "SUM", "$avg": "AVG"}
 
 _DIRECTIONS = {
@@ -577,6 +662,17 @@ class SelectPlan:
     union_values: Tuple[Any, ...] = field(default=(), repr=False)
     union_rest_sql: Optional[str] = field(default=None, repr=False)
     union_rest_params: Tuple[Any, ...] = field(default=(), repr=False)
+    #: keyset plans: the column pages follow (``id``, or ``version`` for a
+    #: version 2 stream read) and the value before its first
+    keyset_column: str = field(default="`id`", repr=False)
+    keyset_start: int = field(default=0, repr=False)
+    #: how each output column travels (:data:`wire.PLAIN_VALUE`, ``UUID_VALUE``,
+    #: ``JSON_VALUE``); empty: all plain (version 1)
+    encodings: Tuple[str, ...] = field(default=(), repr=False)
+
+    def row_encoder(self, names: Sequence[str]) -> Callable[[Sequence[Any]], str]:
+        """Encodes one result row (its values, in ``names`` order) to its message body."""
+        return wire.row_encoder(names, self.encodings)
 
     def _where(self, bounds: str) -> str:
         if self.where_sql is None:
@@ -592,12 +688,15 @@ class SelectPlan:
         """
         if not self.keyset:
             raise ValueError("page_sql() needs a keyset plan; use offset_sql()")
-        _check_counts(after_id=after_id, high_water=high_water, size=size)
+        _check_counts(high_water=high_water, size=size)
+        if not _is_int(after_id) or after_id < self.keyset_start:
+            raise ValueError("after_id must be an int from %d, not %r" % (self.keyset_start, after_id))
         if self.union_values:
             return self._union_page_sql(after_id, high_water, size)
-        sql = ("SELECT " + self.select_sql + ", `id` AS `__keyset` FROM " + self.table_sql
-               + self.index_hint + self._where("`id` > %s AND `id` <= %s")
-               + " ORDER BY `id` LIMIT %s")
+        key = self.keyset_column
+        sql = ("SELECT " + self.select_sql + ", " + key + " AS `__keyset` FROM " + self.table_sql
+               + self.index_hint + self._where(key + " > %s AND `id` <= %s")
+               + " ORDER BY " + key + " LIMIT %s")
         return sql, self.where_params + (after_id, high_water, size)
 
     def _union_page_sql(self, after_id: int, high_water: int,
@@ -659,10 +758,12 @@ def _check_counts(**counts: int) -> None:
 class _Output:
     """One SELECT list item while compiling ``$columns``."""
 
-    __slots__ = ("name", "sql", "ref", "aggregate")
+    __slots__ = ("name", "sql", "ref", "aggregate", "encoding")
 
-    def __init__(self, name: str, sql: str, ref: _Ref, aggregate: bool) -> None:
+    def __init__(self, name: str, sql: str, ref: _Ref, aggregate: bool,
+                 encoding: str = "") -> None:
         self.name, self.sql, self.ref, self.aggregate = name, sql, ref, aggregate
+        self.encoding = encoding
 
 
 def _alias(name: JSON, schema: TableSchema, column: Optional[str] = None) -> str:
@@ -672,7 +773,7 @@ def _alias(name: JSON, schema: TableSchema, column: Optional[str] = None) -> str
         return column
     if not isinstance(name, str) or not _ALIAS.match(name) or name.startswith("__"):
         raise QueryError("alias %s is not allowed (letters, digits and _ only)" % (_show(name),))
-    if name.lower() in (c.lower() for c in schema.columns):
+    if schema.reserved_name(name):
         # MariaDB compares column names and aliases case-insensitively
         raise QueryError("alias %s is the name of a column" % (_show(name),))
     return name
@@ -683,21 +784,31 @@ def _column_ref(schema: TableSchema, name: JSON, what: str) -> str:
     if not isinstance(name, str):
         raise QueryError("%s must name a column, not %s" % (what, _show(name)))
     if name not in schema.columns:
-        raise QueryError("unknown column %s in %s" % (_show(name), what))
+        raise QueryRefused("unknown column %s in %s" % (_show(name), what))
     return name
 
 
 def _kind(schema: TableSchema, column: str) -> str:
     if column in schema.datetime_columns:
         return _DATETIME
+    if column in schema.uuid_columns:
+        return _UUID
     return _NUMBER if column in schema.numeric_columns else _TEXT
 
 
+def _encoding(schema: TableSchema, column: str) -> str:
+    """How a row carries the values of ``column``: see :attr:`SelectPlan.encodings`."""
+    if column in schema.uuid_columns:
+        return wire.UUID_VALUE
+    return wire.JSON_VALUE if column in schema.json_columns else wire.PLAIN_VALUE
+
+
 def _plain_output(schema: TableSchema, column: str, alias: str) -> _Output:
-    sql = _quote_ident(column)
-    if alias != column:
+    sql = schema.column_sql(column)
+    if alias != schema.table_column(column):
         sql += " AS " + _quote_ident(alias)
-    return _Output(alias, sql, _Ref(_quote_ident(alias), _kind(schema, column)), False)
+    return _Output(alias, sql, _Ref(_quote_ident(alias), _kind(schema, column)), False,
+                   _encoding(schema, column))
 
 
 def _aggregate_output(schema: TableSchema, alias: str, spec: JSON) -> _Output:
@@ -710,14 +821,17 @@ def _aggregate_output(schema: TableSchema, alias: str, spec: JSON) -> _Output:
     function = _AGGREGATES.get(op) if isinstance(op, str) else None
     if function is None:
         raise _unknown_key(op if isinstance(op, str) else "?", "$columns")
+    encoding = wire.PLAIN_VALUE
     if op == "$count" and arg == "*":
         inner, kind = "*", _NUMBER
     else:
         column = _column_ref(schema, arg, op)
-        inner = _quote_ident(column)
+        inner = schema.column_sql(column)
         kind = _kind(schema, column) if op in ("$min", "$max") else _NUMBER
+        if op in ("$min", "$max"):
+            encoding = _encoding(schema, column)
     sql = "%s(%s) AS %s" % (function, inner, _quote_ident(alias))
-    return _Output(alias, sql, _Ref(_quote_ident(alias), kind), True)
+    return _Output(alias, sql, _Ref(_quote_ident(alias), kind), True, encoding)
 
 
 def _column_entry(schema: TableSchema, key: JSON, value: JSON) -> List[_Output]:
@@ -863,7 +977,7 @@ def compile_select(select: JSON, schema: TableSchema, limits: Limits = Limits())
     try:
         return _compile_select(select, schema, limits)
     except RecursionError:
-        raise QueryError("query is nested too deeply") from None
+        raise QueryTooLarge("query is nested too deeply") from None
 
 
 def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> SelectPlan:
@@ -877,7 +991,7 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
     budget = _Budget(limits)
 
     if "$from" in select and not schema.matches(select["$from"]):
-        raise QueryError("table %s is not available" % (_show(select["$from"]),))
+        raise QueryRefused("table %s is not available" % (_show(select["$from"]),))
 
     distinct = select.get("$distinct", False)
     if not isinstance(distinct, bool):
@@ -886,7 +1000,7 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
     outputs = _columns(schema, select.get("$columns"), budget)
     aggregated = any(output.aggregate for output in outputs)
 
-    column_refs = {c: _Ref(_quote_ident(c), _kind(schema, c)) for c in schema.columns}
+    column_refs = {c: _Ref(schema.column_sql(c), _kind(schema, c)) for c in schema.columns}
     where_sql, where_params = None, ()
     if "$where" in select:
         where = _Conditions("$where", column_refs, budget)
@@ -908,21 +1022,24 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
     order = []
     for name, direction in _name_list(select.get("$orderBy", []), "$orderBy", budget, _order_direction):
         if name not in orderable:
-            raise QueryError("unknown column %s in $orderBy" % (_show(name),))
+            raise QueryRefused("unknown column %s in $orderBy" % (_show(name),))
         order.append((orderable[name].sql, direction))
 
     limit = None if select.get("$limit") is None else _count(select["$limit"], "$limit")
     offset = 0 if select.get("$offset") is None else _count(select["$offset"], "$offset")
 
-    keyset = (not distinct and not groups and having_sql is None and not aggregated
-              and offset == 0 and order in ([], [("`id`", _ASC)]))
+    plain = not distinct and not groups and having_sql is None and not aggregated and offset == 0
+    keyset = plain and order in ([], [("`id`", _ASC)])
+    # A version 2 read of one stream: in version order, from the pid_version key.
+    stream_read = (schema.stream_reads and plain and order in ([], [("`version`", _ASC)])
+                   and "pid" in _equal_columns(select.get("$where")))
 
     # A total order, so that offset pages neither overlap nor skip: the rows
     # are unique by id, distinct rows by their outputs, groups by their keys.
     if distinct:
         tie_breakers = [o.ref.sql for o in outputs]
     elif groups:
-        tie_breakers = [_quote_ident(g) for g in groups]
+        tie_breakers = [schema.column_sql(g) for g in groups]
     elif aggregated:
         tie_breakers = []            # a single row
     else:
@@ -934,6 +1051,13 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
         seen = set(ordered)                           # (linear in the number of outputs)
         order += [(sql, _ASC) for sql in tie_breakers if sql not in seen]
 
+    access: Dict[str, Any] = {}
+    if stream_read:
+        keyset = True
+        access = {"index_hint": " FORCE INDEX (`pid_version`)", "keyset_column": "`version`",
+                  "keyset_start": -1}
+    elif keyset:
+        access = _keyset_access(select.get("$where"), schema, column_refs, limits)
     return SelectPlan(
         columns=tuple(o.name for o in outputs),
         keyset=keyset,
@@ -944,11 +1068,12 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
         distinct=distinct,
         where_sql=where_sql,
         where_params=where_params,
-        group_sql=", ".join(_quote_ident(g) for g in groups) or None,
+        group_sql=", ".join(schema.column_sql(g) for g in groups) or None,
         having_sql=having_sql,
         having_params=having_params,
         order_sql=", ".join("%s %s" % pair for pair in order) or None,
-        **(_keyset_access(select.get("$where"), schema, column_refs, limits) if keyset else {}),
+        encodings=tuple(o.encoding for o in outputs) if schema.json_columns or schema.uuid_columns else (),
+        **access,
     )
 
 
@@ -968,6 +1093,11 @@ def _conjuncts(where: JSON, out: List[Tuple[str, JSON]]) -> List[Tuple[str, JSON
             elif not key.startswith("$"):
                 out.append((key, value))
     return out
+
+
+def _equal_columns(where: JSON) -> Set[str]:
+    """The columns that every row matching ``where`` has equal to one value."""
+    return {column for column, condition in _conjuncts(where, []) if _is_equality(condition)}
 
 
 def _is_equality(condition: JSON) -> bool:
@@ -1022,7 +1152,7 @@ def _keyset_access(where: JSON, schema: TableSchema, column_refs: Dict[str, _Ref
     * Otherwise the primary key, from the last id.
     """
     conjuncts = _conjuncts(where, [])
-    equal = {column for column, condition in conjuncts if _is_equality(condition)}
+    equal = _equal_columns(where)
     lists = {}
     if isinstance(where, dict):
         for column, condition in where.items():
@@ -1085,6 +1215,14 @@ class InsertPlan:
 
     rows: Tuple[Tuple[str, ...], ...]
     ignored: Tuple[Tuple[int, Tuple[str, ...]], ...] = ()
+    #: version 2: the client's event ids (None: the server makes them) and
+    #: the expected versions to check
+    event_ids: Optional[Tuple[bytes, ...]] = None
+    expected: Tuple[appends.Expectation, ...] = ()
+
+    def append(self, detailed: bool) -> appends.Append:
+        """What the writer is to do: ``detailed`` for a version 2 answer."""
+        return appends.Append(self.rows, self.event_ids, self.expected, detailed)
 
 
 #: the deepest nesting of arrays and objects MariaDB's JSON_VALID accepts
@@ -1096,14 +1234,15 @@ def _too_deep(index: int) -> QueryError:
                       "for JSON" % (index, MAX_DATA_DEPTH))
 
 
-def _data_text(data: JSON, index: int) -> str:
+def _data_text(data: JSON, index: int, text_is_json: bool = True) -> str:
     """
     The JSON text stored for a document's ``data``: what JavaScript's
-    ``JSON.stringify`` makes of it, as the original stored it.  A string is
-    JSON text already (the original's own clients send ``data`` that way):
-    the value it encodes is stored, not a JSON string.
+    ``JSON.stringify`` makes of it, as the original stored it.  In version 1
+    (``text_is_json``) a string is JSON text already (the original's own
+    clients send ``data`` that way): the value it encodes is stored, not a
+    JSON string.  In version 2 a string is a string.
     """
-    if isinstance(data, str):
+    if text_is_json and isinstance(data, str):
         try:
             data = wire.decode_nested(data, MAX_DATA_DEPTH)
         except wire.TooDeep:
@@ -1158,6 +1297,14 @@ def compile_insert(insert: JSON, schema: TableSchema, max_documents: int = 10000
 
     Raises :class:`QueryError` for anything refused or malformed.
     """
+    documents = _documents(insert, schema, max_documents)
+    ignored: List[Tuple[int, Tuple[str, ...]]] = []
+    rows = tuple(_document(doc, i, ignored) for i, doc in enumerate(documents))
+    return InsertPlan(rows=rows, ignored=tuple(ignored))
+
+
+def _documents(insert: JSON, schema: TableSchema, max_documents: int) -> List[JSON]:
+    """The documents of an ``$insert`` (not yet checked one by one)."""
     if not isinstance(insert, dict):
         raise QueryError("$insert must be an object, not %s" % (_show(insert),))
     for key in insert:
@@ -1166,7 +1313,7 @@ def compile_insert(insert: JSON, schema: TableSchema, max_documents: int = 10000
                 raise _unknown_key(key, "$insert")
             raise QueryError("unknown key %s in $insert" % (_show(key),))
     if "$table" in insert and not schema.matches(insert["$table"]):
-        raise QueryError("table %s is not available" % (_show(insert["$table"]),))
+        raise QueryRefused("table %s is not available" % (_show(insert["$table"]),))
     if "$documents" not in insert:
         raise QueryError("$insert needs $documents")
     documents = insert["$documents"]
@@ -1175,7 +1322,88 @@ def compile_insert(insert: JSON, schema: TableSchema, max_documents: int = 10000
     if not isinstance(documents, list) or not documents:
         raise QueryError("$documents must be an object or a non-empty list of objects")
     if len(documents) > max_documents:
-        raise QueryError("too many documents: %d, at most %d" % (len(documents), max_documents))
-    ignored: List[Tuple[int, Tuple[str, ...]]] = []
-    rows = tuple(_document(doc, i, ignored) for i, doc in enumerate(documents))
-    return InsertPlan(rows=rows, ignored=tuple(ignored))
+        raise QueryTooLarge("too many documents: %d, at most %d" % (len(documents), max_documents))
+    return documents
+
+
+#: the fields of a version 2 document
+_V2_DOCUMENT_FIELDS = frozenset(_WRITTEN_FIELDS | {"eventId"})
+_ABSENT = object()
+
+
+def _spec(value: JSON, what: str) -> appends.Spec:
+    """An expected version as sent: a last version, or one of the named states."""
+    if _is_int(value) and 0 <= value <= MAX_COUNT:
+        return int(value)
+    if value in (appends.NO_STREAM, appends.STREAM_EXISTS, appends.ANY) and isinstance(value, str):
+        return str(value)
+    raise QueryError("%s must be a version (an integer from 0), \"noStream\", "
+                     "\"streamExists\" or \"any\", not %s" % (what, _show(value)))
+
+
+def _expectations(expected: Optional[Tuple[str, JSON]],
+                  rows: Tuple[Tuple[str, ...], ...]) -> Tuple[appends.Expectation, ...]:
+    """The checks of a version 2 persist (``"any"`` dropped: it checks nothing)."""
+    if expected is None:
+        return ()
+    field_name, value = expected
+    streams = {appends.stream_of(row[0]) for row in rows}
+    if field_name == "expectedVersion":
+        if len(streams) > 1:
+            raise QueryError("expectedVersion needs every document on one pid; these append "
+                             "to %d streams (give expectedVersions, one per pid)" % (len(streams),))
+        spec = _spec(value, "expectedVersion")
+        return () if spec == appends.ANY else (appends.Expectation(rows[0][0], spec),)
+    if not isinstance(value, dict) or not value:
+        raise QueryError("expectedVersions must be an object of pid: expected version")
+    found: List[appends.Expectation] = []
+    seen = set()
+    for pid, spec in value.items():
+        stream = appends.stream_of(pid)
+        if stream in seen:
+            raise QueryError("expectedVersions names the stream %s twice" % (_show(pid),))
+        seen.add(stream)
+        if stream not in streams:
+            raise QueryError("expectedVersions names %s, which no document appends to" % (_show(pid),))
+        checked = _spec(spec, "expectedVersions[%s]" % (_show(pid),))
+        if checked != appends.ANY:
+            found.append(appends.Expectation(pid, checked))
+    return tuple(found)
+
+
+def compile_append(insert: JSON, schema: TableSchema, max_documents: int = 10000,
+                   expected: Optional[Tuple[str, JSON]] = None) -> InsertPlan:
+    """
+    Validate a version 2 persist: its ``$insert`` (documents of
+    ``pid``, ``domain``, ``name``, ``data``, ``eventId`` only; ``data`` the
+    value itself) and its ``expected`` (``("expectedVersion", v)`` or
+    ``("expectedVersions", {pid: v})`` as sent).  Raises :class:`QueryError`.
+    """
+    documents = _documents(insert, schema, max_documents)
+    rows = []
+    event_ids: List[bytes] = []
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, dict):
+            raise QueryError("document %d must be an object, not %s" % (index, _show(doc)))
+        extra = [key for key in doc if key not in _V2_DOCUMENT_FIELDS]
+        if extra:
+            raise QueryError("document %d: unknown field %s (a version 2 document has %s)"
+                             % (index, _show(extra[0]), ", ".join(sorted(_V2_DOCUMENT_FIELDS))))
+        values = []
+        for name in _REQUIRED_FIELDS:
+            value = doc.get(name)
+            if (type(value) is not str or not value or len(value) > MAX_FIELD_LENGTH
+                    or not (value.isascii() or _is_unicode(value))):
+                raise _field_error("document %d" % (index,), name, value)
+            values.append(value)
+        values.append(_data_text(doc.get("data"), index, text_is_json=False))
+        rows.append(tuple(values))
+        if "eventId" in doc:
+            event_ids.append(parse_uuid(doc["eventId"], "document %d: eventId" % (index,)))
+    if event_ids and len(event_ids) != len(rows):
+        raise QueryError("either every document of a persist has an eventId or none has")
+    if len(set(event_ids)) != len(event_ids):
+        raise QueryError("two documents of the persist have the same eventId")
+    frozen = tuple(rows)
+    return InsertPlan(rows=frozen, event_ids=tuple(event_ids) or None,
+                      expected=_expectations(expected, frozen))

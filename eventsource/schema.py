@@ -14,8 +14,9 @@ runs it.
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-#: how queries compare a column's values (see :mod:`eventsource.query`)
-TEXT, DATETIME, NUMBER = "text", "datetime", "number"
+#: how queries compare a column's values (see :mod:`eventsource.query`);
+#: UUID values are 16 bytes in the table and UUID text on the wire
+TEXT, DATETIME, NUMBER, UUID = "text", "datetime", "number", "uuid"
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ COLUMNS: Tuple[Column, ...] = (
     # UUIDv7, both assigned by the server's writer (see eventsource.store).
     Column("version", "BIGINT UNSIGNED NOT NULL", NUMBER, v1=False,
            nullable_type="BIGINT UNSIGNED NULL"),
-    Column("event_id", "BINARY(16) NOT NULL", v1=False, nullable_type="BINARY(16) NULL"),
+    Column("event_id", "BINARY(16) NOT NULL", UUID, v1=False, nullable_type="BINARY(16) NULL"),
 )
 
 #: what a ``$select`` without ``$columns`` returns (the original service's
@@ -102,6 +103,14 @@ STREAM_COLUMNS: Tuple[str, ...] = ("version", "event_id")
 WRITTEN_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.written)
 #: the columns compared byte for byte, whose collation the upgrade checks
 IDENTIFIER_COLUMNS: Tuple[str, ...] = tuple(c.name for c in COLUMNS if c.identifier)
+
+
+#: version 2's names of the columns whose wire name is not the table's
+V2_NAMES: Dict[str, str] = {"id": "position", "event_id": "eventId"}
+
+#: what a version 2 ``$select`` without ``$columns`` returns, by version 2 name
+V2_DEFAULT_COLUMNS: Tuple[str, ...] = (
+    "position", "eventId", "pid", "version", "domain", "name", "timestamp", "data")
 
 
 def columns_of_kind(kind: str) -> Tuple[str, ...]:
@@ -300,6 +309,16 @@ def last_versions_sql(table_sql: str, count: int) -> str:
     one = (f"SELECT {quote('pid')}, MAX({quote('version')}) FROM {table_sql}"
            f" WHERE {quote('pid')} = %s")
     return " UNION ALL ".join([one] * count)
+
+
+def stored_events_sql(table_sql: str, count: int) -> str:
+    """
+    Where the events of ``count`` event ids are stored (parameters: the 16-byte
+    ids), as ``(event_id, pid, version, id)`` rows: one statement on the
+    ``event_id`` unique key, however many ids.
+    """
+    return (f"SELECT {quote('event_id')}, {quote('pid')}, {quote('version')}, {quote('id')}"
+            f" FROM {table_sql} WHERE {quote('event_id')} IN ({', '.join(['%s'] * count)})")
 
 
 def high_water_sql(table_sql: str) -> str:

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eventsource import query, wire
+from eventsource import appends, query, wire
 from eventsource.stream import EchoBudget, Stream
 from eventsource.config import Config
 from eventsource.interfaces import IEventBus, IEventStore
@@ -134,6 +134,8 @@ class EventSourceService(service.MultiService):
         self._bus_service = BoundaryService("bus", self.bus, after=self._store_service)
         self._bus_service.setServiceParent(self)
         self.schema = query.TableSchema(self.config.database, self.config.table_name)
+        #: the table as version 2 queries name it
+        self.schema_v2 = query.TableSchema.version2(self.config.database, self.config.table_name)
         self.limits = query.Limits(
             max_depth=self.config.max_query_depth,
             max_terms=self.config.max_query_terms,
@@ -209,7 +211,7 @@ class EventSourceService(service.MultiService):
         """
         self._accepting = False
         for stream in list(self.streams.values()):
-            stream.fail("the server is shutting down")
+            stream.fail("the server is shutting down", "unavailable")
         self.echo_budget.cancel()
         # Reads no stream waits for any more must not hold the pool (or the
         # persists behind them) during the wait below.
@@ -286,18 +288,20 @@ class EventSourceService(service.MultiService):
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
                                          self._reserved, rules or self._reply_rules)
         except wire.BadRequest as bad:
-            self._bad_request(source or request_channel, body, bad.reason, bad.channel)
+            self._bad_request(source or request_channel, body, bad.reason, bad.channel,
+                              bad.version)
             return
         if not self._accepting:
             log.info("refused a {request_channel} request for {channel}: the server is not "
                      "serving", request_channel=request_channel, channel=request.channel)
             if request_channel != "fetch-next":
-                self._reply_error(request.channel, "the server is shutting down")
+                self._reply_error(request.channel, "the server is shutting down",
+                                  getattr(request, "version", 1), "unavailable")
             return
         handler(request)
 
     def _bad_request(self, request_channel: str, body: Optional[str], reason: str,
-                     channel: Optional[str]) -> None:
+                     channel: Optional[str], version: int = 1, code: str = "badRequest") -> None:
         if request_channel == "fetch-next" and channel not in self.streams:
             # An acknowledgement is never answered unless it concerns a live
             # stream: a client that acknowledges every message it gets would
@@ -311,20 +315,29 @@ class EventSourceService(service.MultiService):
             return
         log.info("bad request on {request_channel} for {channel}: {reason}",
                  request_channel=request_channel, channel=channel, reason=reason)
-        self._refuse(channel, reason)
+        self._refuse(channel, reason, version, code)
 
-    def _refuse(self, channel: str, reason: str) -> None:
-        """Answer ``"error"``, ``"end"``; a live stream on that channel ends with it."""
+    def _refuse(self, channel: str, reason: str, version: int = 1, code: str = "busy") -> None:
+        """
+        Answer ``"error"`` (version 2: the error object of ``code``),
+        ``"end"``; a live stream on that channel ends with it (its own
+        request's version says how).
+        """
         stream = self.streams.get(channel)
         if stream is not None:
             log.info("reply channel {channel} is busy; ending its stream: {reason}",
                      channel=channel, reason=reason)
-            stream.fail(reason)
+            stream.fail(reason, code)
         else:
-            self._reply_error(channel, reason)
+            self._reply_error(channel, reason, version, code)
 
-    def _reply_error(self, channel: str, reason: str) -> None:
-        self.publish(channel, wire.ERROR_BODY)
+    def _reply_error(self, channel: str, reason: str, version: int = 1,
+                     code: str = "internal", **fields: Any) -> None:
+        """``"error"``, ``"end"``; for version 2 the error is ``{"error": {code, message, ...}}``."""
+        if version == 2:
+            self.publish(channel, wire.encode_error(code, reason, **fields))
+        else:
+            self.publish(channel, wire.ERROR_BODY)
         self.publish(channel, wire.END_BODY)
 
     def publish(self, channel: str, body: str) -> None:
@@ -333,26 +346,36 @@ class EventSourceService(service.MultiService):
     # -- persist --------------------------------------------------------
 
     def _persist(self, request: Any) -> None:
-        channel = request.channel
+        channel, version = request.channel, request.version
         if channel in self.streams:
-            self._refuse(channel, "the reply channel is streaming another request")
+            self._refuse(channel, "the reply channel is streaming another request", version)
             return
         if self.config.read_only:
             log.info("refused persist on {channel}: read-only mode", channel=channel)
-            self._reply_error(channel, "read-only")
+            self._reply_error(channel, "this server is read-only: it appends nothing", version,
+                              "readOnly")
             return
         try:
-            plan = query.compile_insert(request.insert, self.schema, self.config.max_documents)
+            if version == 2:
+                plan = query.compile_append(request.insert, self.schema, self.config.max_documents,
+                                            request.expected)
+            else:
+                plan = query.compile_insert(request.insert, self.schema, self.config.max_documents)
         except query.QueryError as error:
-            self._bad_request("persist", None, str(error), channel)
+            self._bad_request("persist", None, str(error), channel, version, error.code)
             return
         if plan.ignored:
             log.debug("persist for {channel}: ignored document fields {ignored}",
                       channel=channel, ignored=wire.truncate(repr(plan.ignored)))
-        d = self.store.insert(plan)
+        if version == 2:
+            d = self.store.append(plan)
+            d.addCallbacks(self._appended, self._append_failed,
+                           callbackArgs=(channel,), errbackArgs=(channel,))
+        else:
+            d = self.store.insert(plan)
+            d.addCallbacks(self._persisted, self._persist_failed,
+                           callbackArgs=(channel,), errbackArgs=(channel,))
         self._persists.add(d)
-        d.addCallbacks(self._persisted, self._persist_failed,
-                       callbackArgs=(channel,), errbackArgs=(channel,))
         d.addBoth(self._persist_done, d)
 
     def _persisted(self, result: Tuple[int, int], channel: str) -> None:
@@ -368,25 +391,55 @@ class EventSourceService(service.MultiService):
             log.failure("persist for {channel} failed", failure, channel=channel)
         self._reply_error(channel, "the database refused the insert")
 
+    def _appended(self, result: appends.Appended, channel: str) -> None:
+        self.publish(channel, wire.encode_appended(
+            [(appends.format_event_id(e.event_id), e.pid, e.version, e.position)
+             for e in result.events], result.duplicate))
+        self.publish(channel, wire.END_BODY)
+
+    def _append_failed(self, failure: Failure, channel: str) -> None:
+        error = failure.value
+        if isinstance(error, appends.WrongExpectedVersion):
+            log.debug("persist for {channel} refused: {reason}", channel=channel, reason=error)
+            self._reply_error(channel, str(error), 2, error.code, pid=error.pid,
+                              expected=error.expected, actual=error.actual)
+            return
+        if isinstance(error, appends.IdempotencyConflict):
+            log.info("persist for {channel} refused: {reason}", channel=channel, reason=error)
+            self._reply_error(channel, str(error), 2, error.code,
+                              eventId=appends.format_event_id(error.event_id))
+            return
+        code, message = _failure_code(failure)
+        if code == "internal":
+            log.failure("persist for {channel} failed", failure, channel=channel)
+        else:
+            log.warn("persist for {channel} not written ({code}): {error}", channel=channel,
+                     code=code, error=error)
+        if code == "unavailable":
+            message += ": whether the events were written is unknown; send the request again " \
+                       "with the same event ids"
+        self._reply_error(channel, message, 2, code)
+
     def _persist_done(self, _: object, d: "defer.Deferred[Any]") -> None:
         self._persists.discard(d)
 
     # -- fetch ----------------------------------------------------------
 
     def _fetch(self, request: Any) -> None:
-        channel = request.channel
+        channel, version = request.channel, request.version
         if channel in self.streams:
-            self._refuse(channel, "the reply channel is already streaming")
+            self._refuse(channel, "the reply channel is already streaming", version)
             return
         if len(self.streams) >= self.config.max_streams:
             log.warn("refused fetch on {channel}: {count} streams open (the limit)",
                      channel=channel, count=len(self.streams))
-            self._reply_error(channel, "too many open streams")
+            self._reply_error(channel, "too many open streams", version, "busy")
             return
         try:
-            plan = query.compile_select(request.select, self.schema, self.limits)
+            plan = query.compile_select(request.select,
+                                        self.schema_v2 if version == 2 else self.schema, self.limits)
         except query.QueryError as error:
-            self._bad_request("fetch", None, str(error), channel)
+            self._bad_request("fetch", None, str(error), channel, version, error.code)
             return
         pager = self.store.pager(plan)
         # A version 1 client accepts and ends on the reply channel, so the
@@ -422,6 +475,7 @@ class EventSourceService(service.MultiService):
             publish=self.publish,
             fetch_more=fetch_more,
             closed=self._stream_closed,
+            version=version,
         )
         if stream.is_live:  # (a test double may have answered synchronously)
             self.streams[channel] = stream
@@ -437,7 +491,8 @@ class EventSourceService(service.MultiService):
             elif not failure.check("eventsource.bus.ReplyChannelRefused"):
                 # (a reply channel Redis refused us: the bus logged it, as a warning)
                 log.failure("stream on {channel} failed", failure, channel=stream.channel)
-            stream.fail(str(failure.value))
+            code, message = _failure_code(failure)
+            stream.fail(str(failure.value) if stream.version == 1 else message, code)
 
     def _stream_closed(self, stream: Stream) -> None:
         channel = stream.channel
@@ -470,7 +525,28 @@ class EventSourceService(service.MultiService):
         if self.streams:
             log.warn("Redis connection lost: ending {count} open streams", count=len(self.streams))
         for stream in list(self.streams.values()):
-            stream.fail("lost the Redis connection")
+            stream.fail("lost the Redis connection", "unavailable")
+
+
+def _failure_code(failure: Failure) -> Tuple[str, str]:
+    """
+    The version 2 error code of a failed append or read, and a sentence for
+    its client: the database's own messages (SQL, server internals) stay in
+    the log.
+    """
+    if failure.check("eventsource.store.StoreStopping"):
+        return "unavailable", "the server is shutting down"
+    if failure.check("eventsource.store.StatementTimeLimit"):
+        return "tooLarge", str(failure.value)
+    if failure.check("eventsource.store.VersionConflict"):
+        return "busy", "other writers kept taking this append's versions; try again"
+    if failure.check("eventsource.bus.ReplyChannelRefused"):
+        return "refused", "Redis refused to publish on the reply channel"
+    if failure.check("pymysql.err.OperationalError", "pymysql.err.InterfaceError"):
+        return "unavailable", "the database could not be reached"
+    if isinstance(failure.value, RuntimeError) and "not running" in str(failure.value):
+        return "unavailable", "the database is not connected"
+    return "internal", "the server failed to handle the request (its log says why)"
 
 
 def make_server(config: Config, reactor: Any = None,

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from eventsource import ids, schema, wire
+from eventsource import appends, ids, schema, wire
 from eventsource.config import Config
 from eventsource.interfaces import IEventStore, IPager, Page
 from eventsource.query import InsertPlan, SelectPlan
@@ -256,22 +256,23 @@ def finish_upgrade(txn: Txn, table: str) -> Optional[int]:
     return None
 
 
-def _encode_page(txn: Txn, strip_keyset: bool) -> Tuple[List[str], Optional[int]]:
+def _encode_page(txn: Txn, plan: SelectPlan) -> Tuple[List[str], Optional[int]]:
     """Encode the rows of the last statement; returns ``(bodies, last_keyset)``."""
     names = [column[0] for column in txn.description]
     rows = txn.fetchall()
     last = None
-    if strip_keyset:
-        names = names[:-1]
-        bodies = [wire.encode_row(names, row[:-1]) for row in rows]
+    if plan.keyset:
+        encode = plan.row_encoder(names[:-1])
+        bodies = [encode(row[:-1]) for row in rows]
         if rows:
             last = rows[-1][-1]
     else:
-        bodies = [wire.encode_row(names, row) for row in rows]
+        encode = plan.row_encoder(names)
+        bodies = [encode(row) for row in rows]
     return bodies, last
 
 
-def _encode_bounded(cursor: Any, strip_keyset: bool,
+def _encode_bounded(cursor: Any, plan: SelectPlan,
                     max_bytes: int) -> Tuple[List[str], Optional[int], bool]:
     """
     Encode rows from an unbuffered cursor until they reach ``max_bytes``
@@ -279,19 +280,20 @@ def _encode_bounded(cursor: Any, strip_keyset: bool,
     ``(bodies, last_keyset, cut)``, ``cut`` when rows were left unread.
     """
     names = [column[0] for column in cursor.description]
+    strip_keyset = plan.keyset
     if strip_keyset:
         names = names[:-1]
-    encode = wire.encode_row
+    encode = plan.row_encoder(names)
     bodies: List[str] = []
     append = bodies.append
     total = 0
     last = None
     for row in cursor.fetchall_unbuffered():
         if strip_keyset:
-            body = encode(names, row[:-1])
+            body = encode(row[:-1])
             last = row[-1]
         else:
-            body = encode(names, row)
+            body = encode(row)
         append(body)
         total += len(body)
         if total >= max_bytes:
@@ -327,13 +329,13 @@ def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int]
         sql = schema.statement_limited(sql, statement_time)
         if max_bytes is None:
             txn.execute(sql, params)
-            bodies, last = _encode_page(txn, plan.keyset)
+            bodies, last = _encode_page(txn, plan)
             return high_water, bodies, last, False
         cursor = txn.connection.cursor(pymysql.cursors.SSCursor)
         try:
             cursor.execute(sql, params)
             # (unbuffered: the statement time limit may also fire while rows arrive)
-            bodies, last, cut = _encode_bounded(cursor, plan.keyset, max_bytes)
+            bodies, last, cut = _encode_bounded(cursor, plan, max_bytes)
         finally:
             cursor.close()
     except pymysql.err.OperationalError as error:
@@ -357,65 +359,182 @@ class VersionConflict(Exception):
     """Other writers kept taking the versions a batch was given."""
 
 
-def _stream(pid: str) -> str:
-    """
-    The stream of ``pid`` as the ``pid_version`` key compares it: MariaDB's
-    collations ignore trailing spaces (PAD SPACE), so ``"a "`` is ``"a"``.
-    """
-    return pid.rstrip(" ")
+#: MariaDB's ER_DUP_ENTRY
+DUPLICATE_KEY = 1062
+
+#: a stream as the ``pid_version`` key compares pids (trailing spaces ignored)
+_stream = appends.stream_of
+
+#: one request's outcome in a batch: ``(affected_rows, insert_id)`` for
+#: version 1, :class:`appends.Appended` or an :class:`appends.AppendRefused`
+#: for version 2
+Outcome = Any
 
 
-def _last_versions(txn: Txn, table: str, pids: List[str]) -> Dict[str, int]:
-    """stream -> its last version, for the streams of ``pids`` that have events."""
-    txn.execute(schema.last_versions_sql(table, len(pids)), pids)
+def _last_versions(txn: Txn, table: str, streams: List[str]) -> Dict[str, int]:
+    """stream -> its last version, for the streams that have events."""
+    txn.execute(schema.last_versions_sql(table, len(streams)), streams)
     return {_stream(pid): int(version) for pid, version in txn.fetchall() if pid is not None}
 
 
-def _insert_batch(txn: Txn, table: str, batch: List[Rows], consecutive_ids: bool,
-                  known: Optional[Dict[str, int]] = None
-                  ) -> Tuple[List[Tuple[int, int]], Dict[str, int]]:
+def _stored_events(txn: Txn, table: str, event_ids: List[bytes]) -> Dict[bytes, appends.Stored]:
+    """event id -> ``(pid, version, position)`` of those of ``event_ids`` that are stored."""
+    if not event_ids:
+        return {}
+    txn.execute(schema.stored_events_sql(table, len(event_ids)), event_ids)
+    return {bytes(event_id): (pid, int(version), int(position))
+            for event_id, pid, version, position in txn.fetchall()}
+
+
+def _as_append(request: Any) -> appends.Append:
+    """A batch item: an :class:`appends.Append`, or the bare rows of a version 1 persist."""
+    return request if isinstance(request, appends.Append) else appends.Append(tuple(request))
+
+
+def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
+                  known: Optional[Dict[str, int]] = None) -> Tuple[List[Outcome], Dict[str, int]]:
     """
-    Append the rows of several requests in one transaction, each row given
-    its stream's next version (in request order) and a new event id.
+    Append the requests of a batch (:class:`appends.Append`, or version 1's
+    bare rows) in one transaction: each request's expected versions checked
+    against its streams as the requests before it in the batch leave them,
+    then its rows given their streams' next versions (in request order) and
+    event ids (the client's, or new UUIDv7s).
 
     ``known``: the last versions of some of the batch's streams as this
     server committed them; the others are read (one statement).  Returns
-    ``(affected_rows, insert_id)`` per request and the streams' new last
-    versions.  A duplicate key (a writer outside this server took one of
-    the versions) rolls the transaction back and writes the batch again on
-    versions all read anew, at most :data:`VERSION_RETRIES` times.
+    each request's outcome (see :data:`Outcome`) and the streams' new last
+    versions.
+
+    A duplicate key rolls the transaction back.  When requests carry the
+    client's event ids, those already stored are looked up (one statement):
+    a request whose events are all stored is answered as the duplicate of
+    its first append, one partly stored is refused, and the rest is written
+    again.  Otherwise another writer took a version: the batch is written
+    again on versions all read anew, at most :data:`VERSION_RETRIES` times.
     """
     import pymysql
 
-    made = iter(ids.uuid7.many(sum(map(len, batch))))
-    event_ids = [[next(made) for _ in request] for request in batch]
-    streams = sorted({_stream(row[0]) for request in batch for row in request})
+    requests = [_as_append(request) for request in batch]
+    made = iter(ids.uuid7.many(sum(len(r.rows) for r in requests if r.event_ids is None)))
+    event_ids = [r.event_ids or tuple(next(made) for _ in r.rows) for r in requests]
+    #: request index -> its outcome, known whatever happens to the others
+    settled: Dict[int, Outcome] = {}
     known = dict(known or {})
-    for attempt in range(VERSION_RETRIES + 1):
+    retries = 0
+    while True:
         try:
-            last = {stream: known[stream] for stream in streams if stream in known}
-            unknown = [stream for stream in streams if stream not in known]
-            if unknown:
-                last.update(_last_versions(txn, table, unknown))
-            numbered: List[List[Tuple[Any, ...]]] = []
-            for request, request_ids in zip(batch, event_ids):
-                rows = []
-                for row, event_id in zip(request, request_ids):
-                    stream = _stream(row[0])
-                    version = last.get(stream, -1) + 1
-                    last[stream] = version
-                    rows.append(tuple(row) + (version, event_id))
-                numbered.append(rows)
-            return _insert_numbered(txn, table, numbered, consecutive_ids), last
+            return _write_attempt(txn, table, requests, event_ids, settled, known,
+                                  consecutive_ids)
         except pymysql.err.MySQLError as error:
             if not (error.args and error.args[0] in RETRIED_ERRORS):
                 raise
             txn.connection.rollback()
             known = {}
+            if error.args[0] == DUPLICATE_KEY and _settle_repeats(txn, table, requests, settled):
+                continue
+            retries += 1
+            if retries > VERSION_RETRIES:
+                raise VersionConflict(
+                    f"versions kept being taken by another writer ({VERSION_RETRIES} retries)"
+                ) from error
             log.info("a batch of persists met versions taken by another writer ({error});"
                      " writing it again ({attempt} of {retries})", error=error,
-                     attempt=attempt + 1, retries=VERSION_RETRIES)
-    raise VersionConflict(f"versions kept being taken by another writer ({VERSION_RETRIES} retries)")
+                     attempt=retries, retries=VERSION_RETRIES)
+
+
+def _settle_repeats(txn: Txn, table: str, requests: List[appends.Append],
+                    settled: Dict[int, Outcome]) -> bool:
+    """
+    After a duplicate key: settle the requests whose client event ids are
+    stored already (duplicates, or conflicts); whether any was.
+    """
+    pending = [i for i, request in enumerate(requests)
+               if i not in settled and request.event_ids is not None]
+    wanted = [event_id for i in pending for event_id in requests[i].event_ids or ()]
+    stored = _stored_events(txn, table, wanted)
+    found = False
+    for i in pending:
+        outcome = appends.repeated(requests[i], stored)
+        if outcome is not None:
+            settled[i] = outcome
+            found = True
+    return found
+
+
+def _number(requests: List[appends.Append], live: List[int], event_ids: List[Tuple[bytes, ...]],
+            last: Dict[str, int]) -> Tuple[Dict[int, Outcome], Dict[int, List[Tuple[Any, ...]]]]:
+    """
+    Check and number the ``live`` requests in order, from ``last`` (updated
+    in place): returns the refused ones' errors and the others' full rows.
+    """
+    refused: Dict[int, Outcome] = {}
+    numbered: Dict[int, List[Tuple[Any, ...]]] = {}
+    for i in live:
+        request = requests[i]
+        if request.expected:
+            wrong = appends.check(request.expected, last)
+            if wrong is not None:
+                refused[i] = wrong
+                continue
+        rows = []
+        for row, event_id in zip(request.rows, event_ids[i]):
+            stream = _stream(row[0])
+            version = last.get(stream, -1) + 1
+            last[stream] = version
+            rows.append(tuple(row) + (version, event_id))
+        numbered[i] = rows
+    return refused, numbered
+
+
+def _write_attempt(txn: Txn, table: str, requests: List[appends.Append],
+                   event_ids: List[Tuple[bytes, ...]], settled: Dict[int, Outcome],
+                   known: Dict[str, int], consecutive_ids: bool
+                   ) -> Tuple[List[Outcome], Dict[str, int]]:
+    """One try of :func:`_insert_batch`, in its transaction."""
+    live = [i for i in range(len(requests)) if i not in settled]
+    streams = sorted({_stream(row[0]) for i in live for row in requests[i].rows})
+    last = {stream: known[stream] for stream in streams if stream in known}
+    remembered = bool(last)
+    unknown = [stream for stream in streams if stream not in known]
+    if unknown:
+        last.update(_last_versions(txn, table, unknown))
+    refused, numbered = _number(requests, live, event_ids, last)
+    if refused and remembered:
+        # An expected version judged on remembered versions: another writer
+        # may have appended since, so judge every check on versions read now.
+        last = _last_versions(txn, table, streams)
+        refused, numbered = _number(requests, live, event_ids, last)
+    repeats = [i for i in refused if requests[i].event_ids is not None]
+    if repeats:
+        # A request repeated after its first append committed fails its
+        # expected version; its events being stored says it is a duplicate.
+        stored = _stored_events(txn, table, [e for i in repeats for e in requests[i].event_ids or ()])
+        for i in repeats:
+            outcome = appends.repeated(requests[i], stored)
+            if outcome is not None:
+                refused[i] = outcome
+    written = [i for i in live if i in numbered]
+    outcomes: List[Outcome] = [settled.get(i, refused.get(i)) for i in range(len(requests))]
+    if written:
+        firsts = _insert_numbered(txn, table, [numbered[i] for i in written], consecutive_ids)
+        detailed = [i for i in written if requests[i].detailed]
+        positions: Optional[Dict[bytes, int]] = None
+        if detailed and not consecutive_ids:
+            # (ids of one statement are consecutive only with the lock
+            # modes and increment _autoinc_settings checks: read them back)
+            stored = _stored_events(txn, table, [e for i in detailed for e in event_ids[i]])
+            positions = {event_id: place[2] for event_id, place in stored.items()}
+        for i, (affected, first) in zip(written, firsts):
+            if not requests[i].detailed:
+                outcomes[i] = (affected, first)
+                continue
+            events = []
+            for k, row in enumerate(numbered[i]):
+                event_id = row[-1]
+                position = first + k if positions is None else positions[event_id]
+                events.append(appends.Event(event_id, row[0], row[-2], position))
+            outcomes[i] = appends.Appended(tuple(events))
+    return outcomes, last
 
 
 def _insert_numbered(txn: Txn, table: str, batch: List[List[Tuple[Any, ...]]],
@@ -466,26 +585,41 @@ class GroupCommitWriter:
         self._store = store
         self._max_rows = max_rows
         self._max_bytes = max_bytes
-        self._queue: Deque[Tuple[Rows, Answer, int]] = deque()
+        self._queue: Deque[Tuple[Any, "defer.Deferred[Any]", int]] = deque()
         self._busy = False
         self.batches = 0
 
-    def submit(self, rows: Rows) -> Answer:
-        d: Answer = defer.Deferred()
-        self._queue.append((rows, d, sum(len(row[3]) for row in rows)))
+    def submit(self, request: Any) -> "defer.Deferred[Any]":
+        """
+        Queue a persist: an :class:`appends.Append`, or the bare rows of a
+        version 1 persist; fires with its outcome (see :data:`Outcome`; a
+        refused version 2 append fails with its :class:`appends.AppendRefused`).
+        """
+        d: "defer.Deferred[Any]" = defer.Deferred()
+        rows = request.rows if isinstance(request, appends.Append) else request
+        self._queue.append((request, d, sum(len(row[3]) for row in rows)))
         if not self._busy:
             self._write_next()
         return d
 
-    def _take_batch(self) -> List[Tuple[Rows, Answer]]:
-        batch: List[Tuple[Rows, Answer]] = []
+    def _take_batch(self) -> List[Tuple[Any, "defer.Deferred[Any]"]]:
+        batch: List[Tuple[Any, "defer.Deferred[Any]"]] = []
         count, size = 0, 0
+        # (a request repeating event ids of one already in the batch waits for
+        # the next: it must meet them stored, not fail beside them)
+        event_ids: Set[bytes] = set()
         while self._queue:
-            rows, d, nbytes = self._queue[0]
+            request, d, nbytes = self._queue[0]
+            rows = request.rows if isinstance(request, appends.Append) else request
             if batch and (count + len(rows) > self._max_rows or size + nbytes > self._max_bytes):
                 break
+            ids_ = getattr(request, "event_ids", None)
+            if ids_:
+                if not event_ids.isdisjoint(ids_):
+                    break
+                event_ids.update(ids_)
             self._queue.popleft()
-            batch.append((rows, d))
+            batch.append((request, d))
             count += len(rows)
             size += nbytes
         return batch
@@ -501,12 +635,15 @@ class GroupCommitWriter:
         d.addCallbacks(self._written, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addBoth(lambda _: self._write_next())
 
-    def _written(self, results: List[Tuple[int, int]], batch: List[Tuple[Rows, Answer]]) -> None:
+    def _written(self, results: List[Outcome], batch: List[Tuple[Any, "defer.Deferred[Any]"]]) -> None:
         for (_, d), result in zip(batch, results):
-            d.callback(result)
+            if isinstance(result, appends.AppendRefused):
+                d.errback(Failure(result))  # type: ignore[no-untyped-call]
+            else:
+                d.callback(result)
 
     @defer.inlineCallbacks
-    def _batch_failed(self, failure: Failure, batch: List[Tuple[Rows, Answer]]) -> Any:
+    def _batch_failed(self, failure: Failure, batch: List[Tuple[Any, "defer.Deferred[Any]"]]) -> Any:
         error = failure.value
         if len(batch) == 1 or isinstance(error, StoreStopping) or (
                 error is not None and _is_lost_connection(error)):
@@ -518,13 +655,13 @@ class GroupCommitWriter:
             return
         log.warn("a batch of {count} persists failed ({error}); writing them one by one",
                  count=len(batch), error=failure.value)
-        for rows, d in batch:
+        for request, d in batch:
             try:
-                (result,) = yield self._store._write([rows])
+                results = yield self._store._write([request])
             except Exception:
                 d.errback()
             else:
-                d.callback(result)
+                self._written(results, [(request, d)])
 
 
 def mysql_tls_context(config: Config) -> "ssl.SSLContext":
@@ -892,10 +1029,21 @@ class Store:
             return defer.fail(RuntimeError("the store is not running"))
         return self._writer.submit(plan.rows)
 
+    def append(self, plan: InsertPlan) -> "defer.Deferred[appends.Appended]":
+        """
+        Append a version 2 persist (expected versions checked, the client's
+        event ids kept); fires with :class:`appends.Appended`, or fails with
+        an :class:`appends.AppendRefused` (a wrong expected version, an
+        idempotency conflict).
+        """
+        if self._writer is None:
+            return defer.fail(RuntimeError("the store is not running"))
+        return self._writer.submit(plan.append(detailed=True))
+
     #: streams whose last version the writer remembers (then forgets them all)
     max_known_versions = 100_000
 
-    def _write(self, batch: List[Rows]) -> "defer.Deferred[Any]":
+    def _write(self, batch: List[Any]) -> "defer.Deferred[Any]":
         """
         Write a batch, numbering its streams from the last versions this
         server committed when it knows them (a stream another writer
@@ -904,10 +1052,10 @@ class Store:
         are remembered only once their transaction committed.
         """
         known = self._known_versions
-        streams = {_stream(row[0]) for request in batch for row in request}
+        streams = {_stream(row[0]) for request in map(_as_append, batch) for row in request.rows}
         given = {stream: known[stream] for stream in streams if stream in known}
 
-        def committed(result: Tuple[List[Tuple[int, int]], Dict[str, int]]) -> List[Tuple[int, int]]:
+        def committed(result: Tuple[List[Outcome], Dict[str, int]]) -> List[Outcome]:
             results, last = result
             if len(known) + len(last) > self.max_known_versions:
                 known.clear()
@@ -972,7 +1120,7 @@ class Pager:
             self._size = min(self._size, max(1, page_bytes // row_sizes.largest))
         self._high_water: Optional[int] = None
         self._remaining = plan.limit
-        self._position = 0 if plan.keyset else plan.offset
+        self._position = plan.keyset_start if plan.keyset else plan.offset
 
     def next_page(self) -> "defer.Deferred[Tuple[List[str], bool]]":
         size = self._size

@@ -45,7 +45,7 @@ from typing import Any, Callable, Deque, List, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from transitions import Machine
 
-from eventsource.wire import END_BODY, ERROR_BODY, TIMEOUT_BODY
+from eventsource.wire import END_BODY, ERROR_BODY, TIMEOUT_BODY, encode_error
 
 
 class StreamState(enum.Enum):
@@ -214,8 +214,13 @@ class Stream:
                  publish: Callable[[str, str], object],
                  fetch_more: Callable[["Stream"], object],
                  closed: Callable[["Stream"], object],
-                 window_bytes: Optional[int] = None, budget: Optional[EchoBudget] = None):
+                 window_bytes: Optional[int] = None, budget: Optional[EchoBudget] = None,
+                 version: int = 1):
         self.channel = channel
+        #: the protocol version of the fetch: how a failure is told
+        self.version = version
+        #: the version 2 error code of a failure
+        self.code = "internal"
         self.window = window
         self.window_bytes = window_bytes
         self.row_timeout = row_timeout
@@ -316,9 +321,13 @@ class Stream:
         """The client said ``"end"``: stop, publish nothing more."""
         self.client_end()
 
-    def fail(self, reason: Optional[str] = None) -> None:
-        """Something went wrong: publish ``"error"``, ``"end"`` and stop."""
+    def fail(self, reason: Optional[str] = None, code: str = "internal") -> None:
+        """
+        Something went wrong: publish ``"error"`` (version 2: the error
+        object of ``code`` and ``reason``), ``"end"`` and stop.
+        """
         self.reason = reason
+        self.code = code
         self.failed()
 
     def budget_freed(self) -> None:
@@ -428,7 +437,10 @@ class Stream:
         self._publish(self.channel, END_BODY)
 
     def send_error(self) -> None:
-        self._publish(self.channel, ERROR_BODY)
+        if self.version == 2:
+            self._publish(self.channel, encode_error(self.code, self.reason or "the stream failed"))
+        else:
+            self._publish(self.channel, ERROR_BODY)
         self._publish(self.channel, END_BODY)
 
     def send_timeout(self) -> None:

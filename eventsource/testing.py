@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 from twisted.internet import defer
 from zope.interface import implementer
 
-from eventsource import ids, schema, wire
+from eventsource import appends, ids, schema, wire
 from eventsource.interfaces import IEventBus, IEventStore, Page
 from eventsource.query import InsertPlan, SelectPlan
 from eventsource.store import Pager
@@ -26,6 +26,9 @@ T = TypeVar("T")
 Event = Tuple[Any, ...]
 
 _ID = schema.COLUMN_NAMES.index("id")
+_PID = schema.COLUMN_NAMES.index("pid")
+_VERSION = schema.COLUMN_NAMES.index("version")
+_EVENT_ID = schema.COLUMN_NAMES.index("event_id")
 
 
 @implementer(IEventBus)
@@ -162,18 +165,49 @@ class MemoryStore:
         return self._append((pid, domain, name, wire.json_stringify(data)), timestamp)
 
     def _append(self, written: Tuple[Any, ...],
-                timestamp: Optional[datetime.datetime] = None) -> int:
+                timestamp: Optional[datetime.datetime] = None,
+                event_id: Optional[bytes] = None) -> int:
         """Store the values of :data:`~eventsource.schema.WRITTEN_COLUMNS`."""
         position = len(self.events) + 1
         values = dict(zip(schema.WRITTEN_COLUMNS, written))
         values["id"] = position
         values["timestamp"] = timestamp or datetime.datetime(2020, 4, 6, 11, 35, 18, 414000)
         # the stream columns, as the real writer assigns them
-        values["version"] = self._versions.get(values["pid"], -1) + 1
-        self._versions[values["pid"]] = values["version"]
-        values["event_id"] = ids.uuid7()
+        stream = appends.stream_of(values["pid"])
+        values["version"] = self._versions.get(stream, -1) + 1
+        self._versions[stream] = values["version"]
+        values["event_id"] = event_id or ids.uuid7()
         self.events.append(tuple(values[column] for column in schema.COLUMN_NAMES))
         return position
+
+    def append(self, plan: InsertPlan) -> "defer.Deferred[appends.Appended]":
+        """A version 2 append, decided as the real writer decides (:mod:`eventsource.appends`)."""
+        def compute() -> Any:
+            request = plan.append(detailed=True)
+            if request.event_ids:
+                wanted = set(request.event_ids)
+                stored = {e[_EVENT_ID]: (e[_PID], e[_VERSION], e[_ID])
+                          for e in self.events if e[_EVENT_ID] in wanted}
+                repeat = appends.repeated(request, stored)
+                if repeat is not None:
+                    return repeat
+            wrong = appends.check(request.expected, self._versions)
+            if wrong is not None:
+                return wrong
+            events = []
+            for k, row in enumerate(request.rows):
+                event_id = request.event_ids[k] if request.event_ids else ids.uuid7()
+                position = self._append(row, event_id=event_id)
+                event = self.events[-1]
+                events.append(appends.Event(event_id, row[0], event[_VERSION], position))
+            return appends.Appended(tuple(events))
+
+        def refused(outcome: Any) -> Any:
+            if isinstance(outcome, appends.AppendRefused):
+                raise outcome
+            return outcome
+
+        return self._answer(compute).addCallback(refused)
 
     def insert(self, plan: InsertPlan) -> "defer.Deferred[Tuple[int, int]]":
         def compute() -> Tuple[int, int]:
@@ -190,7 +224,16 @@ class MemoryStore:
     def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
                   max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":
         self.reads.append((position, size))
-        shown = [schema.COLUMN_NAMES.index(column) for column in self.columns]
+        columns = self.columns
+        encode = wire.row_encoder(columns)
+        if plan.encodings:  # (version 2: its default columns, under its names)
+            renamed = {new: old for old, new in schema.V2_NAMES.items()}
+            columns = tuple(renamed.get(c, c) for c in schema.V2_DEFAULT_COLUMNS)
+            encode = wire.row_encoder(
+                schema.V2_DEFAULT_COLUMNS,
+                [{"eventId": wire.UUID_VALUE, "data": wire.JSON_VALUE}.get(c, wire.PLAIN_VALUE)
+                 for c in schema.V2_DEFAULT_COLUMNS])
+        shown = [schema.COLUMN_NAMES.index(column) for column in columns]
 
         def compute() -> Page:
             top = len(self.events) if high_water is None else high_water
@@ -201,7 +244,7 @@ class MemoryStore:
             bodies: List[str] = []
             total, cut = 0, False
             for event in chosen:
-                bodies.append(wire.encode_row(self.columns, [event[i] for i in shown]))
+                bodies.append(encode([event[i] for i in shown]))
                 total += len(bodies[-1])
                 if max_bytes is not None and total >= max_bytes:
                     cut = len(bodies) < len(chosen)

@@ -13,7 +13,8 @@ import decimal
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from eventsource.config import REQUEST_CHANNELS
 
@@ -44,21 +45,31 @@ class BadRequest(Exception):
     A request that cannot be served.
 
     ``channel`` is the reply channel when the body named a usable one, else
-    ``None`` (the request can then only be logged).
+    ``None`` (the request can then only be logged); ``version`` the
+    protocol version of the request (how to answer on ``channel``).
     """
 
-    def __init__(self, reason: str, channel: Optional[str] = None):
+    code = "badRequest"
+
+    def __init__(self, reason: str, channel: Optional[str] = None, version: int = 1):
         super().__init__(reason)
         self.reason = reason
         self.channel = channel
+        self.version = version
 
 
 @dataclass(frozen=True)
 class PersistRequest:
-    """``persist``: append the documents of ``insert`` (the ``$insert`` value)."""
+    """
+    ``persist``: append the documents of ``insert`` (the ``$insert`` value).
+    Version 2: ``expected`` is ``("expectedVersion", value)`` or
+    ``("expectedVersions", value)`` as sent, when the body had either.
+    """
 
     channel: str
     insert: Any
+    version: int = 1
+    expected: Optional[Tuple[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class FetchRequest:
     channel: str
     select: Any
     window: int = 1
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -543,6 +555,8 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
         raise BadRequest("the body is not JSON") from None
     if not isinstance(message, dict):
         raise BadRequest("the body is not a JSON object")
+    if request_channel != "fetch-next" and is_version2(message):
+        return _parse_version2(request_channel, message, reserved, rules)
     # Other fields are ignored, as the original ignored them (a client's
     # request id or debug field must not cost it its request or its stream).
     channel = _reply_channel(message, reserved, rules)
@@ -556,6 +570,46 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
         # value of "end" is ignored, as other fields are)
         return NextRequest(channel, end=True)
     return NextRequest(channel, _positive_int(message, "accepted", channel, 1))
+
+
+def is_version2(message: Dict[str, Any]) -> bool:
+    """Whether a decoded request says ``"v": 2`` (the number: ``2`` or ``2.0``)."""
+    version = message.get("v")
+    return type(version) in (int, float) and version == 2
+
+
+#: the body fields of each version 2 request
+_V2_FIELDS = {
+    "persist": frozenset(("v", "channel", "query", "expectedVersion", "expectedVersions")),
+    "fetch": frozenset(("v", "channel", "query", "window")),
+}
+
+
+def _parse_version2(request_channel: str, message: Dict[str, Any], reserved: Collection[str],
+                    rules: Optional[ReplyRules]) -> "Request":
+    """A version 2 ``persist`` or ``fetch``: version 1's fields and a few more, and no others."""
+    try:
+        channel = _reply_channel(message, reserved, rules)
+    except BadRequest as bad:
+        bad.version = 2
+        raise
+    try:
+        unknown = [key for key in message if key not in _V2_FIELDS[request_channel]]
+        if unknown:
+            raise BadRequest(f"unknown field {truncate(unknown[0], 80)!r} in a version 2 "
+                             f"{request_channel} request", channel)
+        if request_channel == "fetch":
+            window = _positive_int(message, "window", channel, 1)
+            return FetchRequest(channel, _query(message, channel, "$select"), window, version=2)
+        if "expectedVersion" in message and "expectedVersions" in message:
+            raise BadRequest("a persist has expectedVersion or expectedVersions, not both", channel)
+        expected = next(((key, message[key]) for key in ("expectedVersion", "expectedVersions")
+                         if key in message), None)
+        return PersistRequest(channel, _query(message, channel, "$insert"), version=2,
+                              expected=expected)
+    except BadRequest as bad:
+        bad.version = 2
+        raise
 
 
 def parse_control(body: Any) -> Optional[str]:
@@ -623,6 +677,84 @@ def format_mysql_datetime(text: Union[str, bytes, bytearray]) -> str:
 def encode_row(names: Sequence[str], values: Sequence[Any]) -> str:
     """One row as the JSON object the original sent, keys in SELECT order."""
     return _row_encoder.encode(dict(zip(names, values)))
+
+
+#: how a row carries a column's values (see :func:`row_encoder`)
+PLAIN_VALUE, UUID_VALUE, JSON_VALUE = "", "uuid", "json"
+
+
+def _uuid_text(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    text = bytes(value).hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def _json_text(value: Any) -> str:
+    """Stored JSON text, to be written into a row as the value itself."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    try:
+        _decoder.decode(value)
+    except (ValueError, TypeError):
+        # (never from a table with MariaDB's JSON check: sent as a string)
+        return _row_encoder.encode(value)
+    return str(value)
+
+
+def row_encoder(names: Sequence[str], encodings: Sequence[str] = ()) -> Callable[[Sequence[Any]], str]:
+    """
+    The encoder of the rows of one result: a function from a row's values
+    (in ``names`` order) to its message body, the JSON object of the names
+    and values.  ``encodings`` (empty: all plain, version 1) says how each
+    column travels: :data:`UUID_VALUE` columns hold 16 bytes sent as UUID
+    text; :data:`JSON_VALUE` columns hold JSON text sent as the value it is
+    (version 2's ``data``), exactly as stored.
+    """
+    if not any(encodings):
+        return partial(encode_row, names)
+    uuids = [i for i, encoding in enumerate(encodings) if encoding == UUID_VALUE]
+    spliced = [i for i, encoding in enumerate(encodings) if encoding == JSON_VALUE]
+    if not spliced:
+        def encode_uuids(values: Sequence[Any]) -> str:
+            values = list(values)
+            for i in uuids:
+                values[i] = _uuid_text(values[i])
+            return encode_row(names, values)
+        return encode_uuids
+    # Built key by key: the JSON columns' stored text goes in as it is,
+    # never decoded and encoded again (which could change its numbers).
+    keys = [_row_encoder.encode(name) for name in names]
+
+    def encode(values: Sequence[Any]) -> str:
+        parts = []
+        for i, value in enumerate(values):
+            encoding = encodings[i]
+            if encoding == JSON_VALUE:
+                text = _json_text(value)
+            elif encoding == UUID_VALUE:
+                text = _row_encoder.encode(_uuid_text(value))
+            else:
+                text = _row_encoder.encode(value)
+            parts.append(keys[i] + ":" + text)
+        return "{" + ",".join(parts) + "}"
+    return encode
+
+
+def encode_error(code: str, message: str, **fields: Any) -> str:
+    """A version 2 refusal: ``{"error": {"code", "message", ...fields}}``."""
+    return encode_body({"error": dict(code=code, message=message, **fields)})
+
+
+def encode_appended(events: Sequence[Tuple[str, str, int, int]], duplicate: bool) -> str:
+    """A version 2 append's success, from ``(event_id, pid, version, position)`` per event."""
+    return encode_body({
+        "events": [{"eventId": event_id, "pid": pid, "version": version, "position": position}
+                   for event_id, pid, version, position in events],
+        "duplicate": duplicate,
+    })
 
 
 def encode_ok_packet(affected_rows: int, insert_id: int) -> str:

@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import store as store_module
+from eventsource import wire
 from eventsource.config import Config
 from eventsource.service import EventSourceService
 from eventsource.store import (CUT_GRACE, KILL_GRACE, SQL_MODE, StatementTimeLimit, Store,
@@ -39,11 +40,15 @@ class SlowPlan:
     """A hand-built keyset plan whose page is ``SELECT SLEEP(seconds)``, marked to be found."""
 
     keyset = True
+    keyset_start = 0
 
     def __init__(self, seconds):
         self.seconds = seconds
         self.marker = unique("slow")
         self.runs = 0
+
+    def row_encoder(self, names):
+        return wire.row_encoder(names)
 
     def page_sql(self, position, high_water, size):
         self.runs += 1

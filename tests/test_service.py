@@ -473,7 +473,7 @@ class BytePagingTests(ServiceTestCase):
         from eventsource.store import Pager
 
         class Plan:
-            keyset, limit, offset = True, None, 0
+            keyset, limit, offset, keyset_start, encodings = True, None, 0, 0, ()
 
         store = MemoryStore(page_size=1000)
         for i in range(50):
@@ -493,7 +493,7 @@ class BytePagingTests(ServiceTestCase):
         from eventsource.store import Pager, RowSizeHint
 
         class Plan:
-            keyset, limit, offset = True, None, 0
+            keyset, limit, offset, keyset_start, encodings = True, None, 0, 0, ()
 
         store = MemoryStore(page_size=1000)
         for i in range(10):
