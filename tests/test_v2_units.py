@@ -1,0 +1,204 @@
+"""
+Version 2 in the service and the compiler, with the in-memory doubles and a
+Clock: how each failure is told (its code, a sentence without internals),
+shutdown and Redis loss on version 2 streams, and what the compiler makes of
+version 2 persists and queries.
+"""
+
+import json
+
+import pymysql
+from twisted.trial.unittest import SynchronousTestCase
+
+from eventsource import appends, query, wire
+from eventsource.store import StatementTimeLimit, StoreStopping, VersionConflict
+from tests.test_service import ServiceTestCase, doc
+
+EVENT_ID = "0192f7b0-8c4e-7cc1-9f0e-2b6a3c1d5e4f"
+
+
+def persist2(channel, documents, **fields):
+    return json.dumps(dict(fields, v=2, channel=channel,
+                           query={"$insert": {"$documents": documents}}))
+
+
+def fetch2(channel, select=None, **fields):
+    return json.dumps(dict(fields, v=2, channel=channel, query={"$select": select or {}}))
+
+
+class PersistFailureTests(ServiceTestCase):
+    def error(self, channel="r"):
+        messages = self.out(channel)
+        self.assertEqual(messages[-1], "end")
+        return messages[-2]["error"]
+
+    def test_database_failures_have_codes_and_no_internals(self):
+        self.make()
+        cases = [
+            (pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"),
+             "unavailable", "same event ids"),
+            (pymysql.err.InterfaceError(0, ""), "unavailable", "unknown"),
+            (StoreStopping("the server is shutting down"), "unavailable", "shutting down"),
+            (VersionConflict("versions kept being taken"), "busy", "try again"),
+            (RuntimeError("SELECT secret FROM mysql.user"), "internal", "log"),
+        ]
+        for i, (failure, code, words) in enumerate(cases):
+            self.store.fail_next = failure
+            self.send("persist", persist2(f"r{i}", [doc()]))
+            error = self.error(f"r{i}")
+            self.assertEqual(error["code"], code)
+            self.assertIn(words, error["message"])
+            for internal in ("MySQL", "SELECT", "2013", "Lost connection"):
+                self.assertNotIn(internal, error["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.store.events, [])
+
+    def test_refusals_from_the_store(self):
+        self.make()
+        self.send("persist", persist2("r", [doc(), doc()]))
+        self.send("persist", persist2("w", [doc()], expectedVersion="noStream"))
+        self.assertEqual(self.error("w"), {"code": "wrongExpectedVersion", "pid": "p1",
+                                           "expected": "noStream", "actual": 1,
+                                           "message": 'stream "p1" is at version 1, not no events'})
+        self.send("persist", persist2("a", [doc(eventId=EVENT_ID)]))
+        self.send("persist", persist2("c", [doc("other", eventId=EVENT_ID)]))
+        self.assertEqual(self.error("c")["code"], "idempotencyConflict")
+        self.assertEqual(self.error("c")["eventId"], EVENT_ID)
+        self.send("persist", persist2("d", [doc(eventId=EVENT_ID.upper())], expectedVersion=0))
+        self.assertEqual(self.out("d")[0], dict(self.out("a")[0], duplicate=True))
+        self.assertEqual(len(self.store.events), 3)
+
+    def test_shutting_down(self):
+        self.make()
+        self.service._accepting = False
+        self.send("persist", persist2("r", [doc()]))
+        self.assertEqual(self.error()["code"], "unavailable")
+
+
+class StreamFailureTests(ServiceTestCase):
+    def test_a_version_2_stream_fails_with_an_error_object(self):
+        self.make(hold_store=True)
+        for i, failure in enumerate((StatementTimeLimit("the query ran longer than the statement"
+                                                         " time limit (5 s)"),
+                                     pymysql.err.OperationalError(2006, "MySQL server has gone away"))):
+            self.send("fetch", fetch2(f"r{i}"))
+            self.store.pending.pop(0)[0].errback(failure)
+        self.assertEqual(self.out("r0")[0]["error"]["code"], "tooLarge")
+        self.assertIn("statement time limit", self.out("r0")[0]["error"]["message"])
+        self.assertEqual(self.out("r1"), [{"error": {"code": "unavailable", "message":
+                                                     "the database could not be reached"}}, "end"])
+        self.flushLoggedErrors()
+
+    def test_shutdown_and_redis_loss(self):
+        self.make()
+        self.store.add()
+        self.send("fetch", fetch2("a"))
+        self.send("fetch", fetch2("b"))
+        self.send("fetch", json.dumps({"channel": "c", "query": {"$select": {}}}))
+        self.service.redis_lost()
+        self.assertEqual(self.out("a")[-2:], [{"error": {"code": "unavailable",
+                                                         "message": "lost the Redis connection"}}, "end"])
+        self.assertEqual(self.out("c")[-2:], ["error", "end"])
+
+    def test_rows_carry_version_2_columns(self):
+        self.make()
+        self.store.add(pid="p", data={"a": [1]})
+        self.send("fetch", fetch2("r", window=10))
+        row, end = self.out("r")
+        self.assertEqual(end, "end")
+        self.assertEqual(list(row), ["position", "eventId", "pid", "version", "domain", "name",
+                                     "timestamp", "data"])
+        self.assertEqual((row["position"], row["version"], row["data"]), (1, 0, {"a": [1]}))
+
+
+class CompileAppendTests(SynchronousTestCase):
+    schema = query.TableSchema("db", "event")
+
+    def compile(self, documents, expected=None):
+        return query.compile_append({"$documents": documents}, self.schema, 10, expected)
+
+    def test_plan(self):
+        plan = self.compile([doc("a", data="s", eventId=EVENT_ID), doc("b", eventId=EVENT_ID[:-1] + "0")],
+                            ("expectedVersions", {"a": 3, "b": "any"}))
+        self.assertEqual(plan.rows[0], ("a", "user", "created", '"s"'))
+        self.assertEqual(plan.event_ids[0], bytes.fromhex(EVENT_ID.replace("-", "")))
+        self.assertEqual(plan.expected, (appends.Expectation("a", 3),))
+        request = plan.append(detailed=True)
+        self.assertEqual((request.rows, request.detailed), (plan.rows, True))
+        self.assertEqual(self.compile([doc()], ("expectedVersion", "any")).expected, ())
+        self.assertEqual(self.compile([doc(), doc("p1 ")], ("expectedVersion", "noStream")).expected,
+                         (appends.Expectation("p1", "noStream"),))
+
+    def test_codes(self):
+        with self.assertRaises(query.QueryTooLarge):
+            self.compile([doc()] * 11)
+        with self.assertRaises(query.QueryRefused):
+            query.compile_append({"$table": "other", "$documents": [doc()]}, self.schema)
+        with self.assertRaises(query.QueryRefused):
+            query.compile_append({"$documents": [doc()], "$raw": 1}, self.schema)
+        try:
+            self.compile([doc(extra=1)])
+        except query.QueryError as error:
+            self.assertEqual(error.code, "badRequest")
+            self.assertIn("extra", str(error))
+        else:
+            self.fail("an unknown document field was accepted")
+
+
+class Version2SelectTests(SynchronousTestCase):
+    schema = query.TableSchema.version2("db", "event")
+
+    def test_names_map_to_the_table(self):
+        plan = query.compile_select({"$columns": ["position", "eventId", "data"],
+                                     "$where": {"position": {"$gt": 5}, "eventId": EVENT_ID}},
+                                    self.schema)
+        self.assertEqual(plan.columns, ("position", "eventId", "data"))
+        self.assertIn("`id` AS `position`", plan.select_sql)
+        self.assertIn("`event_id` AS `eventId`", plan.select_sql)
+        self.assertIn("`id` > %s", plan.where_sql)
+        self.assertEqual(plan.where_params, (5, bytes.fromhex(EVENT_ID.replace("-", ""))))
+        self.assertEqual(plan.encodings, (wire.PLAIN_VALUE, wire.UUID_VALUE, wire.JSON_VALUE))
+        self.assertTrue(plan.keyset)
+
+    def test_version_1_sees_none_of_it(self):
+        v1 = query.TableSchema("db", "event")
+        for name in ("position", "eventId", "version", "event_id"):
+            with self.assertRaises(query.QueryRefused):
+                query.compile_select({"$columns": [name]}, v1)
+        self.assertEqual(query.compile_select({}, v1).encodings, ())
+
+    def test_stream_reads_page_by_version(self):
+        plan = query.compile_select({"$where": {"pid": "p", "version": {"$gte": 3}}}, self.schema)
+        self.assertEqual((plan.keyset, plan.keyset_column, plan.keyset_start),
+                         (True, "`version`", -1))
+        statement, params = plan.page_sql(-1, 100, 10)
+        self.assertIn("FORCE INDEX (`pid_version`)", statement)
+        self.assertIn("ORDER BY `version` LIMIT %s", statement)
+        self.assertEqual(params[-3:], (-1, 100, 10))
+        self.assertRaises(ValueError, plan.page_sql, -2, 100, 10)
+        # not one stream, or another order: the usual id keyset
+        for select in ({"$where": {"pid": {"$in": ["a", "b"]}}},
+                       {"$where": {"pid": "p"}, "$orderBy": {"version": -1}},
+                       {"$where": {"$or": [{"pid": "p"}, {"pid": "q"}]}}):
+            plan = query.compile_select(select, self.schema)
+            self.assertNotEqual(plan.keyset_column if plan.keyset else None, "`version`", select)
+
+    def test_uuid_columns_take_equality_only(self):
+        for op in ("$gt", "$like", "$startsWith", "$between"):
+            with self.assertRaises(query.QueryRefused):
+                query.compile_select({"$where": {"eventId": {op: EVENT_ID}}}, self.schema)
+        with self.assertRaises(query.QueryError):
+            query.compile_select({"$where": {"eventId": 1}}, self.schema)
+
+
+class RowEncoderTests(SynchronousTestCase):
+    def test_json_text_goes_in_as_it_is(self):
+        encode = wire.row_encoder(["a", "id", "data"], [wire.PLAIN_VALUE, wire.UUID_VALUE,
+                                                        wire.JSON_VALUE])
+        raw = bytes.fromhex(EVENT_ID.replace("-", ""))
+        self.assertEqual(encode(["x", raw, '{"n":1e+21,"s":"é"}']),
+                         '{"a":"x","id":"%s","data":{"n":1e+21,"s":"é"}}' % EVENT_ID)
+        self.assertEqual(encode(["x", None, None]), '{"a":"x","id":null,"data":null}')
+        # text that is not JSON (no table with MariaDB's JSON check holds any) stays a string
+        self.assertEqual(json.loads(encode(["x", raw, '1,"a":2'])), {"a": "x", "id": EVENT_ID,
+                                                                      "data": '1,"a":2'})
