@@ -11,6 +11,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from eventsource.appends import Append, WrongExpectedVersion
 from eventsource.store import GroupCommitWriter
 from tests.support import MYSQL, IntegrationTestCase, WireClient
 
@@ -72,6 +73,30 @@ class WriterTests(SynchronousTestCase):
         self.failureResultOf(bad, RuntimeError)
         self.assertEqual(self.successResultOf(good2), (1, 3))
         self.assertEqual(len(self.store.batches), 5)
+
+    def test_a_request_repeating_event_ids_waits_for_the_next_batch(self):
+        first, other = b"\x01" * 16, b"\x02" * 16
+        append = Append(tuple(rows("b")), (first,), detailed=True)
+        self.writer.submit(rows("a"))
+        answers = [self.writer.submit(append), self.writer.submit(rows("c")),
+                   self.writer.submit(append), self.writer.submit(Append(tuple(rows("d")), (other,))),
+                   self.writer.submit(rows("e"))]
+        self.store.batches[0][1].callback([(1, 1)])
+        self.assertEqual(self.store.batches[1][0], [append, rows("c")])
+        self.store.batches[1][1].callback(["first", (1, 3)])
+        self.assertEqual(self.store.batches[2][0][0], append)
+        self.assertEqual(len(self.store.batches[2][0]), 3)
+        self.store.batches[2][1].callback(["repeat", "d", (1, 5)])
+        self.assertEqual([self.successResultOf(d) for d in answers],
+                         ["first", (1, 3), "repeat", "d", (1, 5)])
+
+    def test_refusals_fail_their_own_request_only(self):
+        self.writer.submit(rows("a"))
+        refused, written = self.writer.submit(rows("b")), self.writer.submit(rows("c"))
+        self.store.batches[0][1].callback([(1, 1)])
+        self.store.batches[1][1].callback([WrongExpectedVersion("b", 0, None), (1, 2)])
+        self.assertEqual(self.failureResultOf(refused, WrongExpectedVersion).value.pid, "b")
+        self.assertEqual(self.successResultOf(written), (1, 2))
 
     def test_one_write_at_a_time(self):
         for name in "abc":

@@ -11,7 +11,7 @@ import uuid
 from twisted.internet import defer
 
 from eventsource import query
-from tests.support import IntegrationTestCase, sql, unique
+from tests.support import IntegrationTestCase, LogCapture, sql, unique
 
 
 def doc(pid="p1", name="n", data=None, **extra):
@@ -167,11 +167,16 @@ class IdempotencyTests(Version2Case):
 
     @defer.inlineCallbacks
     def test_a_repeat_in_the_same_batch_is_a_duplicate(self):
+        logged = LogCapture(self)
         documents = [doc(eventId=i) for i in ids(3)]
-        replies = yield defer.gatherResults([self.persist(documents) for _ in range(4)])
+        replies = yield defer.gatherResults([self.persist(documents) for _ in range(4)]
+                                            + [self.persist([doc()]) for _ in range(4)])
+        replies = replies[:4]
         self.assertEqual(sorted(r[0]["duplicate"] for r in replies), [False, True, True, True])
         self.assertEqual(len({json.dumps(r[0]["events"]) for r in replies}), 1)
-        self.assertEqual(len(self.rows()), 3)
+        self.assertEqual(len(self.rows()), 7)
+        # the repeats waited for the next batch: none made its batch fail
+        self.assertEqual([text for text in logged.texts() if "writing" in text], [])
 
     @defer.inlineCallbacks
     def test_partly_stored_or_elsewhere_is_a_conflict(self):
