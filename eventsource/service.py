@@ -544,7 +544,7 @@ def _failure_code(failure: Failure) -> Tuple[str, str]:
         return "refused", "Redis refused to publish on the reply channel"
     if failure.check("pymysql.err.OperationalError", "pymysql.err.InterfaceError"):
         return "unavailable", "the database could not be reached"
-    if isinstance(failure.value, RuntimeError) and "not running" in str(failure.value):
+    if failure.check("eventsource.store.StoreNotRunning"):
         return "unavailable", "the database is not connected"
     return "internal", "the server failed to handle the request (its log says why)"
 

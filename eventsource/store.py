@@ -80,6 +80,10 @@ class StoreStopping(Exception):
     """The server is stopping: work that had not started is dropped."""
 
 
+class StoreNotRunning(RuntimeError):
+    """Work asked of a store that was not started (or is stopped)."""
+
+
 #: MariaDB's ER_STATEMENT_TIMEOUT
 STATEMENT_TIMEOUT = 1969
 
@@ -934,7 +938,7 @@ class Store:
         if self._closing or (read and self._stopping):
             return defer.fail(StoreStopping("the server is shutting down"))
         if self._pool is None:
-            return defer.fail(RuntimeError("the store is not running"))
+            return defer.fail(StoreNotRunning("the store is not running"))
         d: "defer.Deferred[Any]" = defer.Deferred()
         (self._reads if read else self._writes).append((work, args, d))
         self._next()
@@ -1026,7 +1030,7 @@ class Store:
         fires with ``(affected_rows, insert_id)``.
         """
         if self._writer is None:
-            return defer.fail(RuntimeError("the store is not running"))
+            return defer.fail(StoreNotRunning("the store is not running"))
         return self._writer.submit(plan.rows)
 
     def append(self, plan: InsertPlan) -> "defer.Deferred[appends.Appended]":
@@ -1037,7 +1041,7 @@ class Store:
         idempotency conflict).
         """
         if self._writer is None:
-            return defer.fail(RuntimeError("the store is not running"))
+            return defer.fail(StoreNotRunning("the store is not running"))
         return self._writer.submit(plan.append(detailed=True))
 
     #: streams whose last version the writer remembers (then forgets them all)

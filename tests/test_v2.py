@@ -289,6 +289,18 @@ class ErrorCodeTests(Version2Case):
             self.assertNotIn(word, error["message"])
 
 
+class ProbeTests(Version2Case):
+    @defer.inlineCallbacks
+    def test_the_version_2_probe_is_answered_with_a_bare_end(self):
+        # (docs/PROTOCOL.md, "Telling a version 1 server"; a version 1 server refuses it)
+        yield self.persist([doc()])
+        probe = {"query": {"$select": {"$columns": ["position"], "$limit": 0}}}
+        reply = yield self.send("fetch", probe)
+        self.assertEqual(reply, ["end"])
+        reply = yield self.send("fetch", probe, v=None)
+        self.assertEqual(reply, ["error", "end"])
+
+
 class ReadOnlyTests(Version2Case):
     server_config = {"read_only": True}
 
