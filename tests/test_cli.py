@@ -172,6 +172,14 @@ class ParserTests(CommandTestCase):
             self.assertIn(f"{code:>3}  {meaning}", text)
         self.assertEqual(len(set(codes)), len(codes))
 
+    def test_every_exit_status_in_the_docs(self):
+        """docs/CLIENT.md's table of exit statuses is the command's."""
+        with open(os.path.join(CHECKOUT, "docs", "CLIENT.md"), encoding="utf-8") as f:
+            text = f.read()
+        table = text[text.index("| status | meaning |"):].split("\n\n")[0]
+        documented = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
+        self.assertEqual(documented, [code for code, _ in cli.EXIT_CODES])
+
     def test_environment_defaults(self):
         self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
                      environ={"REDIS_HOST": "redis.example", "REDIS_PORT": "6380",

@@ -159,7 +159,7 @@ class AppendTests(V2TestCase):
                                        WrongExpectedVersion)
         e = failure.value
         self.assertEqual((e.pid, e.expected, e.actual, e.code), ("p", 0, 1, "wrongExpectedVersion"))
-        self.assertEqual(e.message, 'stream "p" is at version 1, not 0')
+        self.assertEqual(e.message, 'stream "p" is at version 1, not version 0')
         self.assertEqual(str(e), e.message)
         self.assertEqual(e.channel, self.persists()[-1]["channel"])
         self.assertIsInstance(e, ServerError)
@@ -780,6 +780,54 @@ class IntegrationTests(IntegrationTestCase):
             self.assertRegex(got[0].timestamp, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
             self.assertEqual([e async for e in client.read_stream(pid, 8)], [])
             self.assertEqual(len([e async for e in client.read_stream(pid, window=1)]), 8)
+
+        return run(go())
+
+
+    def test_fake_server_answers_as_the_real_one(self):
+        """The same appends against FakeServer and the real server: the same
+        versions, codes and conflict sentences (the double stays honest)."""
+        ids = [str(uuid.UUID(int=n)) for n in range(1, 4)]
+
+        async def script(client):
+            outcomes = []
+            steps = [
+                lambda: client.append("p", events("a"), NO_STREAM),
+                lambda: client.append("p", events("b"), 5),
+                lambda: client.append("p", events("c"), NO_STREAM),
+                lambda: client.append("q", events("x"), STREAM_EXISTS),
+                lambda: client.append("p", events("d", "e"), 0),
+                lambda: client.append("r", [{"domain": "d", "name": "n", "eventId": i}
+                                            for i in ids[:2]]),
+                lambda: client.append("r", [{"domain": "d", "name": "n", "eventId": i}
+                                            for i in ids[:2]], NO_STREAM),
+                lambda: client.append("r", [{"domain": "d", "name": "n", "eventId": i}
+                                            for i in ids[1:]]),
+                lambda: client.append_many({"p": events("f"), "q": events("g")},
+                                           {"q": NO_STREAM, "p": 1}),
+                lambda: client.append_many({"p": events("f"), "q": events("g")},
+                                           {"q": NO_STREAM, "p": 3}),
+            ]
+            for step in steps:
+                try:
+                    result = await step()
+                except ServerError as e:
+                    outcomes.append((e.code, e.message if isinstance(
+                        e, WrongExpectedVersion) else None, e.details.get("actual")))
+                else:
+                    outcomes.append(([(ev.pid, ev.version) for ev in result.events],
+                                     result.duplicate))
+            outcomes.append([(e.pid, e.version, e.name) async for e in client.read_stream("p")])
+            return outcomes
+
+        async def go():
+            pubsub = MemoryPubSub()
+            FakeServer(pubsub)
+            fake = await script(EventSourceClient(pubsub, Clock()))
+            real = await script(await self.connect())
+            self.assertEqual(fake, real)
+            self.assertEqual(real[1], ("wrongExpectedVersion",
+                                       'stream "p" is at version 0, not version 5', 0))
 
         return run(go())
 

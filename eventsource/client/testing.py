@@ -51,7 +51,9 @@ from eventsource.wire import (
     FETCH_NEXT,
     PERSIST,
     decode_json,
+    encode_appended,
     encode_body,
+    encode_error,
     encode_ok_packet,
     format_timestamp,
 )
@@ -158,7 +160,11 @@ class _Refusal(Exception):
 
     def __init__(self, code: str, message: str, **fields: Any):
         super().__init__(message)
-        self.error = dict({"code": code, "message": message}, **fields)
+        self.code, self.message, self.fields = code, message, fields
+
+    def body(self) -> str:
+        """The error object, as the server writes it."""
+        return encode_error(self.code, self.message, **self.fields)
 
 
 class FakeServer:
@@ -250,7 +256,7 @@ class FakeServer:
             self.send(channel, END)
             return
         if self.speaks_v2(request) and self.persist_answer is None:
-            self.send(channel, self.persist_v2(request))
+            self.pubsub.deliver(channel, self.persist_v2(request))
         elif self.persist_answer is None:
             documents = request["query"]["$insert"]["$documents"]
             count = len(documents) if isinstance(documents, list) else 1
@@ -274,7 +280,7 @@ class FakeServer:
             try:
                 rows = self.read_v2(request)
             except _Refusal as refusal:
-                self.send(channel, {"error": refusal.error})
+                self.pubsub.deliver(channel, refusal.body())
                 self.send(channel, END)
                 return
         elif _names_v2_columns(request.get("query")):
@@ -329,14 +335,16 @@ class FakeServer:
 
     # -- version 2 -------------------------------------------------------------
 
-    def persist_v2(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        """Do a version 2 persist; its answer (a result or an error object)."""
+    def persist_v2(self, request: Dict[str, Any]) -> str:
+        """Do a version 2 persist; the body of its answer (a result or an error object)."""
         try:
-            return self._persist_v2(request)
+            events, duplicate = self._persist_v2(request)
         except _Refusal as refusal:
-            return {"error": refusal.error}
+            return refusal.body()
+        return encode_appended([(e["eventId"], e["pid"], e["version"], e["position"])
+                                for e in events], duplicate)
 
-    def _persist_v2(self, request: Dict[str, Any]) -> Dict[str, Any]:
+    def _persist_v2(self, request: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], bool]:
         _check_fields(request, _BODY_FIELDS[PERSIST], "a persist")
         if "expectedVersion" in request and "expectedVersions" in request:
             raise _Refusal("badRequest", "give expectedVersion or expectedVersions, not both")
@@ -365,7 +373,7 @@ class FakeServer:
         if ids:
             repeat = self._repeat(documents, ids)
             if repeat is not None:
-                return repeat
+                return repeat, True
         pids = list(dict.fromkeys(d["pid"] for d in documents))
         expected: Dict[str, Any] = {}
         if "expectedVersion" in request:
@@ -383,11 +391,10 @@ class FakeServer:
                                                  "document appends to")
         for pid, spec in expected.items():
             self._check_expected(pid, spec)
-        return {"events": [self._store(document) for document in documents],
-                "duplicate": False}
+        return [self._store(document) for document in documents], False
 
     def _repeat(self, documents: List[Dict[str, Any]],
-                ids: List[str]) -> Optional[Dict[str, Any]]:
+                ids: List[str]) -> Optional[List[Dict[str, Any]]]:
         stored = [self._by_id.get(i) for i in ids]
         known = [event for event in stored if event is not None]
         if not known:
@@ -395,15 +402,16 @@ class FakeServer:
         same = len(known) == len(ids) and all(
             event["pid"] == document["pid"] for event, document in zip(known, documents))
         last: Dict[str, int] = {}
-        for event in known:
-            if event["pid"] in last and event["version"] != last[event["pid"]] + 1:
+        for before, event in zip([None, *known], known):
+            if event["pid"] in last and event["version"] != last[event["pid"]] + 1 \
+                    or before is not None and event["position"] < before["position"]:
                 same = False
             last[event["pid"]] = event["version"]
         if not same:
             raise _Refusal("idempotencyConflict",
-                           f"the event id {known[0]['eventId']} is stored already, for another "
-                           "request", eventId=known[0]["eventId"])
-        return {"events": [_entry(event) for event in known], "duplicate": True}
+                           f"event id {known[0]['eventId']} is stored already, but not as "
+                           "this request would store it", eventId=known[0]["eventId"])
+        return known
 
     def _check_expected(self, pid: str, spec: Any) -> None:
         actual = self._last_versions.get(pid)
@@ -420,15 +428,13 @@ class FakeServer:
                                          f"\"noStream\", \"streamExists\" or \"any\", not "
                                          f"{spec!r}")
         if not holds:
-            stream = f"stream {json.dumps(pid, ensure_ascii=False)}"
-            if spec == NO_STREAM:
-                message = f"{stream} exists (at version {actual})"
-            elif actual is None:
-                message = f"{stream} has no events"
-            else:
-                message = f"{stream} is at version {actual}, not {spec}"
-            raise _Refusal("wrongExpectedVersion", message, pid=pid, expected=spec,
-                           actual=actual)
+            # (the server's sentence)
+            state = "has no events" if actual is None else f"is at version {actual}"
+            wanted = {NO_STREAM: "no events", STREAM_EXISTS: "at least one event"}.get(
+                spec, f"version {spec}")
+            raise _Refusal("wrongExpectedVersion",
+                           f"stream {json.dumps(pid, ensure_ascii=False)} {state}, not {wanted}",
+                           pid=pid, expected=spec, actual=actual)
 
     def _store(self, document: Dict[str, Any]) -> Dict[str, Any]:
         pid = document["pid"]
@@ -444,7 +450,7 @@ class FakeServer:
                  "data": document.get("data")}
         self.events.append(event)
         self._by_id[event["eventId"]] = event
-        return _entry(event)
+        return event
 
     def read_v2(self, request: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The rows of a version 2 fetch (``_Refusal`` for a refused one)."""
@@ -465,10 +471,6 @@ class FakeServer:
                 for event in self.events if _matches(event, where)]
         limit = select.get("$limit")
         return rows if limit is None else rows[:limit]
-
-
-def _entry(event: Dict[str, Any]) -> Dict[str, Any]:
-    return {key: event[key] for key in ("eventId", "pid", "version", "position")}
 
 
 def _check_fields(message: Dict[str, Any], allowed: Set[str], what: str) -> None:
