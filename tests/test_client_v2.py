@@ -784,6 +784,22 @@ class IntegrationTests(IntegrationTestCase):
         return run(go())
 
 
+    def test_refusals_are_coded_exceptions(self):
+        """The real server's error objects arrive as the exceptions of their codes."""
+        async def go():
+            client = await self.connect()
+            with self.assertRaises(Refused) as caught:
+                [e async for e in client.read_stream("p", table="mysql.user")]
+            self.assertEqual(caught.exception.code, "refused")
+            self.assertNotIn("SELECT", caught.exception.message)
+            with self.assertRaises(BadRequest):
+                await client.append("p", [{"domain": "d", "name": "x" * 256}])
+            with self.assertRaises(Refused):
+                await client.append("p", events("a"), table="mysql.user")
+            self.assertEqual(self.rows(), ())
+
+        return run(go())
+
     def test_fake_server_answers_as_the_real_one(self):
         """The same appends against FakeServer and the real server: the same
         versions, codes and conflict sentences (the double stays honest)."""
