@@ -4,9 +4,12 @@ the server without knowing twistd.
 
     eventsource persist --pid P --domain D --name N --data '{"k": 1}'
     eventsource fetch --pid P
+    eventsource append P D N '{"k": 1}' --expected-version 3
+    eventsource read P --from-version 4
     eventsource serve --table db.events
 
-``persist`` and ``fetch`` talk to the server through Redis with
+``persist``, ``fetch``, ``append`` and ``read`` (the last two: version 2 of
+the protocol) talk to the server through Redis with
 :mod:`eventsource.client`, under :func:`twisted.internet.task.react`.  Every
 failure ends with one line on standard error and an exit status that says
 what went wrong (see :data:`EXIT_CODES`).
@@ -17,8 +20,10 @@ so tests drive it without a subprocess.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import sys
 import textwrap
 from typing import IO, Any, Callable, Dict, List, Mapping, NoReturn, Optional
@@ -31,8 +36,11 @@ from twisted.internet.task import LoopingCall, react
 from eventsource import client as client_module
 from eventsource import tap
 from eventsource.client import (
+    ANY,
     DEFAULT_REPLY_PREFIX,
     DEFAULT_TIMEOUT,
+    NO_STREAM,
+    STREAM_EXISTS,
     TENANT_REPLY_PREFIX,
     EventSourceClient,
     EventSourceError,
@@ -40,8 +48,11 @@ from eventsource.client import (
     RedisConnectionError,
     ReplyTimeout,
     ServerError,
+    ServerTooOld,
     StreamTimeout,
+    WrongExpectedVersion,
 )
+from eventsource.client._events import DEFAULT_RETRY, check_expected, normal_event_id
 from eventsource.wire import valid_tenant
 
 PROG = "eventsource"
@@ -52,19 +63,24 @@ EXIT_USAGE = 2
 EXIT_NO_SERVER = 3
 EXIT_TIMEOUT = 4
 EXIT_REDIS = 5
+EXIT_CONFLICT = 6
+EXIT_TOO_OLD = 7
 EXIT_INTERRUPTED = 130
 
 #: exit status and meaning, for --help and the docs
 EXIT_CODES = (
     (EXIT_OK, "success"),
-    (EXIT_SERVER_ERROR, "the server answered \"error\" (bad query or document, refused "
-                        "table, database failure)"),
+    (EXIT_SERVER_ERROR, "the server refused or failed the request: \"error\", or a version 2 "
+                        "error code (printed) other than those below"),
     (EXIT_USAGE, "bad command line or bad JSON argument/input"),
     (EXIT_NO_SERVER, "no eventsource server is listening on that Redis"),
     (EXIT_TIMEOUT, "no answer within --timeout, or the server's row timeout"),
     (EXIT_REDIS, "Redis cannot be reached, refused us (password, ACL), or the connection "
                  "dropped"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); an open fetch is told \"end\""),
+    (EXIT_CONFLICT, "append: the stream is not at the expected version "
+                    "(wrongExpectedVersion); nothing was appended"),
+    (EXIT_TOO_OLD, "append, read: the server speaks only version 1 of the protocol"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); an open fetch or read is told \"end\""),
 )
 
 #: default --window of fetch: version 1 (window 1) is one round trip per row
@@ -81,6 +97,10 @@ class UsageError(Exception):
 
 
 def _error_code(error: BaseException) -> int:
+    if isinstance(error, WrongExpectedVersion):
+        return EXIT_CONFLICT
+    if isinstance(error, ServerTooOld):
+        return EXIT_TOO_OLD
     if isinstance(error, NoServerError):
         return EXIT_NO_SERVER
     if isinstance(error, (ReplyTimeout, StreamTimeout)):
@@ -131,6 +151,33 @@ def _argument_type(coerce: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 _positive_int = _argument_type(tap.positive_int)
+
+
+_DIGITS = re.compile(r"\s*[0-9]+\s*")
+
+
+def _non_negative_int(text: str) -> int:
+    if not _DIGITS.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return int(text)
+
+
+def _expected_version(text: str) -> Any:
+    if _DIGITS.fullmatch(text):
+        return int(text)
+    try:
+        return check_expected(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a version (an integer >= 0), {NO_STREAM}, {STREAM_EXISTS} or {ANY}, "
+            f"not {text!r}") from None
+
+
+def _event_id(text: str) -> str:
+    try:
+        return normal_event_id(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 _seconds = _argument_type(tap.positive_seconds)
 _port = _argument_type(tap.port)
 
@@ -159,8 +206,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     exit_codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
     parser = _Parser(
         prog=PROG,
-        description="Persist and fetch events of an eventsource server through Redis, "
-                    "or run the server.",
+        description="Persist and fetch events of an eventsource server through Redis "
+                    "(persist, fetch), append to and read streams with version 2 of the "
+                    "protocol (append, read), or run the server (serve).",
         epilog=f"Exit status:\n{exit_codes}\n\nRun '{PROG} COMMAND --help' for the flags "
                "of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -271,6 +319,77 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                      help="No progress line on standard error (shown only when it is a "
                           "terminal and the read takes over a second).")
 
+    append = commands.add_parser(
+        "append", parents=[connection], help="append events to a stream (version 2)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Append events to the stream PID, atomically and exactly once, "
+                          "with version 2 of the protocol: one event given as DOMAIN NAME "
+                          "[DATA], or many as JSON lines on standard input (one object per "
+                          "line: domain, name, optional data and eventId), appended together "
+                          "in one request (all or nothing).  Every event gets an id before "
+                          "it is sent; an attempt whose outcome is unknown (no answer, "
+                          "\"unavailable\", Redis lost) is sent again with the same ids, so "
+                          "the events are stored once.  Prints the result as one JSON line: "
+                          "each event's eventId, pid, version and position, and duplicate "
+                          "(true: these events were stored before, by an earlier attempt, "
+                          "and nothing was written now).")
+        + "\n\n" + _para(f"With --expected-version, the append happens only if the stream is "
+                          f"in that state; otherwise nothing is appended and the exit status "
+                          f"is {EXIT_CONFLICT}, with the stream's actual version in the "
+                          "message.  Needs a server that speaks version 2 (exit status "
+                          f"{EXIT_TOO_OLD} otherwise)."),
+        epilog="examples:\n"
+               f"  {PROG} append order-1 order created '{{\"total\": 12}}' "
+               f"--expected-version {NO_STREAM}\n"
+               f"  {PROG} append order-1 order paid '{{\"amount\": 12}}' --expected-version 0\n"
+               f"  printf '%s\\n' '{{\"domain\": \"order\", \"name\": \"shipped\"}}' "
+               f"| {PROG} append order-1")
+    append.add_argument("pid", metavar="PID", help="The stream: the events' process "
+                                                    "(aggregate) id.")
+    append.add_argument("domain", metavar="DOMAIN", nargs="?",
+                        help="Domain of the one event (without DOMAIN and NAME: JSON lines "
+                             "on standard input).")
+    append.add_argument("name", metavar="NAME", nargs="?", help="Name of the one event.")
+    append.add_argument("data", metavar="DATA", nargs="?", type=_json_value,
+                        help="Payload of the one event: any JSON value [default: null].")
+    append.add_argument("--expected-version", type=_expected_version, default=ANY,
+                        metavar="N|noStream|streamExists|any",
+                        help="The stream's state before the append: N, its last version (it "
+                             f"has N + 1 events); {NO_STREAM}: it has no events; "
+                             f"{STREAM_EXISTS}: it has some; {ANY}: no check [default: {ANY}].")
+    append.add_argument("--event-id", type=_event_id, metavar="UUID",
+                        help="The one event's id [default: a new UUIDv7].  Appending again "
+                             "with the same id is answered with the first append's result "
+                             "and duplicate: true.")
+    append.add_argument("--table", metavar="DB.TABLE",
+                        help="Events table [default: the server's].")
+    append.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRY.retries, metavar="N",
+                        help="Attempts after the first whose outcome is unknown, at most "
+                             f"[default: {DEFAULT_RETRY.retries}; 0: none].")
+
+    read = commands.add_parser(
+        "read", parents=[connection], help="read one stream from a version (version 2)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Read the events of the stream PID in version order, from "
+                          "--from-version on, with version 2 of the protocol.  Prints one JSON "
+                          "object per event: position, eventId, pid, version, domain, name, "
+                          "timestamp and data.  Needs a server that speaks version 2 (exit "
+                          f"status {EXIT_TOO_OLD} otherwise)."),
+        epilog="examples:\n"
+               f"  {PROG} read order-1\n"
+               f"  {PROG} read order-1 --from-version 4")
+    read.add_argument("pid", metavar="PID", help="The stream: a process (aggregate) id.")
+    read.add_argument("--from-version", type=_non_negative_int, default=0, metavar="N",
+                      help="The first version to read [default: 0, the first event].")
+    read.add_argument("--table", metavar="DB.TABLE",
+                      help="Events table to read [default: the server's].")
+    read.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
+                      help="Events the server may send ahead of acceptances "
+                           f"[default: {DEFAULT_WINDOW}; the server caps it].")
+    read.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="No progress line on standard error (shown only when it is a "
+                           "terminal and the read takes over a second).")
+
     commands.add_parser(
         "serve", add_help=False, help="run the server: twistd -n eventsource ...",
         description=_para("Run the eventsource server in the foreground: the same as "
@@ -307,6 +426,39 @@ def _documents(args: argparse.Namespace, stdin: Optional[IO[str]]) -> Any:
     if not documents:
         raise UsageError("no events on standard input (one JSON object per line)")
     return documents
+
+
+def _events(args: argparse.Namespace, stdin: Optional[IO[str]]) -> List[Dict[str, Any]]:
+    """The events ``append`` appends: from its arguments, or JSON lines on ``stdin``."""
+    if args.domain is not None:
+        if args.name is None:
+            raise UsageError("append needs DOMAIN and NAME (or JSON lines on standard input, "
+                             "without them)")
+        event = {"domain": args.domain, "name": args.name, "data": args.data}
+        if args.event_id is not None:
+            event["eventId"] = args.event_id
+        return [event]
+    if args.event_id is not None:
+        raise UsageError("--event-id is for one event given as DOMAIN NAME [DATA]; give each "
+                         "event of standard input its own eventId")
+    if stdin is None or (hasattr(stdin, "isatty") and stdin.isatty()):
+        raise UsageError("give DOMAIN and NAME, or pipe events as JSON lines into standard "
+                         "input")
+    events = []
+    for number, line in enumerate(stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"line {number} of standard input is not valid JSON ({e})") \
+                from None
+        if not isinstance(event, dict):
+            raise UsageError(f"line {number} of standard input is not a JSON object")
+        events.append(event)
+    if not events:
+        raise UsageError("no events on standard input (one JSON object per line)")
+    return events
 
 
 def fetch_query(args: argparse.Namespace) -> Dict[str, Any]:
@@ -415,6 +567,40 @@ async def _persist(client: EventSourceClient, args: argparse.Namespace, stdout: 
     return EXIT_OK
 
 
+async def _append(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
+                  events: List[Dict[str, Any]]) -> int:
+    retry = dataclasses.replace(DEFAULT_RETRY, retries=args.retries)
+    try:
+        result = await client.append(args.pid, events, args.expected_version, table=args.table,
+                                     retry=retry)
+    except ValueError as e:  # an event of standard input that is not one
+        raise UsageError(str(e)) from None
+    stdout.write(json.dumps(result.raw, ensure_ascii=False, separators=(",", ":")) + "\n")
+    stdout.flush()
+    return EXIT_OK
+
+
+async def _read(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
+                stderr: IO[str], clock: IReactorTime, holder: List[Any]) -> int:
+    stream = client.read_stream(args.pid, args.from_version, window=args.window,
+                                table=args.table)
+    holder.append(stream)
+    progress = None
+    if args.progress and hasattr(stderr, "isatty") and stderr.isatty():
+        progress = Progress(clock, stderr)
+    try:
+        async with stream:
+            async for event in stream:
+                if progress is not None:
+                    progress.rows += 1
+                stdout.write(json.dumps(event.raw, ensure_ascii=False) + "\n")
+        stdout.flush()
+    finally:
+        if progress is not None:
+            progress.stop()
+    return EXIT_OK
+
+
 async def _fetch(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
                  stderr: IO[str], clock: IReactorTime, query: Dict[str, Any],
                  holder: List[Any]) -> int:
@@ -450,7 +636,7 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
                   connect: Optional[Callable[..., Any]] = None,
                   holder: Optional[List[Any]] = None) -> int:
     """
-    Run a parsed ``persist`` or ``fetch``; returns the exit status.
+    Run a parsed ``persist``, ``fetch``, ``append`` or ``read``; returns the exit status.
 
     ``connect`` replaces :func:`eventsource.client.connect` (in tests);
     ``holder`` collects the open fetch stream, so an interrupt can end it.
@@ -461,7 +647,9 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
     try:
         if args.command == "persist":
             documents = _documents(args, stdin)
-        else:
+        elif args.command == "append":
+            events = _events(args, stdin)
+        elif args.command == "fetch":
             query = fetch_query(args)
     except UsageError as e:
         stderr.write(f"{prog}: error: {e}\n")
@@ -480,10 +668,20 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
     try:
         if args.command == "persist":
             return await _persist(client, args, stdout, documents)
+        if args.command == "append":
+            return await _append(client, args, stdout, events)
+        if args.command == "read":
+            return await _read(client, args, stdout, stderr, reactor, holder)
         return await _fetch(client, args, stdout, stderr, reactor, query, holder)
+    except UsageError as e:
+        stderr.write(f"{prog}: error: {e}\n")
+        return EXIT_USAGE
     except ServerError as e:
-        stderr.write(f"{prog}: error: the server refused the request (answered \"error\"); "
-                     f"its log says why, under reply channel {e.channel}\n")
+        if e.code is not None:
+            stderr.write(f"{prog}: error: {e.code}: {e.message}\n")
+        else:
+            stderr.write(f"{prog}: error: the server refused the request (answered "
+                         f"\"error\"); its log says why, under reply channel {e.channel}\n")
         return _error_code(e)
     except EventSourceError as e:
         stderr.write(f"{prog}: error: {e}\n")

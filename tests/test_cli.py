@@ -23,15 +23,22 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from eventsource import cli, tap
 from eventsource.client import (
+    NO_STREAM,
+    AppendResult,
+    Busy,
     NoServerError,
     PersistResult,
+    RecordedEvent,
     RedisConnectionError,
     ReplyTimeout,
     ServerError,
+    ServerTooOld,
     StreamTimeout,
+    Unavailable,
+    WrongExpectedVersion,
 )
 from tests.redis_server import RedisServer
-from tests.support import free_port, unique
+from tests.support import REDIS_HOST, REDIS_PORT, IntegrationTestCase, free_port, unique
 from tests.test_client import CHECKOUT, shared_fixture
 
 
@@ -66,7 +73,23 @@ class FakeClient:
         self.error = error
         self.persisted = []
         self.fetched = []
+        self.appended = []
+        self.read = []
         self.disconnected = False
+
+    def append(self, pid, events, expected_version="any", *, table=None, timeout=None,
+               retry=None):
+        self.appended.append((pid, events, expected_version, table, retry))
+        if self.error is not None:
+            return defer.fail(self.error)
+        raw = {"events": [{"eventId": f"id-{i}", "pid": pid, "version": i, "position": 10 + i}
+                          for i in range(len(events))], "duplicate": False}
+        return defer.succeed(AppendResult.from_message(raw))
+
+    def read_stream(self, pid, from_version=0, *, window=100, table=None, timeout=None):
+        self.read.append((pid, from_version, window, table))
+        self.stream = FakeStream([RecordedEvent.from_row(row) for row in self.rows], self.error)
+        return self.stream
 
     def persist(self, documents, table=None):
         self.persisted.append((documents, table))
@@ -125,8 +148,8 @@ class ParserTests(CommandTestCase):
         parser = cli.build_parser({})
         subparsers = [a for a in parser._actions if hasattr(a, "choices") and a.choices]
         commands = subparsers[0].choices
-        self.assertEqual(sorted(commands), ["fetch", "persist", "serve"])
-        for name in ("persist", "fetch"):
+        self.assertEqual(sorted(commands), ["append", "fetch", "persist", "read", "serve"])
+        for name in ("persist", "fetch", "append", "read"):
             for action in commands[name]._actions:
                 self.assertTrue(action.help, f"{name} {action.option_strings} has no help")
             text = commands[name].format_help()
@@ -135,8 +158,27 @@ class ParserTests(CommandTestCase):
                 self.assertIn(flag, text)
 
     def test_help_exits_0(self):
-        for argv in (["--help"], ["persist", "--help"], ["fetch", "--help"]):
+        for argv in (["--help"], ["persist", "--help"], ["fetch", "--help"], ["append", "--help"],
+                     ["read", "--help"]):
             self.assertEqual(self.run_cli(argv), 0)
+
+    def test_every_exit_status_in_help(self):
+        """The top --help lists every exit status the command uses."""
+        text = cli.build_parser({}).format_help()
+        codes = [value for name, value in vars(cli).items()
+                 if name.startswith("EXIT_") and isinstance(value, int)]
+        self.assertEqual(sorted(code for code, _ in cli.EXIT_CODES), sorted(codes))
+        for code, meaning in cli.EXIT_CODES:
+            self.assertIn(f"{code:>3}  {meaning}", text)
+        self.assertEqual(len(set(codes)), len(codes))
+
+    def test_every_exit_status_in_the_docs(self):
+        """docs/CLIENT.md's table of exit statuses is the command's."""
+        with open(os.path.join(CHECKOUT, "docs", "CLIENT.md"), encoding="utf-8") as f:
+            text = f.read()
+        table = text[text.index("| status | meaning |"):].split("\n\n")[0]
+        documented = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
+        self.assertEqual(documented, [code for code, _ in cli.EXIT_CODES])
 
     def test_environment_defaults(self):
         self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
@@ -176,6 +218,20 @@ class ParserTests(CommandTestCase):
             (["persist", "--data", "1"], "needs --pid, --domain and --name"),
             (["frobnicate"], "invalid choice"),
             ([], "required"),
+            (["append"], "required: PID"),
+            (["append", "p", "d"], "needs DOMAIN and NAME"),
+            (["append", "p", "d", "n", "{oops"], "DATA: not valid JSON"),
+            (["append", "p", "d", "n", "--expected-version", "-1"], "--expected-version: must be"),
+            (["append", "p", "d", "n", "--expected-version", "nostream"], "must be a version"),
+            (["append", "p", "d", "n", "--expected-version", "1.5"], "must be a version"),
+            (["append", "p", "d", "n", "--event-id", "nope"], "--event-id: an eventId is a UUID"),
+            (["append", "p", "d", "n", "--retries", "-1"], "--retries: must be an integer"),
+            (["append", "p", "--event-id", "01890a5d-ac96-774b-bcce-b302099a8057"],
+             "--event-id is for one event"),
+            (["read"], "required: PID"),
+            (["read", "p", "--from-version", "-1"], "--from-version: must be an integer >= 0"),
+            (["read", "p", "--from-version", "²"], "--from-version: must be an integer >= 0"),
+            (["read", "p", "--window", "0"], "at least 1"),
         ]
         for argv, text in cases:
             code = self.run_cli(argv)
@@ -253,6 +309,116 @@ class PersistCommandTests(CommandTestCase):
         code = self.run_cli(["persist", "--pid", "p", "--domain", "d", "--name", "n"],
                             connect_error=RedisConnectionError("cannot connect to Redis"))
         self.assert_one_line_error(code, cli.EXIT_REDIS, "127.0.0.1:6379")
+
+
+class AppendCommandTests(CommandTestCase):
+    def test_one_event_from_arguments(self):
+        event_id = "01890A5D-AC96-774B-BCCE-B302099A8057"
+        code = self.run_cli(["append", "order-1", "order", "paid", '{"amount": 12}',
+                             "--expected-version", "3", "--event-id", event_id,
+                             "--table", "db.t", "--retries", "2"])
+        self.assertEqual(code, 0, self.stderr.getvalue())
+        [(pid, events, expected, table, retry)] = self.client.appended
+        self.assertEqual((pid, expected, table, retry.retries), ("order-1", 3, "db.t", 2))
+        self.assertEqual(events, [{"domain": "order", "name": "paid", "data": {"amount": 12},
+                                   "eventId": event_id.lower()}])
+        self.assertEqual(json.loads(self.stdout.getvalue()), {"events": [
+            {"eventId": "id-0", "pid": "order-1", "version": 0, "position": 10}],
+            "duplicate": False})
+        self.assertEqual(self.stdout.getvalue().count("\n"), 1)
+        self.assertTrue(self.client.disconnected)
+
+    def test_defaults(self):
+        self.run_cli(["append", "p", "d", "n"])
+        [(_, events, expected, table, retry)] = self.client.appended
+        self.assertEqual((events, expected, table), ([{"domain": "d", "name": "n", "data": None}],
+                                                     "any", None))
+        self.assertEqual(retry.retries, 5)
+
+    def test_expected_version_names(self):
+        for name in ("noStream", "streamExists", "any"):
+            self.run_cli(["append", "p", "d", "n", "--expected-version", name])
+            self.assertEqual(self.client.appended[0][2], name)
+
+    def test_json_lines_on_stdin(self):
+        stdin = io.StringIO('{"domain": "d", "name": "x"}\n\n'
+                            '{"domain": "d", "name": "y", "data": 1, '
+                            '"eventId": "01890a5d-ac96-774b-bcce-b302099a8057"}\n')
+        self.assertEqual(self.run_cli(["append", "p", "--expected-version", "noStream"],
+                                      stdin=stdin), 0)
+        [(pid, events, expected, _, _)] = self.client.appended
+        self.assertEqual([e["name"] for e in events], ["x", "y"])
+        self.assertEqual((pid, expected), ("p", NO_STREAM))
+        self.assertEqual(len(json.loads(self.stdout.getvalue())["events"]), 2)
+
+    def test_bad_stdin(self):
+        for text, message in [("", "no events"), ("{}\nnot json\n", "line 2"),
+                              ("[1]\n", "line 1 of standard input is not a JSON object")]:
+            code = self.run_cli(["append", "p"], stdin=io.StringIO(text))
+            self.assert_one_line_error(code, cli.EXIT_USAGE, message)
+        code = self.run_cli(["append", "p"], stdin=TTY())
+        self.assert_one_line_error(code, cli.EXIT_USAGE, "pipe events")
+
+    def test_event_the_client_refuses(self):
+        """An event of standard input the client refuses (no name) is a usage error."""
+        client = FakeClient()
+        client.append = lambda *a, **k: (_ for _ in ()).throw(
+            ValueError("an event needs a non-empty string name, not None"))
+        code = self.run_cli(["append", "p"], client=client,
+                            stdin=io.StringIO('{"domain": "d"}\n'))
+        self.assert_one_line_error(code, cli.EXIT_USAGE, "needs a non-empty string name")
+
+    def test_exit_codes(self):
+        conflict = WrongExpectedVersion(
+            'stream "p" is at version 4, not 3', "c", code="wrongExpectedVersion",
+            details={"pid": "p", "expected": 3, "actual": 4})
+        cases = [
+            (conflict, cli.EXIT_CONFLICT,
+             'error: wrongExpectedVersion: stream "p" is at version 4, not 3'),
+            (ServerTooOld("the server speaks only version 1"), cli.EXIT_TOO_OLD,
+             "speaks only version 1"),
+            (Busy("too many open streams", "c", code="busy"), cli.EXIT_SERVER_ERROR,
+             "error: busy: too many open streams"),
+            (Unavailable("the database is away", "c", code="unavailable"),
+             cli.EXIT_SERVER_ERROR, "unavailable: the database is away"),
+            (ServerError("error", "c"), cli.EXIT_SERVER_ERROR, "refused the request"),
+            (NoServerError("no eventsource server is listening"), cli.EXIT_NO_SERVER,
+             "no eventsource server"),
+            (ReplyTimeout("no answer"), cli.EXIT_TIMEOUT, "no answer"),
+            (RedisConnectionError("lost"), cli.EXIT_REDIS, "lost"),
+        ]
+        for error, expected, text in cases:
+            code = self.run_cli(["append", "p", "d", "n"], client=FakeClient(error=error))
+            self.assert_one_line_error(code, expected, text)
+            self.assertTrue(self.client.disconnected)
+            self.assertEqual(self.stdout.getvalue(), "")
+
+
+class ReadCommandTests(CommandTestCase):
+    ROWS = [{"position": 7, "eventId": "e0", "pid": "p", "version": 3, "domain": "d",
+             "name": "a", "timestamp": "2026-11-29T10:00:00.123Z", "data": "text"},
+            {"position": 9, "eventId": "e1", "pid": "p", "version": 4, "domain": "d",
+             "name": "b", "timestamp": "2026-11-29T10:00:00.124Z", "data": {"k": [1]}}]
+
+    def test_json_lines(self):
+        code = self.run_cli(["read", "p", "--from-version", "3", "--window", "7",
+                             "--table", "db.t"], FakeClient(self.ROWS))
+        self.assertEqual(code, 0, self.stderr.getvalue())
+        self.assertEqual(self.client.read, [("p", 3, 7, "db.t")])
+        self.assertEqual([json.loads(line) for line in self.stdout.getvalue().splitlines()],
+                         self.ROWS)
+        self.assertTrue(self.client.stream.closed)
+
+    def test_defaults(self):
+        self.run_cli(["read", "p"], FakeClient(self.ROWS))
+        self.assertEqual(self.client.read, [("p", 0, cli.DEFAULT_WINDOW, None)])
+
+    def test_errors(self):
+        for error, expected in [(ServerTooOld("speaks only version 1"), cli.EXIT_TOO_OLD),
+                                (StreamTimeout("a row was not accepted"), cli.EXIT_TIMEOUT)]:
+            code = self.run_cli(["read", "p"], FakeClient(self.ROWS, error))
+            self.assert_one_line_error(code, expected)
+            self.assertEqual(len(self.stdout.getvalue().splitlines()), 2)
 
 
 class FetchCommandTests(CommandTestCase):
@@ -437,6 +603,20 @@ class IntegrationTests(TestCase):
 
         return Deferred.fromCoroutine(go())
 
+    def test_subprocess_append_and_read(self):
+        """python -m eventsource append / read, and the conflict's exit status, for real."""
+        result = self.subprocess("append", self.pid, "order", "created", '{"total": 12}',
+                                 "--expected-version", "noStream")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(json.loads(result.stdout)["events"][0]["version"], 0)
+        result = self.subprocess("append", self.pid, "order", "created",
+                                 "--expected-version", "noStream")
+        self.assertEqual(result.returncode, cli.EXIT_CONFLICT, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        result = self.subprocess("read", self.pid)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["data"], {"total": 12})
+
     def test_subprocess_exit_codes(self):
         """python -m eventsource: exit statuses and one-line messages, for real."""
         result = self.subprocess("persist", "--pid", self.pid, "--domain", "d", "--name", "n",
@@ -461,7 +641,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(result.returncode, cli.EXIT_NO_SERVER)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
 
-        for command in ("persist", "fetch", "serve"):
+        for command in ("persist", "fetch", "append", "read", "serve"):
             result = self.subprocess(command, "--help")
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn("usage:", result.stdout)
@@ -507,3 +687,69 @@ def readme_commands():
     if not commands:
         raise AssertionError("the README's command-line section has no commands")
     return commands
+
+
+class AppendReadIntegrationTests(IntegrationTestCase):
+    """append and read against a version 2 server of this process (real Redis, MariaDB)."""
+
+    async def run_cli(self, *argv, stdin=None):
+        from twisted.internet import reactor
+
+        out, err = io.StringIO(), io.StringIO()
+        environ = {"REDIS_HOST": REDIS_HOST, "REDIS_PORT": str(REDIS_PORT),
+                   "EVENTSOURCE_CHANNEL_PREFIX": self.prefix}
+        code = await cli.run(reactor, list(argv), out, err, stdin, environ=environ)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_append_conflict_and_read(self):
+        async def go():
+            pid = unique("order")
+            code, out, err = await self.run_cli("append", pid, "order", "created",
+                                                '{"total": 12, "note": "é"}',
+                                                "--expected-version", "noStream")
+            self.assertEqual((code, err), (0, ""))
+            result = json.loads(out)
+            self.assertEqual(result["duplicate"], False)
+            [event] = result["events"]
+            self.assertEqual((event["pid"], event["version"]), (pid, 0))
+
+            lines = "".join(json.dumps({"domain": "order", "name": f"n{i}", "data": i}) + "\n"
+                            for i in range(3))
+            code, out, err = await self.run_cli("append", pid, "--expected-version", "0",
+                                                stdin=io.StringIO(lines))
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual([e["version"] for e in json.loads(out)["events"]], [1, 2, 3])
+
+            code, out, err = await self.run_cli("append", pid, "order", "late",
+                                                "--expected-version", "2")
+            self.assertEqual(code, cli.EXIT_CONFLICT, err)
+            self.assertEqual(out, "")
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn("wrongExpectedVersion", err)
+            self.assertIn("3", err)
+
+            code, out, err = await self.run_cli("read", pid, "--from-version", "1")
+            self.assertEqual((code, err), (0, ""))
+            rows = [json.loads(line) for line in out.splitlines()]
+            self.assertEqual([(r["version"], r["name"], r["data"]) for r in rows],
+                             [(1, "n0", 0), (2, "n1", 1), (3, "n2", 2)])
+            self.assertEqual(list(rows[0]), ["position", "eventId", "pid", "version", "domain",
+                                             "name", "timestamp", "data"])
+            code, out, _ = await self.run_cli("read", pid)
+            self.assertEqual(json.loads(out.splitlines()[0])["data"], {"total": 12, "note": "é"})
+
+        return Deferred.fromCoroutine(go())
+
+    def test_same_event_id_twice(self):
+        async def go():
+            pid = unique("order")
+            event_id = "01890a5d-ac96-774b-bcce-b302099a8057"
+            first = await self.run_cli("append", pid, "d", "n", "--event-id", event_id)
+            again = await self.run_cli("append", pid, "d", "n", "--event-id", event_id,
+                                       "--expected-version", "noStream")
+            self.assertEqual((first[0], again[0]), (0, 0), again[2])
+            self.assertEqual(json.loads(again[1])["events"], json.loads(first[1])["events"])
+            self.assertEqual(json.loads(again[1])["duplicate"], True)
+            self.assertEqual(len(self.rows()), 1)
+
+        return Deferred.fromCoroutine(go())

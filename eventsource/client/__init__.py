@@ -26,11 +26,22 @@ UUID), subscribed to and confirmed by Redis *before* the request is
 published.  One subscriber connection and one publisher connection carry every
 request of a client, however many run at once.
 
+Version 2 of the protocol (docs/PROTOCOL.md) makes it an event store:
+``append`` (with an expected version, exactly once), ``append_many`` (several
+streams, atomically) and ``read_stream`` (one stream from a version)::
+
+    result = await client.append("order-1", [{"domain": "order", "name": "paid",
+                                              "data": {"amount": 12}}],
+                                 expected_version=3)
+    async for event in client.read_stream("order-1", from_version=4):
+        print(event.version, event.name, event.data)
+
 Layout: ``_client`` (:class:`EventSourceClient`, :class:`RowStream`,
-:func:`connect`), ``_requests`` (each request as a state machine, like the
-server's reply channel), ``_redis`` (the Redis boundary: the small
-:class:`PubSub` interface and :class:`RedisPubSub`, the real one),
-``_errors``; :mod:`eventsource.client.testing` has in-memory doubles for
+:class:`EventStream`, :func:`connect`), ``_requests`` (each request as a
+state machine, like the server's reply channel), ``_events`` (version 2's
+values: expected versions, events, results, the retry policy), ``_redis``
+(the Redis boundary: the small :class:`PubSub` interface and
+:class:`RedisPubSub`, the real one), ``_errors``; :mod:`eventsource.client.testing` has in-memory doubles for
 testing code that uses the client.  The protocol's words and its codec are
 the server's own, from :mod:`eventsource.wire`.
 """
@@ -40,18 +51,41 @@ from eventsource.client._client import (
     DEFAULT_TIMEOUT,
     TENANT_REPLY_PREFIX,
     EventSourceClient,
+    EventStream,
     RowStream,
     connect,
 )
 from eventsource.client._client import _as_json_text as _as_json_text
 from eventsource.client._errors import (
     BadReply,
+    BadRequest,
+    Busy,
     EventSourceError,
+    IdempotencyConflict,
+    InternalError,
     NoServerError,
+    ReadOnly,
     RedisConnectionError,
+    Refused,
     ReplyTimeout,
     ServerError,
+    ServerTooOld,
     StreamTimeout,
+    TooLarge,
+    Unavailable,
+    WrongExpectedVersion,
+)
+from eventsource.client._errors import ERROR_CLASSES as ERROR_CLASSES
+from eventsource.client._events import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendedEvent,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    RetryPolicy,
 )
 from eventsource.client._redis import DEFAULT_CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 from eventsource.client._redis import PubSub, RedisPubSub
@@ -73,12 +107,32 @@ __all__ = [
     "connect",
     "EventSourceClient",
     "RowStream",
+    "EventStream",
     "Row",
     "PersistResult",
+    "NewEvent",
+    "AppendResult",
+    "AppendedEvent",
+    "RecordedEvent",
+    "RetryPolicy",
+    "ExpectedVersion",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "ANY",
     "PubSub",
     "RedisPubSub",
     "EventSourceError",
     "ServerError",
+    "BadRequest",
+    "Refused",
+    "WrongExpectedVersion",
+    "IdempotencyConflict",
+    "TooLarge",
+    "ReadOnly",
+    "Unavailable",
+    "Busy",
+    "InternalError",
+    "ServerTooOld",
     "StreamTimeout",
     "NoServerError",
     "ReplyTimeout",

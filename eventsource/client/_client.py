@@ -1,22 +1,47 @@
 """
-:class:`EventSourceClient`, :class:`RowStream` and :func:`connect`: the
-requests a Twisted application makes, over one :class:`PubSub`.
+:class:`EventSourceClient`, :class:`RowStream`, :class:`EventStream` and
+:func:`connect`: the requests a Twisted application makes, over one
+:class:`PubSub`.
 """
 
 import uuid
 import weakref
 from inspect import isawaitable
-from typing import Any, Callable, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from eventsource.client._errors import RedisConnectionError
+from eventsource.client._errors import (
+    EventSourceError,
+    NoServerError,
+    RedisConnectionError,
+    ReplyTimeout,
+    ServerError,
+    ServerTooOld,
+    StreamTimeout,
+    Unavailable,
+)
+from eventsource.client._events import (
+    ANY,
+    DEFAULT_RETRY,
+    PROBE_QUERY,
+    VERSION_2,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    RetryPolicy,
+    check_expected,
+    check_unique_ids,
+    stream_documents,
+)
 from eventsource.client._redis import DEFAULT_CONNECT_TIMEOUT, PubSub, RedisPubSub
-from eventsource.client._requests import END_OF_ROWS, FetchRequest, PersistRequest
-from eventsource.wire import FETCH_NEXT, decode_body, encode_body, valid_tenant
+from eventsource.client._requests import END_OF_ROWS, AppendRequest, FetchRequest, PersistRequest
+from eventsource.wire import FETCH_NEXT, PERSIST, decode_body, encode_body, valid_tenant
 
 log = Logger()
 
@@ -99,6 +124,33 @@ class RowStream:
         await self.aclose()
 
 
+class EventStream(RowStream):
+    """
+    The events of a version 2 read (:meth:`EventSourceClient.read_stream`),
+    as :class:`RecordedEvent` values; a :class:`RowStream` otherwise.  Before
+    its request is sent, the client makes sure the server speaks version 2
+    (:meth:`EventSourceClient.require_version_2`), so the loop may raise
+    :class:`ServerTooOld` first.
+    """
+
+    def __init__(self, request: FetchRequest, ready: Callable[[], Deferred]):
+        super().__init__(request)
+        self._ready: Optional[Callable[[], Deferred]] = ready
+
+    def _check(self) -> Deferred:
+        if self._ready is None:
+            return defer.succeed(None)
+        ready, self._ready = self._ready, None
+        return ready()
+
+    async def __anext__(self) -> Any:
+        await self._check()
+        return await super().__anext__()
+
+    def next_row(self) -> Deferred:
+        return self._check().addCallback(lambda _: RowStream.next_row(self))
+
+
 # -- the client -----------------------------------------------------------------
 
 
@@ -138,11 +190,16 @@ class EventSourceClient:
         ``fetch-next``: the default, and no echo comes back) or ``"reply"``
         (publish ``"accepted"`` on the reply channel, as the original client;
         version 1 fetches only: windowed ones always use ``fetch-next``).
+    :param retry: how :meth:`append` repeats an attempt whose outcome is
+        unknown (see :class:`RetryPolicy`).
+    :param address: where the server is, in words for error messages (such
+        as ``"127.0.0.1:6379"``; :func:`connect` gives it).
     """
 
     def __init__(self, pubsub: PubSub, clock: Any, *, timeout: float = DEFAULT_TIMEOUT,
                  reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
-                 channel_prefix: str = "", tenant: Optional[str] = None):
+                 channel_prefix: str = "", tenant: Optional[str] = None,
+                 retry: RetryPolicy = DEFAULT_RETRY, address: Optional[str] = None):
         if accept_via not in (FETCH_NEXT, "reply"):
             raise ValueError("accept_via must be 'fetch-next' or 'reply'")
         if tenant is not None and not valid_tenant(tenant):
@@ -164,6 +221,20 @@ class EventSourceClient:
         self._listeners: Dict[str, List[Callable[[Any], Any]]] = {}
         self._sticky: Set[str] = set()
         self._disconnected = False
+        self._disconnecting = False
+        self.retry = retry
+        self.address = address
+        #: True once this connection's server answered the version 2 probe
+        self._speaks_version_2 = False
+        #: the error of this connection's server answering it as version 1 does
+        self._too_old_error: Optional[ServerTooOld] = None
+        #: the callers waiting for the probe in flight (None: no probe running)
+        self._probe_waiters: Optional[List[Deferred]] = None
+        #: changes with every subscriber connection made or lost: a probe's
+        #: verdict is kept only for the connection it was made on
+        self._connection_number = 0
+        #: appends waiting to retry
+        self._backoffs: Set[Deferred] = set()
         pubsub.receiver = self
 
     # -- plumbing ----------------------------------------------------------
@@ -201,8 +272,20 @@ class EventSourceClient:
                 except Exception:
                     log.failure("a listener on {channel} failed", channel=channel)
 
+    def describe_server(self) -> str:
+        """The server, in words for an error message: where it listens."""
+        where = f" on Redis {self.address}" if self.address else ""
+        return (f"the eventsource server{where} (requests on "
+                f"{self.request_channel(PERSIST)!r})")
+
+    def _forget_server(self) -> None:
+        self._speaks_version_2 = False
+        self._too_old_error = None
+        self._connection_number += 1
+
     def connection_lost(self, reason: Any = None) -> None:
         """Called by the pub/sub when the subscriber connection dropped."""
+        self._forget_server()
         if not self._requests:
             return
         log.warn("lost the Redis subscriber connection: failing {count} open requests",
@@ -214,6 +297,7 @@ class EventSourceClient:
 
     def connection_made(self) -> None:
         """Called by the pub/sub when a (new) subscriber connection is usable."""
+        self._forget_server()
         for channel in sorted(self._sticky):
             self._pubsub_call("subscribe", channel).addErrback(_warn_resubscribe, channel)
 
@@ -223,6 +307,9 @@ class EventSourceClient:
         persists fail with :class:`RedisConnectionError`), then close both
         Redis connections.
         """
+        self._disconnecting = True
+        for backoff in list(self._backoffs):
+            backoff.cancel()
         closing = []
         for request in list(self._requests.values()):
             if isinstance(request, FetchRequest):
@@ -276,6 +363,249 @@ class EventSourceClient:
         """Append one event; a shortcut for :meth:`persist`."""
         return self.persist({"pid": pid, "domain": domain, "name": name, "data": data},
                             table=table, timeout=timeout)
+
+    # -- version 2: append ----------------------------------------------------
+
+    def append(self, pid: str, events: Iterable[Union[NewEvent, Mapping[str, Any]]],
+               expected_version: ExpectedVersion = ANY, *, table: Optional[str] = None,
+               timeout: Optional[float] = None,
+               retry: Optional[RetryPolicy] = None) -> Deferred:
+        """
+        Append events to one stream, atomically, exactly once (version 2 of
+        the protocol).
+
+        :param pid: the stream.
+        :param events: a non-empty list of :class:`NewEvent` or dicts with
+            ``domain``, ``name``, optional ``data`` (any JSON value; a
+            ``str`` is that string) and optional ``eventId`` (a UUID).  An
+            event without an id gets a new UUIDv7 *before* the first attempt.
+        :param expected_version: the stream's last version before the append
+            (an int ≥ 0), :data:`NO_STREAM`, :data:`STREAM_EXISTS` or
+            :data:`ANY` (no check, the default).
+        :param table: ``database.table``; the server's events table when ``None``.
+        :param timeout: seconds each attempt waits for the server.
+        :param retry: this append's :class:`RetryPolicy` instead of the client's.
+        :return: a Deferred firing with an :class:`AppendResult`, or failing
+            with :class:`WrongExpectedVersion` (``.actual``: the stream's
+            version), another :class:`ServerError` of the server's code,
+            :class:`ServerTooOld`, or, once the retries are used up,
+            the last attempt's :class:`Unavailable`, :class:`ReplyTimeout`
+            or :class:`RedisConnectionError`.
+
+        An attempt whose outcome is unknown (``unavailable``, no answer, the
+        Redis connection lost) is repeated with the same body and event ids,
+        so the events are stored once however many attempts reach the
+        server; a repeat of a stored append is answered as it was, with
+        ``duplicate`` true.
+        """
+        documents = stream_documents(pid, events)
+        check_unique_ids(documents)
+        body = self._persist_body(documents, table)
+        expected = check_expected(expected_version)
+        if expected != ANY:
+            body["expectedVersion"] = expected
+        encode_body(body)  # TypeError now, not inside the request
+        return self._append(body, timeout, retry)
+
+    def append_many(self, streams: Mapping[str, Iterable[Union[NewEvent, Mapping[str, Any]]]],
+                    expected_versions: Optional[Mapping[str, ExpectedVersion]] = None, *,
+                    table: Optional[str] = None, timeout: Optional[float] = None,
+                    retry: Optional[RetryPolicy] = None) -> Deferred:
+        """
+        Append events to several streams in one transaction: every expected
+        version holds and all the events are stored, or none is.
+
+        :param streams: ``{pid: events, ...}``; the events are sent stream by
+            stream, in the mapping's order.
+        :param expected_versions: ``{pid: expected version, ...}`` for some or
+            all of the streams (a stream without one is :data:`ANY`).
+        :return: as :meth:`append`; the result lists the events in the order
+            sent.  :class:`WrongExpectedVersion` names the first stream (in
+            the order of ``expected_versions``) whose check failed.
+        """
+        if not isinstance(streams, Mapping) or not streams:
+            raise ValueError("streams must be a non-empty mapping of pid to events")
+        documents = []
+        for pid, events in streams.items():
+            documents += stream_documents(pid, events)
+        check_unique_ids(documents)
+        body = self._persist_body(documents, table)
+        if expected_versions:
+            unknown = [pid for pid in expected_versions if pid not in streams]
+            if unknown:
+                raise ValueError(f"expected versions for streams not appended to: "
+                                 f"{', '.join(map(repr, unknown))}")
+            body["expectedVersions"] = {pid: check_expected(expected)
+                                        for pid, expected in expected_versions.items()}
+        encode_body(body)
+        return self._append(body, timeout, retry)
+
+    @staticmethod
+    def _persist_body(documents: List[Dict[str, Any]], table: Optional[str]) -> Dict[str, Any]:
+        insert: Dict[str, Any] = {"$documents": documents}
+        if table is not None:
+            insert = {"$table": table, "$documents": documents}
+        return {"v": VERSION_2, "query": {"$insert": insert}}
+
+    def _append(self, body: Dict[str, Any], timeout: Optional[float],
+                retry: Optional[RetryPolicy]) -> Deferred:
+        return Deferred.fromCoroutine(self._attempts(
+            body, self.timeout if timeout is None else timeout,
+            self.retry if retry is None else retry))
+
+    async def _attempts(self, body: Dict[str, Any], timeout: float,
+                        policy: RetryPolicy) -> AppendResult:
+        """Send ``body`` until an attempt has an outcome, or the retries are used up."""
+        await self.require_version_2(timeout)
+        retries = 0
+        # whether an earlier attempt may have reached the server
+        sent = False
+        while True:
+            request = AppendRequest(self, body, timeout)
+            request.start()
+            try:
+                result: AppendResult = await request.result
+                return result
+            except EventSourceError as error:
+                unknown = isinstance(error, (Unavailable, ReplyTimeout, RedisConnectionError))
+                # no server now, after an attempt that may have reached one:
+                # it is restarting, and the retry must find out what happened
+                restarting = sent and isinstance(error, NoServerError)
+                if not (unknown or restarting) or retries >= policy.retries \
+                        or self._disconnecting:
+                    raise
+                sent = sent or unknown
+                delay = policy.delay(retries)
+                retries += 1
+                log.info("append on {channel}: {error}; attempt {attempt} of {attempts} in "
+                         "{delay:.3f} s, with the same event ids", channel=request.channel,
+                         error=str(error), attempt=retries + 1, attempts=policy.retries + 1,
+                         delay=delay)
+            await self._back_off(delay)
+
+    async def _back_off(self, delay: float) -> None:
+        sleeping = deferLater(self._clock, delay, lambda: None)
+        self._backoffs.add(sleeping)
+        try:
+            await sleeping
+        except defer.CancelledError:
+            if self._disconnecting:
+                raise RedisConnectionError("the client was disconnected while an append "
+                                           "waited to retry; it may have been applied") from None
+            raise
+        finally:
+            self._backoffs.discard(sleeping)
+
+    # -- version 2: is the server one? ----------------------------------------
+
+    def require_version_2(self, timeout: Optional[float] = None) -> Deferred:
+        """
+        Make sure the server speaks version 2 of the protocol, asking it
+        once per connection (:meth:`append` and :meth:`read_stream` do this
+        before their first request).  Fires with ``None``, or fails with
+        :class:`ServerTooOld` (or :class:`NoServerError`,
+        :class:`RedisConnectionError` when the question did not reach a
+        server; those are not remembered).
+
+        The question is a version 2 fetch that only a version 2 server
+        answers with a bare ``"end"`` (docs/PROTOCOL.md, "Telling a version 1
+        server"); a version 1 server answers ``"error"``, a row, or nothing
+        within ``timeout``.  The answer is remembered until the subscriber
+        connection to Redis is lost or made again, except a silence: the next
+        request asks again.
+        """
+        if self._speaks_version_2:
+            return defer.succeed(None)
+        if self._too_old_error is not None:
+            return defer.fail(self._too_old_error)
+
+        def cancel(d: Deferred) -> None:
+            if self._probe_waiters is not None and d in self._probe_waiters:
+                self._probe_waiters.remove(d)
+
+        waiter: Deferred = Deferred(cancel)
+        if self._probe_waiters is not None:
+            self._probe_waiters.append(waiter)
+            return waiter
+        self._probe_waiters = [waiter]
+        number = self._connection_number
+        request = FetchRequest(self, {"v": VERSION_2, "query": PROBE_QUERY},
+                               self.timeout if timeout is None else timeout, 1, True,
+                               self.accept_via)
+        request.next_row().addBoth(self._probe_answered, request, number)
+        return waiter
+
+    def _probe_answered(self, outcome: Any, request: FetchRequest, number: int) -> None:
+        verdict: Optional[EventSourceError] = None
+        remember = True
+        error = outcome.value if isinstance(outcome, Failure) else None
+        if error is None and outcome is not END_OF_ROWS:
+            request.close()
+            verdict = self._too_old("a row", request)
+        elif isinstance(error, ServerError):
+            if error.code is None:
+                verdict = self._too_old('"error"', request)
+            # else: an error object, which only a version 2 server sends
+        elif isinstance(error, StreamTimeout):
+            verdict = self._too_old('"timeout"', request)
+        elif isinstance(error, ReplyTimeout):
+            verdict = self._too_old(f"nothing within {request._timeout:g} s", request)
+            remember = False
+        elif error is not None:
+            verdict = error if isinstance(error, EventSourceError) else \
+                RedisConnectionError(f"the version 2 probe failed: {error}")
+            remember = False
+        if remember and number == self._connection_number:
+            if verdict is None:
+                self._speaks_version_2 = True
+            else:
+                assert isinstance(verdict, ServerTooOld)
+                self._too_old_error = verdict
+        waiters, self._probe_waiters = self._probe_waiters or [], None
+        for waiter in waiters:
+            if verdict is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(verdict)
+
+    def _too_old(self, answer: str, request: FetchRequest) -> ServerTooOld:
+        return ServerTooOld(
+            f"{self.describe_server()} speaks only version 1 of the protocol: it answered "
+            f"the version 2 probe (on {request.channel}) with {answer}, not a bare end; "
+            "append and read_stream need a server that speaks version 2", request.channel)
+
+    # -- version 2: read ---------------------------------------------------------
+
+    def read_stream(self, pid: str, from_version: int = 0, *, window: int = 100,
+                    table: Optional[str] = None,
+                    timeout: Optional[float] = None) -> EventStream:
+        """
+        The events of one stream in version order, from ``from_version``
+        (version 2 of the protocol), as an async iterator of
+        :class:`RecordedEvent` (an :class:`EventStream`, which works as
+        :meth:`fetch`'s :class:`RowStream`: acceptance, ``break``, ``aclose``).
+
+        :param window: rows the server may send ahead of acceptances (the
+            server caps it).
+        :param table: ``database.table``; the server's events table when ``None``.
+        :param timeout: seconds to wait for each message of the server.
+        """
+        if not isinstance(pid, str) or not pid:
+            raise ValueError(f"a pid is a non-empty string, not {pid!r:.60}")
+        if type(from_version) is not int or from_version < 0:
+            raise ValueError("from_version must be an int >= 0")
+        if type(window) is not int or window < 1:
+            raise ValueError("window must be an integer of at least 1")
+        select: Dict[str, Any] = {"$where": {"pid": pid, "version": {"$gte": from_version}}}
+        if table is not None:
+            select["$from"] = table
+        body: Dict[str, Any] = {"v": VERSION_2, "query": {"$select": select}}
+        if window > 1:
+            body["window"] = window
+        timeout = self.timeout if timeout is None else timeout
+        request = FetchRequest(self, body, timeout, window, False, self.accept_via,
+                               RecordedEvent.from_row)
+        return EventStream(request, lambda: self.require_version_2(timeout))
 
     # -- fetch ---------------------------------------------------------------
 
@@ -405,7 +735,7 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
             timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
             channel_prefix: str = "", max_delay: float = 2.0,
-            tenant: Optional[str] = None) -> Deferred:
+            tenant: Optional[str] = None, retry: RetryPolicy = DEFAULT_RETRY) -> Deferred:
     """
     Connect to the Redis the eventsource server listens on.
 
@@ -424,6 +754,8 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
     :param channel_prefix: the server's ``--channel-prefix``, if it has one.
     :param tenant: this client's tenant, for a server in tenant mode
         (``--tenants``), see :class:`EventSourceClient`.
+    :param retry: how :meth:`EventSourceClient.append` retries (a
+        :class:`RetryPolicy`).
     :return: a Deferred firing with an :class:`EventSourceClient`, or failing
         with :class:`RedisConnectionError`.
     """
@@ -441,6 +773,7 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
                          max_delay=max_delay)
     client = EventSourceClient(pubsub, reactor, timeout=timeout, reply_prefix=reply_prefix,
                                accept_via=accept_via, channel_prefix=channel_prefix,
-                               tenant=tenant)
+                               tenant=tenant, retry=retry,
+                               address=endpoint if endpoint is not None else f"{host}:{port}")
     d = pubsub.start(reactor, connect_timeout)
     return d.addCallback(lambda _: client)

@@ -24,14 +24,20 @@ Inputs (triggers)
     From the server, exactly one per message on the reply channel
     (:meth:`_Request.message_received`): ``result_received`` (a persist's
     object), ``row_received`` (a fetch's object), ``end_received``,
-    ``error_received``, ``timeout_received``, ``accepted_received`` (the echo
-    of our own acceptance) and ``unexpected_received``.
+    ``error_received`` (``"error"``, or a version 2 request's error object
+    ``{"error": {...}}``), ``timeout_received``, ``accepted_received`` (the
+    echo of our own acceptance) and ``unexpected_received``.
+
+A version 2 persist (:class:`AppendRequest`, one attempt of
+:meth:`EventSourceClient.append`) is a persist whose result must be a
+version 2 result: a version 1 OkPacket (a server that ignored ``"v": 2``)
+or another object fails it (``result_unusable``).
 """
 
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -47,8 +53,11 @@ from eventsource.client._errors import (
     RedisConnectionError,
     ReplyTimeout,
     ServerError,
+    ServerTooOld,
     StreamTimeout,
+    error_from_object,
 )
+from eventsource.client._events import VERSION_2, AppendResult
 from eventsource.wire import (
     ACCEPTED,
     ACCEPTED_BODY,
@@ -84,6 +93,9 @@ class RequestOwner(Protocol):
 
     def _pubsub_call(self, method: str, *args: Any) -> Deferred:
         """Call the client's Redis pub/sub (failing at once when disconnected)."""
+
+    def describe_server(self) -> str:
+        """The server, in words for an error message (where it listens)."""
 
 log = Logger()
 
@@ -190,6 +202,8 @@ TRANSITIONS: List[Dict[str, Any]] = [
     {"trigger": "accept_published", "source": LIVE, "dest": None},
 
     # the server's messages (a fetch may see rows before PUBLISH's own reply)
+    {"trigger": "result_received", "source": LIVE, "dest": _FAILED,
+     "conditions": "result_unusable", "before": "blame_unusable_result"},
     {"trigger": "result_received", "source": LIVE, "dest": _ENDED, "before": "take_result"},
     {"trigger": "row_received", "source": LIVE, "dest": None, "before": "take_row"},
     {"trigger": "end_received", "source": LIVE, "dest": _ENDED, "conditions": "streams_rows"},
@@ -303,6 +317,8 @@ class _Request:
         #: None before SUBSCRIBE, then "held", "lost" (with the connection) or "left"
         self._subscription: Optional[str] = None
         self._heard = False
+        #: the request is version 2: error objects are its refusals
+        self.version = 2 if body.get("v") == VERSION_2 else 1
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.channel!r} {self.state.value}>"
@@ -324,7 +340,10 @@ class _Request:
         self._heard = True
         message = decode_body(body)
         if isinstance(message, dict):
-            self._fire(self.object_input, message)
+            if self.version == 2 and isinstance(message.get("error"), dict):
+                self._fire("error_received", message)
+            else:
+                self._fire(self.object_input, message)
         elif isinstance(message, str) and message in _CONTROL_INPUTS:
             self._fire(_CONTROL_INPUTS[message])
         else:
@@ -344,6 +363,9 @@ class _Request:
     # -- conditions ------------------------------------------------------------
 
     def streams_rows(self, *_: Any) -> bool:
+        return False
+
+    def result_unusable(self, message: Dict[str, Any]) -> bool:
         return False
 
     def request_reached_nobody(self, receivers: Any) -> bool:
@@ -387,10 +409,18 @@ class _Request:
             f"the eventsource server went away during the fetch on {self.channel} "
             f"(an acceptance reached 0 subscribers)", self.channel)
 
-    def blame_server_error(self) -> None:
+    def blame_server_error(self, message: Optional[Dict[str, Any]] = None) -> None:
+        if message is not None:  # a version 2 error object
+            self._error = error_from_object(message.get("error"), self.channel)
+            return
         self._error = ServerError(
             f"the server answered \"error\" to {self.kind} on {self.channel} "
             "(see the server's log for the reason)", self.channel)
+
+    def blame_unusable_result(self, message: Dict[str, Any]) -> None:
+        self._error = BadReply(f"the server answered {self.kind} on {self.channel} with "
+                               f"an object that is not its result: {message!r:.200}",
+                               self.channel)
 
     def blame_stream_timeout(self) -> None:
         self._error = StreamTimeout(f"the server timed out {self.kind} on {self.channel}",
@@ -480,6 +510,45 @@ class PersistRequest(_Request):
         self._fire("client_closed")
 
 
+class AppendRequest(PersistRequest):
+    """
+    One attempt of a version 2 persist: a result object
+    ``{"events": [...], "duplicate": ...}`` (fired as an
+    :class:`AppendResult`) or an error object, then ``"end"``.  A version 1
+    OkPacket means the server ignored ``"v": 2``: it appended the events
+    without checking the expected version, and says nothing of event ids;
+    that fails with :class:`ServerTooOld`, never retried.
+    """
+
+    def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float):
+        super().__init__(client, body, timeout)
+        self._append_result: Optional[AppendResult] = None
+
+    def result_unusable(self, message: Dict[str, Any]) -> bool:
+        try:
+            self._append_result = AppendResult.from_message(message)
+        except ValueError:
+            return True
+        return False
+
+    def blame_unusable_result(self, message: Dict[str, Any]) -> None:
+        if "affectedRows" not in message:
+            super().blame_unusable_result(message)
+            return
+        self._error = ServerTooOld(
+            f"{self._client.describe_server()} answered a version 2 persist (on "
+            f"{self.channel}) with a version 1 result: it speaks only version 1 of the "
+            "protocol, so it ignored the expected version and the event ids and appended "
+            f"the events without those checks ({message.get('affectedRows')!r} events from "
+            f"position {message.get('insertId')!r})", self.channel)
+
+    def take_result(self, message: Dict[str, Any]) -> None:
+        pass  # (read by result_unusable)
+
+    def report_end(self, *_: Any) -> None:
+        self.result.callback(self._append_result)
+
+
 class FetchRequest(_Request):
     """
     A fetch: rows, then ``"end"`` (or ``"error"``, or ``"timeout"``).
@@ -496,11 +565,14 @@ class FetchRequest(_Request):
     object_input = "row_received"
 
     def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float,
-                 window: int, raw: bool, accept_via: str):
+                 window: int, raw: bool, accept_via: str,
+                 row_type: Optional[Callable[[Dict[str, Any]], Any]] = None):
         super().__init__(client, body, timeout)
         self.window = window
         self.batch = max(1, window // 2)
-        self._raw = raw
+        # what a row is handed out as: the dict as sent (raw), a Row, or row_type's
+        self._row_type: Optional[Callable[[Dict[str, Any]], Any]] = (
+            row_type if row_type is not None else None if raw else Row)
         self._accept_via = accept_via
         self._buffer: Deque[Tuple[Any, int]] = deque()
         # None while streaming, then END_OF_ROWS or an EventSourceError
@@ -627,7 +699,7 @@ class FetchRequest(_Request):
         super().message_received(body)
 
     def take_row(self, message: Dict[str, Any]) -> None:
-        row = message if self._raw else Row(message)
+        row = message if self._row_type is None else self._row_type(message)
         if self._waiting is not None:
             self._cancel_timer()
             d, self._waiting = self._waiting, None

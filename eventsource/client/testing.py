@@ -18,23 +18,44 @@ time with a :class:`twisted.internet.task.Clock`::
 Everything happens synchronously, so ``successResultOf`` sees the outcome
 at once.  The server answers with the protocol's own bodies (from
 :mod:`eventsource.wire`).
+
+:class:`FakeServer` speaks version 2 too (``append``, ``read_stream``): it
+keeps the events appended in version 2 in memory (``events``), numbers them,
+checks expected versions and event ids, and serves version 2 reads of them::
+
+    server = FakeServer(pubsub)
+    client = EventSourceClient(pubsub, Clock())
+    self.successResultOf(client.append("order-1", [{"domain": "order", "name": "created"}],
+                                       expected_version=NO_STREAM))
+    self.failureResultOf(client.append("order-1", [{"domain": "order", "name": "created"}],
+                                       expected_version=NO_STREAM), WrongExpectedVersion)
 """
 
+import datetime
+import json
+import re
+import uuid
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from eventsource.client._events import ANY, NO_STREAM, STREAM_EXISTS
+from eventsource.ids import UUID7
 from eventsource.wire import (
     ACCEPTED,
     END,
+    ERROR,
     FETCH,
     FETCH_NEXT,
     PERSIST,
     decode_json,
+    encode_appended,
     encode_body,
+    encode_error,
     encode_ok_packet,
+    format_timestamp,
 )
 
 __all__ = ["MemoryPubSub", "FakeServer"]
@@ -113,26 +134,96 @@ class MemoryPubSub:
                 if call[0] == "publish" and (channel is None or call[1] == channel)]
 
 
+class _Marker:
+    def __init__(self, name: str):
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"FakeServer.{self._name}"
+
+
+#: the columns of a version 2 row, in the order of a row without ``$columns``
+V2_COLUMNS = ("position", "eventId", "pid", "version", "domain", "name", "timestamp", "data")
+_BODY_FIELDS = {PERSIST: {"v", "channel", "query", "expectedVersion", "expectedVersions"},
+                FETCH: {"v", "channel", "query", "window"}}
+_DOCUMENT_FIELDS = {"pid", "domain", "name", "data", "eventId"}
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_COMPARISONS: Dict[str, Callable[[Any, Any], bool]] = {
+    "$eq": lambda a, b: a == b, "$ne": lambda a, b: a != b,
+    "$gt": lambda a, b: a is not None and a > b, "$gte": lambda a, b: a is not None and a >= b,
+    "$lt": lambda a, b: a is not None and a < b, "$lte": lambda a, b: a is not None and a <= b,
+    "$in": lambda a, b: a in b, "$nin": lambda a, b: a not in b}
+
+
+class _Refusal(Exception):
+    """A version 2 request the fake server answers with an error object."""
+
+    def __init__(self, code: str, message: str, **fields: Any):
+        super().__init__(message)
+        self.code, self.message, self.fields = code, message, fields
+
+    def body(self) -> str:
+        """The error object, as the server writes it."""
+        return encode_error(self.code, self.message, **self.fields)
+
+
 class FakeServer:
     """
     A scripted eventsource server on a :class:`MemoryPubSub`.
 
-    ``persist`` answers the OkPacket (or the messages of ``persist_answer``)
-    and ``"end"``; ``fetch`` streams ``rows`` with the protocol's window
+    Version 1: ``persist`` answers the OkPacket (or the messages of
+    ``persist_answer``) and ``"end"``; ``fetch`` streams ``rows`` (or the
+    messages of ``fetch_answer`` and ``"end"``) with the protocol's window
     rules, capped at ``max_window``; acceptances arrive on ``fetch-next`` or
     as ``"accepted"`` on the reply channel (version 1 streams only, as the
     real server).  ``prefix`` is the server's channel prefix (with a tenant:
     ``<prefix><tenant>:``).  ``requests`` records the request bodies,
     ``acceptances`` every ``(channel, count)`` accepted; take a handler out
     of ``pubsub.handlers`` to leave requests unanswered.
+
+    Version 2 (``"v": 2``; ``version=1`` makes the server one that ignores
+    it, as an old server does): persists are appended to ``events`` (each a
+    version 2 row: position, eventId, pid, version, domain, name, timestamp,
+    data), with expected versions, idempotency by event id and the error
+    objects of docs/PROTOCOL.md (``read_only`` and ``max_documents`` as the
+    server's options); fetches read ``events`` with a ``$where`` of
+    equalities and ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``,
+    ``$in``, ``$nin`` on the version 2 columns, ``$columns`` and ``$limit``.
+    ``persist_answers`` scripts the next persists one at a time (before
+    ``persist_answer``): a list of messages (sent, then ``"end"``),
+    :attr:`LOSE_REPLY` (the persist is done, its answer lost) or
+    :attr:`IGNORE` (nothing happens).
+
+    What it does not do: other query operators, ``$orderBy`` and
+    ``$groupBy`` (they raise ``NotImplementedError`` in the test), other
+    tables (``$table``/``$from`` are ignored: one table), pids equal but for
+    trailing spaces (the real server takes them for one stream), the size
+    limits of a document, and reading version 1 persists back (those are
+    answered, and not stored).
     """
 
+    #: a :attr:`persist_answers` entry: do the persist, send no answer
+    LOSE_REPLY = _Marker("LOSE_REPLY")
+    #: a :attr:`persist_answers` entry: do nothing, send nothing
+    IGNORE = _Marker("IGNORE")
+
     def __init__(self, pubsub: MemoryPubSub, rows: Iterable[Dict[str, Any]] = (),
-                 max_window: int = 1000, prefix: str = ""):
+                 max_window: int = 1000, prefix: str = "", *, version: int = 2,
+                 read_only: bool = False, max_documents: int = 10000):
         self.pubsub = pubsub
         self.rows = list(rows)
         self.max_window = max_window
+        self.version = version
+        self.read_only = read_only
+        self.max_documents = max_documents
         self.persist_answer: Optional[List[Any]] = None
+        self.persist_answers: Deque[Any] = deque()
+        self.fetch_answer: Optional[List[Any]] = None
+        #: the events appended in version 2, in position order
+        self.events: List[Dict[str, Any]] = []
+        self._by_id: Dict[str, Dict[str, Any]] = {}
+        self._last_versions: Dict[str, int] = {}
+        self._new_ids = UUID7()
         self.requests: List[Dict[str, Any]] = []
         self.streams: Dict[str, Dict[str, Any]] = {}
         self.acceptances: List[Tuple[str, int]] = []
@@ -144,11 +235,29 @@ class FakeServer:
         """Publish ``message`` (a row, a result or a control word) on ``channel``."""
         self.pubsub.deliver(channel, encode_body(message))
 
+    def speaks_v2(self, request: Dict[str, Any]) -> bool:
+        """Whether ``request`` is served as version 2."""
+        return self.version == 2 and request.get("v") == 2
+
     def on_persist(self, _: str, body: str) -> None:
         request = decode_json(body)
         self.requests.append(request)
         channel = request["channel"]
-        if self.persist_answer is None:
+        if self.persist_answers:
+            answer = self.persist_answers.popleft()
+            if answer is self.LOSE_REPLY:
+                if self.speaks_v2(request):
+                    self.persist_v2(request)
+                return
+            if answer is self.IGNORE:
+                return
+            for message in answer:
+                self.send(channel, message)
+            self.send(channel, END)
+            return
+        if self.speaks_v2(request) and self.persist_answer is None:
+            self.pubsub.deliver(channel, self.persist_v2(request))
+        elif self.persist_answer is None:
             documents = request["query"]["$insert"]["$documents"]
             count = len(documents) if isinstance(documents, list) else 1
             self.pubsub.deliver(channel, encode_ok_packet(count, 1))
@@ -161,8 +270,26 @@ class FakeServer:
         request = decode_json(body)
         self.requests.append(request)
         channel = request["channel"]
+        if self.fetch_answer is not None:
+            for message in self.fetch_answer:
+                self.send(channel, message)
+            self.send(channel, END)
+            return
+        rows = self.rows
+        if self.speaks_v2(request):
+            try:
+                rows = self.read_v2(request)
+            except _Refusal as refusal:
+                self.pubsub.deliver(channel, refusal.body())
+                self.send(channel, END)
+                return
+        elif _names_v2_columns(request.get("query")):
+            # as this project's version 1 server: an unknown column is refused
+            self.send(channel, ERROR)
+            self.send(channel, END)
+            return
         window = min(request.get("window", 1), self.max_window)
-        self.streams[channel] = {"rows": deque(self.rows), "window": window, "out": 0}
+        self.streams[channel] = {"rows": deque(rows), "window": window, "out": 0}
         if request.get("window", 1) == 1:
             # as the real server: only a version 1 stream is listened to
             self.pubsub.handlers[channel] = self.on_reply
@@ -205,3 +332,194 @@ class FakeServer:
             self.accept(channel, 1)
         elif message == END:
             self.close(channel)
+
+    # -- version 2 -------------------------------------------------------------
+
+    def persist_v2(self, request: Dict[str, Any]) -> str:
+        """Do a version 2 persist; the body of its answer (a result or an error object)."""
+        try:
+            events, duplicate = self._persist_v2(request)
+        except _Refusal as refusal:
+            return refusal.body()
+        return encode_appended([(e["eventId"], e["pid"], e["version"], e["position"])
+                                for e in events], duplicate)
+
+    def _persist_v2(self, request: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], bool]:
+        _check_fields(request, _BODY_FIELDS[PERSIST], "a persist")
+        if "expectedVersion" in request and "expectedVersions" in request:
+            raise _Refusal("badRequest", "give expectedVersion or expectedVersions, not both")
+        query = request.get("query")
+        insert = query.get("$insert") if isinstance(query, dict) else None
+        if not isinstance(insert, dict) or set(insert) - {"$table", "$documents"}:
+            raise _Refusal("badRequest", "a persist's query is {\"$insert\": {\"$documents\": "
+                                         "[...]}}")
+        documents = insert.get("$documents")
+        if isinstance(documents, dict):
+            documents = [documents]
+        if not isinstance(documents, list) or not documents:
+            raise _Refusal("badRequest", "$documents must be a document or a non-empty list")
+        if len(documents) > self.max_documents:
+            raise _Refusal("tooLarge", f"at most {self.max_documents} documents in one persist")
+        for document in documents:
+            _check_document(document)
+        ids = [d.get("eventId") for d in documents]
+        if any(ids) and not all(ids):
+            raise _Refusal("badRequest", "either every document has an eventId or none has")
+        ids = [i.lower() for i in ids if i]
+        if len(set(ids)) != len(ids):
+            raise _Refusal("badRequest", "two documents have the same eventId")
+        if self.read_only:
+            raise _Refusal("readOnly", "this server is read-only: it takes no persists")
+        if ids:
+            repeat = self._repeat(documents, ids)
+            if repeat is not None:
+                return repeat, True
+        pids = list(dict.fromkeys(d["pid"] for d in documents))
+        expected: Dict[str, Any] = {}
+        if "expectedVersion" in request:
+            if len(pids) > 1:
+                raise _Refusal("badRequest", "expectedVersion needs documents of one pid; "
+                                             "use expectedVersions")
+            expected = {pids[0]: request["expectedVersion"]}
+        elif "expectedVersions" in request:
+            expected = request["expectedVersions"]
+            if not isinstance(expected, dict):
+                raise _Refusal("badRequest", "expectedVersions must be an object")
+            for pid in expected:
+                if pid not in pids:
+                    raise _Refusal("badRequest", f"expectedVersions names {pid!r}, which no "
+                                                 "document appends to")
+        for pid, spec in expected.items():
+            self._check_expected(pid, spec)
+        return [self._store(document) for document in documents], False
+
+    def _repeat(self, documents: List[Dict[str, Any]],
+                ids: List[str]) -> Optional[List[Dict[str, Any]]]:
+        stored = [self._by_id.get(i) for i in ids]
+        known = [event for event in stored if event is not None]
+        if not known:
+            return None
+        same = len(known) == len(ids) and all(
+            event["pid"] == document["pid"] for event, document in zip(known, documents))
+        last: Dict[str, int] = {}
+        for before, event in zip([None, *known], known):
+            if event["pid"] in last and event["version"] != last[event["pid"]] + 1 \
+                    or before is not None and event["position"] < before["position"]:
+                same = False
+            last[event["pid"]] = event["version"]
+        if not same:
+            raise _Refusal("idempotencyConflict",
+                           f"event id {known[0]['eventId']} is stored already, but not as "
+                           "this request would store it", eventId=known[0]["eventId"])
+        return known
+
+    def _check_expected(self, pid: str, spec: Any) -> None:
+        actual = self._last_versions.get(pid)
+        if spec == ANY:
+            return
+        if spec == NO_STREAM:
+            holds = actual is None
+        elif spec == STREAM_EXISTS:
+            holds = actual is not None
+        elif type(spec) is int and spec >= 0:
+            holds = actual == spec
+        else:
+            raise _Refusal("badRequest", f"an expected version is an integer >= 0, "
+                                         f"\"noStream\", \"streamExists\" or \"any\", not "
+                                         f"{spec!r}")
+        if not holds:
+            # (the server's sentence)
+            state = "has no events" if actual is None else f"is at version {actual}"
+            wanted = {NO_STREAM: "no events", STREAM_EXISTS: "at least one event"}.get(
+                spec, f"version {spec}")
+            raise _Refusal("wrongExpectedVersion",
+                           f"stream {json.dumps(pid, ensure_ascii=False)} {state}, not {wanted}",
+                           pid=pid, expected=spec, actual=actual)
+
+    def _store(self, document: Dict[str, Any]) -> Dict[str, Any]:
+        pid = document["pid"]
+        version = self._last_versions.get(pid, -1) + 1
+        self._last_versions[pid] = version
+        event_id = document.get("eventId")
+        event = {"position": len(self.events) + 1,
+                 "eventId": (event_id.lower() if event_id
+                             else str(uuid.UUID(bytes=self._new_ids()))),
+                 "pid": pid, "version": version, "domain": document["domain"],
+                 "name": document["name"],
+                 "timestamp": format_timestamp(datetime.datetime.now(datetime.timezone.utc)),
+                 "data": document.get("data")}
+        self.events.append(event)
+        self._by_id[event["eventId"]] = event
+        return event
+
+    def read_v2(self, request: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The rows of a version 2 fetch (``_Refusal`` for a refused one)."""
+        _check_fields(request, _BODY_FIELDS[FETCH], "a fetch")
+        query = request.get("query")
+        select = query.get("$select") if isinstance(query, dict) else None
+        if not isinstance(select, dict):
+            raise _Refusal("badRequest", "a fetch's query is {\"$select\": {...}}")
+        unsupported = set(select) - {"$where", "$columns", "$limit", "$from"}
+        if unsupported:
+            raise NotImplementedError(f"FakeServer does not do {', '.join(sorted(unsupported))}")
+        columns = select.get("$columns", list(V2_COLUMNS))
+        for column in columns:
+            if column not in V2_COLUMNS:
+                raise _Refusal("refused", f"there is no column {column!r}")
+        where = select.get("$where", {})
+        rows = [{column: event[column] for column in columns}
+                for event in self.events if _matches(event, where)]
+        limit = select.get("$limit")
+        return rows if limit is None else rows[:limit]
+
+
+def _check_fields(message: Dict[str, Any], allowed: Set[str], what: str) -> None:
+    unknown = sorted(set(message) - allowed)
+    if unknown:
+        raise _Refusal("badRequest", f"{what} has no field {unknown[0]!r} in version 2")
+
+
+def _check_document(document: Any) -> None:
+    if not isinstance(document, dict):
+        raise _Refusal("badRequest", "a document is an object")
+    _check_fields(document, _DOCUMENT_FIELDS, "a document")
+    for key in ("pid", "domain", "name"):
+        value = document.get(key)
+        if not isinstance(value, str) or not value or len(value) > 255:
+            raise _Refusal("badRequest", f"a document's {key} is a string of 1 to 255 "
+                                         "characters")
+    event_id = document.get("eventId")
+    if event_id is not None and not (isinstance(event_id, str) and _UUID.fullmatch(event_id)):
+        raise _Refusal("badRequest", f"an eventId is a UUID, not {event_id!r}")
+
+
+def _matches(event: Dict[str, Any], where: Any) -> bool:
+    if not isinstance(where, dict):
+        raise _Refusal("badRequest", "$where is an object")
+    for column, condition in where.items():
+        if column not in V2_COLUMNS:
+            if column.startswith("$"):
+                raise NotImplementedError(f"FakeServer does not do {column} in $where")
+            raise _Refusal("refused", f"there is no column {column!r}")
+        value = event[column]
+        if not isinstance(condition, dict):
+            condition = {"$eq": condition}
+        for operator, operand in condition.items():
+            compare = _COMPARISONS.get(operator)
+            if compare is None:
+                raise NotImplementedError(f"FakeServer does not do {operator}")
+            if not compare(value, operand):
+                return False
+    return True
+
+
+def _names_v2_columns(query: Any) -> bool:
+    """Whether a fetch's query names a column only version 2 has."""
+    select = query.get("$select") if isinstance(query, dict) else None
+    if not isinstance(select, dict):
+        return False
+    named = list(select.get("$columns") or [])
+    where = select.get("$where")
+    if isinstance(where, dict):
+        named += list(where)
+    return any(name in ("position", "version", "eventId") for name in named)
