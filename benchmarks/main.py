@@ -143,6 +143,9 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
             reps.append(figures)
 
         yield run.stop_server()
+        if run.http_port is not None:
+            log(f"scraped /metrics {run.scrapes['ok']} times, every {run.scrape_interval:g} s "
+                f"({run.scrapes['failed']} failed)")
         profiles = None
         if options.profile or options.profile_only:
             try:
@@ -171,6 +174,8 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         "database": run.database,
         "server": {"argv": "twistd -n eventsource " + " ".join(run.server_args()),
                    "pool_size": pool_size},
+        "metrics": ({"scrape_interval": run.scrape_interval, **run.scrapes}
+                    if run.http_port is not None else None),
         "figures": summary,
         "targets": targets,
         "repetitions": reps,
@@ -209,7 +214,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the benchmark's database (default eventsource_bench_<pid>_<random>;"
                              " dropped at the end)")
     parser.add_argument("--keep-database", action="store_true", help="do not drop it at the end")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve the server's metrics (--http-port) and scrape /metrics "
+                             "throughout, to measure what they cost")
+    parser.add_argument("--scrape-interval", type=float, default=1.0, metavar="SECONDS",
+                        help="with --metrics: seconds between scrapes (default 1)")
     options = parser.parse_args(argv)
+    if options.scrape_interval <= 0:
+        parser.error("--scrape-interval must be greater than 0")
     for name in ("repeat", "rows", "idle_streams"):
         value = getattr(options, name)
         if value is not None and value < 1:

@@ -133,7 +133,23 @@ def _plain(request: server.Request, code: int, text: str) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-class _NotFound(resource.Resource):
+class _ReadOnly(resource.Resource):
+    """
+    A route that answers ``GET`` and ``HEAD`` only (405 to every other
+    method, where Twisted would say 501 to some), and has no children.
+    """
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _plain(request, 405, "this server only answers GET and HEAD")
+        return super().render(request)
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return _NotFound()
+
+
+class _NotFound(_ReadOnly):
     isLeaf = True
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -152,25 +168,19 @@ class _Unauthorized(resource.Resource):
                       "(--http-token)")
 
 
-class _Directory(resource.Resource):
+class _Directory(_ReadOnly):
     """A path with children only: itself, and any other child, is not found."""
-
-    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
-        return _NotFound()
 
     def render_GET(self, request: server.Request) -> bytes:
         return _NotFound().render_GET(request)
 
 
-class MetricsPage(resource.Resource):
+class MetricsPage(_ReadOnly):
     """``/metrics``: the registry, in the format the scraper asks for (text or OpenMetrics)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
         self._registry = registry
-
-    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
-        return _NotFound()
 
     def render_GET(self, request: server.Request) -> bytes:
         accept = request.getHeader(b"accept")
@@ -181,19 +191,15 @@ class MetricsPage(resource.Resource):
         return output
 
 
-class LivePage(resource.Resource):
+class LivePage(_ReadOnly):
     """``/health/live``: the reactor answered, so the process is alive."""
-
-    isLeaf = True
 
     def render_GET(self, request: server.Request) -> bytes:
         return _plain(request, 200, "live")
 
 
-class ReadyPage(resource.Resource):
+class ReadyPage(_ReadOnly):
     """``/health/ready``: 200 ``ready``, or 503 and the reason."""
-
-    isLeaf = True
 
     def __init__(self, readiness: Readiness) -> None:
         super().__init__()
@@ -227,7 +233,7 @@ def authorized(request: server.Request, token: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
 
 
-class Root(resource.Resource):
+class Root(_ReadOnly):
     """The routes, behind the token (when there is one) except ``/health``."""
 
     def __init__(self, registry: CollectorRegistry, readiness: Readiness,
@@ -244,9 +250,6 @@ class Root(resource.Resource):
         if self._token is not None and path != b"health" and not authorized(request, self._token):
             return _Unauthorized()
         return super().getChildWithDefault(path, request)
-
-    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
-        return _NotFound()
 
     def render_GET(self, request: server.Request) -> bytes:
         return _NotFound().render_GET(request)
