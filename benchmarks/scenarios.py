@@ -70,8 +70,11 @@ class Run:
         self.server: Child | None = None
         self._servers_started = 0
         self.workdir = tempfile.mkdtemp(prefix="eventsource-bench-")
-        #: --metrics: the server's HTTP port, scraped every scrape_interval seconds
-        self.http_port = free_port() if getattr(options, "metrics", False) else None
+        #: --metrics (--metrics-ab): the server's HTTP port, scraped every
+        #: scrape_interval seconds while metrics_on
+        metrics, ab = getattr(options, "metrics", False), getattr(options, "metrics_ab", False)
+        self.http_port = free_port() if metrics or ab else None
+        self.metrics_on: bool = bool(metrics)
         self.scrape_interval: float = getattr(options, "scrape_interval", 1.0)
         self._scraper: task.LoopingCall | None = None
         #: scrapes of /metrics that answered, and those that did not
@@ -96,7 +99,7 @@ class Run:
                 "--mysql-user", self.mysql["user"]]
         if self.mysql["password"]:
             args += ["--mysql-password", self.mysql["password"]]
-        if self.http_port is not None:
+        if self.http_port is not None and self.metrics_on:
             args += ["--http-port", str(self.http_port)]
         return args
 
@@ -121,7 +124,7 @@ class Run:
         server.start()
         yield server.wait_for(lambda: server.log_has("eventsource serving"),
                               "\"eventsource serving\" in its log")
-        if self.http_port is not None:
+        if self.http_port is not None and self.metrics_on:
             # as Prometheus would, throughout, from a thread of ours (the
             # scrape's CPU is the server's; the benchmark's stays its own)
             self._scraper = task.LoopingCall(self._scrape)
