@@ -95,6 +95,26 @@ class RequestCountTests(ServiceTestCase):
         self.assertEqual(self.requests("fetch", "refused"), 1)
         self.assertEqual(self.requests("fetch", "ok"), 1)
 
+    def test_version_2_conflicts_and_repeats(self):
+        """A refused expected version or event id is a conflict; a repeat writes no event."""
+        event_id = "0192f7b0-8c4e-7cc1-9f0e-2b6a3c1d5e4f"
+
+        def persist2(channel, documents, **fields):
+            return json.dumps(dict(fields, v=2, channel=channel,
+                                   query={"$insert": {"$documents": documents}}))
+
+        self.send("persist", persist2("a", [doc(eventId=event_id)], expectedVersion="noStream"))
+        self.send("persist", persist2("b", [doc(eventId=event_id)], expectedVersion="noStream"))
+        self.send("persist", persist2("c", [doc()], expectedVersion="noStream"))
+        self.send("persist", persist2("d", [doc("other", eventId=event_id)]))
+        self.assertEqual(self.out("b")[0]["duplicate"], True)
+        self.assertEqual(self.out("c")[0]["error"]["code"], "wrongExpectedVersion")
+        self.assertEqual(self.out("d")[0]["error"]["code"], "idempotencyConflict")
+        self.assertEqual(self.requests("persist", "ok"), 2)
+        self.assertEqual(self.requests("persist", "conflict"), 2)
+        self.assertEqual(self.requests("persist", "failed"), 0)
+        self.assertEqual(value(self.registry, "eventsource_events_written_total"), 1)
+
     def test_fetch_next_on_a_live_stream_is_ok(self):
         self.store.add()
         self.store.add()
@@ -240,9 +260,21 @@ class StoreCountTests(SynchronousTestCase):
     def test_a_count_gone_wrong_never_fails_the_batch(self):
         written = defer.Deferred()
         self.counts.batch_started(written, 1)
-        written.callback("not a list of pairs")
-        self.assertEqual(self.successResultOf(written), "not a list of pairs")
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        written.callback([("not", "numbers")])
+        self.assertEqual(self.successResultOf(written), [("not", "numbers")])
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_version_2_outcomes(self):
+        """A batch of version 2 appends: positions from its events; refusals store none."""
+        from eventsource import appends
+
+        written = defer.Deferred()
+        self.counts.batch_started(written, 3)
+        event = appends.Event(b"\x01" * 16, "p", 0, 41)
+        written.callback([appends.Appended((event,)), (2, 39),
+                          appends.WrongExpectedVersion("q", 3, 4)])
+        self.assertEqual(self.counts.last_position, 41)
+        self.assertEqual(self.counts.group_commit_persists.sum, 3)
 
     def test_mysql_error_codes(self):
         import pymysql
