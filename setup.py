@@ -30,6 +30,9 @@ setup(
         "hiredis>=2.0",
         "pymysql>=1.0.2",
         "transitions>=0.9.0",
+        # /metrics: the exposition formats (text and OpenMetrics) and the
+        # process collector; eventsource.metrics, eventsource.http
+        "prometheus-client>=0.17",
     ],
     extras_require={"test": ["hypothesis>=6.0"]},
     entry_points={"console_scripts": ["eventsource = eventsource.cli:main"]},

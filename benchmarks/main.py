@@ -132,7 +132,10 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
 
         reps = []
         for index in range(0 if options.profile_only else sizes.repeat):
-            log(f"repetition {index + 1} of {sizes.repeat}: a fresh server, warmed up")
+            if options.metrics_ab:
+                run.metrics_on = index % 2 == 1
+            log(f"repetition {index + 1} of {sizes.repeat}: a fresh server, warmed up"
+                + (f", metrics {'on' if run.metrics_on else 'off'}" if run.http_port else ""))
             # Every repetition starts from a fresh server, so that the RSS of
             # its idle streams is not hidden by memory the last one freed.
             yield run.stop_server()
@@ -140,9 +143,17 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
             yield warm_up(run)
             yield run.persist(1, 0.2)
             figures = yield repetition(run, lambda what: log(f"  {what}"))
+            figures["metrics_on"] = 1.0 if run.metrics_on else 0.0
             reps.append(figures)
 
         yield run.stop_server()
+        if run.http_port is not None:
+            log(f"scraped /metrics {run.scrapes['ok']} times, every {run.scrape_interval:g} s "
+                f"({run.scrapes['failed']} failed)")
+            if options.metrics_ab:
+                for key, ab in metrics_ab(reps).items():
+                    log(f"  {key}: without {ab['without']:.4g}, with {ab['with']:.4g}, "
+                        f"ratio {ab['ratio']:.3f}")
         profiles = None
         if options.profile or options.profile_only:
             try:
@@ -171,6 +182,9 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         "database": run.database,
         "server": {"argv": "twistd -n eventsource " + " ".join(run.server_args()),
                    "pool_size": pool_size},
+        "metrics": ({"scrape_interval": run.scrape_interval, **run.scrapes,
+                     "ab": metrics_ab(reps) if options.metrics_ab else None}
+                    if run.http_port is not None else None),
         "figures": summary,
         "targets": targets,
         "repetitions": reps,
@@ -181,6 +195,30 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         shutil.rmtree(run.workdir, ignore_errors=True)
     table = format_table(summary, targets, machine, sizes, sizes.repeat) if reps else ""
     return result, table
+
+
+#: what --metrics-ab compares: throughput (higher is better) and server CPU
+AB_FIGURES = ("fetch_1_stream_rows_per_s", "fetch_100_streams_rows_per_s",
+              "fetch_window_100_rows_per_s", "persist_50_per_s", "persist_1_per_s",
+              "fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_100_pairs",
+              "persist_50_vs_insert_8_connections", "fetch_1_stream_server_cpu_us_per_row",
+              "fetch_100_streams_server_cpu_us_per_row", "fetch_window_100_server_cpu_us_per_row",
+              "persist_50_server_cpu_us", "first_row_ms")
+
+
+def metrics_ab(reps: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Median of each figure without and with metrics, and their ratio (with / without)."""
+    import statistics
+
+    result = {}
+    for key in AB_FIGURES:
+        off = [rep[key] for rep in reps if not rep["metrics_on"] and key in rep]
+        on = [rep[key] for rep in reps if rep["metrics_on"] and key in rep]
+        if off and on:
+            without, with_ = statistics.median(off), statistics.median(on)
+            result[key] = {"without": without, "with": with_,
+                           "ratio": with_ / without if without else float("nan")}
+    return result
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -209,7 +247,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the benchmark's database (default eventsource_bench_<pid>_<random>;"
                              " dropped at the end)")
     parser.add_argument("--keep-database", action="store_true", help="do not drop it at the end")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve the server's metrics (--http-port) and scrape /metrics "
+                             "throughout, to measure what they cost")
+    parser.add_argument("--metrics-ab", action="store_true",
+                        help="alternate repetitions without and with --metrics (start "
+                             "without), and report each figure's ratio with / without")
+    parser.add_argument("--scrape-interval", type=float, default=1.0, metavar="SECONDS",
+                        help="with --metrics: seconds between scrapes (default 1)")
     options = parser.parse_args(argv)
+    if options.scrape_interval <= 0:
+        parser.error("--scrape-interval must be greater than 0")
     for name in ("repeat", "rows", "idle_streams"):
         value = getattr(options, name)
         if value is not None and value < 1:

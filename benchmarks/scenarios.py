@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -29,7 +29,13 @@ from benchmarks.common import (
     percentile,
 )
 from benchmarks.floors import pingpong, raw_inserts, raw_select
-from benchmarks.processes import Child, proc_cpu_seconds, proc_status, proc_tcp_connections
+from benchmarks.processes import (
+    Child,
+    free_port,
+    proc_cpu_seconds,
+    proc_status,
+    proc_tcp_connections,
+)
 from benchmarks.redis_client import Handler, RedisClient
 from benchmarks.report import ratios
 from eventsource.config import Config
@@ -64,6 +70,15 @@ class Run:
         self.server: Child | None = None
         self._servers_started = 0
         self.workdir = tempfile.mkdtemp(prefix="eventsource-bench-")
+        #: --metrics (--metrics-ab): the server's HTTP port, scraped every
+        #: scrape_interval seconds while metrics_on
+        metrics, ab = getattr(options, "metrics", False), getattr(options, "metrics_ab", False)
+        self.http_port = free_port() if metrics or ab else None
+        self.metrics_on: bool = bool(metrics)
+        self.scrape_interval: float = getattr(options, "scrape_interval", 1.0)
+        self._scraper: task.LoopingCall | None = None
+        #: scrapes of /metrics that answered, and those that did not
+        self.scrapes = {"ok": 0, "failed": 0, "bytes": 0}
 
     def channel(self, kind: str) -> str:
         self._channels += 1
@@ -84,6 +99,8 @@ class Run:
                 "--mysql-user", self.mysql["user"]]
         if self.mysql["password"]:
             args += ["--mysql-password", self.mysql["password"]]
+        if self.http_port is not None and self.metrics_on:
+            args += ["--http-port", str(self.http_port)]
         return args
 
     def server_config(self) -> Config:
@@ -107,10 +124,37 @@ class Run:
         server.start()
         yield server.wait_for(lambda: server.log_has("eventsource serving"),
                               "\"eventsource serving\" in its log")
+        if self.http_port is not None and self.metrics_on:
+            # as Prometheus would, throughout, from a thread of ours (the
+            # scrape's CPU is the server's; the benchmark's stays its own)
+            self._scraper = task.LoopingCall(self._scrape)
+            self._scraper.clock = self.reactor
+            self._scraper.start(self.scrape_interval)
         return server
+
+    def _scrape(self) -> "defer.Deferred[None]":
+        import urllib.request
+
+        def get() -> int:
+            url = f"http://127.0.0.1:{self.http_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return len(response.read())
+
+        def counted(size: int) -> None:
+            self.scrapes["ok"] += 1
+            self.scrapes["bytes"] += size
+
+        def failed(_: Failure) -> None:
+            self.scrapes["failed"] += 1
+
+        d: "defer.Deferred[int]" = threads.deferToThread(get)
+        return d.addCallbacks(counted, failed)
 
     @defer.inlineCallbacks
     def stop_server(self) -> Generator["defer.Deferred[Any]", Any, None]:
+        scraper, self._scraper = self._scraper, None
+        if scraper is not None and scraper.running:
+            scraper.stop()
         if self.server is not None:
             yield self.server.stop()
             self.server = None

@@ -539,6 +539,8 @@ class RedisBus:
         self._started: Optional[defer.Deferred[None]] = None
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._away_since: Optional[float] = None
+        #: times the bus served again after losing a connection (eventsource.metrics)
+        self.reconnects = 0
         self._machine = Machine(model=self, states=STATES, transitions=TRANSITIONS,
                                 initial=_S.IDLE, auto_transitions=False,
                                 ignore_invalid_triggers=False, queued=True)
@@ -645,6 +647,7 @@ class RedisBus:
                  where=self._where(), channels=",".join(self._requests_listened()),
                  seconds=self._reactor.seconds() - (self._away_since or 0.0))
         self._away_since = None
+        self.reconnects += 1
         if self._on_ready is not None:
             self._on_ready()
 

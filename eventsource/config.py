@@ -95,6 +95,18 @@ class Config:
     #: a Redis glob every reply channel must match (anything when ``None``)
     reply_channels: Optional[str] = None
 
+    #: the HTTP port of /metrics and /health (see :mod:`eventsource.http`);
+    #: ``None``: no HTTP at all, 0: any free port (tests)
+    http_port: Optional[int] = None
+    #: the address the HTTP port listens on: loopback unless asked
+    http_interface: str = "127.0.0.1"
+    #: the bearer token every HTTP route but /health/* requires (none: no check)
+    http_token: Optional[str] = field(default=None, repr=False)
+
+    #: ``text`` (twistd's lines) or ``json`` (one JSON object per line, see
+    #: :mod:`eventsource.logs`)
+    log_format: str = "text"
+
     @property
     def request_channels(self) -> dict:
         """The Redis channel of each request kind, prefix applied."""

@@ -61,6 +61,9 @@ class IEventStore(Interface):
     def stop() -> "Deferred[Any]":
         """Drop queued work, stop running statements, close the connections; a Deferred."""
 
+    def ping() -> "Deferred[Any]":
+        """A trivial statement on a pool connection (the readiness check); a Deferred."""
+
     def drop_reads() -> None:
         """Shutdown began: fail reads not started, stop running ones (no stream waits for them)."""
 

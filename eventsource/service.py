@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eventsource import appends, query, wire
+from eventsource.stats import ServerStats
 from eventsource.stream import EchoBudget, Stream
 from eventsource.config import Config
 from eventsource.interfaces import IEventBus, IEventStore
@@ -158,8 +159,22 @@ class EventSourceService(service.MultiService):
         #: reply channels of open version 1 streams (the server listens on them)
         self._listened: Set[str] = set()
         self._persists: "Set[defer.Deferred[Any]]" = set()
+        #: requests, latencies, closed streams (read by eventsource.metrics)
+        self.stats = ServerStats(reactor)
+        #: the events table exists and is up to date (the store started)
+        self.table_ready = False
         self._accepting = False
         self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
+
+    @property
+    def accepting(self) -> bool:
+        """Taking requests: started (table ready, subscribed to Redis) and not stopping."""
+        return self._accepting
+
+    @property
+    def persists_in_flight(self) -> int:
+        """Persists taken and not answered yet."""
+        return len(self._persists)
 
     # -- life cycle -----------------------------------------------------
 
@@ -170,6 +185,7 @@ class EventSourceService(service.MultiService):
         super().startService()
 
     def _schema_ready(self, changes: Optional[List[str]]) -> None:
+        self.table_ready = True
         log.info("events table {table} ready ({changes})", table=self.config.table,
                  changes=", ".join(changes or []) or "unchanged")
 
@@ -292,6 +308,7 @@ class EventSourceService(service.MultiService):
                               bad.version)
             return
         if not self._accepting:
+            self.stats.request(request_channel, "ignored" if request_channel == "fetch-next" else "refused")
             log.info("refused a {request_channel} request for {channel}: the server is not "
                      "serving", request_channel=request_channel, channel=request.channel)
             if request_channel != "fetch-next":
@@ -306,15 +323,18 @@ class EventSourceService(service.MultiService):
             # An acknowledgement is never answered unless it concerns a live
             # stream: a client that acknowledges every message it gets would
             # otherwise ping-pong with the server forever.
+            self.stats.request(request_channel, "ignored")
             log.info("ignored a bad fetch-next request for {channel}: {reason}; body: {body}",
                      channel=channel, reason=reason, body=wire.truncate(body))
             return
         if channel is None:
+            self.stats.request(request_channel, "unanswerable")
             log.warn("unanswerable request on {request_channel}: {reason}; body: {body}",
                      request_channel=request_channel, reason=reason, body=wire.truncate(body))
             return
         log.info("bad request on {request_channel} for {channel}: {reason}",
                  request_channel=request_channel, channel=channel, reason=reason)
+        self.stats.request(request_channel, "refused")
         self._refuse(channel, reason, version, code)
 
     def _refuse(self, channel: str, reason: str, version: int = 1, code: str = "busy") -> None:
@@ -348,9 +368,11 @@ class EventSourceService(service.MultiService):
     def _persist(self, request: Any) -> None:
         channel, version = request.channel, request.version
         if channel in self.streams:
+            self.stats.request("persist", "refused")
             self._refuse(channel, "the reply channel is streaming another request", version)
             return
         if self.config.read_only:
+            self.stats.request("persist", "refused")
             log.info("refused persist on {channel}: read-only mode", channel=channel)
             self._reply_error(channel, "this server is read-only: it appends nothing", version,
                               "readOnly")
@@ -369,10 +391,12 @@ class EventSourceService(service.MultiService):
                       channel=channel, ignored=wire.truncate(repr(plan.ignored)))
         if version == 2:
             d = self.store.append(plan)
+            self.stats.persist_taken(d, len(plan.rows))
             d.addCallbacks(self._appended, self._append_failed,
                            callbackArgs=(channel,), errbackArgs=(channel,))
         else:
             d = self.store.insert(plan)
+            self.stats.persist_taken(d, len(plan.rows))
             d.addCallbacks(self._persisted, self._persist_failed,
                            callbackArgs=(channel,), errbackArgs=(channel,))
         self._persists.add(d)
@@ -428,9 +452,11 @@ class EventSourceService(service.MultiService):
     def _fetch(self, request: Any) -> None:
         channel, version = request.channel, request.version
         if channel in self.streams:
+            self.stats.request("fetch", "refused")
             self._refuse(channel, "the reply channel is already streaming", version)
             return
         if len(self.streams) >= self.config.max_streams:
+            self.stats.request("fetch", "refused")
             log.warn("refused fetch on {channel}: {count} streams open (the limit)",
                      channel=channel, count=len(self.streams))
             self._reply_error(channel, "too many open streams", version, "busy")
@@ -476,7 +502,9 @@ class EventSourceService(service.MultiService):
             fetch_more=fetch_more,
             closed=self._stream_closed,
             version=version,
+            on_first_row=self.stats.first_row_timer(),
         )
+        self.stats.request("fetch", "ok")
         if stream.is_live:  # (a test double may have answered synchronously)
             self.streams[channel] = stream
 
@@ -498,6 +526,7 @@ class EventSourceService(service.MultiService):
         channel = stream.channel
         if self.streams.get(channel) is stream:
             del self.streams[channel]
+        self.stats.stream_closed(stream)
         log.debug("stream {channel} {state} after {rows} rows{reason}", channel=channel,
                   state=stream.state.value,
                   rows=stream.rows_sent,
@@ -508,6 +537,7 @@ class EventSourceService(service.MultiService):
 
     def _fetch_next(self, request: Any) -> None:
         stream = self.streams.get(request.channel)
+        self.stats.request("fetch-next", "ok" if stream is not None else "ignored")
         if stream is not None:
             if request.end:
                 stream.end()
@@ -561,6 +591,11 @@ def make_server(config: Config, reactor: Any = None,
 
     if reactor is None:
         from twisted.internet import reactor
-    return EventSourceService(config, reactor, store=Store(config, reactor),
-                              bus=partial(RedisBus, config, reactor),
-                              stop_reactor_on_failure=stop_reactor_on_failure)
+    server = EventSourceService(config, reactor, store=Store(config, reactor),
+                                bus=partial(RedisBus, config, reactor),
+                                stop_reactor_on_failure=stop_reactor_on_failure)
+    if config.http_port is not None:
+        from eventsource.http import HTTPService
+
+        HTTPService(server, reactor).setServiceParent(server)
+    return server

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eventsource import appends, ids, schema, wire
+from eventsource.stats import StoreStats
 from eventsource.config import Config
 from eventsource.interfaces import IEventStore, IPager, Page
 from eventsource.query import InsertPlan, SelectPlan
@@ -567,6 +568,11 @@ def _insert_numbered(txn: Txn, table: str, batch: List[List[Tuple[Any, ...]]],
     return results
 
 
+def _ping(txn: Txn) -> None:
+    txn.execute("SELECT 1")
+    txn.fetchall()
+
+
 def _autoinc_settings(txn: Txn) -> bool:
     txn.execute("SELECT @@innodb_autoinc_lock_mode, @@auto_increment_increment")
     lock_mode, increment = txn.fetchone()
@@ -718,6 +724,8 @@ class Store:
         #: stream -> the last version this server committed (see _write)
         self._known_versions: Dict[str, int] = {}
         self._row_sizes = RowSizeHint()
+        #: group commits, the last position, MySQL errors (see eventsource.metrics)
+        self.stats = StoreStats(reactor)
         self.table = f"`{config.database}`.`{config.table_name}`"
         self._writes: Deque[Work] = deque()
         self._reads: Deque[Work] = deque()
@@ -967,6 +975,7 @@ class Store:
         # then a stop waiting for the pool to be idle.
         self._next()
         if isinstance(result, Failure):
+            self.stats.error(result.value)  # type: ignore[arg-type]
             d.errback(result)
         else:
             d.callback(result)
@@ -1073,7 +1082,17 @@ class Store:
             return failure
 
         d = self._run(_insert_batch, self.table, batch, self._consecutive_ids, given)
-        return d.addCallbacks(committed, failed)
+        d.addCallbacks(committed, failed)
+        self.stats.batch_started(d, len(batch))
+        return d
+
+    def ping(self) -> "defer.Deferred[None]":
+        """``SELECT 1`` on a pool connection, ahead of queued reads (the readiness check)."""
+        return self._run(_ping)
+
+    def pool_load(self) -> Tuple[int, int, int]:
+        """``(work running in the pool's threads, writes queued, reads queued)``."""
+        return self._in_flight, len(self._writes), len(self._reads)
 
     def pager(self, plan: SelectPlan) -> "Pager":
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""

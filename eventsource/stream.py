@@ -215,7 +215,8 @@ class Stream:
                  fetch_more: Callable[["Stream"], object],
                  closed: Callable[["Stream"], object],
                  window_bytes: Optional[int] = None, budget: Optional[EchoBudget] = None,
-                 version: int = 1):
+                 version: int = 1,
+                 on_first_row: Optional[Callable[[], object]] = None):
         self.channel = channel
         #: the protocol version of the fetch: how a failure is told
         self.version = version
@@ -225,6 +226,10 @@ class Stream:
         self.window_bytes = window_bytes
         self.row_timeout = row_timeout
         self.rows_sent = 0
+        #: rows the client accepted (for the metrics)
+        self.rows_accepted = 0
+        #: called once, when the first row is published (the first-row latency)
+        self._on_first_row = on_first_row
         #: why the stream failed, for the log (None unless it did)
         self.reason: Optional[str] = None
         self._clock = clock
@@ -308,6 +313,7 @@ class Stream:
                 sent_at.popleft()
                 freed += sent_sizes.popleft()
         self.unaccepted_bytes -= freed
+        self.rows_accepted += count
         budget = self._budget
         if budget is not None:
             if budget.waiting:
@@ -400,6 +406,8 @@ class Stream:
         """Publish what :meth:`_plan` let out, and keep the row timer on the oldest row."""
         count, self._sending = self._sending, 0
         if count:
+            if self._on_first_row is not None:
+                self._first_row_sent()
             # (the row loop does nothing but publish: the bookkeeping is
             # done in bulk, at C speed)
             head = self._head
@@ -432,6 +440,11 @@ class Stream:
                 if budget.waiting and budget.waiting[0] is self:
                     budget.waiting.popleft()
         self._arm_timer()
+
+    def _first_row_sent(self) -> None:
+        on_first_row, self._on_first_row = self._on_first_row, None
+        if on_first_row is not None:
+            on_first_row()
 
     def send_end(self) -> None:
         self._publish(self.channel, END_BODY)

@@ -122,6 +122,60 @@ def optional_text(text: str) -> Optional[str]:
     return text or None
 
 
+def port_or_any(text: str) -> int:
+    """A TCP port to listen on, 1 to 65535, or 0 for any free port."""
+    wanted = "a port number from 1 to 65535 (0: any free port)"
+    value = _integer(text, wanted)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be {wanted}, not {text!r}")
+    return value
+
+
+def ip_address(text: str) -> str:
+    """An IPv4 or IPv6 address to listen on (not a host name)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not {text!r}") from None
+
+
+#: RFC 6750's b64token: what an ``Authorization: Bearer`` header can carry as it is
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+#: the shortest token taken: anything shorter can be guessed
+MIN_TOKEN_LENGTH = 16
+
+
+def bearer_token(text: str) -> Optional[str]:
+    """
+    A bearer token of at least :data:`MIN_TOKEN_LENGTH` characters of
+    ``A-Z a-z 0-9 - . _ ~ + /`` (then ``=`` padding); the empty string means none.
+    The value itself never appears in an error.
+    """
+    if not text:
+        return None
+    if len(text) < MIN_TOKEN_LENGTH or not _BEARER_TOKEN.fullmatch(text):
+        raise ValueError(
+            f"must be at least {MIN_TOKEN_LENGTH} characters of A-Z, a-z, 0-9, -, ., _, ~, +, / "
+            "(such as the output of python3 -c 'import secrets; print(secrets.token_urlsafe(32))'),"
+            f" not a value of {len(text)} characters")
+    return text
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(text: str) -> str:
+    """``text`` or ``json``."""
+    word = text.strip().lower()
+    if word not in LOG_FORMATS:
+        raise ValueError(f"must be {' or '.join(LOG_FORMATS)}, not {text!r}")
+    return word
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its option, environment variable, coerce function and help."""
@@ -246,6 +300,32 @@ SETTINGS = (
         positive_seconds,
         "Seconds shutdown waits for persists in flight before closing anyway.",
     ),
+    Setting(
+        "http-port",
+        "EVENTSOURCE_HTTP_PORT",
+        port_or_any,
+        "Serve /metrics (Prometheus) and /health/live, /health/ready over HTTP on this port "
+        "(0: any free port); none: no HTTP.",
+    ),
+    Setting(
+        "http-interface",
+        "EVENTSOURCE_HTTP_INTERFACE",
+        ip_address,
+        "The IP address the HTTP port listens on.",
+    ),
+    Setting(
+        "http-token",
+        "EVENTSOURCE_HTTP_TOKEN",
+        bearer_token,
+        "Bearer token every HTTP route but /health/* requires (Authorization: Bearer TOKEN); "
+        "none: no check.",
+    ),
+    Setting(
+        "log-format",
+        "EVENTSOURCE_LOG_FORMAT",
+        log_format,
+        "text: twistd's log lines; json: one JSON object per line, for log shippers.",
+    ),
 )
 
 _DEFAULTS = {f.name: f.default for f in fields(Config)}
@@ -341,8 +421,8 @@ class Options(usage.Options):
         self._environ = environ
 
     def __repr__(self) -> str:
-        # A dict at heart: keep the passwords out of any log or traceback.
-        shown = {key: ("***" if "password" in key and value else value)
+        # A dict at heart: keep the passwords and the token out of any log or traceback.
+        shown = {key: ("***" if ("password" in key or "token" in key) and value else value)
                  for key, value in self.items()}
         return f"<{type(self).__name__} {shown!r}>"
 
@@ -350,6 +430,13 @@ class Options(usage.Options):
         """Combine the command line, the environment and the defaults."""
         environ = os.environ if self._environ is None else self._environ
         self.config = config_from(self, environ)
+        twistd_options = getattr(self, "parent", None)
+        if self.config.log_format == "json" and twistd_options is not None:
+            # (twistd makes its log observer from its own options, which it
+            # finishes parsing after ours: see eventsource.logs)
+            from eventsource.logs import use_json_under_twistd
+
+            use_json_under_twistd(twistd_options)
 
 
 def makeService(options: Options) -> "EventSourceService":

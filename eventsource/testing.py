@@ -41,6 +41,8 @@ class MemoryBus:
         self.subscribed: Set[str] = set()
         self.pending: List[Tuple["defer.Deferred[None]", None]] = []
         self.started = False
+        #: serving: subscribed to the request channels (RedisBus.connected)
+        self.connected = False
         self._on_message: Optional[Callable[[str, str], None]] = None
         self._on_connection_lost: Optional[Callable[[], None]] = None
 
@@ -62,6 +64,7 @@ class MemoryBus:
     def lose_connection(self) -> None:
         """The subscriber connection drops, as a Redis restart would drop it."""
         assert self._on_connection_lost is not None, "attach the bus to a service first"
+        self.connected = False
         self._on_connection_lost()
 
     def _answer(self, value: None) -> "defer.Deferred[None]":
@@ -78,11 +81,11 @@ class MemoryBus:
             d.callback(value)
 
     def start(self) -> "defer.Deferred[None]":
-        self.started = True
+        self.started = self.connected = True
         return defer.succeed(None)
 
     def stop(self) -> "defer.Deferred[None]":
-        self.started = False
+        self.started = self.connected = False
         return defer.succeed(None)
 
     def publish(self, channel: str, body: str) -> None:
@@ -154,6 +157,10 @@ class MemoryStore:
     def stop(self) -> "defer.Deferred[None]":
         self.started = False
         return defer.succeed(None)
+
+    def ping(self) -> "defer.Deferred[None]":
+        """Like the real store's: answered at once, held, or failed (``fail_next``)."""
+        return self._answer(lambda: None)
 
     def drop_reads(self) -> None:
         """Shutdown began: reads not started are dropped (held ones stay held here)."""

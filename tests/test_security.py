@@ -6,6 +6,7 @@ options; the read-only mode; and secrets kept out of the log, ``repr`` of
 the settings and the command line's help.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from tests.redis_server import (
     tls_supported,
 )
 from tests.support import (
+    MYSQL,
     IntegrationTestCase,
     LogCapture,
     WireClient,
@@ -38,10 +40,12 @@ from tests.support import (
     sleep,
     sql,
     unique,
+    wait_until,
 )
 
 REDIS_SECRET = "redis-s3cret-Zq8!"
 MYSQL_SECRET = "mysql-s3cret-Wx4#"
+HTTP_SECRET = "http-t0ken-Kp3_Lm7-Vb"
 
 #: docs/OPERATIONS.md, "Version 1 clients and ACLs": the server's user ...
 SERVER_ACL = ("user eventsource on >{password} resetkeys resetchannels &* -@all "
@@ -529,11 +533,20 @@ class SecretsTests(SecuredRedisTestCase):
 
     def server_settings(self):
         return dict(redis_password=REDIS_SECRET, mysql_user=self.user,
-                    mysql_password=MYSQL_SECRET)
+                    mysql_password=MYSQL_SECRET, http_port=0, http_token=HTTP_SECRET)
 
     def assertNoSecret(self, text):
         self.assertNotIn(REDIS_SECRET, text)
         self.assertNotIn(MYSQL_SECRET, text)
+        self.assertNotIn(HTTP_SECRET, text)
+
+    @defer.inlineCallbacks
+    def scrape(self, port, token):
+        from tests.test_http import http_request
+
+        status, _, body = yield http_request(port, "/metrics",
+                                             headers={"Authorization": f"Bearer {token}"})
+        return status, body.decode()
 
     @defer.inlineCallbacks
     def test_start_serve_restart_and_stop_log_no_secret(self):
@@ -541,6 +554,11 @@ class SecretsTests(SecuredRedisTestCase):
         server = yield self.start()
         client = yield self.client(password=REDIS_SECRET)
         yield self.round_trip(client)
+        port = server.getServiceNamed("http").port
+        for token in (HTTP_SECRET, "wrong-" + HTTP_SECRET):
+            status, metrics = yield self.scrape(port, token)
+            self.assertNoSecret(metrics)
+        self.assertEqual(status, 401)
         yield self.redis.stop()
         yield self.redis.start()
         for _ in range(300):
@@ -570,8 +588,54 @@ class SecretsTests(SecuredRedisTestCase):
         self.assertNoSecret(str(config))
         self.assertEqual(config.redis_password, REDIS_SECRET)
 
+    @defer.inlineCallbacks
+    def test_json_log_of_twistd_holds_no_secret(self):
+        """``twistd eventsource --log-format json``, every secret on its command line."""
+        output = os.path.join(self.redis.folder, "twistd.json")
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("REDIS_", "MYSQL_", "EVENTSOURCE_"))}
+        command = [__import__("sys").executable, "-c",
+                   "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                   "eventsource", "--log-format", "json", "--table", self.table,
+                   "--redis-port", str(self.redis.port), "--redis-password", REDIS_SECRET,
+                   "--mysql-host", MYSQL["host"], "--mysql-port", str(MYSQL["port"]),
+                   "--mysql-user", self.user, "--mysql-password", MYSQL_SECRET,
+                   "--http-port", "0", "--http-token", HTTP_SECRET]
+        with open(output, "w") as out:
+            process = subprocess.Popen(command, cwd=here, env=dict(env, PYTHONPATH=here),
+                                       stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+
+        def records():
+            with open(output) as f:
+                return [json.loads(line) for line in f if line.strip()]
+
+        yield wait_until(lambda: process.poll() is not None or any(
+            r["message"].startswith("eventsource serving") for r in records()),
+            what="twistd to serve")
+        self.assertIsNone(process.poll())
+        client = yield self.client(password=REDIS_SECRET)
+        yield self.round_trip(client)
+        (http,) = [r for r in records() if r.get("namespace") == "eventsource.http"]
+        port = int(http["address"].rsplit(":", 1)[1])
+        status, metrics = yield self.scrape(port, HTTP_SECRET)
+        self.assertEqual(status, 200)
+        self.assertIn("eventsource_events_written_total 1.0", metrics)
+        status, _ = yield self.scrape(port, "wrong-" + HTTP_SECRET)
+        self.assertEqual(status, 401)
+        process.send_signal(signal.SIGTERM)
+        yield wait_until(lambda: process.poll() is not None, what="twistd to exit")
+        self.assertEqual(process.returncode, 0)
+        found = records()
+        self.assertGreater(len(found), 5)
+        with open(output) as f:
+            self.assertNoSecret(f.read())
+
     def test_options_and_help(self):
-        environ = {"REDIS_PASS": REDIS_SECRET, "MYSQL_PASS": MYSQL_SECRET}
+        environ = {"REDIS_PASS": REDIS_SECRET, "MYSQL_PASS": MYSQL_SECRET,
+                   "EVENTSOURCE_HTTP_TOKEN": HTTP_SECRET}
         options = Options(environ=environ)
         options.parseOptions([])
         self.assertEqual(options.config.redis_password, REDIS_SECRET)
@@ -579,7 +643,7 @@ class SecretsTests(SecuredRedisTestCase):
         self.assertNoSecret(str(options))  # the help text
         options = Options(environ={})
         options.parseOptions(["--redis-password", REDIS_SECRET, "--mysql-password",
-                              MYSQL_SECRET])
+                              MYSQL_SECRET, "--http-token", HTTP_SECRET])
         self.assertNoSecret(repr(options.config))
         self.assertNoSecret(str(options))
         out = subprocess.run(

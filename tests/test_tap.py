@@ -60,6 +60,10 @@ ENVIRON = {
     "MYSQL_TIMEOUT": "30",
     "EVENTSOURCE_MAX_STATEMENT_TIME": "0",
     "EVENTSOURCE_SHUTDOWN_TIMEOUT": "4",
+    "EVENTSOURCE_HTTP_PORT": "9100",
+    "EVENTSOURCE_HTTP_INTERFACE": "0.0.0.0",
+    "EVENTSOURCE_HTTP_TOKEN": "env-token-0123456789",
+    "EVENTSOURCE_LOG_FORMAT": "json",
 }
 
 #: the Config that ENVIRON describes
@@ -103,6 +107,10 @@ ENVIRON_CONFIG = Config(
     mysql_timeout=30.0,
     max_statement_time=0.0,
     shutdown_timeout=4.0,
+    http_port=9100,
+    http_interface="0.0.0.0",
+    http_token="env-token-0123456789",
+    log_format="json",
 )
 
 #: every setting on the command line, none at its default nor as in ENVIRON
@@ -146,6 +154,10 @@ ARGV = [
     "--mysql-timeout=90",
     "--max-statement-time=2.5",
     "--shutdown-timeout=20",
+    "--http-port=0",
+    "--http-interface=::1",
+    "--http-token=cli-token-abcdefghij",
+    "--log-format=text",
 ]
 
 #: the Config that ARGV describes
@@ -189,6 +201,10 @@ ARGV_CONFIG = Config(
     mysql_timeout=90.0,
     max_statement_time=2.5,
     shutdown_timeout=20.0,
+    http_port=0,
+    http_interface="::1",
+    http_token="cli-token-abcdefghij",
+    log_format="text",
 )
 
 #: options whose value must be a whole number of at least 1
@@ -221,6 +237,8 @@ class ConfigTests(SynchronousTestCase):
             values = [getattr(c, setting.field) for c in (Config(), ENVIRON_CONFIG, ARGV_CONFIG)]
             if setting.flag:
                 self.assertEqual(values, [False, True, True], setting.option)
+            elif setting.coerce is tap.log_format:  # (two values only)
+                self.assertEqual(values, ["text", "json", "text"], setting.option)
             else:
                 self.assertEqual(len(set(values)), 3, setting.option)
 
@@ -420,6 +438,38 @@ class ErrorTests(SynchronousTestCase):
         )
         self.assertEqual(parse(["--table=A_1.$b9"]).table, "A_1.$b9")
 
+    def test_http_port(self):
+        """The HTTP port is off by default; 0 takes any free port."""
+        setting = next(s for s in tap.SETTINGS if s.option == "http-port")
+        for text in ["", "http", "-1", "65536", "1.5"]:
+            self.assert_bad(setting, text)
+        self.assertIsNone(parse([]).http_port)
+        self.assertEqual(parse(["--http-port=0"]).http_port, 0)
+        self.assertEqual(parse([], {"EVENTSOURCE_HTTP_PORT": "9464"}).http_port, 9464)
+
+    def test_http_interface(self):
+        """Loopback by default; an IP address, not a name."""
+        setting = next(s for s in tap.SETTINGS if s.option == "http-interface")
+        for text in ["", "localhost", "1.2.3", "::g", "127.0.0.1:80"]:
+            self.assert_bad(setting, text)
+        self.assertEqual(parse([]).http_interface, "127.0.0.1")
+        self.assertEqual(parse(["--http-interface= ::1 "]).http_interface, "::1")
+
+    def test_http_token(self):
+        """A token long enough not to be guessed, of the characters a header carries as they are."""
+        setting = next(s for s in tap.SETTINGS if s.option == "http-token")
+        for text in ["short-token", "has spaces in it 0123", "quote\"0123456789abcdef",
+                     "\u00e9" * 20]:
+            error = self.assertRaises(UsageError, parse, [f"--http-token={text}"])
+            self.assertTrue(str(error).startswith("--http-token must be at least 16 "))
+            self.assertNotIn(text, str(error))  # (the value is a secret, even when wrong)
+            error = self.assertRaises(UsageError, parse, [], {setting.env: text})
+            self.assertNotIn(text, str(error))
+        self.assertIsNone(parse([]).http_token)
+        token = "Abc-._~+/0123456789=="
+        self.assertEqual(parse([f"--http-token={token}"]).http_token, token)
+        self.assertIsNone(parse(["--http-token="]).http_token)
+
     def test_bad_boolean_variable(self):
         """A flag variable that is neither yes nor no is an error naming it."""
         for setting in FLAGS:
@@ -495,9 +545,15 @@ class ImportTests(SynchronousTestCase):
 
 class SecretTests(SynchronousTestCase):
     def test_repr_of_parsed_options_hides_passwords(self):
-        options = tap.Options(environ={"REDIS_PASS": "env-redis-secret"})
+        options = tap.Options(environ={"REDIS_PASS": "env-redis-secret",
+                                       "EVENTSOURCE_HTTP_TOKEN": "env-http-token-0123"})
         options.parseOptions(["--mysql-password=cli-mysql-secret"])
         text = repr(options) + repr(options.config) + str(options)
         self.assertNotIn("env-redis-secret", text)
         self.assertNotIn("cli-mysql-secret", text)
+        self.assertNotIn("env-http-token-0123", text)
+        self.assertEqual(options.config.http_token, "env-http-token-0123")
+        options = tap.Options(environ={})
+        options.parseOptions(["--http-token=cli-http-token-0123"])
+        self.assertNotIn("cli-http-token-0123", repr(options) + repr(options.config))
         self.assertIn("mysql-password", repr(options))
