@@ -304,8 +304,8 @@ class EventSourceService(service.MultiService):
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
                                          self._reserved, rules or self._reply_rules)
         except wire.BadRequest as bad:
-            self._bad_request(source or request_channel, body, bad.reason, bad.channel,
-                              bad.version)
+            self._bad_request(request_channel, body, bad.reason, bad.channel,
+                              bad.version, source=source)
             return
         if not self._accepting:
             self.stats.request(request_channel, "ignored" if request_channel == "fetch-next" else "refused")
@@ -318,7 +318,13 @@ class EventSourceService(service.MultiService):
         handler(request)
 
     def _bad_request(self, request_channel: str, body: Optional[str], reason: str,
-                     channel: Optional[str], version: int = 1, code: str = "badRequest") -> None:
+                     channel: Optional[str], version: int = 1, code: str = "badRequest",
+                     source: Optional[str] = None) -> None:
+        """
+        A request refused before it was served: ``request_channel`` is its
+        kind (``persist``, ``fetch``...), ``source`` the channel it came on
+        when that is not the kind's own (a tenant's), for the log.
+        """
         if request_channel == "fetch-next" and channel not in self.streams:
             # An acknowledgement is never answered unless it concerns a live
             # stream: a client that acknowledges every message it gets would
@@ -330,10 +336,11 @@ class EventSourceService(service.MultiService):
         if channel is None:
             self.stats.request(request_channel, "unanswerable")
             log.warn("unanswerable request on {request_channel}: {reason}; body: {body}",
-                     request_channel=request_channel, reason=reason, body=wire.truncate(body))
+                     request_channel=source or request_channel, reason=reason,
+                     body=wire.truncate(body))
             return
         log.info("bad request on {request_channel} for {channel}: {reason}",
-                 request_channel=request_channel, channel=channel, reason=reason)
+                 request_channel=source or request_channel, channel=channel, reason=reason)
         self.stats.request(request_channel, "refused")
         self._refuse(channel, reason, version, code)
 

@@ -208,6 +208,16 @@ class TenantServiceTests(ServiceTestCase):
         self.assertEqual(len(refusals), 18)
         self.assertEqual(refusals[0]["request_channel"], "es:app1:persist")
 
+    def test_a_bad_acknowledgement_is_never_answered(self):
+        """As outside tenant mode: no stream behind it, no reply (no ping-pong)."""
+        self.make(channel_prefix="es:", tenants=True)
+        for body in ({"channel": "es:app1:reply:9", "accepted": -1},
+                     {"channel": "es:app1:reply:9", "accepted": "x"}):
+            self.send("es:app1:fetch-next", json.dumps(body))
+        self.assertEqual(self.bus.published, [])
+        ignored = [e for e in self.log if "ignored a bad fetch-next" in str(e.get("log_format"))]
+        self.assertEqual(len(ignored), 2)
+
     def test_another_tenants_stream_cannot_be_ended_accepted_or_forged(self):
         self.make(channel_prefix="es:", tenants=True)
         self.open_stream("es:app2:fetch", "es:app2:reply:1")
