@@ -120,11 +120,18 @@ class CorrectnessCase(IntegrationTestCase):
 class ConcurrentExpectationTests(CorrectnessCase):
     @defer.inlineCallbacks
     def test_twenty_clients_expecting_the_same_version_one_wins(self):
+        """
+        Four rounds of 20 clients sending at once, each expecting the
+        stream's last version: as they come (a first group commit of one or
+        a few, then the rest), and all queued behind a locked table so that
+        they are checked together in one group commit.
+        """
         clients = yield self.clients(20)
         reply = yield persist(self.client, [doc("race"), doc("race"), doc("race")])
         last = reply[0]["events"][-1]["version"]
         self.assertEqual(last, 2)
-        for _ in range(3):
+        writer = self.server.store._writer
+        for together in (False, True, False, True):
             bodies = [persist_body(unique("race"), [doc("race", name=f"c{i}", event_id=e)],
                                    expectedVersion=last)
                       for i, e in enumerate(new_ids(len(clients)))]
@@ -132,11 +139,24 @@ class ConcurrentExpectationTests(CorrectnessCase):
                 client.messages[body["channel"]] = []
             yield defer.gatherResults([client.subscribe(body["channel"])
                                        for client, body in zip(clients, bodies)])
+            if together:
+                lock = TableLock(self, self.table_sql)
+                lock.release_later(self, 60)
+                blocker = persist(self.client, [doc("blocker")])
+                yield wait_until(lambda: writer._busy, what="the writer to be busy")
             # every request published before any answer is awaited
             yield defer.gatherResults([client.request("persist", body)
                                        for client, body in zip(clients, bodies)])
+            if together:
+                yield wait_until(lambda: len(writer._queue) == len(clients),
+                                 what="every request queued")
+                batches = writer.batches
+                lock.release()
+                yield blocker
             yield defer.gatherResults([client.wait_end(body["channel"])
                                        for client, body in zip(clients, bodies)])
+            if together:
+                self.assertEqual(writer.batches - batches, 1)
             replies = [client.decoded(body["channel"]) for client, body in zip(clients, bodies)]
             self.assertEqual({len(r) for r in replies}, {2}, replies)
             self.assertEqual({r[1] for r in replies}, {"end"})
@@ -158,7 +178,7 @@ class ConcurrentExpectationTests(CorrectnessCase):
             self.assertEqual(self.rows("name", f"WHERE pid = 'race' AND version = {last + 1}"),
                              ((f"c{winner}",),))
             last += 1
-        self.assertEqual(self.assertStreamsExact(), {"race": 6})
+        self.assertEqual(self.assertStreamsExact(), {"race": 7, "blocker": 2})
 
 
 # -- 2. fifty clients, five streams, ten seconds -----------------------------------------
@@ -375,12 +395,20 @@ class ExternalWriterTests(CorrectnessCase):
         For 3 s a thread appends to the server's streams as fast as it can
         (the next version by MAX, again on a duplicate key), while 10
         clients append with ``"any"`` and with expected versions, each
-        retrying a wrong expectation from the version it was told.
+        retrying a wrong expectation from the version it was told.  What
+        the server answers is never behind what was committed (by anyone)
+        before the request was sent: the actual version of a refusal, and
+        the version of a success.
         """
         clients = yield self.clients(10)
         streams = ["r0", "r1", "r2"]
         stop = threading.Event()
         table = self.table_sql
+        #: pid -> the highest version known committed (by the thread, or acknowledged)
+        committed = {}
+
+        def seen(pid, version):
+            committed[pid] = max(committed.get(pid, -1), version)
 
         def external():
             connection = pymysql.connect(autocommit=True, **MYSQL)
@@ -398,6 +426,7 @@ class ExternalWriterTests(CorrectnessCase):
                                     " event_id) VALUES (%s, 'd', 'external', '{}', %s, %s)",
                                     (pid, 0 if last is None else last + 1, ids.uuid7()))
                                 written += 1
+                                seen(pid, 0 if last is None else last + 1)
                             except pymysql.err.IntegrityError:
                                 collisions += 1
                         time.sleep(0.002)
@@ -418,6 +447,7 @@ class ExternalWriterTests(CorrectnessCase):
                 pid = rng.choice(streams)
                 documents = [doc(pid, name=f"c{number}", event_id=e)
                              for e in new_ids(rng.randint(1, 2))]
+                floor = committed.get(pid, -1)
                 if number % 2 and pid in known:
                     reply = yield persist(client, documents, expectedVersion=known[pid])
                 else:
@@ -426,12 +456,19 @@ class ExternalWriterTests(CorrectnessCase):
                 self.assertIn(code, ("events", "wrongExpectedVersion", "busy"), reply)
                 if code == "events":
                     replies.append(reply)
-                    known[pid] = reply[0]["events"][-1]["version"]
+                    versions = [e["version"] for e in reply[0]["events"]]
+                    self.assertGreater(versions[0], floor)
+                    if number % 2 and pid in known:
+                        self.assertEqual(versions[0], known[pid] + 1)
+                    known[pid] = versions[-1]
+                    seen(pid, versions[-1])
                 else:
                     refused.append((reply, documents))
                     if code == "wrongExpectedVersion":
                         error = reply[0]["error"]
                         self.assertEqual((error["pid"], error["expected"]), (pid, known[pid]))
+                        # the true version: at least what was committed before
+                        self.assertGreaterEqual(error["actual"], floor)
                         self.assertGreater(error["actual"], known[pid])
                         known[pid] = error["actual"]
 
