@@ -63,6 +63,7 @@ class Run:
         self.client: RedisClient = None  # type: ignore[assignment]  # set once connected
         self.server: Child | None = None
         self._servers_started = 0
+        self.repetitions = 0
         self.workdir = tempfile.mkdtemp(prefix="eventsource-bench-")
 
     def channel(self, kind: str) -> str:
@@ -520,8 +521,13 @@ def repetition(run: Run, log: Callable[[str], None]
         for key, value in result.items():
             figures[f"persist_{in_flight}_{key}"] = value
 
-    for mode, name, what in (("v2", "persist_v2_50", "no expected version"),
-                             ("v2-expected", "persist_v2_expected_50", "expected versions")):
+    v2_modes = [("v2", "persist_v2_50", "no expected version"),
+                ("v2-expected", "persist_v2_expected_50", "expected versions")]
+    # (compared with each other: every other repetition runs them in the other order)
+    run.repetitions += 1
+    if run.repetitions % 2 == 0:
+        v2_modes.reverse()
+    for mode, name, what in v2_modes:
         log(f"version 2 persist, 50 in flight, a stream each, {what}")
         result = yield run.persist(50, sizes.duration, mode)
         for key, value in result.items():
