@@ -17,6 +17,8 @@ TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
      "fetch_window_100_vs_fetch_1_stream", ">=", 10.0),
     ("persist, 50 in flight >= 1.0 x raw INSERT, 8 connections",
      "persist_50_vs_insert_8_connections", ">=", 1.0),
+    ("v2 persist, 50 in flight, expected versions >= 0.9 x without",
+     "persist_v2_expected_50_vs_persist_v2_50", ">=", 0.9),
     ("idle streams: no thread per stream", "idle_threads_added", "<=", "pool_size"),
     ("idle streams: no connection per stream", "idle_server_connections", "<=", "pool_size+2"),
     ("idle streams: <= 30 KB RSS each", "idle_rss_kb_per_stream", "<=", 30.0),
@@ -33,6 +35,9 @@ RATIOS = (
     ("fetch_window_100_vs_select", "fetch_window_100_rows_per_s", "select_rows_per_s"),
     ("persist_50_vs_insert_8_connections", "persist_50_per_s", "insert_8_connections_per_s"),
     ("persist_1_vs_insert_1_connection", "persist_1_per_s", "insert_1_connection_per_s"),
+    ("persist_v2_expected_50_vs_persist_v2_50", "persist_v2_expected_50_per_s",
+     "persist_v2_50_per_s"),
+    ("persist_v2_50_vs_persist_50", "persist_v2_50_per_s", "persist_50_per_s"),
 )
 
 
@@ -60,6 +65,17 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
     ("persist_50_p99_ms", "  latency p99", "ms", "{:.2f}", "median"),
     ("persist_50_server_cpu_us", "  server CPU per persist", "us", "{:.0f}", "median"),
     ("persist_50_client_cpu_us", "  client CPU per persist", "us", "{:.0f}", "median"),
+    ("persist_v2_50_per_s", "v2 persist, 50 in flight, a stream each", "persists/s", "{:,.0f}",
+     "median"),
+    ("persist_v2_50_p50_ms", "  latency p50", "ms", "{:.2f}", "median"),
+    ("persist_v2_50_p99_ms", "  latency p99", "ms", "{:.2f}", "median"),
+    ("persist_v2_50_server_cpu_us", "  server CPU per persist", "us", "{:.0f}", "median"),
+    ("persist_v2_expected_50_per_s", "  the same, each with an expected version", "persists/s",
+     "{:,.0f}", "median"),
+    ("persist_v2_expected_50_p50_ms", "  latency p50", "ms", "{:.2f}", "median"),
+    ("persist_v2_expected_50_p99_ms", "  latency p99", "ms", "{:.2f}", "median"),
+    ("persist_v2_expected_50_server_cpu_us", "  server CPU per persist", "us", "{:.0f}",
+     "median"),
     ("fetch_1_stream_rows_per_s", "fetch, per-row acceptance, 1 stream", "rows/s", "{:,.0f}",
      "median"),
     ("fetch_1_stream_server_cpu_us_per_row", "  server CPU per row", "us", "{:.1f}", "median"),
@@ -91,6 +107,10 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
      "{:.2f}", "median"),
     ("persist_1_vs_insert_1_connection", "persist 1 in flight / raw INSERT 1 conn", "x",
      "{:.2f}", "median"),
+    ("persist_v2_expected_50_vs_persist_v2_50", "v2 persist 50: expected versions / without",
+     "x", "{:.2f}", "median"),
+    ("persist_v2_50_vs_persist_50", "v2 persist 50 / version 1 persist 50", "x", "{:.2f}",
+     "median"),
 ]
 
 

@@ -69,6 +69,7 @@ class Run:
         self.client: RedisClient = None  # type: ignore[assignment]  # set once connected
         self.server: Child | None = None
         self._servers_started = 0
+        self.repetitions = 0
         self.workdir = tempfile.mkdtemp(prefix="eventsource-bench-")
         #: --metrics (--metrics-ab): the server's HTTP port, scraped every
         #: scrape_interval seconds while metrics_on
@@ -232,15 +233,27 @@ class Run:
     # -- persist ----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def persist(self, in_flight: int, duration: float
+    def persist(self, in_flight: int, duration: float, mode: str = "v1"
                 ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
-        """persist/s and latencies (ms) with ``in_flight`` requests outstanding for ``duration`` s."""
+        """
+        persist/s and latencies (ms) with ``in_flight`` requests outstanding
+        for ``duration`` s, each lane appending one event at a time to a
+        stream of its own.  ``mode``: ``"v1"``, ``"v2"`` (version 2, the
+        client's event ids, no expected version) or ``"v2-expected"`` (the
+        same, each request expecting the version the lane's last one got).
+        """
         clock = time.perf_counter
         state: dict[str, Any] = {"active": in_flight, "errors": [], "latencies": [],
                                  "done": defer.Deferred()}
-        lanes = [_PersistLane(self.channel("persist"), i, self.client.publish, clock, state,
-                              self.request_channels["persist"])
+        lane_type = _PersistLane if mode == "v1" else _PersistLaneV2
+        # (version 2 lanes: streams no earlier scenario appended to)
+        streams = self.channel("stream")
+        lanes = [lane_type(self.channel("persist"), i, self.client.publish, clock, state,
+                           self.request_channels["persist"])
                  for i in range(in_flight)]
+        for lane in lanes:
+            if isinstance(lane, _PersistLaneV2):
+                lane.configure(f"{streams}:{lane.index}", expected=mode == "v2-expected")
         yield self.client.listen_all({lane.channel: lane.on_message for lane in lanes})
         server_cpu = proc_cpu_seconds(self.server_pid)
         client_cpu = time.process_time()
@@ -435,6 +448,47 @@ class _PersistLane:
                 self.state["done"].callback(now)
 
 
+class _PersistLaneV2(_PersistLane):
+    """
+    A version 2 lane: one event a request with an event id of the client's
+    (as a version 2 client sends them, to retry safely), on a stream of its
+    own; with ``expected``, each request expects the stream's last version
+    (``"noStream"`` first).  Every reply is decoded either way.
+    """
+
+    pid = ""
+    expected = False
+    version: int | None = None
+
+    def configure(self, pid: str, expected: bool) -> None:
+        self.pid = pid
+        self.expected = expected
+
+    def send(self) -> None:
+        self.sent += 1
+        self.ok = False
+        body: dict[str, Any] = {"v": 2, "channel": self.channel, "query": {"$insert": {
+            "$documents": [{
+                "pid": self.pid, "domain": "bench", "name": "persisted",
+                "data": {"n": self.sent, "user": f"u-{self.index}", "amount": 12.5},
+                "eventId": str(uuid.uuid4())}]}}}
+        if self.expected:
+            body["expectedVersion"] = "noStream" if self.version is None else self.version
+        encoded = json.dumps(body)
+        self.started = self.clock()
+        self.publish(self.persist_channel, encoded)
+
+    def on_message(self, body: str) -> None:
+        if body.startswith('{"events"'):
+            self.version = json.loads(body)["events"][-1]["version"]
+            self.ok = True
+            return
+        if body.startswith('{"error"'):
+            self.state["errors"].append(f"the server sent {body[:200]}")
+            return
+        super().on_message(body)
+
+
 def _gather_with_timeout(reactor: IReactorTime, deferreds: list["defer.Deferred[Any]"],
                          timeout: float) -> "defer.Deferred[Any]":
     d = defer.gatherResults(deferreds, consumeErrors=True)
@@ -510,6 +564,18 @@ def repetition(run: Run, log: Callable[[str], None]
         result = yield run.persist(in_flight, sizes.duration)
         for key, value in result.items():
             figures[f"persist_{in_flight}_{key}"] = value
+
+    v2_modes = [("v2", "persist_v2_50", "no expected version"),
+                ("v2-expected", "persist_v2_expected_50", "expected versions")]
+    # (compared with each other: every other repetition runs them in the other order)
+    run.repetitions += 1
+    if run.repetitions % 2 == 0:
+        v2_modes.reverse()
+    for mode, name, what in v2_modes:
+        log(f"version 2 persist, 50 in flight, a stream each, {what}")
+        result = yield run.persist(50, sizes.duration, mode)
+        for key, value in result.items():
+            figures[f"{name}_{key}"] = value
 
     figures.update(ratios(figures))
     return figures
