@@ -44,6 +44,7 @@ matching event up to ``p`` has been sent before them.
 import enum
 import json
 from collections import deque
+from itertools import repeat
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -109,8 +110,8 @@ MACHINE = shared_machine(STATES, TRANSITIONS, _UP)
 assert V2_DEFAULT_COLUMNS[0] == "position"
 _POSITION_AT = len('{"position":')
 
-#: one outbox entry: ``(body, size, position)``; markers have no position
-Entry = Tuple[str, int, Optional[int]]
+#: one outbox entry: ``(body, size, is_row)`` (markers are not rows)
+Entry = Tuple[str, int, bool]
 #: an event the tailer hands over: ``(position, body, size)``
 LiveEvent = Tuple[int, str, int]
 
@@ -235,18 +236,14 @@ class Subscription:
         if self.state is not _UP:
             return
         self._fetching = False
-        covered = self.covered
-        outbox = self._outbox
-        for body in bodies:
-            position = position_of(body)
-            if position > covered:
-                size = row_size(body)
-                outbox.append((body, size, position))
-                self._outbox_bytes += size
-                covered = position
-        self.covered = covered
+        if bodies:
+            # (history is read after covered: every row is new)
+            sizes = [len(body) if body.isascii() else row_size(body) for body in bodies]
+            self._outbox.extend(zip(bodies, sizes, repeat(True)))
+            self._outbox_bytes += sum(sizes)
+            self.covered = max(self.covered, position_of(bodies[-1]))
         if exhausted:
-            self.covered = max(covered, self._round_high)
+            self.covered = max(self.covered, self._round_high)
             if self._overflowed:
                 # (the held events were dropped: read them from the table)
                 self._begin_round(self._position())
@@ -324,7 +321,7 @@ class Subscription:
         outbox = self._outbox
         for position, body, size in events:
             if position > covered:
-                outbox.append((body, size, position))
+                outbox.append((body, size, True))
                 self._outbox_bytes += size
                 covered = position
         self.covered = covered
@@ -335,7 +332,7 @@ class Subscription:
         self._enqueue(buffer)
         if not self._caught_up_sent:
             self._caught_up_sent = True
-            self._outbox.append((marker("caughtUp", self.marker_position()), 0, None))
+            self._outbox.append((marker("caughtUp", self.marker_position()), 0, False))
         self.send()
         if self._beat_call is None:
             self._beat_call = self._clock.callLater(self.heartbeat, self._beat_timer)
@@ -346,9 +343,9 @@ class Subscription:
 
     def drop_unsent(self) -> None:
         """The client is behind: drop the unsent events and read them from the table again."""
-        first = next((position for _, _, position in self._outbox if position is not None), None)
+        first = next((body for body, _, is_row in self._outbox if is_row), None)
         if first is not None:
-            self.covered = min(self.covered, first - 1)
+            self.covered = min(self.covered, position_of(first) - 1)
         self._outbox.clear()
         self._outbox_bytes = 0
         self.refills += 1
@@ -364,8 +361,8 @@ class Subscription:
             window, window_bytes = self.window, self.window_bytes
             published = 0
             while outbox:
-                body, size, position = outbox[0]
-                if position is not None:
+                body, size, is_row = outbox[0]
+                if is_row:
                     if len(sent_at) >= window:
                         break
                     if sent_at and self.unaccepted_bytes + size > window_bytes:
