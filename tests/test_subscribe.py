@@ -213,12 +213,13 @@ class SecondServerTests(SubscribeTestCase):
 
 
     @defer.inlineCallbacks
-    def test_a_slow_writer_holding_the_append_lock(self):
+    def slow_writer_meanwhile(self, take_lock):
         """
-        Another writer's transaction takes the append lock, inserts, and
-        commits only 0.5 s later: the server's own appends wait for it, so
-        they cannot commit a later position first (without the lock they
-        do, and the tailer, having read past it, never sees that event).
+        Another writer's transaction inserts an event and commits only 0.5 s
+        later while the server persists 10 events; the subscription must see
+        all 11 in order.  The server's appends wait for the append lock that
+        writer holds; without it they would commit later positions first, and
+        the tailer, having read past the slow event, would never send it.
         """
         follower = yield Follower(self.client).start()
         yield follower.wait(lambda: follower.caught_up is not None, "caughtUp")
@@ -228,8 +229,9 @@ class SecondServerTests(SubscribeTestCase):
             connection = pymysql.connect(autocommit=False, **MYSQL)
             try:
                 with connection.cursor() as cursor:
-                    cursor.execute(f"SELECT id FROM `{self.database}`.`event_append_lock`"
-                                   " WHERE id = 1 FOR UPDATE")
+                    if take_lock:
+                        cursor.execute(f"SELECT id FROM `{self.database}`.`event_append_lock`"
+                                       " WHERE id = 1 FOR UPDATE")
                     cursor.execute(f"INSERT INTO `{self.database}`.`event` (pid, domain, name,"
                                    " data, version, event_id) VALUES ('slow', 'd', 'n', 'null',"
                                    " 0, %s)", (uuid7(),))
@@ -247,6 +249,19 @@ class SecondServerTests(SubscribeTestCase):
         self.assertEqual(len(expected), 11)
         yield sleep(0.3)
         self.assertExactlyOnceInOrder(follower, expected)
+
+    def test_a_slow_writer_holding_the_append_lock(self):
+        """A writer that takes the lock first, as docs/OPERATIONS.md asks tooling to."""
+        return self.slow_writer_meanwhile(take_lock=True)
+
+    def test_the_documented_trigger_takes_the_lock_for_a_plain_insert(self):
+        """docs/OPERATIONS.md's trigger, for writers that cannot be changed."""
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "OPERATIONS.md")) as f:
+            text = f.read()
+        trigger = text[text.index("CREATE TRIGGER"):]
+        trigger = trigger[:trigger.index("```")].strip()
+        sql(trigger.replace("eventsource.", f"`{self.database}`."))
+        return self.slow_writer_meanwhile(take_lock=False)
 
 
 class RestartTests(SubscribeTestCase):

@@ -412,6 +412,18 @@ class TailerTests(SubscriptionTestCase):
         self.clock.advance(10)
         self.assertEqual(self.store.tail_reads, [])
 
+    def test_with_no_subscription_left_the_tailer_starts_again_at_the_end(self):
+        """Events appended while nobody subscribes are never read by the tailer."""
+        self.make()
+        self.subscribe("a", start="end")
+        self.send("fetch-next", json.dumps({"channel": "a", "end": True}))
+        for _ in range(5):
+            self.persist("x")
+        self.subscribe("b", start="end")
+        self.persist("y")
+        self.assertEqual(self.out("b"), [{"caughtUp": 5}, 6])
+        self.assertEqual([after for after, _ in self.store.tail_reads], [5])
+
     def test_one_read_per_commit_for_all_subscriptions(self):
         self.make()
         for i in range(50):
