@@ -585,9 +585,11 @@ class EventSourceService(service.MultiService):
         """
         channel = request.channel
         if self._busy(channel):
+            self.stats.request("subscribe", "refused")
             self._refuse(channel, "the reply channel is already streaming", 2)
             return
         if len(self.subscriptions) >= self.config.max_subscriptions:
+            self.stats.request("subscribe", "refused")
             log.warn("refused subscribe on {channel}: {count} subscriptions open (the limit)",
                      channel=channel, count=len(self.subscriptions))
             self._reply_error(channel, "too many subscriptions", 2, "busy")
@@ -626,6 +628,7 @@ class EventSourceService(service.MultiService):
             closed=self._subscription_closed,
         )
         self.subscriptions[channel] = subscription
+        self.stats.request("subscribe", "ok")
         log.debug("subscription on {channel} from {start}", channel=channel, start=request.start)
         tailer.join(subscription, matcher,
                     (plan.where_sql or "TRUE", plan.where_params) if matcher.sql else None)
