@@ -569,9 +569,10 @@ def _write_attempt(txn: Txn, table: str, requests: List[appends.Append],
                    known: Dict[str, int], consecutive_ids: bool,
                    lock_sql: Optional[str] = None) -> Tuple[List[Outcome], Dict[str, int]]:
     """One try of :func:`_insert_batch`, in its transaction."""
-    if lock_sql is not None:
-        _lock_appends(txn, lock_sql)
     live = [i for i in range(len(requests)) if i not in settled]
+    if lock_sql is not None and live:
+        # (first: the versions are then read as the last writer left them)
+        _lock_appends(txn, lock_sql)
     streams = sorted({_stream(row[0]) for i in live for row in requests[i].rows})
     last = {stream: known[stream] for stream in streams if stream in known}
     remembered = bool(last)
