@@ -110,8 +110,9 @@ MACHINE = shared_machine(STATES, TRANSITIONS, _UP)
 assert V2_DEFAULT_COLUMNS[0] == "position"
 _POSITION_AT = len('{"position":')
 
-#: one outbox entry: ``(body, size, is_row)`` (markers are not rows)
-Entry = Tuple[str, int, bool]
+#: a marker waiting in the outbox: ``(rows before it, body, is caughtUp)``, the
+#: rows counted from the subscription's first
+Marker = Tuple[int, str, bool]
 #: an event the tailer hands over: ``(position, body, size)``
 LiveEvent = Tuple[int, str, int]
 
@@ -175,7 +176,14 @@ class Subscription:
         self._read_history = read_history
         self._position = position
         self._closed = closed
-        self._outbox: Deque[Entry] = deque()
+        # The outbox: rows to publish (bodies and sizes from _head on; the
+        # row at index i is the subscription's row _base + i) and the markers
+        # waiting behind some of them.
+        self._bodies: List[str] = []
+        self._sizes: List[int] = []
+        self._head = 0
+        self._base = 0
+        self._markers: Deque[Marker] = deque()
         self._outbox_bytes = 0   # (rows only)
         self._sent_at: Deque[float] = deque()
         self._sent_sizes: Deque[int] = deque()
@@ -239,7 +247,8 @@ class Subscription:
         if bodies:
             # (history is read after covered: every row is new)
             sizes = [len(body) if body.isascii() else row_size(body) for body in bodies]
-            self._outbox.extend(zip(bodies, sizes, repeat(True)))
+            self._bodies.extend(bodies)
+            self._sizes.extend(sizes)
             self._outbox_bytes += sum(sizes)
             self.covered = max(self.covered, position_of(bodies[-1]))
         if exhausted:
@@ -309,7 +318,7 @@ class Subscription:
 
     def _want_history(self) -> None:
         if (self.state is _UP and self._joined and not self._round_done and not self._fetching
-                and not self._outbox):
+                and self._head >= len(self._bodies)):
             self._fetching = True
             new, self._new_round = self._new_round, False
             self._read_history(self, self.covered, self._round_high, new)
@@ -318,10 +327,11 @@ class Subscription:
 
     def _enqueue(self, events: List[LiveEvent]) -> None:
         covered = self.covered
-        outbox = self._outbox
+        bodies, sizes = self._bodies, self._sizes
         for position, body, size in events:
             if position > covered:
-                outbox.append((body, size, True))
+                bodies.append(body)
+                sizes.append(size)
                 self._outbox_bytes += size
                 covered = position
         self.covered = covered
@@ -332,7 +342,8 @@ class Subscription:
         self._enqueue(buffer)
         if not self._caught_up_sent:
             self._caught_up_sent = True
-            self._outbox.append((marker("caughtUp", self.marker_position()), 0, False))
+            self._markers.append((self._base + len(self._bodies),
+                                  marker("caughtUp", self.marker_position()), True))
         self.send()
         if self._beat_call is None:
             self._beat_call = self._clock.callLater(self.heartbeat, self._beat_timer)
@@ -343,46 +354,77 @@ class Subscription:
 
     def drop_unsent(self) -> None:
         """The client is behind: drop the unsent events and read them from the table again."""
-        first = next((body for body, _, is_row in self._outbox if is_row), None)
-        if first is not None:
-            self.covered = min(self.covered, position_of(first) - 1)
-        self._outbox.clear()
+        if self._head < len(self._bodies):
+            self.covered = min(self.covered, position_of(self._bodies[self._head]) - 1)
+        if any(caught_up for _, _, caught_up in self._markers):
+            self._caught_up_sent = False  # (not published yet: it goes at the next catch-up)
+        self._markers.clear()
+        self._base += len(self._bodies)
+        self._bodies, self._sizes, self._head = [], [], 0
         self._outbox_bytes = 0
         self.refills += 1
         self._begin_round(self._position())
 
     def send(self) -> None:
         """Publish what the window lets out (markers always, behind the rows before them)."""
-        outbox = self._outbox
-        if outbox:
+        bodies, markers = self._bodies, self._markers
+        if self._head < len(bodies) or markers:
             publish, channel = self._publish, self.channel
-            sent_at, sent_sizes = self._sent_at, self._sent_sizes
-            now = self._clock.seconds()
-            window, window_bytes = self.window, self.window_bytes
-            published = 0
-            while outbox:
-                body, size, is_row = outbox[0]
-                if is_row:
-                    if len(sent_at) >= window:
+            sent_at, sent_sizes, sizes = self._sent_at, self._sent_sizes, self._sizes
+            published = False
+            while True:
+                head = self._head
+                while markers and markers[0][0] <= self._base + head:
+                    publish(channel, markers.popleft()[1])
+                    published = True
+                # the rows the window lets out, up to the next marker
+                count = min(len(bodies) - head, self.window - len(sent_at))
+                if markers:
+                    count = min(count, markers[0][0] - self._base - head)
+                if count <= 0:
+                    break
+                end = head + count
+                if self.unaccepted_bytes + self._outbox_bytes > self.window_bytes:
+                    # (the byte budget may bind: count the rows it fits, one always)
+                    out, allowed = self.unaccepted_bytes, 0
+                    for size in sizes[head:end]:
+                        if (sent_at or allowed) and out + size > self.window_bytes:
+                            break
+                        out += size
+                        allowed += 1
+                    if not allowed:
                         break
-                    if sent_at and self.unaccepted_bytes + size > window_bytes:
-                        break
-                    sent_at.append(now)
-                    sent_sizes.append(size)
-                    self.unaccepted_bytes += size
-                    self._outbox_bytes -= size
-                    self.rows_sent += 1
-                outbox.popleft()
-                publish(channel, body)
-                published += 1
+                    end = head + allowed
+                for body in bodies[head:end]:
+                    publish(channel, body)
+                published = True
+                taken = sizes[head:end]
+                total = sum(taken)
+                sent_sizes.extend(taken)
+                sent_at.extend(repeat(self._clock.seconds(), end - head))
+                self.unaccepted_bytes += total
+                self._outbox_bytes -= total
+                self.rows_sent += end - head
+                self._head = end
+                if end - head < count:
+                    break
+            if self._head >= len(bodies):
+                self._base += len(bodies)
+                self._bodies, self._sizes, self._head = [], [], 0
+            elif self._head > 4096:
+                # (a long outbox sent bit by bit: drop what went out)
+                self._base += self._head
+                del bodies[:self._head], sizes[:self._head]
+                self._head = 0
             if published:
-                self._last_publish = now
+                self._last_publish = self._clock.seconds()
         self._arm_timer()
         self._want_history()
 
     def beat(self) -> None:
         """Live and idle for a heartbeat's time: say so, and see whether anybody listens."""
-        if self._outbox or self._clock.seconds() - self._last_publish < self.heartbeat:
+        if (self._head < len(self._bodies) or self._markers
+                or self._clock.seconds() - self._last_publish < self.heartbeat):
             return
         self._last_publish = self._clock.seconds()
         d = self._publish_counted(self.channel, marker("heartbeat", self.marker_position()))
@@ -407,7 +449,8 @@ class Subscription:
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._beat_call = None
-        self._outbox.clear()
+        self._bodies, self._sizes, self._head = [], [], 0
+        self._markers.clear()
         self._outbox_bytes = 0
         self._buffer, self._buffered = [], 0
         self._sent_at.clear()

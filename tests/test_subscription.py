@@ -145,6 +145,24 @@ class HistoryThenLiveTests(SubscriptionTestCase):
         self.accept(count=2)
         self.assertEqual(self.out(), [1, 2, 3, {"caughtUp": 3}, 4])
 
+    def test_window_is_bounded_in_bytes_one_row_always_going(self):
+        self.make(max_window_bytes=460)
+        for pid in "abcde":
+            self.store.add(pid, data={"pad": "x" * 60})
+        self.subscribe(window=100)
+        size = len(self.bus.published[0][1])
+        self.assertGreater(size, 200)
+        self.assertEqual(self.out(), [1, 2])           # 2 rows fit in 460 bytes, not 3
+        self.accept(count=1)
+        self.assertEqual(self.out(), [1, 2, 3])
+        self.accept(count=2)
+        self.assertEqual(self.out(), [1, 2, 3, 4, 5, {"caughtUp": 5}])
+        self.store.add("f", data={"pad": "y" * 1000})   # larger than the budget: alone
+        self.clock.advance(0.1)
+        self.assertEqual(self.out()[-1], {"caughtUp": 5})
+        self.accept(count=2)
+        self.assertEqual(self.out()[-1], 6)
+
     def test_window_is_capped_by_max_window(self):
         self.make(max_window=2)
         for pid in "abc":
