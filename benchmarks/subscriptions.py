@@ -21,7 +21,7 @@ server CPU per delivered event
     before), per delivered event.
 RSS per idle subscription
     the server's RSS grown by opening idle subscriptions (each on a pid of
-    its own, live, nothing to send), per subscription.
+    its own, live, nothing to send), per subscription, on a fresh server.
 """
 
 import datetime
@@ -284,6 +284,9 @@ def subscription_figures(run: Any, log: Callable[[str], None]
         result = yield scenarios.live(count, sizes.live_duration)
         for key, value in result.items():
             figures[f"live_{count}_{key}"] = value
-    log(f"idle subscriptions: {sizes.idle_subscriptions}")
+    log(f"idle subscriptions: {sizes.idle_subscriptions}, on a fresh server")
+    # (as the idle streams: memory the scenarios before freed would hide theirs)
+    yield run.stop_server()
+    yield run.start_server()
     figures["idle_subscription_rss_kb"] = yield scenarios.idle(sizes.idle_subscriptions)
     return figures
