@@ -10,6 +10,8 @@ decided by MariaDB; heartbeats and a client that went away.
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,8 @@ import pymysql
 from twisted.internet import defer, reactor, threads
 
 from eventsource.ids import uuid7
-from tests.support import MYSQL, IntegrationTestCase, WireClient, sleep, sql, unique, wait_until
+from tests.support import (MYSQL, REDIS_HOST, REDIS_PORT, IntegrationTestCase, WireClient, sleep,
+                           sql, unique, wait_until)
 
 
 class Follower:
@@ -211,6 +214,54 @@ class SecondServerTests(SubscribeTestCase):
         yield sleep(0.3)
         self.assertExactlyOnceInOrder(follower, expected)
 
+
+    @defer.inlineCallbacks
+    def test_events_of_a_twistd_process_on_the_same_table(self):
+        """The same with a real ``twistd eventsource`` process as the other server."""
+        other_prefix = unique("t3") + ":"
+        output = self.mktemp()
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("REDIS_", "MYSQL_", "EVENTSOURCE_"))}
+        env["PYTHONPATH"] = here
+        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                   "-n", "--pidfile=", "eventsource", "--table", self.table,
+                   "--channel-prefix", other_prefix,
+                   "--redis-host", REDIS_HOST, "--redis-port", str(REDIS_PORT),
+                   "--mysql-host", MYSQL["host"], "--mysql-port", str(MYSQL["port"]),
+                   "--mysql-user", MYSQL["user"]]
+        with open(output, "w") as out:
+            process = subprocess.Popen(command, cwd=here, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def stop():
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+        self.addCleanup(stop)
+
+        def serving():
+            with open(output, errors="replace") as f:
+                return "eventsource serving" in f.read() or process.poll() is not None
+
+        yield wait_until(serving, timeout=60, what="twistd to serve")
+        self.assertIsNone(process.poll(), open(output).read()[-2000:])
+        follower = yield Follower(self.client).start()
+        yield follower.wait(lambda: follower.caught_up is not None, "caughtUp")
+        mine = yield self.writers(2)
+        theirs = yield self.writers(2, prefix=other_prefix)
+        yield defer.gatherResults([self.burst(mine, requests=50, per_request=5, pid="m"),
+                                   self.burst(theirs, requests=50, per_request=5, pid="t")])
+        expected = self.ids()
+        self.assertEqual(len(expected), 1000)
+        yield follower.wait_rows(1000)
+        yield sleep(0.3)
+        self.assertExactlyOnceInOrder(follower, expected)
 
     @defer.inlineCallbacks
     def slow_writer_meanwhile(self, take_lock):
