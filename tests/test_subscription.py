@@ -471,6 +471,30 @@ class TailerTests(SubscriptionTestCase):
         self.assertEqual(self.out(), [{"caughtUp": 0}, 1, 2, 3, 4, 5, 6, 7])
         self.assertEqual([after for after, _ in self.store.tail_reads[-3:]], [0, 3, 6])
 
+    def test_a_commit_during_a_read_is_read_right_after_it(self):
+        self.make(hold_store=True)
+        self.subscribe(start="end")
+        self.release()                      # the high water: 0
+        self.persist("a")
+        self.release()                      # the append: the tailer reads at once (held)
+        self.persist("b")
+        self.release()                      # the second append, while the read is held
+        reads = len(self.store.tail_reads)
+        self.release()                      # the first read answers: event 1 ...
+        self.assertEqual(len(self.store.tail_reads), reads + 1)   # ... and 2 is read at once
+        self.release()
+        self.assertEqual(self.out(), [{"caughtUp": 0}, 1, 2])
+
+    def test_tenant_subscriptions_stay_in_their_namespace(self):
+        self.make(channel_prefix="es:", tenants=True)
+        self.send("es:t1:subscribe", subscribe_body("es:t1:s", start="end"))
+        self.send("es:t1:subscribe", subscribe_body("es:t2:s", start="end"))
+        self.clock.advance(0)
+        self.assertEqual(list(self.service.subscriptions), ["es:t1:s"])
+        self.assertEqual(self.bus.messages("es:t2:s"), [])
+        self.send("es:t1:fetch-next", json.dumps({"channel": "es:t1:s", "end": True}))
+        self.assertEqual(self.service.subscriptions, {})
+
     def test_events_a_candidate_does_not_match_are_not_sent(self):
         self.make()
         self.subscribe(where={"pid": "a", "version": {"$gte": 1}}, start="end")
