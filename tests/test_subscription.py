@@ -478,7 +478,7 @@ class TailerTests(SubscriptionTestCase):
         self.persist("a")
         self.release()                      # the append: the tailer reads at once (held)
         self.persist("b")
-        self.release()                      # the second append, while the read is held
+        self.release(1)                     # the second append, while the read is held
         reads = len(self.store.tail_reads)
         self.release()                      # the first read answers: event 1 ...
         self.assertEqual(len(self.store.tail_reads), reads + 1)   # ... and 2 is read at once
