@@ -40,7 +40,8 @@ The modules: :mod:`benchmarks.common` (sizes, settings),
 :mod:`benchmarks.processes` (child processes, ``/proc``),
 :mod:`benchmarks.redis_client` and :mod:`benchmarks.echo` (the client and the
 ping-pong's far end), :mod:`benchmarks.floors`, :mod:`benchmarks.scenarios`
-(the server's figures), :mod:`benchmarks.report` (targets, summary, table),
+(the server's figures), :mod:`benchmarks.subscriptions` (the subscriptions'
+figures), :mod:`benchmarks.report` (targets, summary, table),
 :mod:`benchmarks.profiling` and :mod:`benchmarks.main` (the command).  The
 folder is not part of the package: it needs a source checkout, and is not in
 the wheel.  Nothing here imports the global reactor at import time: the

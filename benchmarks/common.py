@@ -42,6 +42,10 @@ class Sizes:
     first_row_samples: int
     idle_streams: int
     repeat: int
+    #: seconds of each live subscription scenario (and of its baseline without subscriptions)
+    live_duration: float = 2.0
+    #: subscriptions held open and idle (as many as the idle streams)
+    idle_subscriptions: int = 1000
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> "Sizes":
@@ -59,6 +63,8 @@ class Sizes:
             first_row_samples=5 if quick else 20,
             idle_streams=options.idle_streams or (200 if quick else 1000),
             repeat=options.repeat or (1 if quick else 5),
+            live_duration=0.3 if quick else 2.0,
+            idle_subscriptions=options.idle_streams or (200 if quick else 1000),
         )
 
 

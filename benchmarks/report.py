@@ -22,6 +22,10 @@ TARGETS: tuple[tuple[str, str, str, float | str], ...] = (
     ("idle streams: no thread per stream", "idle_threads_added", "<=", "pool_size"),
     ("idle streams: no connection per stream", "idle_server_connections", "<=", "pool_size+2"),
     ("idle streams: <= 30 KB RSS each", "idle_rss_kb_per_stream", "<=", 30.0),
+    ("subscription catch-up >= 1.0 x windowed fetch (100), version 2 rows",
+     "subscribe_catch_up_vs_fetch_v2_window_100", ">=", 1.0),
+    ("live p99 <= 100 ms, 1,000 subscriptions, ~1,000 events/s", "live_1000_p99_ms", "<=",
+     100.0),
 )
 
 
@@ -38,6 +42,10 @@ RATIOS = (
     ("persist_v2_expected_50_vs_persist_v2_50", "persist_v2_expected_50_per_s",
      "persist_v2_50_per_s"),
     ("persist_v2_50_vs_persist_50", "persist_v2_50_per_s", "persist_50_per_s"),
+    ("subscribe_catch_up_vs_fetch_window_100", "subscribe_catch_up_rows_per_s",
+     "fetch_window_100_rows_per_s"),
+    ("subscribe_catch_up_vs_fetch_v2_window_100", "subscribe_catch_up_rows_per_s",
+     "fetch_v2_window_100_rows_per_s"),
 )
 
 
@@ -87,6 +95,10 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
     ("fetch_window_100_rows_per_s", "fetch, window 100, 1 stream", "rows/s", "{:,.0f}", "median"),
     ("fetch_window_100_server_cpu_us_per_row", "  server CPU per row", "us", "{:.1f}", "median"),
     ("fetch_window_100_client_cpu_us_per_row", "  client CPU per row", "us", "{:.1f}", "median"),
+    ("fetch_v2_window_100_rows_per_s", "fetch, window 100, 1 stream, version 2", "rows/s",
+     "{:,.0f}", "median"),
+    ("fetch_v2_window_100_server_cpu_us_per_row", "  server CPU per row", "us", "{:.1f}",
+     "median"),
     ("first_row_ms", "time to first row", "ms", "{:.2f}", "median"),
     ("idle_rss_kb_per_stream", "idle streams: RSS per stream", "KB", "{:.1f}", "max"),
     ("idle_rss_open_kb", "  server RSS, streams open", "KB", "{:,.0f}", "max"),
@@ -95,6 +107,27 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
     ("idle_mysql_connections", "  server MySQL connections", "connections", "{:.0f}", "max"),
     ("idle_mysql_processlist", "  of them in PROCESSLIST", "connections", "{:.0f}", "max"),
     ("idle_redis_connections", "  server Redis connections", "connections", "{:.0f}", "max"),
+    ("subscriptions", None, None, None, None),
+    ("subscribe_catch_up_rows_per_s", "catch-up from the start (window 100)", "rows/s",
+     "{:,.0f}", "median"),
+    ("subscribe_catch_up_server_cpu_us_per_row", "  server CPU per row", "us", "{:.1f}",
+     "median"),
+    ("live_1_append_per_s", "append load (single-event persists)", "events/s", "{:,.0f}",
+     "median"),
+    ("live_1_p50_ms", "live, 1 subscription: latency p50", "ms", "{:.1f}", "median"),
+    ("live_1_p99_ms", "  latency p99", "ms", "{:.1f}", "median"),
+    ("live_1_server_cpu_us_per_event", "  server CPU per delivered event", "us", "{:.0f}",
+     "median"),
+    ("live_100_p50_ms", "live, 100 subscriptions: latency p50", "ms", "{:.1f}", "median"),
+    ("live_100_p99_ms", "  latency p99", "ms", "{:.1f}", "median"),
+    ("live_100_server_cpu_us_per_event", "  server CPU per delivered event", "us", "{:.0f}",
+     "median"),
+    ("live_1000_p50_ms", "live, 1,000 subscriptions: latency p50", "ms", "{:.1f}", "median"),
+    ("live_1000_p99_ms", "  latency p99", "ms", "{:.1f}", "median"),
+    ("live_1000_server_cpu_us_per_event", "  server CPU per delivered event", "us", "{:.0f}",
+     "median"),
+    ("idle_subscription_rss_kb", "idle subscriptions: RSS per subscription", "KB", "{:.1f}",
+     "max"),
     ("ratios", None, None, None, None),
     ("fetch_1_stream_vs_pingpong_1_pair", "fetch 1 stream / ping-pong 1 pair", "x", "{:.2f}",
      "median"),
@@ -111,6 +144,10 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
      "x", "{:.2f}", "median"),
     ("persist_v2_50_vs_persist_50", "v2 persist 50 / version 1 persist 50", "x", "{:.2f}",
      "median"),
+    ("subscribe_catch_up_vs_fetch_window_100", "subscription catch-up / windowed fetch", "x",
+     "{:.2f}", "median"),
+    ("subscribe_catch_up_vs_fetch_v2_window_100",
+     "subscription catch-up / windowed fetch, v2", "x", "{:.2f}", "median"),
 ]
 
 

@@ -38,6 +38,7 @@ from benchmarks.processes import (
 )
 from benchmarks.redis_client import Handler, RedisClient
 from benchmarks.report import ratios
+from benchmarks.subscriptions import subscription_figures
 from eventsource.config import Config
 from eventsource.tap import Options
 
@@ -64,7 +65,7 @@ class Run:
         # servers on the same Redis neither answer nor see our requests.
         self.channel_prefix = f"{self.prefix}:"
         self.request_channels = {kind: self.channel_prefix + kind
-                                 for kind in ("persist", "fetch", "fetch-next")}
+                                 for kind in ("persist", "fetch", "fetch-next", "subscribe")}
         self._channels = 0
         self.client: RedisClient = None  # type: ignore[assignment]  # set once connected
         self.server: Child | None = None
@@ -164,11 +165,12 @@ class Run:
 
     @defer.inlineCallbacks
     def fetch(self, selects: list[tuple[dict[str, Any], int]], window: int = 1,
-              accept_batch: int = 1
+              accept_batch: int = 1, version: int = 1
               ) -> Generator["defer.Deferred[Any]", Any, tuple[int, float, float, float]]:
         """
         Open one stream per select at once and read them to the end,
-        accepting every row (``window`` 1) or ``accept_batch`` rows at a time.
+        accepting every row (``window`` 1) or ``accept_batch`` rows at a time
+        (``version`` 2: version 2 fetches, whose rows have every column).
 
         Returns ``(rows, seconds, server_cpu_seconds, client_cpu_seconds)``.
         """
@@ -184,6 +186,8 @@ class Run:
         requests = []
         for lane, (select, _) in zip(lanes, selects):
             request: dict[str, Any] = {"channel": lane.channel, "query": {"$select": select}}
+            if version == 2:
+                request["v"] = 2
             if window != 1:
                 request["window"] = window
             requests.append(json.dumps(request))
@@ -546,6 +550,13 @@ def repetition(run: Run, log: Callable[[str], None]
     figures["fetch_window_100_server_cpu_us_per_row"] = cpu / rows * 1e6
     figures["fetch_window_100_client_cpu_us_per_row"] = client_cpu / rows * 1e6
 
+    log(f"windowed fetch (window {sizes.window}), version 2, 1 stream")
+    rows, seconds, cpu, client_cpu = yield run.fetch(
+        [({"$limit": sizes.rows}, sizes.rows)], window=sizes.window,
+        accept_batch=max(1, sizes.window // 2), version=2)
+    figures["fetch_v2_window_100_rows_per_s"] = rows / seconds
+    figures["fetch_v2_window_100_server_cpu_us_per_row"] = cpu / rows * 1e6
+
     log("time to first row")
     figures["first_row_ms"] = yield run.first_row(sizes.first_row_samples)
 
@@ -576,6 +587,8 @@ def repetition(run: Run, log: Callable[[str], None]
         result = yield run.persist(50, sizes.duration, mode)
         for key, value in result.items():
             figures[f"{name}_{key}"] = value
+
+    figures.update((yield subscription_figures(run, log)))
 
     figures.update(ratios(figures))
     return figures

@@ -309,8 +309,9 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: the channel of each publish whose reply is still to come
-        self._unanswered: deque[str] = deque()
+        #: the channel of each publish whose reply is still to come (with
+        #: the Deferred of a counted publish)
+        self._unanswered: deque[Union[str, tuple[str, defer.Deferred[int]]]] = deque()
 
     def publish_nowait(self, channel: str, body: str) -> None:
         """
@@ -321,6 +322,16 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
         belongs to one of these.
         """
         self._unanswered.append(channel)
+        self._write_publish(channel, body)
+
+    def publish_counted(self, channel: str, body: str) -> defer.Deferred[int]:
+        """``PUBLISH``, pipelined like the others; fires with the number of receivers."""
+        d: defer.Deferred[int] = defer.Deferred()
+        self._unanswered.append((channel, d))
+        self._write_publish(channel, body)
+        return d
+
+    def _write_publish(self, channel: str, body: str) -> None:
         name = channel.encode("utf-8")
         data = body.encode("utf-8")
         self.transport.write(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
@@ -328,9 +339,17 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
 
     def replyReceived(self, reply: Any) -> None:
         if self._unanswered:
-            channel = self._unanswered.popleft()
+            entry = self._unanswered.popleft()
+            if isinstance(entry, str):
+                if isinstance(reply, Exception):
+                    self.factory.publish_refused(entry, reply)
+                return
+            channel, d = entry
             if isinstance(reply, Exception):
                 self.factory.publish_refused(channel, reply)
+                d.errback(reply)
+            else:
+                d.callback(int(reply))
             return
         super().replyReceived(reply)
 
@@ -774,6 +793,19 @@ class RedisBus:
             publisher.publish_nowait(channel, body)
         except Exception:
             log.failure("could not publish on {channel}", channel=channel)
+
+    def publish_counted(self, channel: str, body: str) -> defer.Deferred[int]:
+        """
+        Publish, pipelined like :meth:`publish`; fires with the number of
+        clients that received the message (0: nobody listens on ``channel``).
+        """
+        publisher = self._publisher
+        if publisher is None:
+            return defer.fail(RedisUnavailable("Redis is not connected"))
+        try:
+            return cast("defer.Deferred[int]", publisher.publish_counted(channel, body))
+        except Exception as error:
+            return defer.fail(error)
 
     def subscribe(self, channel: str) -> defer.Deferred[Any]:
         """

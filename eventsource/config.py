@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-REQUEST_CHANNELS = ("persist", "fetch", "fetch-next")
+#: the request kinds, each served on a channel of its own (``subscribe``:
+#: version 2 only, docs/PROTOCOL.md "Subscriptions")
+REQUEST_CHANNELS = ("persist", "fetch", "fetch-next", "subscribe")
 
 
 def glob_escape(text: str) -> str:
@@ -75,6 +77,19 @@ class Config:
     max_query_depth: int = 32
     max_query_terms: int = 1000
     max_in_list: int = 1000
+
+    # subscriptions (docs/PROTOCOL.md, "Subscriptions")
+    #: subscriptions served at once (beside ``max_streams``: they are long-lived)
+    max_subscriptions: int = 10000
+    #: bytes of new events one subscription holds while it reads history or
+    #: its client is behind; past it they are dropped and read again from the table
+    max_subscription_bytes: int = 1024 * 1024
+    #: seconds between heartbeats of an idle live subscription (and checks
+    #: that its client still listens)
+    heartbeat: float = 15.0
+    #: seconds between reads of the table's new rows (the server's own
+    #: commits are read at once; this finds other processes' appends)
+    tail_interval: float = 0.1
 
     read_only: bool = False
 

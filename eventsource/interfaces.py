@@ -9,7 +9,7 @@ with ``zope.interface.verify.verifyObject``, so the doubles cannot drift
 from what they stand in for.
 """
 
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from zope.interface import Interface
 
@@ -37,6 +37,9 @@ class IEventBus(Interface):
 
     def publish(channel: str, body: str) -> None:
         """Send ``body`` on ``channel``; nothing to wait for (a lost message is the client's timeout)."""
+
+    def publish_counted(channel: str, body: str) -> "Deferred[int]":
+        """Send ``body`` on ``channel``; a Deferred firing with the number of clients that got it."""
 
     def subscribe(channel: str) -> "Deferred[Any]":
         """Listen on a reply channel; a Deferred that fires once Redis confirmed it."""
@@ -82,8 +85,29 @@ class IEventStore(Interface):
         :class:`eventsource.appends.AppendRefused`.
         """
 
-    def pager(plan: "SelectPlan") -> "IPager":
-        """An :class:`IPager` over the rows of an :class:`eventsource.query.SelectPlan`."""
+    def pager(plan: "SelectPlan", start: Optional[int] = None,
+              high_water: Optional[int] = None) -> "IPager":
+        """
+        An :class:`IPager` over the rows of an :class:`eventsource.query.SelectPlan`
+        (keyset plans: after ``start``, up to ``high_water`` when given).
+        """
+
+    def high_water() -> "Deferred[int]":
+        """The largest position of the table (0 when it is empty)."""
+
+    def read_tail(after: int, size: int) -> "Deferred[List[Tuple[int, str, Tuple[Any, ...]]]]":
+        """
+        The events after position ``after`` (at most ``size``), in position
+        order, as ``(position, body, event)``: the version 2 row and the
+        fields of :data:`eventsource.matcher.EVENT_FIELDS`.
+        """
+
+    def match_rows(conditions: List[Tuple[str, Tuple[Any, ...]]],
+                   positions: List[int]) -> "Deferred[Dict[int, Tuple[bool, ...]]]":
+        """Whether the events at ``positions`` meet each compiled condition, as MariaDB decides."""
+
+    def on_commit(listener: Any) -> None:
+        """Call ``listener()`` after each transaction of the server's writer commits."""
 
     def read_page(plan: "SelectPlan", high_water: Optional[int], position: int, size: int,
                   max_bytes: Optional[int] = None) -> "Deferred[Page]":

@@ -63,7 +63,8 @@ class ServerCollector:
     def __init__(self, server: Any) -> None:
         self._server = server
         self._sources: List[Source] = [
-            self._info, self._requests, self._streams, self._store, self._redis]
+            self._info, self._requests, self._streams, self._subscriptions, self._store,
+            self._redis]
 
     def add_source(self, source: Source) -> None:
         """Collect ``source``'s families too, after the server's own."""
@@ -137,6 +138,28 @@ class ServerCollector:
         yield _histogram("eventsource_first_row_latency_seconds",
                          "Seconds from a fetch taken to its first row published (fetches "
                          "with rows only).", stats.first_row_latency)
+
+    def _subscriptions(self) -> Iterator[Metric]:
+        server = self._server
+        by_state: Dict[str, int] = {"catching-up": 0, "live": 0}
+        for subscription in list(server.subscriptions.values()):
+            state = subscription.state.value
+            by_state[state] = by_state.get(state, 0) + 1
+        open_subscriptions = GaugeMetricFamily(
+            "eventsource_open_subscriptions", "Subscriptions open now, by state (catching-up: "
+            "reading history; live: sending new events).", labels=["state"])
+        for state, count in sorted(by_state.items()):
+            open_subscriptions.add_metric([state], count)
+        yield open_subscriptions
+        yield _gauge("eventsource_max_subscriptions", "The most subscriptions served at once "
+                     "(--max-subscriptions).", server.config.max_subscriptions)
+        tailer = server.tailer
+        yield CounterMetricFamily("eventsource_tail_reads", "Reads of new events for "
+                                  "subscriptions (one query each, for all of them).",
+                                  value=tailer.reads)
+        yield CounterMetricFamily("eventsource_subscription_events_delivered",
+                                  "New events handed to subscriptions (one per subscription "
+                                  "an event matched).", value=tailer.deliveries)
 
     def _store(self) -> Iterator[Metric]:
         store = self._server.store

@@ -1077,6 +1077,16 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
     )
 
 
+def bound_value(schema: TableSchema, column: str, value: JSON) -> Any:
+    """
+    The value a query binds for ``value`` compared with ``column`` (as
+    :func:`compile_select` binds it: a text column's number as JavaScript
+    prints it, a datetime, 16 UUID bytes...), for deciding a condition
+    without the database (:mod:`eventsource.matcher`).  Raises QueryError.
+    """
+    return _value(_Ref("", _kind(schema, column)), column, value)
+
+
 def _is_value(value: JSON) -> bool:
     return isinstance(value, (str, int, float))          # (bool is an int)
 

@@ -326,6 +326,81 @@ def high_water_sql(table_sql: str) -> str:
     return f"SELECT COALESCE(MAX({quote('id')}), 0) FROM {table_sql}"
 
 
+#: the suffix of the append lock table's name (see :func:`append_lock_name`)
+APPEND_LOCK_SUFFIX = "_append_lock"
+
+
+def append_lock_name(table: str) -> str:
+    """
+    The append lock table of the events table ``table``: one row, which
+    every writer locks first in each of its transactions (see
+    :func:`lock_append_sql`).  Its name is the table's with
+    :data:`APPEND_LOCK_SUFFIX`, so it must fit MariaDB's 64 characters.
+    """
+    name = table + APPEND_LOCK_SUFFIX
+    if len(name) > 64:
+        raise ValueError(f"the table name {table!r} is too long: its append lock table "
+                         f"{name!r} would pass MariaDB's 64 characters")
+    return name
+
+
+def append_lock_statements(database: str, table: str) -> List[str]:
+    """The statements that make the append lock table and its one row, if missing."""
+    lock = qualified(database, append_lock_name(table))
+    return [
+        f"CREATE TABLE IF NOT EXISTS {lock} ({quote('id')} TINYINT UNSIGNED NOT NULL"
+        " PRIMARY KEY) ENGINE=InnoDB",
+        f"INSERT INTO {lock} ({quote('id')}) VALUES (1)"
+        f" ON DUPLICATE KEY UPDATE {quote('id')} = {quote('id')}",
+    ]
+
+
+def lock_append_sql(lock_sql: str) -> str:
+    """
+    The first statement of every write transaction: an exclusive lock on the
+    append lock table's row, held until COMMIT.  Writers that take it commit
+    one after the other, so their events' positions (allocated at INSERT,
+    after the lock) commit in position order, across processes: a reader
+    that has seen position p never later sees a new event below p.
+    """
+    return f"SELECT {quote('id')} FROM {lock_sql} WHERE {quote('id')} = 1 FOR UPDATE"
+
+
+def restore_lock_row_sql(lock_sql: str) -> str:
+    """The lock row made again (and locked) when someone deleted it."""
+    return (f"INSERT INTO {lock_sql} ({quote('id')}) VALUES (1)"
+            f" ON DUPLICATE KEY UPDATE {quote('id')} = {quote('id')}")
+
+
+#: the table's columns a subscription's tail reads, in version 2's default
+#: order (``id`` is the position), then the append time to the microsecond
+#: (the row's own ``timestamp`` is read in its wire form, milliseconds)
+TAIL_COLUMNS: Tuple[str, ...] = tuple(
+    {new: old for old, new in V2_NAMES.items()}.get(c, c) for c in V2_DEFAULT_COLUMNS)
+
+
+def tail_sql(table_sql: str) -> str:
+    """
+    The events after a position (parameters: the position, the most rows),
+    in position order: the columns of :data:`TAIL_COLUMNS`, then the append
+    time as ``YYYY-MM-DD HH:MM:SS.ffffff`` text.
+    """
+    columns = ", ".join(quote(c) for c in TAIL_COLUMNS)
+    return (f"SELECT {columns}, CAST({quote('timestamp')} AS CHAR(26)) FROM {table_sql}"
+            f" WHERE {quote('id')} > %s ORDER BY {quote('id')} LIMIT %s")
+
+
+def match_rows_sql(table_sql: str, conditions: List[str], count: int) -> str:
+    """
+    Whether each of ``count`` rows (parameters: each condition's own, then
+    the ids) meets each condition (``WHERE`` fragments of compiled queries):
+    ``(id, met_1, met_2, ...)`` rows, NULL counted as not met.
+    """
+    tests = "".join(f", ({condition}) IS TRUE" for condition in conditions)
+    return (f"SELECT {quote('id')}{tests} FROM {table_sql}"
+            f" WHERE {quote('id')} IN ({', '.join(['%s'] * count)})")
+
+
 def statement_limited(sql: str, seconds: float) -> str:
     """``sql`` (a SELECT) run under MariaDB's ``max_statement_time``."""
     if not seconds:

@@ -8,6 +8,7 @@ becomes ``"error"``, ``"end"`` on its reply channel (or a log line when it
 has none) and touches nothing else.
 """
 
+import dataclasses
 import signal
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -20,7 +21,10 @@ from twisted.python.failure import Failure
 
 from eventsource import appends, query, wire
 from eventsource.stats import ServerStats
+from eventsource.matcher import compile_matcher
 from eventsource.stream import EchoBudget, Stream
+from eventsource.subscription import Subscription
+from eventsource.tailer import Tailer
 from eventsource.config import Config
 from eventsource.interfaces import IEventBus, IEventStore
 
@@ -137,6 +141,8 @@ class EventSourceService(service.MultiService):
         self.schema = query.TableSchema(self.config.database, self.config.table_name)
         #: the table as version 2 queries name it
         self.schema_v2 = query.TableSchema.version2(self.config.database, self.config.table_name)
+        #: the table as subscriptions read it: in position order, whatever the $where
+        self.schema_subscribe = dataclasses.replace(self.schema_v2, stream_reads=False)
         self.limits = query.Limits(
             max_depth=self.config.max_query_depth,
             max_terms=self.config.max_query_terms,
@@ -145,7 +151,8 @@ class EventSourceService(service.MultiService):
         channels = self.config.request_channels
         #: the handler of each request kind
         self._kinds: Dict[str, Callable[[Any], None]] = {
-            "persist": self._persist, "fetch": self._fetch, "fetch-next": self._fetch_next}
+            "persist": self._persist, "fetch": self._fetch, "fetch-next": self._fetch_next,
+            "subscribe": self._subscribe}
         # In tenant mode requests arrive on <prefix>T:<kind> (see
         # message_received) and the version 1 channels are not served.
         self._handlers: Dict[str, Tuple[str, Callable[[Any], None]]] = {} if self.config.tenants else {
@@ -154,6 +161,12 @@ class EventSourceService(service.MultiService):
         pattern = self.config.reply_channels
         self._reply_rules = wire.ReplyRules(pattern=wire.Glob(pattern) if pattern else None)
         self.streams: Dict[str, Stream] = {}
+        #: open subscriptions, by reply channel (a channel holds a stream or a subscription)
+        self.subscriptions: Dict[str, Subscription] = {}
+        #: reads the table's new events for every subscription
+        self.tailer = Tailer(store, reactor, interval=self.config.tail_interval,
+                             page_size=self.config.page_size, failed=self._tail_failed)
+        store.on_commit(self.tailer.poke)
         #: the rows the server hears again on the reply channels of version 1 streams
         self.echo_budget = EchoBudget(self.config.max_echo_bytes, reactor)
         #: reply channels of open version 1 streams (the server listens on them)
@@ -191,6 +204,7 @@ class EventSourceService(service.MultiService):
 
     def _started(self, _: object) -> None:
         self._accepting = True
+        self.tailer.start()
         log.info(
             "eventsource serving {table} on Redis {redis_host}:{redis_port}, "
             "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
@@ -228,6 +242,9 @@ class EventSourceService(service.MultiService):
         self._accepting = False
         for stream in list(self.streams.values()):
             stream.fail("the server is shutting down", "unavailable")
+        for subscription in list(self.subscriptions.values()):
+            subscription.fail("the server is shutting down", "unavailable")
+        self.tailer.stop()
         self.echo_budget.cancel()
         # Reads no stream waits for any more must not hold the pool (or the
         # persists behind them) during the wait below.
@@ -325,7 +342,7 @@ class EventSourceService(service.MultiService):
         kind (``persist``, ``fetch``...), ``source`` the channel it came on
         when that is not the kind's own (a tenant's), for the log.
         """
-        if request_channel == "fetch-next" and channel not in self.streams:
+        if request_channel == "fetch-next" and not self._busy(channel):
             # An acknowledgement is never answered unless it concerns a live
             # stream: a client that acknowledges every message it gets would
             # otherwise ping-pong with the server forever.
@@ -350,13 +367,17 @@ class EventSourceService(service.MultiService):
         ``"end"``; a live stream on that channel ends with it (its own
         request's version says how).
         """
-        stream = self.streams.get(channel)
+        stream = self.streams.get(channel) or self.subscriptions.get(channel)
         if stream is not None:
             log.info("reply channel {channel} is busy; ending its stream: {reason}",
                      channel=channel, reason=reason)
             stream.fail(reason, code)
         else:
             self._reply_error(channel, reason, version, code)
+
+    def _busy(self, channel: Optional[str]) -> bool:
+        """Whether a stream or a subscription is open on ``channel``."""
+        return channel in self.streams or channel in self.subscriptions
 
     def _reply_error(self, channel: str, reason: str, version: int = 1,
                      code: str = "internal", **fields: Any) -> None:
@@ -374,7 +395,7 @@ class EventSourceService(service.MultiService):
 
     def _persist(self, request: Any) -> None:
         channel, version = request.channel, request.version
-        if channel in self.streams:
+        if self._busy(channel):
             self.stats.request("persist", "refused")
             self._refuse(channel, "the reply channel is streaming another request", version)
             return
@@ -458,7 +479,7 @@ class EventSourceService(service.MultiService):
 
     def _fetch(self, request: Any) -> None:
         channel, version = request.channel, request.version
-        if channel in self.streams:
+        if self._busy(channel):
             self.stats.request("fetch", "refused")
             self._refuse(channel, "the reply channel is already streaming", version)
             return
@@ -543,7 +564,7 @@ class EventSourceService(service.MultiService):
             self.bus.unsubscribe(channel).addErrback(_ignore_failure)
 
     def _fetch_next(self, request: Any) -> None:
-        stream = self.streams.get(request.channel)
+        stream: Any = self.streams.get(request.channel) or self.subscriptions.get(request.channel)
         self.stats.request("fetch-next", "ok" if stream is not None else "ignored")
         if stream is not None:
             if request.end:
@@ -555,14 +576,104 @@ class EventSourceService(service.MultiService):
             log.debug("acceptance on {channel} ignored: no stream is open there",
                       channel=request.channel)
 
+    # -- subscribe ------------------------------------------------------
+
+    def _subscribe(self, request: wire.SubscribeRequest) -> None:
+        """
+        A subscription: history from the table, then the tailer's new events
+        (docs/PROTOCOL.md, "Subscriptions"), on fetch-next acceptance only.
+        """
+        channel = request.channel
+        if self._busy(channel):
+            self.stats.request("subscribe", "refused")
+            self._refuse(channel, "the reply channel is already streaming", 2)
+            return
+        if len(self.subscriptions) >= self.config.max_subscriptions:
+            self.stats.request("subscribe", "refused")
+            log.warn("refused subscribe on {channel}: {count} subscriptions open (the limit)",
+                     channel=channel, count=len(self.subscriptions))
+            self._reply_error(channel, "too many subscriptions", 2, "busy")
+            return
+        try:
+            plan = query.compile_select(request.select, self.schema_subscribe, self.limits)
+            matcher = compile_matcher(request.select.get("$where"), self.schema_v2)
+        except query.QueryError as error:
+            self._bad_request("subscribe", None, str(error), channel, 2, error.code)
+            return
+        store = self.store
+        pagers: List[Any] = [None]
+
+        def read_history(subscription: Subscription, after: int, high_water: int,
+                         new_round: bool) -> None:
+            if new_round or pagers[0] is None:
+                pagers[0] = store.pager(plan, start=after, high_water=high_water)
+            d: "defer.Deferred[Any]" = pagers[0].next_page()
+            d.addCallbacks(lambda page: subscription.receive(*page), self._subscription_failed,
+                           errbackArgs=(subscription,))
+
+        tailer = self.tailer
+        subscription = Subscription.open(
+            channel,
+            start=request.start,
+            window=min(request.window, self.config.max_window),
+            window_bytes=self.config.max_window_bytes,
+            buffer_bytes=self.config.max_subscription_bytes,
+            row_timeout=self.config.row_timeout,
+            heartbeat=self.config.heartbeat,
+            clock=self._reactor,
+            publish=self.publish,
+            publish_counted=self.bus.publish_counted,
+            read_history=read_history,
+            position=lambda: tailer.position or 0,
+            closed=self._subscription_closed,
+        )
+        self.subscriptions[channel] = subscription
+        self.stats.request("subscribe", "ok")
+        log.debug("subscription on {channel} from {start}", channel=channel, start=request.start)
+        tailer.join(subscription, matcher,
+                    (plan.where_sql or "TRUE", plan.where_params) if matcher.sql else None)
+
+    def _subscription_failed(self, failure: Failure, subscription: Subscription) -> None:
+        if not subscription.is_live:
+            return
+        if failure.check("eventsource.store.StatementTimeLimit"):
+            log.warn("subscription on {channel} stopped: {reason}",
+                     channel=subscription.channel, reason=failure.value)
+        elif not failure.check("eventsource.store.StoreStopping"):
+            log.failure("subscription on {channel} failed", failure, channel=subscription.channel)
+        code, message = _failure_code(failure)
+        subscription.fail(message, code)
+
+    def _subscription_closed(self, subscription: Subscription) -> None:
+        channel = subscription.channel
+        if self.subscriptions.get(channel) is subscription:
+            del self.subscriptions[channel]
+        self.tailer.leave(subscription)
+        log.debug("subscription {channel} {state} after {rows} rows{reason}", channel=channel,
+                  state=subscription.state.value, rows=subscription.rows_sent,
+                  reason=f": {subscription.reason}" if subscription.reason else "")
+
+    def _tail_failed(self, failure: Failure) -> None:
+        """Reading the new events failed: no subscription can know what it missed."""
+        code, message = _failure_code(failure)
+        if self.subscriptions:
+            log.warn("ending {count} subscriptions: reading new events failed ({error})",
+                     count=len(self.subscriptions), error=failure.value)
+        for subscription in list(self.subscriptions.values()):
+            subscription.fail(message, code)
+
     # -- faults ---------------------------------------------------------
 
     def redis_lost(self) -> None:
         """The subscriber connection dropped: no acceptance can reach open streams."""
-        if self.streams:
-            log.warn("Redis connection lost: ending {count} open streams", count=len(self.streams))
+        if self.streams or self.subscriptions:
+            log.warn("Redis connection lost: ending {count} open streams and {subscriptions} "
+                     "subscriptions", count=len(self.streams),
+                     subscriptions=len(self.subscriptions))
         for stream in list(self.streams.values()):
             stream.fail("lost the Redis connection", "unavailable")
+        for subscription in list(self.subscriptions.values()):
+            subscription.fail("lost the Redis connection", "unavailable")
 
 
 def _failure_code(failure: Failure) -> Tuple[str, str]:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 log = Logger()
 
 #: the request kinds, as the channels name them
-KINDS = ("persist", "fetch", "fetch-next")
+KINDS = ("persist", "fetch", "fetch-next", "subscribe")
 
 #: what became of a request: ``ok`` (done: written, stream opened, rows
 #: accepted), ``refused`` (answered ``"error"`` without doing it: a bad
@@ -41,6 +41,7 @@ KIND_RESULTS = {
     "persist": ("ok", "refused", "unanswerable", "conflict", "failed"),
     "fetch": ("ok", "refused", "unanswerable"),
     "fetch-next": ("ok", "refused", "unanswerable", "ignored"),
+    "subscribe": ("ok", "refused", "unanswerable"),
 }
 
 #: how a stream ended (:class:`eventsource.stream.StreamState`'s terminal states)

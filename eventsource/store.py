@@ -201,6 +201,7 @@ def ensure_schema(txn: Txn, database: str, table: str) -> Tuple[List[str], bool]
         # (only then: a read-only server's user may lack CREATE privileges)
         for statement in schema.create_statements(database, table):
             txn.execute(statement)
+        _ensure_append_lock(txn, database, table)
         return ["created table"], False
     txn.execute(schema.COLUMNS_SQL, (database, table))
     columns = {name.lower(): collation for name, collation in txn.fetchall()}
@@ -230,7 +231,31 @@ def ensure_schema(txn: Txn, database: str, table: str) -> Tuple[List[str], bool]
                     " that may ALTER the table"
                 ) from error
             raise
-    return list(upgrade.changes), upgrade.fill
+    # (after the table's own upgrade, whose refusal names what it lacks)
+    lock_changes = _ensure_append_lock(txn, database, table)
+    return list(upgrade.changes) + lock_changes, upgrade.fill
+
+
+def _ensure_append_lock(txn: Txn, database: str, table: str) -> List[str]:
+    """
+    Make the append lock table (:func:`eventsource.schema.append_lock_name`)
+    if it is missing: every writer locks its row first in each transaction.
+    """
+    lock = schema.append_lock_name(table)
+    txn.execute(schema.TABLE_EXISTS_SQL, (database, lock))
+    if txn.fetchone()[0] > 0:
+        return []
+    try:
+        for statement in schema.append_lock_statements(database, table):
+            txn.execute(statement)
+    except Exception as error:
+        if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
+            raise RuntimeError(
+                f"table {database}.{table} needs its append lock table {lock} (see "
+                "docs/OPERATIONS.md), which this MariaDB user may not create: start the server"
+                " once with a user that may CREATE tables in that database") from error
+        raise
+    return [f"created {lock}"]
 
 
 def first_unfilled(txn: Txn, table: str) -> Tuple[Optional[int], int, int]:
@@ -352,6 +377,42 @@ def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int]
     return high_water, bodies, last, cut
 
 
+#: an event read by the tail: ``(position, body, event)``, the body the
+#: version 2 row of the default columns and ``event`` the fields of
+#: :data:`eventsource.matcher.EVENT_FIELDS`
+TailRow = Tuple[int, str, Tuple[Any, ...]]
+
+#: the encoder of a version 2 row of the default columns, as a plan has it
+_encode_tail_row = wire.row_encoder(
+    schema.V2_DEFAULT_COLUMNS,
+    [{"eventId": wire.UUID_VALUE, "data": wire.JSON_VALUE}.get(c, wire.PLAIN_VALUE)
+     for c in schema.V2_DEFAULT_COLUMNS])
+
+
+def _read_tail(txn: Txn, table: str, after: int, size: int) -> List[TailRow]:
+    """The events after ``after`` (see :meth:`Store.read_tail`), encoded here, in the pool thread."""
+    import datetime
+
+    txn.execute(schema.tail_sql(table), (after, size))
+    rows = []
+    parse = datetime.datetime.fromisoformat
+    for row in txn.fetchall():
+        position, event_id, pid, version, domain, name = row[:6]
+        event_id = bytes(event_id)
+        rows.append((position, _encode_tail_row(row[:8]),
+                     (position, event_id, pid, version, domain, name, parse(row[8]))))
+    return rows
+
+
+def _match_rows(txn: Txn, table: str, conditions: List[Tuple[str, Tuple[Any, ...]]],
+                positions: List[int]) -> Dict[int, Tuple[bool, ...]]:
+    params: List[Any] = [param for _, params in conditions for param in params]
+    params += positions
+    txn.execute(schema.match_rows_sql(table, [sql for sql, _ in conditions], len(positions)),
+                params)
+    return {int(row[0]): tuple(bool(met) for met in row[1:]) for row in txn.fetchall()}
+
+
 #: MariaDB's ER_DUP_ENTRY (a version or event id taken by another writer)
 #: and ER_LOCK_DEADLOCK: the batch is run again on fresh versions
 RETRIED_ERRORS = frozenset({1062, 1213})
@@ -396,8 +457,20 @@ def _as_append(request: Any) -> appends.Append:
     return request if isinstance(request, appends.Append) else appends.Append(tuple(request))
 
 
+def _lock_appends(txn: Txn, lock_sql: str) -> None:
+    """
+    Take the append lock (the first statement of the transaction, so that
+    its positions are allocated and its reads made under it); a lock row
+    someone deleted is made again.
+    """
+    txn.execute(schema.lock_append_sql(lock_sql))
+    if txn.fetchone() is None:
+        txn.execute(schema.restore_lock_row_sql(lock_sql))
+
+
 def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
-                  known: Optional[Dict[str, int]] = None) -> Tuple[List[Outcome], Dict[str, int]]:
+                  known: Optional[Dict[str, int]] = None,
+                  lock_sql: Optional[str] = None) -> Tuple[List[Outcome], Dict[str, int]]:
     """
     Append the requests of a batch (:class:`appends.Append`, or version 1's
     bare rows) in one transaction: each request's expected versions checked
@@ -429,7 +502,7 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
     while True:
         try:
             return _write_attempt(txn, table, requests, event_ids, settled, known,
-                                  consecutive_ids)
+                                  consecutive_ids, lock_sql)
         except pymysql.err.MySQLError as error:
             if not (error.args and error.args[0] in RETRIED_ERRORS):
                 raise
@@ -493,10 +566,13 @@ def _number(requests: List[appends.Append], live: List[int], event_ids: List[Tup
 
 def _write_attempt(txn: Txn, table: str, requests: List[appends.Append],
                    event_ids: List[Tuple[bytes, ...]], settled: Dict[int, Outcome],
-                   known: Dict[str, int], consecutive_ids: bool
-                   ) -> Tuple[List[Outcome], Dict[str, int]]:
+                   known: Dict[str, int], consecutive_ids: bool,
+                   lock_sql: Optional[str] = None) -> Tuple[List[Outcome], Dict[str, int]]:
     """One try of :func:`_insert_batch`, in its transaction."""
     live = [i for i in range(len(requests)) if i not in settled]
+    if lock_sql is not None and live:
+        # (first: the versions are then read as the last writer left them)
+        _lock_appends(txn, lock_sql)
     streams = sorted({_stream(row[0]) for i in live for row in requests[i].rows})
     last = {stream: known[stream] for stream in streams if stream in known}
     remembered = bool(last)
@@ -727,6 +803,10 @@ class Store:
         #: group commits, the last position, MySQL errors (see eventsource.metrics)
         self.stats = StoreStats(reactor)
         self.table = f"`{config.database}`.`{config.table_name}`"
+        #: the append lock table every write transaction locks first
+        self.append_lock = schema.qualified(config.database,
+                                            schema.append_lock_name(config.table_name))
+        self._commit_listeners: List[Callable[[], object]] = []
         self._writes: Deque[Work] = deque()
         self._reads: Deque[Work] = deque()
         #: work handed to the pool and not finished (adbapi's commit or
@@ -934,7 +1014,8 @@ class Store:
                 except OSError:
                     pass
 
-    def _run(self, work: Callable[..., Any], *args: Any, read: bool = False) -> "defer.Deferred[Any]":
+    def _run(self, work: Callable[..., Any], *args: Any, read: bool = False,
+             urgent: bool = False) -> "defer.Deferred[Any]":
         """
         Run ``work(txn, *args)`` in the pool, once a thread is free.
 
@@ -948,7 +1029,10 @@ class Store:
         if self._pool is None:
             return defer.fail(StoreNotRunning("the store is not running"))
         d: "defer.Deferred[Any]" = defer.Deferred()
-        (self._reads if read else self._writes).append((work, args, d))
+        if urgent:
+            (self._reads if read else self._writes).appendleft((work, args, d))
+        else:
+            (self._reads if read else self._writes).append((work, args, d))
         self._next()
         return d
 
@@ -1073,6 +1157,7 @@ class Store:
             if len(known) + len(last) > self.max_known_versions:
                 known.clear()
             known.update(last)
+            self._committed()
             return results
 
         def failed(failure: Failure) -> Failure:
@@ -1081,7 +1166,8 @@ class Store:
                 known.pop(stream, None)
             return failure
 
-        d = self._run(_insert_batch, self.table, batch, self._consecutive_ids, given)
+        d = self._run(_insert_batch, self.table, batch, self._consecutive_ids, given,
+                      self.append_lock)
         d.addCallbacks(committed, failed)
         self.stats.batch_started(d, len(batch))
         return d
@@ -1094,10 +1180,43 @@ class Store:
         """``(work running in the pool's threads, writes queued, reads queued)``."""
         return self._in_flight, len(self._writes), len(self._reads)
 
-    def pager(self, plan: SelectPlan) -> "Pager":
+    def on_commit(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` after each transaction of this server's writer commits."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self) -> None:
+        for listener in self._commit_listeners:
+            try:
+                listener()
+            except Exception:
+                log.failure("a commit listener failed")
+
+    def high_water(self) -> "defer.Deferred[int]":
+        """The largest position of the table (0 when it is empty)."""
+        return self._run(_high_water, self.table, read=True)
+
+    def read_tail(self, after: int, size: int) -> "defer.Deferred[List[TailRow]]":
+        """
+        The events after position ``after``, at most ``size``, in position
+        order, as :data:`TailRow` (read before every other waiting read: a
+        subscription's latency waits on it).
+        """
+        return self._run(_read_tail, self.table, after, size, read=True, urgent=True)
+
+    def match_rows(self, conditions: List[Tuple[str, Tuple[Any, ...]]],
+                   positions: List[int]) -> "defer.Deferred[Dict[int, Tuple[bool, ...]]]":
+        """
+        Whether the events at ``positions`` meet each of ``conditions``
+        (compiled ``$where`` fragments and their parameters), as MariaDB
+        decides: position -> one bool per condition.
+        """
+        return self._run(_match_rows, self.table, conditions, positions, read=True, urgent=True)
+
+    def pager(self, plan: SelectPlan, start: Optional[int] = None,
+              high_water: Optional[int] = None) -> "Pager":
         """A :class:`Pager` over the rows of an :class:`eventsource.query.SelectPlan`."""
         return Pager(self, plan, self._config.page_size, self._config.page_bytes,
-                     self._row_sizes)
+                     self._row_sizes, start=start, high_water=high_water)
 
     def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
                   max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":
@@ -1120,8 +1239,9 @@ class Pager:
     """
     Reads one query's result a page at a time, holding nothing in between.
 
-    The first page fixes a high-water mark (the largest ``id`` then), so the
-    stream is a snapshot of the append-only table.  :meth:`next_page` fires
+    The first page fixes a high-water mark (the largest ``id`` then, unless
+    one is given), so the stream is a snapshot of the append-only table.
+    ``start``: for keyset plans, the keyset value after which rows are read.  :meth:`next_page` fires
     with ``(bodies, exhausted)``.
 
     A page is bounded in rows (``page_size``) and in bytes (``page_bytes``,
@@ -1132,7 +1252,8 @@ class Pager:
     """
 
     def __init__(self, store: IEventStore, plan: SelectPlan, page_size: int,
-                 page_bytes: Optional[int] = None, row_sizes: Optional[RowSizeHint] = None) -> None:
+                 page_bytes: Optional[int] = None, row_sizes: Optional[RowSizeHint] = None,
+                 start: Optional[int] = None, high_water: Optional[int] = None) -> None:
         self._store = store
         self._plan = plan
         self._max_page = max(1, page_size)
@@ -1141,9 +1262,12 @@ class Pager:
         self._size = min(FIRST_PAGE, self._max_page)
         if row_sizes is not None and row_sizes.largest and page_bytes is not None:
             self._size = min(self._size, max(1, page_bytes // row_sizes.largest))
-        self._high_water: Optional[int] = None
+        self._high_water: Optional[int] = high_water
         self._remaining = plan.limit
         self._position = plan.keyset_start if plan.keyset else plan.offset
+        if start is not None:
+            # (a subscription's history: the keyset rows after ``start``)
+            self._position = start
 
     def next_page(self) -> "defer.Deferred[Tuple[List[str], bool]]":
         size = self._size

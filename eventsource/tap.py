@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 from twisted.python import usage
 
 from eventsource.config import Config
+from eventsource.schema import APPEND_LOCK_SUFFIX
 
 if TYPE_CHECKING:  # (the service is imported only when it is built)
     from eventsource.service import EventSourceService
@@ -101,6 +102,10 @@ def table_name(text: str) -> str:
         raise ValueError(
             f"must be database.table, each part made of letters, digits, _ or $, not {text!r}"
         )
+    longest = 64 - len(APPEND_LOCK_SUFFIX)
+    if len(parts[1]) > longest:
+        raise ValueError(f"must name a table of at most {longest} characters (its append lock "
+                         f"table adds {APPEND_LOCK_SUFFIX!r}), not {text!r}")
     return text
 
 
@@ -287,6 +292,23 @@ SETTINGS = (
     _limit("max-query-depth", "Deepest nesting of a fetch query."),
     _limit("max-query-terms", "Most terms in one fetch query."),
     _limit("max-in-list", "Most values in one query list."),
+    _limit("max-subscriptions", "Most subscriptions served at once (apart from --max-streams)."),
+    _limit("max-subscription-bytes", "Most bytes of new events one subscription holds while it "
+           "catches up or its client is behind (beyond, they are read from the table again)."),
+    Setting(
+        "heartbeat",
+        "EVENTSOURCE_HEARTBEAT",
+        positive_seconds,
+        "Seconds between heartbeats of an idle live subscription; a subscription whose "
+        "client stopped listening is ended at its next heartbeat.",
+    ),
+    Setting(
+        "tail-interval",
+        "EVENTSOURCE_TAIL_INTERVAL",
+        positive_seconds,
+        "Seconds between reads of the events appended by other processes, for "
+        "subscriptions (this server's own appends are read at once).",
+    ),
     Setting(
         "read-only",
         "EVENTSOURCE_READ_ONLY",

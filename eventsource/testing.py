@@ -31,6 +31,21 @@ _VERSION = schema.COLUMN_NAMES.index("version")
 _EVENT_ID = schema.COLUMN_NAMES.index("event_id")
 
 
+def _v2_timestamp(value: Any) -> Any:
+    return wire.format_timestamp(value) if isinstance(value, datetime.datetime) else value
+
+
+_V2_ROW = wire.row_encoder(
+    schema.V2_DEFAULT_COLUMNS,
+    [{"eventId": wire.UUID_VALUE, "data": wire.JSON_VALUE}.get(c, wire.PLAIN_VALUE)
+     for c in schema.V2_DEFAULT_COLUMNS])
+
+
+def _V2_ENCODE(values: List[Any]) -> str:
+    """A version 2 row of the default columns (the table's values, in TAIL_COLUMNS order)."""
+    return _V2_ROW([_v2_timestamp(value) for value in values])
+
+
 @implementer(IEventBus)
 class MemoryBus:
     """Records what is published and subscribed; messages are injected by the test."""
@@ -39,6 +54,8 @@ class MemoryBus:
         self.hold = hold
         self.published: List[Tuple[str, str]] = []
         self.subscribed: Set[str] = set()
+        #: channels nobody listens on: a counted publish there answers 0 (else 1)
+        self.unheard: Set[str] = set()
         self.pending: List[Tuple["defer.Deferred[None]", None]] = []
         self.started = False
         #: serving: subscribed to the request channels (RedisBus.connected)
@@ -92,6 +109,11 @@ class MemoryBus:
         """Like :meth:`eventsource.bus.RedisBus.publish`: nothing to wait for."""
         self.published.append((channel, body))
 
+    def publish_counted(self, channel: str, body: str) -> "defer.Deferred[int]":
+        """Like :meth:`eventsource.bus.RedisBus.publish_counted`: 0 receivers on :attr:`unheard` channels."""
+        self.published.append((channel, body))
+        return defer.succeed(0 if channel in self.unheard else 1)
+
     def subscribe(self, channel: str) -> "defer.Deferred[None]":
         self.subscribed.add(channel)
         return self._answer(None)
@@ -130,6 +152,11 @@ class MemoryStore:
         self.reads: List[Tuple[int, int]] = []
         self.reads_dropped = False
         self.started = False
+        #: what :meth:`match_rows` answers: ``(conditions, positions) -> {position: bools}``
+        #: (by default every condition holds)
+        self.match_answer: Optional[Callable[..., Dict[int, Tuple[bool, ...]]]] = None
+        self.tail_reads: List[Tuple[int, int]] = []
+        self._commit_listeners: List[Callable[[], object]] = []
 
     def _answer(self, compute: Callable[[], T]) -> "defer.Deferred[T]":
         if self.fail_next is not None:
@@ -207,6 +234,7 @@ class MemoryStore:
                 position = self._append(row, event_id=event_id)
                 event = self.events[-1]
                 events.append(appends.Event(event_id, row[0], event[_VERSION], position))
+            self._committed()
             return appends.Appended(tuple(events))
 
         def refused(outcome: Any) -> Any:
@@ -221,12 +249,50 @@ class MemoryStore:
             first = len(self.events) + 1
             for row in plan.rows:
                 self._append(row)
+            self._committed()
             return len(plan.rows), first
 
         return self._answer(compute)
 
-    def pager(self, plan: SelectPlan) -> Pager:
-        return Pager(self, plan, self.page_size, self.page_bytes)
+    def pager(self, plan: SelectPlan, start: Optional[int] = None,
+              high_water: Optional[int] = None) -> Pager:
+        return Pager(self, plan, self.page_size, self.page_bytes, start=start,
+                     high_water=high_water)
+
+    def on_commit(self, listener: Callable[[], object]) -> None:
+        """Called after each insert or append (not after :meth:`add`: another process's)."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self) -> None:
+        for listener in self._commit_listeners:
+            listener()
+
+    def high_water(self) -> "defer.Deferred[int]":
+        return self._answer(lambda: len(self.events))
+
+    def read_tail(self, after: int, size: int) -> "defer.Deferred[List[Tuple[int, str, Event]]]":
+        """The events after ``after``, as the real tail encodes them."""
+        self.tail_reads.append((after, size))
+
+        def compute() -> List[Tuple[int, str, Event]]:
+            rows = []
+            for event in self.events[after:after + size]:
+                values = dict(zip(schema.COLUMN_NAMES, event))
+                rows.append((values["id"], _V2_ENCODE([values[c] for c in schema.TAIL_COLUMNS]),
+                             (values["id"], values["event_id"], values["pid"], values["version"],
+                              values["domain"], values["name"], values["timestamp"])))
+            return rows
+
+        return self._answer(compute)
+
+    def match_rows(self, conditions: List[Tuple[str, Tuple[Any, ...]]],
+                   positions: List[int]) -> "defer.Deferred[Dict[int, Tuple[bool, ...]]]":
+        def compute() -> Dict[int, Tuple[bool, ...]]:
+            if self.match_answer is not None:
+                return self.match_answer(conditions, positions)
+            return {position: (True,) * len(conditions) for position in positions}
+
+        return self._answer(compute)
 
     def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
                   max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":

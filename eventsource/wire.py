@@ -30,7 +30,7 @@ TIMEOUT_BODY = json.dumps(TIMEOUT)
 ACCEPTED_BODY = json.dumps(ACCEPTED)
 
 #: the request channels, by kind (after any channel prefix or tenant namespace)
-PERSIST, FETCH, FETCH_NEXT = REQUEST_CHANNELS
+PERSIST, FETCH, FETCH_NEXT, SUBSCRIBE = REQUEST_CHANNELS
 
 #: longest reply channel name we accept, in characters
 MAX_CHANNEL_LENGTH = 512
@@ -90,6 +90,25 @@ class NextRequest:
     channel: str
     accepted: int = 1
     end: bool = False
+
+
+#: a subscription's ``from``: the start of the log, or the server's position now
+FROM_START, FROM_END = "start", "end"
+
+
+@dataclass(frozen=True)
+class SubscribeRequest:
+    """
+    ``subscribe`` (version 2 only): the events matching ``select`` (a
+    ``$select`` of ``$where`` and ``$from`` only) after ``start`` (a
+    position, or :data:`FROM_END`), then every new one as it commits.
+    """
+
+    channel: str
+    select: Any
+    start: Union[int, str]
+    window: int = 100
+    version: int = 2
 
 
 class TooDeep(ValueError):
@@ -291,7 +310,7 @@ def json_stringify(value: Any) -> str:
 
 
 #: what :func:`parse_request` makes of a request
-Request = Union[PersistRequest, FetchRequest, NextRequest]
+Request = Union[PersistRequest, FetchRequest, NextRequest, SubscribeRequest]
 
 
 def truncate(value: Any, limit: int = 200) -> str:
@@ -555,6 +574,8 @@ def parse_request(request_channel: str, body: Any, max_body_bytes: int,
         raise BadRequest("the body is not JSON") from None
     if not isinstance(message, dict):
         raise BadRequest("the body is not a JSON object")
+    if request_channel == SUBSCRIBE:
+        return _parse_subscribe(message, reserved, rules)
     if request_channel != "fetch-next" and is_version2(message):
         return _parse_version2(request_channel, message, reserved, rules)
     # Other fields are ignored, as the original ignored them (a client's
@@ -607,6 +628,53 @@ def _parse_version2(request_channel: str, message: Dict[str, Any], reserved: Col
                          if key in message), None)
         return PersistRequest(channel, _query(message, channel, "$insert"), version=2,
                               expected=expected)
+    except BadRequest as bad:
+        bad.version = 2
+        raise
+
+
+#: the body fields of a subscription, and the keys of its ``$select``
+_SUBSCRIBE_FIELDS = frozenset(("v", "channel", "query", "from", "window"))
+_SUBSCRIBE_SELECT_KEYS = frozenset(("$where", "$from"))
+
+#: the largest position a subscription may start after (an ``id`` is a BIGINT UNSIGNED)
+MAX_POSITION = 2 ** 64 - 1
+
+
+def _parse_subscribe(message: Dict[str, Any], reserved: Collection[str],
+                     rules: Optional[ReplyRules]) -> SubscribeRequest:
+    """
+    A ``subscribe`` request: version 2 only (every refusal is a version 2
+    error object), the fields of :data:`_SUBSCRIBE_FIELDS`, a ``$select``
+    of ``$where`` and ``$from`` only.
+    """
+    try:
+        channel = _reply_channel(message, reserved, rules)
+    except BadRequest as bad:
+        bad.version = 2
+        raise
+    try:
+        if not is_version2(message):
+            raise BadRequest("subscribe is a version 2 request: the body needs \"v\": 2", channel)
+        unknown = [key for key in message if key not in _SUBSCRIBE_FIELDS]
+        if unknown:
+            raise BadRequest(f"unknown field {truncate(unknown[0], 80)!r} in a subscribe request",
+                             channel)
+        select = _query(message, channel, "$select")
+        if not isinstance(select, dict):
+            raise BadRequest("\"$select\" must be an object", channel)
+        extra = [key for key in select if key not in _SUBSCRIBE_SELECT_KEYS]
+        if extra:
+            raise BadRequest(f"a subscription's $select takes $where and $from only, not "
+                             f"{truncate(extra[0], 80)!r}", channel)
+        start = message.get("from", FROM_START)
+        if start == FROM_START:
+            start = 0
+        elif start != FROM_END and (type(start) is not int or not 0 <= start <= MAX_POSITION):
+            raise BadRequest("\"from\" must be \"start\", \"end\" or a position (an integer "
+                             "of at least 0)", channel)
+        window = _positive_int(message, "window", channel, 100)
+        return SubscribeRequest(channel, select, start, window)
     except BadRequest as bad:
         bad.version = 2
         raise

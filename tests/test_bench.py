@@ -31,7 +31,9 @@ FIGURES = [key for key, _, unit, _, _ in report.ROWS if unit is not None] + [
 RATIOS = ["fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_100_pairs",
           "fetch_window_100_vs_fetch_1_stream", "fetch_window_100_vs_select",
           "persist_50_vs_insert_8_connections", "persist_1_vs_insert_1_connection",
-          "persist_v2_expected_50_vs_persist_v2_50", "persist_v2_50_vs_persist_50"]
+          "persist_v2_expected_50_vs_persist_v2_50", "persist_v2_50_vs_persist_50",
+          "subscribe_catch_up_vs_fetch_window_100",
+          "subscribe_catch_up_vs_fetch_v2_window_100"]
 #: figures that are rates: a run that measured anything has them above zero
 RATES = [key for key in FIGURES if key.endswith("_per_s")]
 
@@ -168,6 +170,8 @@ class SummaryTests(TestCase):
             "idle_threads_added": True,
             "idle_server_connections": True,  # 12 <= pool size + 2
             "idle_rss_kb_per_stream": True,
+            "subscribe_catch_up_vs_fetch_v2_window_100": True,  # 1.0
+            "live_1000_p99_ms": True,  # 100 <= 100
         })
 
     def test_table(self):

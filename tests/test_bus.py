@@ -29,7 +29,7 @@ from eventsource.bus import (
 )
 from eventsource.config import Config
 
-CHANNELS = ("persist", "fetch", "fetch-next")
+CHANNELS = ("persist", "fetch", "fetch-next", "subscribe")
 #: what a Redis with roomy limits answers to the publisher's CONFIG GETs
 ROOMY_LIMITS = (("client-output-buffer-limit", "normal 0 0 0 pubsub 0 0 0"),
                 ("proto-max-bulk-len", "536870912"))
@@ -287,7 +287,7 @@ class BusMachineTests(SynchronousTestCase):
         self.assertTrue(self.bus.connected)
         self.assertEqual(self.ready, [0, 10.1])
         self.assertEqual(self.lost, [10])
-        self.assertTrue(any("is back: subscribed again to persist,fetch,fetch-next after "
+        self.assertTrue(any("is back: subscribed again to persist,fetch,fetch-next,subscribe after "
                             "0.10 s" in text for text in self.texts("info")))
 
     def test_lost_subscriber_alone_ends_streams_and_resubscribes(self):

@@ -144,7 +144,7 @@ class RequestCountTests(ServiceTestCase):
             generate_latest(self.registry).decode())}
         kinds = {s.labels["kind"] for s in families["eventsource_requests"].samples}
         results = {s.labels["result"] for s in families["eventsource_requests"].samples}
-        self.assertEqual(kinds, {"persist", "fetch", "fetch-next", "other"})
+        self.assertEqual(kinds, {"persist", "fetch", "fetch-next", "subscribe", "other"})
         self.assertLessEqual(results, set(stats.RESULTS) | {"other"})
 
 
@@ -196,6 +196,29 @@ class StreamCountTests(ServiceTestCase):
         self.assertEqual(value(registry, "eventsource_streams_closed_total", state="errored"), 1)
         self.assertEqual(value(registry, "eventsource_redis_connected"), 0)
         self.assertEqual(value(registry, "eventsource_serving"), 0)
+
+
+class SubscriptionCountTests(ServiceTestCase):
+    def test_subscriptions_reads_and_deliveries(self):
+        self.make(max_subscriptions=9)
+        registry, _ = metrics.make_registry(self.service, process=False)
+        self.assertEqual(value(registry, "eventsource_max_subscriptions"), 9)
+        for channel in ("a", "b"):
+            self.send("subscribe", json.dumps({"v": 2, "channel": channel, "from": "end",
+                                               "query": {"$select": {}}}))
+        self.clock.advance(0)
+        self.send("subscribe", json.dumps({"v": 2, "channel": "a", "query": {"$select": {}}}))
+        self.send("subscribe", json.dumps({"channel": "c", "query": {"$select": {}}}))
+        self.assertEqual(value(registry, "eventsource_requests_total", kind="subscribe",
+                               result="ok"), 2)
+        # a busy channel (which ends the subscription there) and a version 1 body
+        self.assertEqual(value(registry, "eventsource_requests_total", kind="subscribe",
+                               result="refused"), 2)
+        self.assertEqual(value(registry, "eventsource_open_subscriptions", state="live"), 1)
+        reads = value(registry, "eventsource_tail_reads_total")
+        self.send("persist", persist_body("r", [doc(), doc()]))
+        self.assertEqual(value(registry, "eventsource_tail_reads_total"), reads + 1)
+        self.assertEqual(value(registry, "eventsource_subscription_events_delivered_total"), 2)
 
 
 class ServingTests(ServiceTestCase):

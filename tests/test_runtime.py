@@ -439,7 +439,7 @@ class SqlModeTests(IntegrationTestCase):
 
 
 SERVER_ACL = ("user eventsource on >server-pass resetkeys resetchannels "
-              "&persist &fetch &fetch-next &ok:* -@all +subscribe +unsubscribe +publish +ping")
+              "&persist &fetch &fetch-next &subscribe &ok:* -@all +subscribe +unsubscribe +publish +ping")
 
 
 class NoPermTests(PrivateRedisTestCase):

@@ -54,7 +54,7 @@ SERVER_ACL = ("user eventsource on >{password} resetkeys resetchannels &* -@all 
 #: channels, subscribe only to its own reply channels
 CLIENT_ACL = ("user {user} on >{password} resetkeys resetchannels &reply:{user}:* -@all "
               "+subscribe +unsubscribe +publish +ping "
-              "(+publish resetchannels &persist &fetch &fetch-next)")
+              "(+publish resetchannels &persist &fetch &fetch-next &subscribe)")
 
 
 def event(pid="sec"):

@@ -55,6 +55,10 @@ ENVIRON = {
     "EVENTSOURCE_MAX_QUERY_DEPTH": "4",
     "EVENTSOURCE_MAX_QUERY_TERMS": "40",
     "EVENTSOURCE_MAX_IN_LIST": "60",
+    "EVENTSOURCE_MAX_SUBSCRIPTIONS": "70",
+    "EVENTSOURCE_MAX_SUBSCRIPTION_BYTES": "80000",
+    "EVENTSOURCE_HEARTBEAT": "9",
+    "EVENTSOURCE_TAIL_INTERVAL": "0.05",
     "EVENTSOURCE_READ_ONLY": "1",
     "REDIS_MAX_DELAY": "0.5",
     "MYSQL_TIMEOUT": "30",
@@ -102,6 +106,10 @@ ENVIRON_CONFIG = Config(
     max_query_depth=4,
     max_query_terms=40,
     max_in_list=60,
+    max_subscriptions=70,
+    max_subscription_bytes=80000,
+    heartbeat=9.0,
+    tail_interval=0.05,
     read_only=True,
     redis_max_delay=0.5,
     mysql_timeout=30.0,
@@ -149,6 +157,10 @@ ARGV = [
     "--max-query-depth=6",
     "--max-query-terms=7",
     "--max-in-list=8",
+    "--max-subscriptions=9",
+    "--max-subscription-bytes=10000",
+    "--heartbeat=30",
+    "--tail-interval=0.5",
     "--read-only",
     "--redis-max-delay=1.5",
     "--mysql-timeout=90",
@@ -196,6 +208,10 @@ ARGV_CONFIG = Config(
     max_query_depth=6,
     max_query_terms=7,
     max_in_list=8,
+    max_subscriptions=9,
+    max_subscription_bytes=10000,
+    heartbeat=30.0,
+    tail_interval=0.5,
     read_only=True,
     redis_max_delay=1.5,
     mysql_timeout=90.0,
@@ -380,7 +396,7 @@ class ErrorTests(SynchronousTestCase):
 
     def test_positive_ints(self):
         """Sizes and counts are whole numbers of at least 1."""
-        self.assertEqual(len(POSITIVE_INTS), 12)
+        self.assertEqual(len(POSITIVE_INTS), 14)
         for setting in POSITIVE_INTS:
             for text in ["", "x", "0", "-3", "2.5", "1e3"]:
                 self.assert_bad(setting, text)

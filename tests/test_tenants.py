@@ -401,10 +401,11 @@ PREFIX = "es:"
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 #: docs/OPERATIONS.md, "Tenants": the server's user may PSUBSCRIBE exactly the
-#: three request patterns (Redis compares a PSUBSCRIBE pattern literally with
+#: four request patterns (Redis compares a PSUBSCRIBE pattern literally with
 #: the user's channel rules) and publish/subscribe anywhere under the prefix ...
 SERVER_ACL = ("user eventsource on >{password} resetkeys resetchannels "
               "&{prefix}* &{prefix}*:persist &{prefix}*:fetch &{prefix}*:fetch-next "
+              "&{prefix}*:subscribe "
               "-@all +subscribe +unsubscribe +psubscribe +punsubscribe +publish +ping")
 #: ... and tenant T's user everything under <prefix>T: and nothing else
 TENANT_ACL = ("user {tenant} on >{password} resetkeys resetchannels &{prefix}{tenant}:* "
@@ -428,7 +429,7 @@ class TenantACLTests(SecuredRedisTestCase):
             TENANT_ACL.format(tenant="app1", password="app1-pass", prefix=PREFIX),
             TENANT_ACL.format(tenant="app2", password="app2-pass", prefix=PREFIX),
             WATCHER_ACL,
-            # the server's user without the three literal request patterns
+            # the server's user without the four literal request patterns
             "user narrow on >narrow-pass resetkeys resetchannels &es:* -@all "
             "+subscribe +unsubscribe +psubscribe +punsubscribe +publish +ping",
         ])
@@ -502,7 +503,7 @@ class TenantACLTests(SecuredRedisTestCase):
                 break
             yield sleep(0.01)
         self.assertEqual(self.redis.cli("PUBSUB", "NUMPAT", user="watcher",
-                                        password="watcher-pass"), "3")
+                                        password="watcher-pass"), "4")
         app1 = yield self.tenant("app1")
         yield self.barrier(app1)
 

@@ -667,7 +667,8 @@ class StatementCountTests(CorrectnessCase):
     """
     Every statement the server's connections run, counted in PyMySQL: the
     usual persist is one INSERT whatever it carries (client event ids, an
-    expected version); a repeat costs one lookup on the ``event_id`` key.
+    expected version), after the append lock every write transaction takes
+    first (docs/OPERATIONS.md); a repeat costs one lookup on the ``event_id`` key.
     """
 
     def count_statements(self):
@@ -678,7 +679,8 @@ class StatementCountTests(CorrectnessCase):
 
         def execute(cursor, query, args=None):
             if any(cursor.connection is c for c in list(connections.values())):
-                statements.append(query.split(None, 1)[0].upper()
+                statements.append("LOCK" if "_append_lock` WHERE" in query
+                                  else query.split(None, 1)[0].upper()
                                   + (" event_id" if "`event_id` IN" in query else ""))
             return real(cursor, query, args)
 
@@ -698,7 +700,7 @@ class StatementCountTests(CorrectnessCase):
             reply = yield persist(self.client, [doc(streams[i % 5])])
             last[streams[i % 5]] = reply[0]["events"][-1]["version"]
             plain.append(reply)
-        self.assertEqual(statements, ["INSERT"] * 10)
+        self.assertEqual(statements, ["LOCK", "INSERT"] * 10)
         del statements[:]
         with_ids = []
         for i in range(10):
@@ -708,7 +710,7 @@ class StatementCountTests(CorrectnessCase):
             last[pid] = reply[0]["events"][-1]["version"]
             with_ids.append(reply)
         # client event ids and an expected version cost no statement of their own
-        self.assertEqual(statements, ["INSERT"] * 10)
+        self.assertEqual(statements, ["LOCK", "INSERT"] * 10)
         self.assertEqual({code_of(r) for r in plain + with_ids}, {"events"})
         del statements[:]
         # repeats: the INSERT the event_id key refuses, then one lookup on that key
@@ -716,7 +718,7 @@ class StatementCountTests(CorrectnessCase):
             documents = [doc(e["pid"], event_id=e["eventId"]) for e in reply[0]["events"]]
             again = yield persist(self.client, documents)
             self.assertTrue(again[0]["duplicate"])
-        self.assertEqual(statements, ["INSERT", "SELECT event_id"] * 5)
+        self.assertEqual(statements, ["LOCK", "INSERT", "SELECT event_id"] * 5)
         del statements[:]
         # a repeat whose expected version fails: no INSERT; the versions read
         # (they were remembered), then the one lookup
@@ -724,7 +726,7 @@ class StatementCountTests(CorrectnessCase):
             documents = [doc(e["pid"], event_id=e["eventId"]) for e in reply[0]["events"]]
             again = yield persist(self.client, documents, expectedVersion=0)
             self.assertTrue(again[0]["duplicate"])
-        self.assertEqual(statements, ["SELECT", "SELECT event_id"] * 5)
+        self.assertEqual(statements, ["LOCK", "SELECT", "SELECT event_id"] * 5)
         self.flushLoggedErrors(pymysql.err.IntegrityError)
 
     def test_the_lookup_is_one_dive_into_the_event_id_key(self):

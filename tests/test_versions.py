@@ -323,7 +323,7 @@ class UpgradeTests(TestCase):
         finished = [e for e in logged if "are NOT NULL" in e.get("log_format", "")]
         self.assertEqual(finished[0]["done"], UPGRADE_ROWS)
         ready = [e for e in logged if "ready ({changes})" in e.get("log_format", "")]
-        self.assertIn("added index pid_version, added index event_id, "
+        self.assertIn("added index pid_version, added index event_id, created event_append_lock, "
                       f"numbered {UPGRADE_ROWS} events", ready[0]["changes"])
         yield self.persist_after(table)
 
