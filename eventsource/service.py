@@ -686,7 +686,7 @@ def _failure_code(failure: Failure) -> Tuple[str, str]:
         return "unavailable", "the server is shutting down"
     if failure.check("eventsource.store.StatementTimeLimit"):
         return "tooLarge", str(failure.value)
-    if failure.check("eventsource.store.VersionConflict"):
+    if failure.check("eventsource.writer.VersionConflict"):
         return "busy", "other writers kept taking this append's versions; try again"
     if failure.check("eventsource.bus.ReplyChannelRefused"):
         return "refused", "Redis refused to publish on the reply channel"

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource.appends import Append, WrongExpectedVersion
-from eventsource.store import GroupCommitWriter
+from eventsource.writer import GroupCommitWriter
 from tests.support import MYSQL, IntegrationTestCase, WireClient
 
 

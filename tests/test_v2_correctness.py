@@ -21,7 +21,8 @@ import pymysql
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from eventsource import ids, query, schema, store
+from eventsource import ids, query, schema
+from eventsource import writer as write_path
 from tests.support import (MYSQL, IntegrationTestCase, LogCapture, WireClient, sql, unique,
                            wait_until)
 from tests.test_faults import TCPProxy, lost_connection_errors
@@ -312,7 +313,7 @@ class ExternalWriterTests(CorrectnessCase):
         times: as another server or a migration would, between the writer's
         numbering and its INSERT.  (The technique of tests/test_versions.py.)
         """
-        real = store._insert_numbered
+        real = write_path._insert_numbered
         done = []
 
         def racing(txn, table, batch, consecutive_ids):
@@ -326,7 +327,7 @@ class ExternalWriterTests(CorrectnessCase):
                     external_append(table, pid, version)
             return real(txn, table, batch, consecutive_ids)
 
-        self.patch(store, "_insert_numbered", racing)
+        self.patch(write_path, "_insert_numbered", racing)
         return done
 
     @defer.inlineCallbacks
@@ -494,7 +495,7 @@ class ExternalWriterTests(CorrectnessCase):
                  " ({events} events), refused {wrong} as wrongExpectedVersion and {busy} as busy",
                  written=written, collisions=collisions, ok=len(replies), events=acknowledged,
                  wrong=codes["wrongExpectedVersion"], busy=codes["busy"])
-        self.flushLoggedErrors(pymysql.err.IntegrityError, store.VersionConflict)
+        self.flushLoggedErrors(pymysql.err.IntegrityError, write_path.VersionConflict)
 
 
 # -- 4. retries store each event exactly once ------------------------------------------
@@ -605,13 +606,13 @@ class RetryTests(CorrectnessCase):
         yield wait_until(lambda: len(writer._queue) == 2, what="both requests queued")
         batches = writer.batches
         inserts = []
-        real = store._insert_numbered
+        real = write_path._insert_numbered
 
         def counting(txn, table, batch, consecutive_ids):
             inserts.append(len(batch))
             return real(txn, table, batch, consecutive_ids)
 
-        self.patch(store, "_insert_numbered", counting)
+        self.patch(write_path, "_insert_numbered", counting)
         lock.release()
         yield blocker
         for body in bodies:

@@ -11,7 +11,8 @@ import pymysql
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventsource import appends, query, wire
-from eventsource.store import StatementTimeLimit, StoreStopping, VersionConflict
+from eventsource.store import StatementTimeLimit, StoreStopping
+from eventsource.writer import VersionConflict
 from tests.test_service import ServiceTestCase, doc
 
 EVENT_ID = "0192f7b0-8c4e-7cc1-9f0e-2b6a3c1d5e4f"

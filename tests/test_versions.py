@@ -14,7 +14,7 @@ import pymysql
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from eventsource import ids, schema, store
+from eventsource import ids, schema, store, writer
 from eventsource.config import Config
 from eventsource.query import InsertPlan
 from eventsource.service import make_server
@@ -137,7 +137,7 @@ class WritePathTests(IntegrationTestCase):
         times: as another server or a migration would, between the writer's
         numbering and its INSERT.
         """
-        real = store._insert_numbered
+        real = writer._insert_numbered
         done = []
 
         def racing(txn, table, batch, consecutive_ids):
@@ -159,7 +159,7 @@ class WritePathTests(IntegrationTestCase):
                     other.close()
             return real(txn, table, batch, consecutive_ids)
 
-        self.patch(store, "_insert_numbered", racing)
+        self.patch(writer, "_insert_numbered", racing)
         return done
 
     @defer.inlineCallbacks
@@ -197,17 +197,17 @@ class WritePathTests(IntegrationTestCase):
 
     @defer.inlineCallbacks
     def test_retries_are_bounded(self):
-        self.behind_the_servers_back(store.VERSION_RETRIES + 1)
+        self.behind_the_servers_back(writer.VERSION_RETRIES + 1)
         reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 1}])
         self.assertEqual(reply, ["error", "end"])
         self.assertEqual([r[2] for r in self.rows("pid, version, name")],
-                         ["external"] * (store.VERSION_RETRIES + 1))
+                         ["external"] * (writer.VERSION_RETRIES + 1))
         assert_streams_exact(self, self.streams())
-        self.flushLoggedErrors(store.VersionConflict)
+        self.flushLoggedErrors(writer.VersionConflict)
         # the next persist is numbered after the external writer's events
         reply = yield self.client.persist([{"pid": "x", "domain": "d", "name": "mine", "data": 2}])
         self.assertEqual(reply[0]["affectedRows"], 1)
-        self.assertEqual(self.rows("version", "WHERE name = 'mine'"), ((store.VERSION_RETRIES + 1,),))
+        self.assertEqual(self.rows("version", "WHERE name = 'mine'"), ((writer.VERSION_RETRIES + 1,),))
 
     @defer.inlineCallbacks
     def test_version_1_cannot_see_the_stream_columns(self):
