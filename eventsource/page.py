@@ -573,8 +573,12 @@ class Tail:
 
     # -- the end ----------------------------------------------------------------
 
-    def close(self, gone: bool = False, abort: bool = False) -> None:
-        """End the answer (``gone``: the connection is gone already); idempotent."""
+    def close(self, gone: bool = False, abort: bool = False, drop: bool = False) -> None:
+        """
+        End the answer (``gone``: the connection is gone already; ``abort``:
+        cut it, unsent data and all; ``drop``: close it once the answer's
+        end is sent); idempotent.
+        """
         if not self.is_live:
             return
         self.is_live = False
@@ -586,12 +590,15 @@ class Tail:
         if gone:
             return
         request.unregisterProducer()
+        channel = request.channel
         if abort:
-            transport: Any = request.channel.transport if request.channel else None
+            transport: Any = channel.transport if channel is not None else None
             if transport is not None:
                 transport.abortConnection()
             return
         request.finish()
+        if drop and channel is not None:
+            channel.loseConnection()
 
 
 class TailRoute(ReadOnly):
@@ -641,11 +648,7 @@ class TailRoute(ReadOnly):
     def close_all(self) -> None:
         """The server stops: end every tail, and drop its connection."""
         for tail in list(self.tails):
-            tail.close()
-            try:
-                tail._request.loseConnection()
-            except Exception:  # (gone already)
-                pass
+            tail.close(drop=True)
 
 
 # -- the server's state -----------------------------------------------------
