@@ -433,9 +433,10 @@ class EventsRouteTests(PageTestCase):
 
     @defer.inlineCallbacks
     def test_limits_are_cut(self):
-        answer = yield self.get_json("/api/events?limit=" + "9" * 400)
-        self.assertEqual(answer["limit"], page.MAX_EVENTS_LIMIT)
-        self.assertEqual(self.plans[0].limit, page.MAX_EVENTS_LIMIT)
+        for limit in ["201", "1000", "9" * 400]:
+            answer = yield self.get_json("/api/events?limit=" + limit)
+            self.assertEqual(answer["limit"], page.MAX_EVENTS_LIMIT)
+            self.assertEqual(self.plans[-1].limit, page.MAX_EVENTS_LIMIT)
 
     @defer.inlineCallbacks
     def test_hostile_parameters_are_refused(self):
