@@ -1,17 +1,22 @@
 """
 The HTTP side, off unless ``--http-port`` is given: ``/metrics`` for
-Prometheus, ``/health/live`` and ``/health/ready`` for orchestrators' probes.
+Prometheus, ``/health/live`` and ``/health/ready`` for orchestrators' probes,
+and the page at ``/`` with its ``/api`` (:mod:`eventsource.page`).
 
 It runs on the server's reactor, as a child service of the
 :class:`eventsource.service.EventSourceService` (:class:`HTTPService`), and
 listens on loopback unless ``--http-interface`` says otherwise.  With
-``--http-token`` every route but ``/health/*`` needs ``Authorization: Bearer
-<token>`` (compared in constant time).
+``--http-token`` every route but ``/health/*`` and the page's own files
+needs ``Authorization: Bearer <token>`` (compared in constant time);
+without one, ``/api`` answers only a ``Host`` that is an address or
+``localhost`` (:func:`local_host`).
 
-Nothing here writes, reads the events table or takes a request body: every
-route is read-only (``GET``/``HEAD``; other methods get 405), a body sent
-anyway is dropped unread, and the only statement it causes is the readiness
-check's ``SELECT 1``, at most once a second however often it is asked.
+Nothing here writes or takes a request body: every route is read-only
+(``GET``/``HEAD``; other methods get 405), and a body sent anyway is dropped
+unread.  Only ``/api`` reads the events table, through fetch's own path
+(:mod:`eventsource.page`); otherwise the only statement the port causes is
+the readiness check's ``SELECT 1``, at most once a second however often it
+is asked.
 
 ``/metrics`` is rendered in the reactor thread from the server's own
 registry (:func:`eventsource.metrics.make_registry`), with prometheus_client's
