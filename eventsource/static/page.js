@@ -25,7 +25,9 @@
   async function api(path, options = {}) {
     const response = await fetch(path, { headers: authHeaders(), cache: "no-store", ...options });
     if (response.status === 401) {
+      const refused = Boolean(token);
       askForToken();
+      if (refused) showError(new Error("The server refused that token."));
       throw new NeedsToken("the token is needed");
     }
     return response;

@@ -4,7 +4,7 @@ Debian's ``chromium-driver`` (``.ci/run`` installs both; nothing is
 downloaded at run time), against a server of this process on the real
 Redis and MariaDB, with a token.
 
-The page loads and asks for the token; the last events are shown and a
+The page loads and asks for the token (and again after a wrong one); the last events are shown and a
 filter works; a stream is shown in version order with ``data``
 pretty-printed; the live tail shows an event persisted through the real
 server within a second of its persist's answer (and not one its filter
@@ -177,6 +177,13 @@ class PageBrowserTests(IntegrationTestCase):
                         what="the token form")
         yield self.screenshot("page-token.png")
         self.assertTrue(all(auth is None for _, _, auth in self.requests[first_api:]))
+        # a wrong token is refused, and the page asks again
+        yield self.browser(lambda driver: self.fill(driver, "login-form",
+                                                    {"token": "not-" + TOKEN}))
+        yield self.wait(lambda driver: driver.find_element("id", "error").text
+                        == "The server refused that token.", what="the refusal")
+        self.assertTrue((yield self.browser(
+            lambda driver: driver.find_element("id", "login").is_displayed())))
         before_login = len(self.requests)
         yield self.browser(lambda driver: self.fill(driver, "login-form", {"token": TOKEN}))
 
@@ -271,8 +278,8 @@ class PageBrowserTests(IntegrationTestCase):
         for _, uri, _ in self.requests:
             self.assertNotIn(TOKEN, uri)
         self.assertIn("/api/tail?domain=order", [uri for _, uri, _ in api])
-        # and the browser saw no error but the first 401 that made it ask
+        # and the browser saw no error but the two 401s that made it ask (no token, a wrong one)
         messages = yield self.browser(lambda driver: driver.get_log("browser"))
         errors = [m["message"] for m in messages if m["level"] == "SEVERE"]
         self.assertEqual([m for m in errors if "401" not in m], [])
-        self.assertEqual(len([m for m in errors if "401" in m]), 1, errors)
+        self.assertEqual(len([m for m in errors if "401" in m]), 2, errors)
