@@ -12,7 +12,7 @@ through these routes, all ``GET``:
     one stream's events in version order, from ``from_version``.
 ``/api/state``
     the server's state: open streams (and subscriptions, tails), the pool,
-    the last position, and events written and rows sent per 10 s over the
+    the last position, and events written and rows sent to fetches per 10 s over the
     last 15 minutes (:class:`Throughput`).
 ``/api/tail?pid=&domain=&name=``
     new events as they commit, as server-sent events (``text/event-stream``),
@@ -393,7 +393,7 @@ class _OneStream(ReadOnly):
 
 
 def traffic(server: Any) -> Tuple[int, int]:
-    """``(events written, rows sent)`` by the server since it started (rows: fetches' and subscriptions')."""
+    """``(events written, rows sent to fetch streams)`` by the server since it started."""
     stats = server.stats
     sent = stats.closed_rows_sent
     for stream in list(server.streams.values()):
@@ -473,6 +473,33 @@ class TailSource(Protocol):
 
     def unfollow(self, listener: TailListener) -> None:
         """Deliver nothing more to ``listener``."""
+
+
+class SubscriptionTail:
+    """
+    The tail source of a server: its tailer (:class:`eventsource.tailer.Tailer`,
+    the subscription machinery), which reads the new events once per commit
+    of this server (and every ``--tail-interval``) for every subscription and
+    every tail together, and hands each the events its ``$where`` matches.
+    A tail runs no query of its own.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def follow(self, listener: TailListener, where: Dict[str, Any]) -> None:
+        from eventsource.matcher import compile_matcher
+
+        server = self._server
+        matcher = compile_matcher(where, server.schema_v2)
+        condition = None
+        if matcher.sql:  # (not for the page's equalities; for any $where all the same)
+            plan = query.compile_select({"$where": where}, server.schema_v2, server.limits)
+            condition = (plan.where_sql or "TRUE", plan.where_params)
+        server.tailer.join(listener, matcher, condition)
+
+    def unfollow(self, listener: TailListener) -> None:
+        self._server.tailer.leave(listener)
 
 
 def sse(event: Optional[str], data: str, event_id: Optional[int] = None) -> bytes:
@@ -690,11 +717,25 @@ def state(server: Any, throughput: Throughput, tails: int, started: float) -> Di
         "eventsWritten": server.stats.events_written,
         "streams": {"open": len(streams), "max": config.max_streams, "byState": by_state,
                     "listed": listed},
-        "subscriptions": None,
+        "subscriptions": _subscriptions(server),
         "tails": {"open": tails, "max": MAX_TAILS},
         "pool": pool,
         "throughput": throughput.as_json(),
     }
+
+
+def _subscriptions(server: Any) -> Dict[str, Any]:
+    """The subscriptions of ``/api/state``: by state, the first :data:`MAX_LISTED` listed."""
+    subscriptions = list(server.subscriptions.values())
+    by_state: Dict[str, int] = {"catching-up": 0, "live": 0}
+    for subscription in subscriptions:
+        by_state[subscription.state.value] = by_state.get(subscription.state.value, 0) + 1
+    listed = [{"channel": _channel(subscription.channel), "state": subscription.state.value,
+               "position": subscription.covered, "window": subscription.window,
+               "rowsSent": subscription.rows_sent, "heldBytes": subscription.held_bytes}
+              for subscription in subscriptions[:MAX_LISTED]]
+    return {"open": len(subscriptions), "max": server.config.max_subscriptions,
+            "byState": by_state, "listed": listed}
 
 
 class StateRoute(ReadOnly):
@@ -770,6 +811,8 @@ class Page:
         self.files = _Files()
         for name in ("page.js", "page.css"):
             self.files.putChild(name.encode("ascii"), StaticFile(name))
+        if tail_source is None and hasattr(server, "tailer"):
+            tail_source = SubscriptionTail(server)
         self.tail = TailRoute(self.reader, tail_source, clock)
         self.api = _Files()
         self.api.putChild(b"events", EventsRoute(self.reader))

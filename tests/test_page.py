@@ -313,11 +313,13 @@ class PageTestCase(TestCase):
     """A server on in-memory doubles with its HTTP port, a MemoryTail its tail source."""
 
     config = {}
+    #: the tail source is a MemoryTail (else the server's own: its tailer)
+    memory_tail = True
 
     def setUp(self):
         self.bus = MemoryBus()
         self.store = MemoryStore()
-        self.source = MemoryTail()
+        self.source = MemoryTail() if self.memory_tail else None
         self.server = EventSourceService(Config(http_port=0, **self.config), reactor,
                                          store=self.store, bus=self.bus.attach,
                                          stop_reactor_on_failure=False)
@@ -596,6 +598,25 @@ class StateRouteTests(PageTestCase):
                          ("reply-77", "awaiting-accept", 1))
 
 
+class SubscriptionsStateTests(PageTestCase):
+    @defer.inlineCallbacks
+    def test_subscriptions_listed(self):
+        answer = yield self.get_json("/api/state")
+        self.assertEqual(answer["subscriptions"], {
+            "open": 0, "max": self.server.config.max_subscriptions, "listed": [],
+            "byState": {"catching-up": 0, "live": 0}})
+        self.store.add()
+        self.bus.deliver("subscribe", json.dumps({"v": 2, "channel": "reply-sub", "from": "end",
+                                                  "query": {"$select": {}}}))
+        yield wait_until(lambda: self.server.subscriptions.get("reply-sub") is not None
+                         and self.server.subscriptions["reply-sub"].state.value == "live")
+        answer = yield self.get_json("/api/state")
+        self.assertEqual(answer["subscriptions"]["open"], 1)
+        self.assertEqual(answer["subscriptions"]["listed"], [{
+            "channel": "reply-sub", "state": "live", "position": 1, "window": 100, "rowsSent": 0,
+            "heldBytes": 0}])
+
+
 class TokenTests(PageTestCase):
     config = {"http_token": TOKEN}
 
@@ -691,6 +712,39 @@ class TailRouteTests(PageTestCase):
         yield client.closed
         self.assertTrue(client.data.endswith(b"0\r\n\r\n"))  # (the chunked answer's end)
         self.assertEqual(self.source.following, {})
+
+
+class SubscriptionTailTests(PageTestCase):
+    """The server's own tail source: the subscriptions' tailer (on the in-memory store)."""
+
+    memory_tail = False
+
+    def persist(self, pid):
+        self.bus.deliver("persist", json.dumps({"channel": "reply-1", "query": {"$insert": {
+            "$documents": [{"pid": pid, "domain": "d", "name": "n", "data": {"pid": pid}}]}}}))
+
+    @defer.inlineCallbacks
+    def test_the_tailer_feeds_the_tail(self):
+        self.persist("p1")  # (before the tail: not in it)
+        client = yield open_stream(self.port, "/api/tail?pid=p1")
+        yield wait_until(lambda: b"event: ready" in client.data)
+        self.assertIn(b'data: {"position": 1}', client.data)
+        tailer = self.server.tailer
+        self.assertEqual(len(tailer), 1)
+        reads = len(self.store.tail_reads)
+        for pid in ["p2", "p1", "p3", "p1"]:
+            self.persist(pid)
+        yield wait_until(lambda: client.data.count(b"event: event") == 2)
+        events = [json.loads(line[6:]) for line in client.data.decode().split("\n")
+                  if line.startswith("data: {\"position\"") and "eventId" in line]
+        self.assertEqual([(e["position"], e["pid"], e["version"]) for e in events],
+                         [(3, "p1", 1), (5, "p1", 2)])
+        self.assertEqual(events[0]["data"], {"pid": "p1"})
+        self.assertEqual(self.plans, [])  # (the tail read nothing itself: the tailer did)
+        self.assertGreater(len(self.store.tail_reads), reads)
+        client.transport.loseConnection()
+        yield client.closed
+        yield wait_until(lambda: len(tailer) == 0)
 
 
 # -- against the real MariaDB ------------------------------------------------------------

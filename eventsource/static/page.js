@@ -72,6 +72,8 @@
     for (const view of VIEWS) $("view-" + view).hidden = true;
     $("login").hidden = false;
     $("forget").hidden = true;
+    $("health").textContent = "the token is needed";
+    $("health").className = "health";
     $("token").focus();
   }
 
@@ -374,7 +376,7 @@
         x: x + 1, y: y(sample.written), width: Math.max(1, slot - 2),
         height: Math.max(0, y(0) - y(sample.written)), class: "written",
       });
-      bar.append(svg("title", {}, `${sample.written} events written, ${sample.sent} rows sent ` +
+      bar.append(svg("title", {}, `${sample.written} events written, ${sample.sent} rows sent to fetches ` +
         `in the 10 s to ${new Date(sample.end * 1000).toLocaleTimeString()}`));
       chart.append(bar);
       points.push(`${x + slot / 2},${y(sample.sent)}`);
@@ -425,7 +427,8 @@
       for (const s of subscriptions.listed) {
         const row = element("tr");
         row.append(element("td", s.channel), element("td", s.state), element("td", s.position, "number"),
-          element("td", s.eventsSent, "number"), element("td", s.eventsAccepted, "number"));
+          element("td", s.window, "number"), element("td", s.rowsSent, "number"),
+          element("td", s.heldBytes, "number"));
         subRows.append(row);
       }
       $("subscriptions-table").hidden = !subscriptions.listed.length;

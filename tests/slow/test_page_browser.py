@@ -27,7 +27,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from tests.support import IntegrationTestCase, sleep
+from tests.support import IntegrationTestCase, sleep, unique
 
 log = Logger()
 
@@ -37,7 +37,10 @@ TOKEN = "browser-test-token-Yt5_Rk2-page"
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: the browser's window, as the screenshots show it
-WINDOW = (1280, 820)
+WINDOW = (1280, 1000)
+
+#: events written in each of the throughput samples the test takes (the chart's bars)
+WAVES = [(7 * k) % 13 + 2 for k in range(36)]
 
 #: the events persisted before the page is opened: (pid, domain, name, data)
 EVENTS = [
@@ -56,7 +59,8 @@ EVENTS = [
 
 class PageBrowserTests(IntegrationTestCase):
     timeout = 240
-    server_config = {"http_port": 0, "http_token": TOKEN}
+    # (a fetch left waiting shows in the server view: no row timeout meanwhile)
+    server_config = {"http_port": 0, "http_token": TOKEN, "row_timeout": 120}
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -162,10 +166,11 @@ class PageBrowserTests(IntegrationTestCase):
     @defer.inlineCallbacks
     def test_the_page(self):
         # a chart with a few samples to draw: traffic in waves, a sample after each
-        for wave in [3, 8, 5, 12, 9, 4, 14, 6]:
-            yield self.client.persist([{"pid": f"load-{wave}-{i}", "domain": "load",
+        for k, wave in enumerate(WAVES):
+            yield self.client.persist([{"pid": f"load-{k}-{i}", "domain": "load",
                                         "name": "tick", "data": {"i": i}} for i in range(wave)])
-            yield self.client.fetch({"$where": {"domain": "load"}, "$limit": wave}, window=50)
+            yield self.client.fetch({"$where": {"domain": "load"}, "$limit": 2 * wave},
+                                    window=50)
             self.page.throughput.sample()
         for event in EVENTS:
             yield self.persist(*event)
@@ -260,19 +265,38 @@ class PageBrowserTests(IntegrationTestCase):
         yield self.screenshot("page-tail.png")
         yield self.browser(lambda driver: driver.find_element("id", "tail-stop").click())
 
-        # the server's state and its throughput chart
+        # the server's state and its throughput chart, with a subscription and a fetch open
+        subscription, fetch = unique("reply-subscription"), unique("reply-fetch")
+        for channel in (subscription, fetch):
+            yield self.client.subscribe(channel)
+        yield self.client.request("subscribe", {
+            "v": 2, "channel": subscription, "from": "end", "window": 50,
+            "query": {"$select": {"$where": {"domain": "order", "name": "paid"}}}})
+        yield self.client.request("fetch", {"channel": fetch, "query": {"$select": {}}})
+        yield self.client.wait_count(fetch, 1)
         yield self.browser(lambda driver: driver.get(self.base + "#server"))
-        yield self.wait(lambda driver: len(self.texts(driver, "#chart rect.written")) >= 8,
-                        what="the throughput chart")
+        yield self.wait(lambda driver: len(self.texts(driver, "#chart rect.written")) == len(WAVES)
+                        and len(self.texts(driver, "#subscriptions-table tbody tr")) == 1
+                        and len(self.texts(driver, "#streams-table tbody tr")) == 1,
+                        what="the throughput chart, the subscription and the stream")
         facts = yield self.browser(self.texts, "#server-facts div")
         self.assertIn("serving\nyes", facts)
         self.assertIn(f"table\n{self.table}", facts)
+        self.assertIn("subscriptions\n1 of 10000", facts)
+        rows = yield self.browser(self.texts, "#subscriptions-table tbody td")
+        self.assertEqual(rows[:2], [subscription, "live"])
+        rows = yield self.browser(self.texts, "#streams-table tbody td")
+        self.assertEqual(rows[:3], [fetch, "1", "awaiting-accept"])
         yield self.screenshot("page-server.png")
+        yield self.client.request("fetch-next", {"v": 2, "channel": subscription, "end": True})
+        yield self.client.publish(fetch, '"end"')
 
         # every request of the page to /api carried the token, in its header only
         api = [(method, uri, auth) for method, uri, auth in self.requests[before_login:]
                if uri.startswith("/api/")]
-        self.assertGreater(len(api), 8)
+        self.assertEqual({uri.split("?")[0].rsplit("/", 1)[0] if "/stream/" in uri
+                          else uri.split("?")[0] for _, uri, _ in api},
+                         {"/api/state", "/api/events", "/api/stream", "/api/tail"})
         for method, uri, auth in api:
             self.assertEqual((method, auth), ("GET", f"Bearer {TOKEN}".encode()), uri)
         for _, uri, _ in self.requests:
