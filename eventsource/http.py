@@ -349,6 +349,7 @@ class HTTPService(service.Service):
         from eventsource.page import Page  # (it builds on this module's resources)
 
         self.page = Page(server, reactor, tail_source)
+        self.collector.add_source(self.page.metrics)
         self.site = HTTPSite(Root(self.registry, self.readiness, config.http_token, self.page),
                              timeout=IDLE_TIMEOUT)
         self.site.displayTracebacks = False

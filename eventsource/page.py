@@ -46,8 +46,9 @@ import re
 import time
 from collections import deque
 from importlib import resources as importlib_resources
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -822,6 +823,11 @@ class Page:
 
     def state(self) -> Dict[str, Any]:
         return state(self._server, self.throughput, len(self.tail.tails), self._started)
+
+    def metrics(self) -> Iterator[Metric]:
+        """The page's metrics (a source of :class:`eventsource.metrics.ServerCollector`)."""
+        yield GaugeMetricFamily("eventsource_page_tails", "Live tails of the page open now "
+                                "(/api/tail).", value=len(self.tail.tails))
 
     def start(self) -> None:
         self._started = time.time()

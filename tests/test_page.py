@@ -673,6 +673,8 @@ class TailRouteTests(PageTestCase):
                       client.data)
         state = yield self.get_json("/api/state")
         self.assertEqual(state["tails"]["open"], 1)
+        _, _, metrics = yield self.get("/metrics")
+        self.assertIn(b"\neventsource_page_tails 1.0\n", metrics)
         client.transport.loseConnection()
         yield client.closed
         yield wait_until(lambda: self.source.left == [listener])
