@@ -23,6 +23,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["eventsource", "eventsource.*"]) + ["twisted.plugins"],
+    # the page the HTTP port serves at / (eventsource.page): read from the
+    # installed package, so the wheel (and the sdist it is built from) carries them
+    package_data={"eventsource": ["static/index.html", "static/page.js", "static/page.css"]},
     python_requires=">=3.10",
     install_requires=[
         "twisted>=23.10",

@@ -1,17 +1,22 @@
 """
 The HTTP side, off unless ``--http-port`` is given: ``/metrics`` for
-Prometheus, ``/health/live`` and ``/health/ready`` for orchestrators' probes.
+Prometheus, ``/health/live`` and ``/health/ready`` for orchestrators' probes,
+and the page at ``/`` with its ``/api`` (:mod:`eventsource.page`).
 
 It runs on the server's reactor, as a child service of the
 :class:`eventsource.service.EventSourceService` (:class:`HTTPService`), and
 listens on loopback unless ``--http-interface`` says otherwise.  With
-``--http-token`` every route but ``/health/*`` needs ``Authorization: Bearer
-<token>`` (compared in constant time).
+``--http-token`` every route but ``/health/*`` and the page's own files
+needs ``Authorization: Bearer <token>`` (compared in constant time);
+without one, ``/api`` answers only a ``Host`` that is an address or
+``localhost`` (:func:`local_host`).
 
-Nothing here writes, reads the events table or takes a request body: every
-route is read-only (``GET``/``HEAD``; other methods get 405), a body sent
-anyway is dropped unread, and the only statement it causes is the readiness
-check's ``SELECT 1``, at most once a second however often it is asked.
+Nothing here writes or takes a request body: every route is read-only
+(``GET``/``HEAD``; other methods get 405), and a body sent anyway is dropped
+unread.  Only ``/api`` reads the events table, through fetch's own path
+(:mod:`eventsource.page`); otherwise the only statement the port causes is
+the readiness check's ``SELECT 1``, at most once a second however often it
+is asked.
 
 ``/metrics`` is rendered in the reactor thread from the server's own
 registry (:func:`eventsource.metrics.make_registry`), with prometheus_client's
@@ -126,14 +131,14 @@ def _readiness_of(database_problem: Optional[str]) -> Tuple[bool, str]:
     return (False, database_problem) if database_problem else (True, "ready")
 
 
-def _plain(request: server.Request, code: int, text: str) -> bytes:
+def plain(request: server.Request, code: int, text: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", TEXT)
     request.setHeader(b"cache-control", b"no-store")
     return (text + "\n").encode("utf-8")
 
 
-class _ReadOnly(resource.Resource):
+class ReadOnly(resource.Resource):
     """
     A route that answers ``GET`` and ``HEAD`` only (405 to every other
     method, where Twisted would say 501 to some), and has no children.
@@ -142,19 +147,20 @@ class _ReadOnly(resource.Resource):
     def render(self, request: server.Request) -> Any:
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            return _plain(request, 405, "this server only answers GET and HEAD")
+            return plain(request, 405, "this server only answers GET and HEAD")
         return super().render(request)
 
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return _NotFound()
 
 
-class _NotFound(_ReadOnly):
+class _NotFound(ReadOnly):
     isLeaf = True
 
     def render_GET(self, request: server.Request) -> bytes:
-        return _plain(request, 404, "not found: the routes are /metrics, /health/live, "
-                      "/health/ready")
+        return plain(request, 404, "not found: the routes are / (the page), /api/events, "
+                     "/api/stream/<pid>, /api/state, /api/tail, /metrics, /health/live, "
+                     "/health/ready")
 
 
 class _Unauthorized(resource.Resource):
@@ -164,18 +170,18 @@ class _Unauthorized(resource.Resource):
 
     def render(self, request: server.Request) -> bytes:
         request.setHeader(b"www-authenticate", b'Bearer realm="eventsource"')
-        return _plain(request, 401, "this route needs Authorization: Bearer <token> "
-                      "(--http-token)")
+        return plain(request, 401, "this route needs Authorization: Bearer <token> "
+                     "(--http-token)")
 
 
-class _Directory(_ReadOnly):
+class _Directory(ReadOnly):
     """A path with children only: itself, and any other child, is not found."""
 
     def render_GET(self, request: server.Request) -> bytes:
         return _NotFound().render_GET(request)
 
 
-class MetricsPage(_ReadOnly):
+class MetricsPage(ReadOnly):
     """``/metrics``: the registry, in the format the scraper asks for (text or OpenMetrics)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -191,14 +197,14 @@ class MetricsPage(_ReadOnly):
         return output
 
 
-class LivePage(_ReadOnly):
+class LivePage(ReadOnly):
     """``/health/live``: the reactor answered, so the process is alive."""
 
     def render_GET(self, request: server.Request) -> bytes:
-        return _plain(request, 200, "live")
+        return plain(request, 200, "live")
 
 
-class ReadyPage(_ReadOnly):
+class ReadyPage(ReadOnly):
     """``/health/ready``: 200 ``ready``, or 503 and the reason."""
 
     def __init__(self, readiness: Readiness) -> None:
@@ -213,13 +219,13 @@ class ReadyPage(_ReadOnly):
             if gone:
                 return  # (the prober hung up)
             ready, reason = result
-            request.write(_plain(request, 200 if ready else 503, reason))
+            request.write(plain(request, 200 if ready else 503, reason))
             request.finish()
 
         def failed(failure: Failure) -> None:
             log.failure("the readiness check failed", failure)
             if not gone:
-                request.write(_plain(request, 500, "the readiness check failed"))
+                request.write(plain(request, 500, "the readiness check failed"))
                 request.finish()
 
         self._readiness.check().addCallbacks(answer, failed)
@@ -233,11 +239,49 @@ def authorized(request: server.Request, token: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
 
 
-class Root(_ReadOnly):
-    """The routes, behind the token (when there is one) except ``/health``."""
+def local_host(request: server.Request) -> bool:
+    """
+    Whether the request's ``Host`` is an IP address or ``localhost``: a page
+    on another site that a DNS name of its own points at this port (DNS
+    rebinding) names itself there, never an address.
+    """
+    host = (request.getHeader(b"host") or b"").decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Forbidden(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return plain(request, 403, "without --http-token the page's data is served only to a "
+                     "Host that is an IP address or localhost (a defence against DNS "
+                     "rebinding); set a token to reach it by a name")
+
+
+#: the paths a browser loads without the token: the page's files hold no data
+_OPEN_PATHS = frozenset((b"health", b"", b"static"))
+
+
+class Root(ReadOnly):
+    """
+    The routes, behind the token (when there is one) except ``/health``
+    and the page's own files (``/``, ``/static``); ``/api`` is the page's
+    data (:mod:`eventsource.page`), served without a token only to a
+    ``Host`` that is an address (:func:`local_host`).
+    """
 
     def __init__(self, registry: CollectorRegistry, readiness: Readiness,
-                 token: Optional[str]) -> None:
+                 token: Optional[str], page: Any = None) -> None:
         super().__init__()
         self._token = token.encode("ascii") if token else None
         health = _Directory()
@@ -245,9 +289,16 @@ class Root(_ReadOnly):
         health.putChild(b"ready", ReadyPage(readiness))
         self.putChild(b"health", health)
         self.putChild(b"metrics", MetricsPage(registry))
+        if page is not None:
+            self.putChild(b"", page.index)
+            self.putChild(b"static", page.files)
+            self.putChild(b"api", page.api)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.Resource:
-        if self._token is not None and path != b"health" and not authorized(request, self._token):
+        if self._token is None:
+            if path == b"api" and not local_host(request):
+                return _Forbidden()
+        elif path not in _OPEN_PATHS and not authorized(request, self._token):
             return _Unauthorized()
         return super().getChildWithDefault(path, request)
 
@@ -286,7 +337,8 @@ class HTTPService(service.Service):
 
     name = "http"
 
-    def __init__(self, server: Any, reactor: Any, process_metrics: bool = True) -> None:
+    def __init__(self, server: Any, reactor: Any, process_metrics: bool = True,
+                 tail_source: Any = None) -> None:
         self._server = server
         self._reactor = reactor
         config = server.config
@@ -294,8 +346,12 @@ class HTTPService(service.Service):
         self._wanted_port: int = config.http_port
         self.registry, self.collector = make_registry(server, process=process_metrics)
         self.readiness = Readiness(server, reactor)
-        self.site = HTTPSite(Root(self.registry, self.readiness, config.http_token),
-                          timeout=IDLE_TIMEOUT)
+        from eventsource.page import Page  # (it builds on this module's resources)
+
+        self.page = Page(server, reactor, tail_source)
+        self.collector.add_source(self.page.metrics)
+        self.site = HTTPSite(Root(self.registry, self.readiness, config.http_token, self.page),
+                             timeout=IDLE_TIMEOUT)
         self.site.displayTracebacks = False
         self._listening: Optional[IListeningPort] = None
         self._token_given = config.http_token is not None
@@ -313,12 +369,14 @@ class HTTPService(service.Service):
             return
         self._listening = self._reactor.listenTCP(self._wanted_port, self.site,
                                                   interface=self.interface)
-        log.info("HTTP on {address}: /metrics, /health/live, /health/ready{token}",
-                 address=_address(self.interface, self.port or 0),
-                 token=" (a bearer token needed but on /health)" if self._token_given else "")
+        log.info("HTTP on {address}: the page at /, /api, /metrics, /health/live, "
+                 "/health/ready{token}", address=_address(self.interface, self.port or 0),
+                 token=" (a bearer token needed but on /health and the page's own files)"
+                 if self._token_given else "")
         if not ipaddress.ip_address(self.interface).is_loopback and not self._token_given:
             log.warn("HTTP listens on {interface} without --http-token: anyone who can reach "
-                     "it can read /metrics", interface=self.interface)
+                     "it can read /metrics and the events, through the page",
+                     interface=self.interface)
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -327,10 +385,12 @@ class HTTPService(service.Service):
     def startService(self) -> None:
         self._listen()
         super().startService()
+        self.page.start()
 
     def stopService(self) -> "defer.Deferred[None]":
         super().stopService()
         self.readiness.cancel()
+        self.page.stop()
         listening, self._listening = self._listening, None
         if listening is None:
             return defer.succeed(None)

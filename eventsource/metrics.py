@@ -155,11 +155,12 @@ class ServerCollector:
                      "(--max-subscriptions).", server.config.max_subscriptions)
         tailer = server.tailer
         yield CounterMetricFamily("eventsource_tail_reads", "Reads of new events for "
-                                  "subscriptions (one query each, for all of them).",
-                                  value=tailer.reads)
+                                  "subscriptions and the page's live tails (one query each, "
+                                  "for all of them).", value=tailer.reads)
         yield CounterMetricFamily("eventsource_subscription_events_delivered",
-                                  "New events handed to subscriptions (one per subscription "
-                                  "an event matched).", value=tailer.deliveries)
+                                  "New events handed to subscriptions and the page's live "
+                                  "tails (one per subscription or tail an event matched).",
+                                  value=tailer.deliveries)
 
     def _store(self) -> Iterator[Metric]:
         store = self._server.store

@@ -326,8 +326,8 @@ SETTINGS = (
         "http-port",
         "EVENTSOURCE_HTTP_PORT",
         port_or_any,
-        "Serve /metrics (Prometheus) and /health/live, /health/ready over HTTP on this port "
-        "(0: any free port); none: no HTTP.",
+        "Serve the page (/) and its /api, /metrics (Prometheus) and /health/live, "
+        "/health/ready over HTTP on this port (0: any free port); none: no HTTP.",
     ),
     Setting(
         "http-interface",
@@ -339,8 +339,8 @@ SETTINGS = (
         "http-token",
         "EVENTSOURCE_HTTP_TOKEN",
         bearer_token,
-        "Bearer token every HTTP route but /health/* requires (Authorization: Bearer TOKEN); "
-        "none: no check.",
+        "Bearer token every HTTP route but /health/* and the page's own files requires "
+        "(Authorization: Bearer TOKEN); none: no check.",
     ),
     Setting(
         "log-format",

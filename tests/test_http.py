@@ -179,8 +179,11 @@ class RoutesTests(RoutesTestCase):
 
     @defer.inlineCallbacks
     def test_nothing_else(self):
-        for path in ["/", "/index.html", "/metrics/", "/metrics/x", "/health", "/health/",
-                     "/health/ready/x", "/health/nope", "/../etc/passwd", "/%2e%2e/metrics"]:
+        for path in ["/index.html", "/metrics/", "/metrics/x", "/health", "/health/",
+                     "/health/ready/x", "/health/nope", "/../etc/passwd", "/%2e%2e/metrics",
+                     "/static", "/static/", "/static/nope.js", "/static/page.js/x",
+                     "/static/../metrics", "/static/%2e%2e/setup.py", "/static/__init__.py",
+                     "/api", "/api/", "/api/nope", "/api/state/x", "/api/events/x"]:
             status, _, body = yield self.get(path)
             self.assertEqual(status, 404, path)
             self.assertIn(b"not found", body)
@@ -246,7 +249,8 @@ class TokenTests(RoutesTestCase):
     @defer.inlineCallbacks
     def test_every_route_but_health_needs_the_token(self):
         log = LogCapture(self)
-        for path in ["/metrics", "/", "/nope", "/metrics/x"]:
+        for path in ["/metrics", "/nope", "/metrics/x", "/api/state", "/api/events",
+                     "/api/stream/p1", "/api/tail", "/api/nope"]:
             for headers in [{}, {"Authorization": "Bearer wrong-" + TOKEN},
                             {"Authorization": "Bearer " + TOKEN[:-1]},
                             {"Authorization": "Basic " + TOKEN},
@@ -268,7 +272,8 @@ class TokenTests(RoutesTestCase):
         status, _, _ = yield self.get("/metrics", method="POST",
                                       headers={"Authorization": f"Bearer {TOKEN}"})
         self.assertEqual(status, 405)
-        for path in ["/health/live", "/health/ready"]:
+        for path in ["/health/live", "/health/ready", "/", "/static/page.js",
+                     "/static/page.css"]:
             status, _, _ = yield self.get(path)
             self.assertEqual(status, 200, path)
         self.assertFalse([text for text in log.details() if TOKEN[:12] in text])
