@@ -161,6 +161,31 @@ class ServerCollector:
                                   "New events handed to subscriptions and the page's live "
                                   "tails (one per subscription or tail an event matched).",
                                   value=tailer.deliveries)
+        yield _histogram("eventsource_subscription_delivery_latency_seconds",
+                         "Seconds from a new event's append (its timestamp) to its hand-over "
+                         "to the subscriptions and live tails it matched, once per event.",
+                         tailer.delivery_latency)
+        now = server.seconds()
+        waiting = {"catching-up": 0, "live": 0}
+        live_events = live_seconds = 0.0
+        for subscription in list(server.subscriptions.values()):
+            state = subscription.state.value
+            count = subscription.waiting_events
+            waiting[state] = waiting.get(state, 0) + count
+            if state == "live":
+                live_events = max(live_events, count)
+                live_seconds = max(live_seconds, subscription.waiting_seconds(now))
+        lag = GaugeMetricFamily(
+            "eventsource_subscription_lag_events", "Events matched and not yet sent, over all "
+            "subscriptions, by state (catching-up ones also read history).", labels=["state"])
+        for state, count in sorted(waiting.items()):
+            lag.add_metric([state], count)
+        yield lag
+        yield _gauge("eventsource_subscription_lag_events_max", "The most events any live "
+                     "subscription has matched and not yet sent.", live_events)
+        yield _gauge("eventsource_subscription_lag_seconds_max", "The longest any live "
+                     "subscription with events waiting has waited for its client to accept "
+                     "its oldest row (0 when none waits).", live_seconds)
 
     def _store(self) -> Iterator[Metric]:
         store = self._server.store

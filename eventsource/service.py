@@ -189,6 +189,10 @@ class EventSourceService(service.MultiService):
         """Persists taken and not answered yet."""
         return len(self._persists)
 
+    def seconds(self) -> float:
+        """The time on the server's clock (the reactor's; a test's ``Clock``)."""
+        return float(self._reactor.seconds())
+
     # -- life cycle -----------------------------------------------------
 
     def startService(self) -> None:

@@ -227,6 +227,20 @@ class Subscription:
         """Bytes of events held for the client (the outbox and the live buffer)."""
         return self._outbox_bytes + self._buffered
 
+    @property
+    def waiting_events(self) -> int:
+        """Events matched and not yet published (the outbox and the live buffer): its lag."""
+        return len(self._bodies) - self._head + len(self._buffer)
+
+    def waiting_seconds(self, now: float) -> float:
+        """
+        How long events have waited for the client: the age of the oldest
+        row it has not accepted while others wait behind it (0 when none wait).
+        """
+        if not self._sent_at or self.waiting_events == 0:
+            return 0.0
+        return max(0.0, now - self._sent_at[0])
+
     # -- inputs ---------------------------------------------------------
 
     def join(self, high_water: int) -> None:

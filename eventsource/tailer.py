@@ -27,6 +27,7 @@ With no subscription at all the tailer reads nothing; the first to join
 finds the position at the table's end (nobody can miss the events skipped).
 """
 
+from datetime import timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -35,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from eventsource.interfaces import IEventStore
+from eventsource.stats import SECONDS_BOUNDS, Histogram
 from eventsource.matcher import Matcher, MatcherIndex
 from eventsource.stream import row_size
 
@@ -78,6 +80,9 @@ class Tailer:
         self.events_read = 0
         self.deliveries = 0
         self.sql_checks = 0
+        #: seconds from an event's append (its ``timestamp``) to its hand-over
+        #: to the subscriptions it matched, once per event that matched any
+        self.delivery_latency = Histogram(SECONDS_BOUNDS)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -187,6 +192,12 @@ class Tailer:
         self.position = rows[-1][0]
         sizes: Dict[int, int] = {}
         index = self.index
+        if decided:
+            now = self._clock.seconds()
+            observe = self.delivery_latency.observe
+            for k in sorted({k for matched in decided.values() for k in matched}):
+                appended = rows[k][2][6]
+                observe(max(0.0, now - appended.replace(tzinfo=timezone.utc).timestamp()))
         for subscription, matched in decided.items():
             if subscription not in index:
                 continue  # (it ended meanwhile)

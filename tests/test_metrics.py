@@ -221,6 +221,29 @@ class SubscriptionCountTests(ServiceTestCase):
         self.assertEqual(value(registry, "eventsource_subscription_events_delivered_total"), 2)
 
 
+    def test_lag_and_delivery_latency(self):
+        self.make(row_timeout=60)
+        registry, _ = metrics.make_registry(self.service, process=False)
+        self.send("subscribe", json.dumps({"v": 2, "channel": "a", "from": "end", "window": 1,
+                                           "query": {"$select": {}}}))
+        self.clock.advance(0)
+        self.send("persist", persist_body("r", [doc(), doc(), doc()]))
+        self.assertEqual(len(self.out("a")), 2)   # caughtUp, then the one row the window lets out
+        self.assertEqual(value(registry, "eventsource_subscription_lag_events", state="live"), 2)
+        self.assertEqual(value(registry, "eventsource_subscription_lag_events_max"), 2)
+        self.clock.advance(5)
+        self.assertEqual(value(registry, "eventsource_subscription_lag_seconds_max"), 5)
+        self.assertEqual(value(registry, "eventsource_subscription_delivery_latency_seconds_count"), 3)
+        self.send("fetch-next", json.dumps({"channel": "a"}))
+        self.assertEqual(value(registry, "eventsource_subscription_lag_events_max"), 1)
+        self.assertEqual(value(registry, "eventsource_subscription_lag_seconds_max"), 0)
+        self.clock.advance(2)
+        self.assertEqual(value(registry, "eventsource_subscription_lag_seconds_max"), 2)
+        self.send("fetch-next", json.dumps({"channel": "a"}))
+        self.assertEqual(value(registry, "eventsource_subscription_lag_events_max"), 0)
+        self.assertEqual(value(registry, "eventsource_subscription_lag_seconds_max"), 0)
+
+
 class ServingTests(ServiceTestCase):
     def test_serving_and_limits(self):
         self.make(max_streams=7, pool_size=3)
