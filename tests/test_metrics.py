@@ -244,6 +244,25 @@ class SubscriptionCountTests(ServiceTestCase):
         self.assertEqual(value(registry, "eventsource_subscription_lag_seconds_max"), 0)
 
 
+class DocumentedTests(ServiceTestCase):
+    def test_every_metric_is_in_operations_md(self):
+        """docs/OPERATIONS.md lists every family the server exports (its meaning and an alert)."""
+        import os
+
+        self.make()
+        registry, _ = metrics.make_registry(self.service, process=False)
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "docs", "OPERATIONS.md")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        names = {family.name for family in registry.collect()}
+        self.assertGreater(len(names), 20)
+        missing = sorted(name for name in names
+                         if f"`{name}`" not in text and f"`{name}_total`" not in text
+                         and f"`{name}_info`" not in text)
+        self.assertEqual(missing, [])
+
+
 class ServingTests(ServiceTestCase):
     def test_serving_and_limits(self):
         self.make(max_streams=7, pool_size=3)
