@@ -670,9 +670,13 @@ class SelectPlan:
     #: ``JSON_VALUE``); empty: all plain (version 1)
     encodings: Tuple[str, ...] = field(default=(), repr=False)
 
-    def row_encoder(self, names: Sequence[str]) -> Callable[[Sequence[Any]], str]:
-        """Encodes one result row (its values, in ``names`` order) to its message body."""
-        return wire.row_encoder(names, self.encodings)
+    def row_encoder(self, names: Sequence[str],
+                    checked_json: bool = False) -> Callable[[Sequence[Any]], str]:
+        """
+        Encodes one result row (its values, in ``names`` order) to its message
+        body; ``checked_json``: MariaDB checked the JSON columns' text.
+        """
+        return wire.row_encoder(names, self.encodings, checked_json)
 
     def _where(self, bounds: str) -> str:
         if self.where_sql is None:

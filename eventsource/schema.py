@@ -155,6 +155,12 @@ def create_statements(database: str, table: str) -> List[str]:
     ]
 
 
+#: whether MariaDB checks that the table's ``data`` is JSON (parameters:
+#: database, table): a ``JSON`` column has that constraint on MariaDB
+DATA_CHECKED_SQL = ("SELECT COUNT(*) FROM information_schema.CHECK_CONSTRAINTS"
+                    " WHERE CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s"
+                    " AND REPLACE(CHECK_CLAUSE, '`', '') = 'json_valid(data)'")
+
 #: whether the table exists (parameters: database, table)
 TABLE_EXISTS_SQL = ("SELECT COUNT(*) FROM information_schema.TABLES"
                     " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s")

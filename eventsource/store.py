@@ -298,24 +298,25 @@ def finish_upgrade(txn: Txn, table: str) -> Optional[int]:
     return None
 
 
-def _encode_page(txn: Txn, plan: SelectPlan) -> Tuple[List[str], Optional[int]]:
+def _encode_page(txn: Txn, plan: SelectPlan,
+                 checked_json: bool = False) -> Tuple[List[str], Optional[int]]:
     """Encode the rows of the last statement; returns ``(bodies, last_keyset)``."""
     names = [column[0] for column in txn.description]
     rows = txn.fetchall()
     last = None
     if plan.keyset:
-        encode = plan.row_encoder(names[:-1])
+        encode = plan.row_encoder(names[:-1], checked_json)
         bodies = [encode(row[:-1]) for row in rows]
         if rows:
             last = rows[-1][-1]
     else:
-        encode = plan.row_encoder(names)
+        encode = plan.row_encoder(names, checked_json)
         bodies = [encode(row) for row in rows]
     return bodies, last
 
 
-def _encode_bounded(cursor: Any, plan: SelectPlan,
-                    max_bytes: int) -> Tuple[List[str], Optional[int], bool]:
+def _encode_bounded(cursor: Any, plan: SelectPlan, max_bytes: int,
+                    checked_json: bool = False) -> Tuple[List[str], Optional[int], bool]:
     """
     Encode rows from an unbuffered cursor until they reach ``max_bytes``
     (so a page holds at most its budget plus one row); returns
@@ -325,7 +326,7 @@ def _encode_bounded(cursor: Any, plan: SelectPlan,
     strip_keyset = plan.keyset
     if strip_keyset:
         names = names[:-1]
-    encode = plan.row_encoder(names)
+    encode = plan.row_encoder(names, checked_json)
     bodies: List[str] = []
     append = bodies.append
     total = 0
@@ -350,7 +351,8 @@ def _high_water(txn: Txn, table: str, statement_time: float = 0) -> int:
 
 
 def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int], position: int,
-               size: int, statement_time: float = 0, max_bytes: Optional[int] = None) -> Page:
+               size: int, statement_time: float = 0, max_bytes: Optional[int] = None,
+               checked_json: bool = False) -> Page:
     """
     One page: at most ``size`` rows and, with ``max_bytes``, at most that
     many bytes of encoded rows plus one row.  The rows are read unbuffered,
@@ -371,13 +373,13 @@ def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int]
         sql = schema.statement_limited(sql, statement_time)
         if max_bytes is None:
             txn.execute(sql, params)
-            bodies, last = _encode_page(txn, plan)
+            bodies, last = _encode_page(txn, plan, checked_json)
             return high_water, bodies, last, False
         cursor = txn.connection.cursor(pymysql.cursors.SSCursor)
         try:
             cursor.execute(sql, params)
             # (unbuffered: the statement time limit may also fire while rows arrive)
-            bodies, last, cut = _encode_bounded(cursor, plan, max_bytes)
+            bodies, last, cut = _encode_bounded(cursor, plan, max_bytes, checked_json)
         finally:
             cursor.close()
     except pymysql.err.OperationalError as error:
@@ -394,17 +396,20 @@ def _read_page(txn: Txn, plan: SelectPlan, table: str, high_water: Optional[int]
 #: :data:`eventsource.matcher.EVENT_FIELDS`
 TailRow = Tuple[int, str, Tuple[Any, ...]]
 
-#: the encoder of a version 2 row of the default columns, as a plan has it
-_encode_tail_row = wire.row_encoder(
-    schema.V2_DEFAULT_COLUMNS,
-    [{"eventId": wire.UUID_VALUE, "data": wire.JSON_VALUE}.get(c, wire.PLAIN_VALUE)
-     for c in schema.V2_DEFAULT_COLUMNS])
+#: the encoders of a version 2 row of the default columns, as a plan has
+#: them: for a table whose ``data`` MariaDB checks, and for one it does not
+_TAIL_ENCODINGS = [{"eventId": wire.UUID_VALUE, "data": wire.JSON_VALUE}.get(c, wire.PLAIN_VALUE)
+                   for c in schema.V2_DEFAULT_COLUMNS]
+_encode_tail_rows = {checked: wire.row_encoder(schema.V2_DEFAULT_COLUMNS, _TAIL_ENCODINGS, checked)
+                     for checked in (True, False)}
 
 
-def _read_tail(txn: Txn, table: str, after: int, size: int) -> List[TailRow]:
+def _read_tail(txn: Txn, table: str, after: int, size: int,
+               checked_json: bool = False) -> List[TailRow]:
     """The events after ``after`` (see :meth:`Store.read_tail`), encoded here, in the pool thread."""
     import datetime
 
+    _encode_tail_row = _encode_tail_rows[checked_json]
     txn.execute(schema.tail_sql(table), (after, size))
     rows = []
     parse = datetime.datetime.fromisoformat
@@ -423,6 +428,12 @@ def _match_rows(txn: Txn, table: str, conditions: List[Tuple[str, Tuple[Any, ...
     txn.execute(schema.match_rows_sql(table, [sql for sql, _ in conditions], len(positions)),
                 params)
     return {int(row[0]): tuple(bool(met) for met in row[1:]) for row in txn.fetchall()}
+
+
+def _data_is_checked(txn: Txn, database: str, table: str) -> bool:
+    """Whether the table has MariaDB's ``json_valid(data)`` check (a JSON column's own)."""
+    txn.execute(schema.DATA_CHECKED_SQL, (database, table))
+    return bool(txn.fetchone()[0])
 
 
 def _ping(txn: Txn) -> None:
@@ -480,6 +491,10 @@ class Store:
         #: stream -> the last version this server committed (see _write)
         self._known_versions: Dict[str, int] = {}
         self._row_sizes = RowSizeHint()
+        #: whether MariaDB checks that ``data`` is JSON text (its ``json_valid``
+        #: constraint, which a ``JSON`` column has on MariaDB): version 2 rows
+        #: then carry it as it is, without decoding it first
+        self.data_checked = False
         #: group commits, the last position, MySQL errors (see eventsource.metrics)
         self.stats = StoreStats(reactor)
         self.table = f"`{config.database}`.`{config.table_name}`"
@@ -546,7 +561,19 @@ class Store:
         d.addCallback(self._set_autoinc)
         d.addCallback(lambda _: self._run(ensure_schema, self._config.database, self._config.table_name))
         d.addCallback(self._upgrade)
+        d.addCallback(self._check_data)
         return d
+
+    @defer.inlineCallbacks
+    def _check_data(self, changes: List[str]) -> Any:
+        """Learn whether MariaDB checks ``data`` on the way in (see :attr:`data_checked`)."""
+        self.data_checked = yield self._run(_data_is_checked, self._config.database,
+                                            self._config.table_name)
+        if not self.data_checked:
+            log.warn("events table {table}: MariaDB does not check that data is JSON (no "
+                     "json_valid constraint); version 2 rows check it as they are read",
+                     table=self.table)
+        return changes
 
     #: ids filled per transaction by an upgrade
     fill_batch = 10000
@@ -881,7 +908,8 @@ class Store:
         order, as :data:`TailRow` (read before every other waiting read: a
         subscription's latency waits on it).
         """
-        return self._run(_read_tail, self.table, after, size, read=True, urgent=True)
+        return self._run(_read_tail, self.table, after, size, self.data_checked, read=True,
+                         urgent=True)
 
     def match_rows(self, conditions: List[Tuple[str, Tuple[Any, ...]]],
                    positions: List[int]) -> "defer.Deferred[Dict[int, Tuple[bool, ...]]]":
@@ -901,7 +929,7 @@ class Store:
     def read_page(self, plan: SelectPlan, high_water: Optional[int], position: int, size: int,
                   max_bytes: Optional[int] = None) -> "defer.Deferred[Page]":
         return self._run(_read_page, plan, self.table, high_water, position, size,
-                         self._config.max_statement_time, max_bytes, read=True)
+                         self._config.max_statement_time, max_bytes, self.data_checked, read=True)
 
 
 class RowSizeHint:

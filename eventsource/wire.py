@@ -772,7 +772,17 @@ def _json_text(value: Any) -> str:
     return str(value)
 
 
-def row_encoder(names: Sequence[str], encodings: Sequence[str] = ()) -> Callable[[Sequence[Any]], str]:
+def _checked_json_text(value: Any) -> str:
+    """JSON text MariaDB checked at INSERT (its ``json_valid`` constraint): as it is."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def row_encoder(names: Sequence[str], encodings: Sequence[str] = (),
+                checked_json: bool = False) -> Callable[[Sequence[Any]], str]:
     """
     The encoder of the rows of one result: a function from a row's values
     (in ``names`` order) to its message body, the JSON object of the names
@@ -795,13 +805,14 @@ def row_encoder(names: Sequence[str], encodings: Sequence[str] = ()) -> Callable
     # Built key by key: the JSON columns' stored text goes in as it is,
     # never decoded and encoded again (which could change its numbers).
     keys = [_row_encoder.encode(name) for name in names]
+    json_text = _checked_json_text if checked_json else _json_text
 
     def encode(values: Sequence[Any]) -> str:
         parts = []
         for i, value in enumerate(values):
             encoding = encodings[i]
             if encoding == JSON_VALUE:
-                text = _json_text(value)
+                text = json_text(value)
             elif encoding == UUID_VALUE:
                 text = _row_encoder.encode(_uuid_text(value))
             else:

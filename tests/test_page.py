@@ -763,9 +763,9 @@ class PageIntegrationTests(IntegrationTestCase):
         real = store_module._read_page
 
         def recorded(txn, plan, table, high_water, position, size, statement_time=0,
-                     max_bytes=None):
+                     *rest):
             self.reads.append((plan, table, statement_time))
-            return real(txn, plan, table, high_water, position, size, statement_time, max_bytes)
+            return real(txn, plan, table, high_water, position, size, statement_time, *rest)
 
         self.patch(store_module, "_read_page", recorded)
 

@@ -289,6 +289,24 @@ class ErrorCodeTests(Version2Case):
             self.assertNotIn(word, error["message"])
 
 
+class CheckedDataTests(Version2Case):
+    @defer.inlineCallbacks
+    def test_data_is_decoded_only_where_mariadb_does_not_check_it(self):
+        # The server's own table has MariaDB's json_valid check: rows go out as stored.
+        self.assertTrue(self.server.store.data_checked)
+        yield self.server.stopService()
+        sql(f"ALTER TABLE `{self.database}`.`event` MODIFY `data` LONGTEXT")
+        logged = LogCapture(self)
+        yield self.start_server(**self.server_config)
+        self.assertFalse(self.server.store.data_checked)
+        self.assertTrue(any("does not check that data is JSON" in text for text in logged.texts()))
+        self.insert_events(2)
+        sql(f"UPDATE `{self.database}`.`event` SET `data` = '1,\"a\":2' WHERE `version` = 1")
+        rows = yield self.fetch({"$columns": ["version", "data"]})
+        self.assertEqual(rows, [{"version": 0, "data": {"i": 0}}, {"version": 1, "data": '1,"a":2'},
+                                "end"])
+
+
 class ProbeTests(Version2Case):
     @defer.inlineCallbacks
     def test_the_version_2_probe_is_answered_with_a_bare_end(self):

@@ -200,6 +200,10 @@ class RowEncoderTests(SynchronousTestCase):
         self.assertEqual(encode(["x", raw, '{"n":1e+21,"s":"é"}']),
                          '{"a":"x","id":"%s","data":{"n":1e+21,"s":"é"}}' % EVENT_ID)
         self.assertEqual(encode(["x", None, None]), '{"a":"x","id":null,"data":null}')
+        # as MariaDB checked it: in as it is, not decoded first
+        checked = wire.row_encoder(["data"], [wire.JSON_VALUE], checked_json=True)
+        self.assertEqual(checked(['{"n":1e+21}']), '{"data":{"n":1e+21}}')
+        self.assertEqual(checked([None]), '{"data":null}')
         # text that is not JSON (no table with MariaDB's JSON check holds any) stays a string
         self.assertEqual(json.loads(encode(["x", raw, '1,"a":2'])), {"a": "x", "id": EVENT_ID,
                                                                       "data": '1,"a":2'})
