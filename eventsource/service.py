@@ -206,10 +206,10 @@ class EventSourceService(service.MultiService):
         self._accepting = True
         self.tailer.start()
         log.info(
-            "eventsource serving {table} on Redis {redis_host}:{redis_port}, "
+            "eventsource serving {table} on Redis {redis}, "
             "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
             table=self.config.table,
-            redis_host=self.config.redis_host, redis_port=self.config.redis_port,
+            redis=self.config.redis_where,
             mysql_host=self.config.mysql_host, mysql_port=self.config.mysql_port,
             hint=self._first_event_hint(),
         )

@@ -7,7 +7,8 @@ Each process runs in a process group of its own (``start_new_session``) and
 is killed with its group (SST scripts and their ``rsync`` daemons included)
 when the cluster is stopped, when the test process exits (``atexit``), and,
 through ``PR_SET_PDEATHSIG``, when the test process dies without exiting
-(``kill -9``): no server outlives a test run.
+(``kill -9``): no server outlives a test run.  Start clusters and nodes from
+the main thread (the death signal follows the thread that started a process).
 
 Starting a cluster takes seconds, so a test module shares one: :func:`shared`
 starts it on first use and keeps it until the process exits (trial has no
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import pymysql
@@ -48,11 +50,18 @@ def _die_with_parent():
 
 
 def spawn(command, logfile, cwd=None):
-    """A process in a group of its own, its output in ``logfile``, killed with the tests."""
+    """
+    A process in a group of its own, its output in ``logfile``, killed with
+    the tests.  ``PR_SET_PDEATHSIG`` fires when the *thread* that started the
+    process ends, so only a process started from the main thread gets it (trial
+    stops the reactor's thread pool after each test: a cluster started from
+    ``deferToThread`` would die with it); atexit covers the others.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
     with open(logfile, "ab") as out:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent if in_main else None)
 
 
 def kill_group(process, sig=signal.SIGKILL, wait=20):
