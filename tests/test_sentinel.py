@@ -8,10 +8,14 @@ The real thing, three ``redis-server --sentinel`` and a ``kill -9`` of the
 master under load, is ``tests/slow/test_sentinel.py``.
 """
 
+import io
+import json
+
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from eventsource import cli
 from eventsource.client import NO_STREAM, NewEvent, RedisConnectionError, RetryPolicy, connect
 from eventsource.sentinel import (
     MasterNotFound,
@@ -257,6 +261,22 @@ class FollowTheMasterTests(IntegrationTestCase):
             yield self.connect_client(connect_timeout=1)
         self.assertTrue(any("is not the master (ROLE says 'slave')" in t
                             for t in self.logs.texts()))
+
+    @defer.inlineCallbacks
+    def test_command_line(self):
+        """``eventsource append`` and ``read`` with --redis-sentinels and --redis-master-name."""
+        yield self.start()
+        where = ["--redis-sentinels", format_addresses([self.sentinel.address]),
+                 "--redis-master-name", "m", "--channel-prefix", self.prefix]
+        for argv in (["append", "s", "d", "n", "--expected-version", "noStream"] + where,
+                     ["read", "s"] + where):
+            out, err = io.StringIO(), io.StringIO()
+            code = yield defer.Deferred.fromCoroutine(
+                cli.run(reactor, argv, out, err, None, environ={}))
+            self.assertEqual(code, 0, err.getvalue())
+            self.assertEqual(json.loads(out.getvalue().splitlines()[0])["version"]
+                             if argv[0] == "read" else
+                             json.loads(out.getvalue())["events"][0]["version"], 0)
 
     def test_both_or_neither(self):
         self.assertRaises(ValueError, connect, sentinels=["a:1"], reactor=reactor)
