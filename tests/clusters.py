@@ -49,19 +49,35 @@ def _die_with_parent():
         pass
 
 
-def spawn(command, logfile, cwd=None):
+def spawn(command, logfile, cwd=None, user=None):
     """
     A process in a group of its own, its output in ``logfile``, killed with
     the tests.  ``PR_SET_PDEATHSIG`` fires when the *thread* that started the
     process ends, so only a process started from the main thread gets it (trial
     stops the reactor's thread pool after each test: a cluster started from
-    ``deferToThread`` would die with it); atexit covers the others.
+    ``deferToThread`` would die with it); atexit covers the others.  A change
+    of user clears it, so a process that must run as another ``user`` is
+    started as that user (before the signal is set), not left to switch.
     """
     in_main = threading.current_thread() is threading.main_thread()
+    account = None
+    if user is not None and os.geteuid() == 0:
+        import pwd
+
+        account = pwd.getpwnam(user)
+
+    def prepare():
+        if account is not None:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+        if in_main:
+            _die_with_parent()
+
     with open(logfile, "ab") as out:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent if in_main else None)
+                                preexec_fn=prepare)
 
 
 def kill_group(process, sig=signal.SIGKILL, wait=20):
@@ -204,7 +220,8 @@ class GaleraNode:
         command = ["mariadbd", f"--defaults-file={os.path.join(self.folder, 'my.cnf')}"]
         if new_cluster:
             command.append("--wsrep-new-cluster")
-        self.process = spawn(command, os.path.join(self.folder, "stdout.log"))
+        self.process = spawn(command, os.path.join(self.folder, "stdout.log"),
+                             cwd=self.folder, user=self.cluster.user)
 
     @property
     def running(self):
