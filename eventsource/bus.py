@@ -385,11 +385,12 @@ def _load_certificates(path: str) -> list[Certificate]:
     return [ssl.Certificate.loadPEM(block) for block in blocks]
 
 
-def tls_options(config: Config) -> IOpenSSLClientConnectionCreator:
+def tls_options(config: Config, host: Optional[str] = None) -> IOpenSSLClientConnectionCreator:
     """
     The client TLS options for Redis: the server's certificate is checked
     against ``redis_tls_ca`` (the system's trust store when none is given)
-    and must name ``redis_host``; ``redis_tls_cert``/``redis_tls_key`` are
+    and must name ``host`` (``redis_host`` by default; behind Sentinel, the
+    master's address as the Sentinels gave it); ``redis_tls_cert``/``redis_tls_key`` are
     presented when Redis asks for a client certificate.
     """
     from twisted.internet import ssl
@@ -406,18 +407,31 @@ def tls_options(config: Config) -> IOpenSSLClientConnectionCreator:
             with open(config.redis_tls_key, "rb") as key:
                 pem += b"\n" + key.read()
         client_cert = ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call]
-    return ssl.optionsForClientTLS(config.redis_host, trustRoot=trust,
+    return ssl.optionsForClientTLS(host or config.redis_host, trustRoot=trust,
                                    clientCertificate=client_cert)
 
 
 def redis_endpoint(reactor: Any, config: Config) -> IStreamClientEndpoint:
-    """The client endpoint for the configured Redis, with TLS when asked for."""
-    # (casts: mypy does not see zope's @implementer without the mypy-zope plugin)
-    endpoint = cast(IStreamClientEndpoint, HostnameEndpoint(
-        reactor, config.redis_host, config.redis_port, timeout=CONNECT_TIMEOUT))
-    if not config.redis_tls:
-        return endpoint
-    return wrapClientTLS(tls_options(config), endpoint)
+    """
+    The client endpoint for the configured Redis, with TLS when asked for;
+    behind Sentinel, a :class:`eventsource.sentinel.SentinelEndpoint` that
+    asks the Sentinels where the master is before every connection.
+    """
+    def endpoint_to(host: str, port: int) -> IStreamClientEndpoint:
+        # (casts: mypy does not see zope's @implementer without the mypy-zope plugin)
+        endpoint = cast(IStreamClientEndpoint, HostnameEndpoint(
+            reactor, host, port, timeout=CONNECT_TIMEOUT))
+        if not config.redis_tls:
+            return endpoint
+        return wrapClientTLS(tls_options(config, host), endpoint)
+
+    if config.redis_sentinels:
+        from eventsource.sentinel import SentinelEndpoint, SentinelResolver
+
+        resolver = SentinelResolver(reactor, config.redis_sentinels,
+                                    config.redis_master_name or "")
+        return cast(IStreamClientEndpoint, SentinelEndpoint(resolver, endpoint_to))
+    return endpoint_to(config.redis_host, config.redis_port)
 
 
 class BusState(enum.Enum):
@@ -558,6 +572,10 @@ class RedisBus:
         self._started: Optional[defer.Deferred[None]] = None
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._away_since: Optional[float] = None
+        #: behind Sentinel: the endpoint that resolves the master, and the
+        #: master's address each ready connection was made to
+        self._sentinel_endpoint: Any = None
+        self._masters: dict[str, Any] = {}
         #: times the bus served again after losing a connection (eventsource.metrics)
         self.reconnects = 0
         self._machine = Machine(model=self, states=STATES, transitions=TRANSITIONS,
@@ -579,6 +597,10 @@ class RedisBus:
         self._started = defer.Deferred()
         started = self._started
         endpoint = self._endpoint or redis_endpoint(self._reactor, self._config)
+        add_listener = getattr(endpoint, "add_listener", None)
+        if add_listener is not None:  # behind Sentinel
+            self._sentinel_endpoint = endpoint
+            add_listener(self._master_moved)
         self._services = {
             role: ClientService(endpoint, factory,
                                 retryPolicy=self._retry_delay,
@@ -617,7 +639,25 @@ class RedisBus:
         return (config.request_patterns if config.tenants else config.request_channels).values()
 
     def _where(self) -> str:
-        return f"{self._config.redis_host}:{self._config.redis_port}"
+        endpoint = self._sentinel_endpoint
+        if endpoint is not None and endpoint.master is not None:
+            host, port = endpoint.master
+            return f"{self._config.redis_where} at {host}:{port}"
+        return self._config.redis_where
+
+    def _master_moved(self, address: Any) -> None:
+        """
+        Behind Sentinel, a connection attempt found the master elsewhere:
+        a ready connection still open to the old one (which a partition may
+        keep alive, and which no longer hears the clients) is dropped, and
+        made again to the new master by the usual reconnection.
+        """
+        for role, protocol in (("publisher", self._publisher), ("subscriber", self._subscriber)):
+            if protocol is not None and self._masters.get(role) != address:
+                log.warn("the Redis {role} connection is on the old master {old}; "
+                         "reconnecting to the new one", role=role,
+                         old=":".join(map(str, self._masters.get(role) or ())))
+                protocol.transport.loseConnection()
 
     # -- the machine's actions ------------------------------------------
 
@@ -705,6 +745,11 @@ class RedisBus:
                 yield _command(protocol, "AUTH", config.redis_user, config.redis_password)
             else:
                 yield _command(protocol, "AUTH", config.redis_password)
+        if config.redis_sentinels:
+            # a Sentinel may still name a node that was just demoted
+            from eventsource.sentinel import check_role
+
+            check_role((yield _command(protocol, "ROLE")), self._where())
         if role == "publisher":
             # proves the connection speaks Redis (not, say, a TLS port)
             yield _command(protocol, "PING")
@@ -729,12 +774,19 @@ class RedisBus:
         if protocol.lost_reason is not None:
             return  # lost meanwhile: the service saw it, and retries
         protocol.whenDisconnected().addCallback(lambda _: self._input(f"{role}_lost", role))
+        if self._sentinel_endpoint is not None:
+            self._masters[role] = self._sentinel_endpoint.master
         self._input(f"{role}_ready", protocol.itself)
 
     def _handshake_failed(self, failure: Failure, role: str, protocol: Any) -> Failure:
         """Close the connection; a refusal is a machine input (and the attempt's failure)."""
         _abandon(protocol)
         if isinstance(failure.value, defer.CancelledError):  # stopped while connecting
+            return failure
+        from eventsource.sentinel import NotMaster
+
+        if isinstance(failure.value, NotMaster):  # an ordinary failed attempt: retried
+            log.warn("{problem}; asking the Sentinels again", problem=str(failure.value))
             return failure
         lost = protocol.lost_reason
         user = self._config.redis_user or "default"

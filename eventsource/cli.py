@@ -54,6 +54,7 @@ from eventsource.client import (
 )
 from eventsource.client._events import DEFAULT_RETRY, check_expected, normal_event_id
 from eventsource.wire import valid_tenant
+from eventsource.sentinel import format_addresses
 
 PROG = "eventsource"
 
@@ -180,6 +181,7 @@ def _event_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 _seconds = _argument_type(tap.positive_seconds)
 _port = _argument_type(tap.port)
+_sentinels = _argument_type(tap.sentinel_addresses)
 
 
 def _tenant(text: str) -> str:
@@ -235,6 +237,17 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
         "--redis-endpoint", default=None, metavar="ENDPOINT",
         help="A Twisted client endpoint string used instead of host and port, e.g. "
              "'unix:path=/run/redis.sock' or 'tls:redis.example:6380'.")
+    group.add_argument(
+        "--redis-sentinels", type=_sentinels, default=environ.get("REDIS_SENTINELS") or None,
+        metavar="HOST:PORT,...",
+        help="Redis behind Sentinel: the Sentinels, asked where the master named by "
+             "--redis-master-name is (instead of --redis-host and --redis-port) "
+             "[env REDIS_SENTINELS; default: none].")
+    group.add_argument(
+        "--redis-master-name", default=environ.get("REDIS_MASTER_NAME") or None,
+        metavar="NAME",
+        help="The name the Sentinels know the master by [env REDIS_MASTER_NAME; "
+             "default: none].")
     group.add_argument(
         "--channel-prefix", default=environ.get("EVENTSOURCE_CHANNEL_PREFIX") or "",
         metavar="PREFIX",
@@ -654,15 +667,25 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
     except UsageError as e:
         stderr.write(f"{prog}: error: {e}\n")
         return EXIT_USAGE
+    if bool(args.redis_sentinels) != bool(args.redis_master_name):
+        stderr.write(f"{prog}: error: --redis-sentinels and --redis-master-name go together: "
+                     "give both (Redis behind Sentinel) or neither\n")
+        return EXIT_USAGE
+    sentinel = {}
+    if args.redis_sentinels:
+        sentinel = dict(sentinels=list(args.redis_sentinels), master_name=args.redis_master_name)
     try:
         client = await connect(
             host=args.redis_host, port=args.redis_port, password=args.redis_password,
             username=args.redis_user, endpoint=args.redis_endpoint, reactor=reactor,
             timeout=args.timeout, connect_timeout=args.timeout,
             reply_prefix=args.reply_prefix, channel_prefix=args.channel_prefix,
-            tenant=args.tenant)
+            tenant=args.tenant, **sentinel)
     except EventSourceError as e:
         where = args.redis_endpoint or f"{args.redis_host}:{args.redis_port}"
+        if args.redis_sentinels:
+            where = (f"master {args.redis_master_name} via Sentinels "
+                     f"{format_addresses(args.redis_sentinels)}")
         stderr.write(f"{prog}: error: {e} ({where})\n")
         return _error_code(e)
     try:

@@ -7,7 +7,7 @@ plain value means the service can be built in tests without twistd.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 
 #: the request kinds, each served on a channel of its own (``subscribe``:
@@ -35,6 +35,11 @@ class Config:
     redis_tls_key: Optional[str] = None
     #: upper bound of the reconnect backoff, seconds
     redis_max_delay: float = 2.0
+    #: Redis behind Sentinel: the Sentinels' ``(host, port)``, asked for the
+    #: master :attr:`redis_master_name` before every connection (then
+    #: :attr:`redis_host` and :attr:`redis_port` are not used); empty: no Sentinel
+    redis_sentinels: Tuple[Tuple[str, int], ...] = ()
+    redis_master_name: Optional[str] = None
 
     # MySQL / MariaDB
     mysql_host: str = "127.0.0.1"
@@ -121,6 +126,16 @@ class Config:
     #: ``text`` (twistd's lines) or ``json`` (one JSON object per line, see
     #: :mod:`eventsource.logs`)
     log_format: str = "text"
+
+    @property
+    def redis_where(self) -> str:
+        """How logs name the Redis the server uses."""
+        if self.redis_sentinels:
+            from eventsource.sentinel import format_addresses
+
+            return (f"master {self.redis_master_name} "
+                    f"(Sentinels {format_addresses(self.redis_sentinels)})")
+        return f"{self.redis_host}:{self.redis_port}"
 
     @property
     def request_channels(self) -> dict:

@@ -210,10 +210,13 @@ class EventSourceService(service.MultiService):
         self._accepting = True
         self.tailer.start()
         log.info(
-            "eventsource serving {table} on Redis {redis_host}:{redis_port}, "
+            "eventsource serving {table} on Redis {redis}, "
             "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
             table=self.config.table,
+            redis=self.config.redis_where,
             redis_host=self.config.redis_host, redis_port=self.config.redis_port,
+            redis_sentinels=[f"{host}:{port}" for host, port in self.config.redis_sentinels],
+            redis_master_name=self.config.redis_master_name,
             mysql_host=self.config.mysql_host, mysql_port=self.config.mysql_port,
             hint=self._first_event_hint(),
         )

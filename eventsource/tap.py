@@ -147,6 +147,15 @@ def ip_address(text: str) -> str:
             f"must be an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not {text!r}") from None
 
 
+def sentinel_addresses(text: str) -> tuple:
+    """Sentinels as ``HOST:PORT[,HOST:PORT...]`` (port 26379 when left out); empty: none."""
+    from eventsource.sentinel import parse_addresses
+
+    if not text.strip():
+        return ()
+    return parse_addresses(text)
+
+
 #: RFC 6750's b64token: what an ``Authorization: Bearer`` header can carry as it is
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -217,6 +226,20 @@ SETTINGS = (
         "REDIS_MAX_DELAY",
         positive_seconds,
         "Longest wait, in seconds, between attempts to reconnect to Redis.",
+    ),
+    Setting(
+        "redis-sentinels",
+        "REDIS_SENTINELS",
+        sentinel_addresses,
+        "Redis behind Sentinel: the Sentinels as HOST:PORT[,HOST:PORT...], asked for the "
+        "master named by --redis-master-name before every connection (--redis-host and "
+        "--redis-port are then not used); none: no Sentinel.",
+    ),
+    Setting(
+        "redis-master-name",
+        "REDIS_MASTER_NAME",
+        optional_text,
+        "The name the Sentinels know the master by (with --redis-sentinels).",
     ),
     Setting(
         "channel-prefix",
@@ -356,7 +379,7 @@ _DEFAULTS = {f.name: f.default for f in fields(Config)}
 def default_text(setting: Setting) -> str:
     """The default of a setting as a person reads it (in help and the README)."""
     value = _DEFAULTS[setting.field]
-    if value is None:
+    if value is None or value == ():
         return "none"
     if value == "":
         return "empty"
@@ -391,6 +414,10 @@ def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         elif environ.get(setting.env):
             source = f"{setting.env} (for --{setting.option})"
             values[setting.field] = _coerce(setting, environ[setting.env], source)
+    if bool(values.get("redis_sentinels")) != bool(values.get("redis_master_name")):
+        raise usage.UsageError(
+            "--redis-sentinels and --redis-master-name go together: give both (Redis behind "
+            "Sentinel) or neither.")
     return Config(**values)
 
 

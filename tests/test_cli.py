@@ -199,6 +199,25 @@ class ParserTests(CommandTestCase):
         self.assertEqual((kwargs["port"], kwargs["timeout"], kwargs["endpoint"]),
                          (7000, 2.5, "unix:path=/tmp/r.sock"))
 
+    def test_sentinels(self):
+        """Redis behind Sentinel: both options (or variables), given to connect; one alone is refused."""
+        self.run_cli(["fetch", "--redis-sentinels", "s1:26380,s2", "--redis-master-name", "m"])
+        kwargs = self.connected[0]
+        self.assertEqual((kwargs["sentinels"], kwargs["master_name"]),
+                         ([("s1", 26380), ("s2", 26379)], "m"))
+        self.run_cli(["fetch"], environ={"REDIS_SENTINELS": "[::1]:7", "REDIS_MASTER_NAME": "n"})
+        self.assertEqual((self.connected[0]["sentinels"], self.connected[0]["master_name"]),
+                         ([("::1", 7)], "n"))
+        self.run_cli(["fetch"])
+        self.assertNotIn("sentinels", self.connected[0])
+        for argv, environ in [(["fetch", "--redis-sentinels", "s1"], {}),
+                              (["fetch"], {"REDIS_MASTER_NAME": "m"})]:
+            code = self.run_cli(argv, environ=environ)
+            self.assert_one_line_error(code, cli.EXIT_USAGE, "go together")
+            self.assertEqual(self.connected, [])
+        code = self.run_cli(["fetch", "--redis-sentinels", "s1:x", "--redis-master-name", "m"])
+        self.assert_one_line_error(code, cli.EXIT_USAGE, "must be HOST:PORT")
+
     def test_bad_arguments(self):
         cases = [
             (["persist", "--pid", "p", "--domain", "d", "--name", "n", "--data", "{k: 1}"],

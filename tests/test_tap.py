@@ -61,6 +61,8 @@ ENVIRON = {
     "EVENTSOURCE_TAIL_INTERVAL": "0.05",
     "EVENTSOURCE_READ_ONLY": "1",
     "REDIS_MAX_DELAY": "0.5",
+    "REDIS_SENTINELS": "s1.example:26379, s2.example:26380,[::1]:26381",
+    "REDIS_MASTER_NAME": "events",
     "MYSQL_TIMEOUT": "30",
     "EVENTSOURCE_MAX_STATEMENT_TIME": "0",
     "EVENTSOURCE_SHUTDOWN_TIMEOUT": "4",
@@ -112,6 +114,8 @@ ENVIRON_CONFIG = Config(
     tail_interval=0.05,
     read_only=True,
     redis_max_delay=0.5,
+    redis_sentinels=(("s1.example", 26379), ("s2.example", 26380), ("::1", 26381)),
+    redis_master_name="events",
     mysql_timeout=30.0,
     max_statement_time=0.0,
     shutdown_timeout=4.0,
@@ -163,6 +167,8 @@ ARGV = [
     "--tail-interval=0.5",
     "--read-only",
     "--redis-max-delay=1.5",
+    "--redis-sentinels=10.3.3.3",
+    "--redis-master-name=cli-master",
     "--mysql-timeout=90",
     "--max-statement-time=2.5",
     "--shutdown-timeout=20",
@@ -214,6 +220,8 @@ ARGV_CONFIG = Config(
     tail_interval=0.5,
     read_only=True,
     redis_max_delay=1.5,
+    redis_sentinels=(("10.3.3.3", 26379),),
+    redis_master_name="cli-master",
     mysql_timeout=90.0,
     max_statement_time=2.5,
     shutdown_timeout=20.0,
@@ -485,6 +493,29 @@ class ErrorTests(SynchronousTestCase):
         token = "Abc-._~+/0123456789=="
         self.assertEqual(parse([f"--http-token={token}"]).http_token, token)
         self.assertIsNone(parse(["--http-token="]).http_token)
+
+    def test_redis_sentinels(self):
+        """
+        Sentinels are HOST:PORT (port 26379 when left out; IPv6 in brackets),
+        separated by commas; they come with the master's name, or not at all.
+        """
+        setting = next(s for s in tap.SETTINGS if s.option == "redis-sentinels")
+        for text in ["a:b", "a:0", "a:65536", ":26379", "::1:26379", "[::1", "[::1]x", ","]:
+            self.assert_bad(setting, text)
+        name = ["--redis-master-name=m"]
+        self.assertEqual(parse(["--redis-sentinels=a,b:1,[::1]"] + name).redis_sentinels,
+                         (("a", 26379), ("b", 1), ("::1", 26379)))
+        self.assertEqual(parse([]).redis_sentinels, ())
+        for argv, environ in [(["--redis-sentinels=a:1"], {}), (name, {}),
+                              ([], {"REDIS_MASTER_NAME": "m"}),
+                              ([], {"REDIS_SENTINELS": "a:1"}),
+                              (["--redis-sentinels="], {"REDIS_MASTER_NAME": "m"})]:
+            self.assert_message(
+                argv, environ,
+                "--redis-sentinels and --redis-master-name go together: give both (Redis "
+                "behind Sentinel) or neither.")
+        config = parse([], {"REDIS_SENTINELS": "a:1", "REDIS_MASTER_NAME": "m"})
+        self.assertEqual(config.redis_where, "master m (Sentinels a:1)")
 
     def test_bad_boolean_variable(self):
         """A flag variable that is neither yes nor no is an error naming it."""

@@ -7,7 +7,7 @@
 import uuid
 import weakref
 from inspect import isawaitable
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -735,7 +735,9 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
             timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             reply_prefix: Optional[str] = None, accept_via: str = FETCH_NEXT,
             channel_prefix: str = "", max_delay: float = 2.0,
-            tenant: Optional[str] = None, retry: RetryPolicy = DEFAULT_RETRY) -> Deferred:
+            tenant: Optional[str] = None, retry: RetryPolicy = DEFAULT_RETRY,
+            sentinels: Optional[Iterable[Union[str, Tuple[str, int]]]] = None,
+            master_name: Optional[str] = None) -> Deferred:
     """
     Connect to the Redis the eventsource server listens on.
 
@@ -756,11 +758,40 @@ def connect(host: str = "127.0.0.1", port: int = 6379, *, password: Optional[str
         (``--tenants``), see :class:`EventSourceClient`.
     :param retry: how :meth:`EventSourceClient.append` retries (a
         :class:`RetryPolicy`).
+    :param sentinels: Redis behind Sentinel: the Sentinels, as ``(host,
+        port)`` or ``"host:port"``, asked where the master ``master_name`` is
+        before every connection (``host``, ``port`` and ``endpoint`` are then
+        not used); after a failover the client reconnects to the new master.
+    :param master_name: the name the Sentinels know the master by.
     :return: a Deferred firing with an :class:`EventSourceClient`, or failing
         with :class:`RedisConnectionError`.
     """
     if reactor is None:
         from twisted.internet import reactor
+    if bool(sentinels) != bool(master_name):
+        raise ValueError("sentinels and master_name go together: give both or neither")
+    if sentinels:
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        from eventsource.sentinel import (
+            SentinelEndpoint,
+            SentinelResolver,
+            format_addresses,
+            parse_address,
+        )
+
+        addresses = [parse_address(s) if isinstance(s, str) else (str(s[0]), int(s[1]))
+                     for s in sentinels]
+        resolver = SentinelResolver(reactor, addresses, str(master_name))
+        sentinel_endpoint = SentinelEndpoint(
+            resolver, lambda h, p: HostnameEndpoint(reactor, h, p, timeout=connect_timeout))
+        pubsub = RedisPubSub(sentinel_endpoint, password=password, username=username,
+                             max_delay=max_delay, master_only=True)
+        client = EventSourceClient(
+            pubsub, reactor, timeout=timeout, reply_prefix=reply_prefix,
+            accept_via=accept_via, channel_prefix=channel_prefix, tenant=tenant, retry=retry,
+            address=f"master {master_name} (Sentinels {format_addresses(addresses)})")
+        return pubsub.start(reactor, connect_timeout).addCallback(lambda _: client)
     if endpoint is not None:
         from twisted.internet.endpoints import clientFromString
 

@@ -83,19 +83,58 @@ class RedisPubSub:
     """
 
     def __init__(self, endpoint: Any, *, password: Optional[str] = None,
-                 username: Optional[str] = None, max_delay: float = 2.0):
+                 username: Optional[str] = None, max_delay: float = 2.0,
+                 master_only: bool = False):
         import txredisapi
 
         self.receiver: Any = None
         self._endpoint = _WatchedEndpoint(endpoint, self._attempt_failed)
         self._starting: Optional[Callable[[Failure], None]] = None
         pubsub = self
+        add_listener = getattr(endpoint, "add_listener", None)
+        if add_listener is not None:  # behind Sentinel
+            add_listener(self._master_moved)
+
+        def usable(protocol: Any) -> Deferred:
+            """
+            Behind Sentinel (``master_only``), a connection is used only once
+            ``ROLE`` said master: the node a Sentinel named may have just
+            been demoted.  Otherwise it is closed, and made again.
+            """
+            if not master_only:
+                return defer.succeed(True)
+            if password is not None:  # (txredisapi authenticates again afterwards)
+                auth = [username, password] if username else [password]
+                protocol.execute_command("AUTH", *auth).addErrback(lambda _: None)
+            d = protocol.execute_command("ROLE")
+
+            def judge(reply: Any) -> bool:
+                from eventsource.sentinel import check_role
+
+                try:
+                    check_role(reply, "the node the Sentinels named")
+                except ConnectionError as error:
+                    log.warn("{problem}; asking the Sentinels again", problem=str(error))
+                    protocol.transport.loseConnection()
+                    return False
+                return True
+
+            def failed(failure: Failure) -> bool:
+                protocol.transport.loseConnection()
+                return False
+
+            return d.addCallbacks(judge, failed)
 
         class Subscriber(txredisapi.SubscriberProtocol):
             def connectionMade(self) -> Deferred:
-                d = super().connectionMade()
-                d.addCallback(lambda _: pubsub._subscriber_made() if self.connected else None)
-                return d
+                def proceed(ok: bool) -> Optional[Deferred]:
+                    if not ok:
+                        return None
+                    made: Deferred = super(Subscriber, self).connectionMade()
+                    made.addCallback(
+                        lambda _: pubsub._subscriber_made() if self.connected else None)
+                    return made
+                return usable(self).addCallback(proceed)
 
             def connectionLost(self, why: Failure) -> None:
                 super().connectionLost(why)
@@ -108,9 +147,16 @@ class RedisPubSub:
             None, None, 1, isLazy=False, password=password, username=username,
             convertNumbers=False)
         self._subscriber_factory.protocol = Subscriber
+        class Publisher(txredisapi.RedisProtocol):
+            def connectionMade(self) -> Deferred:
+                d = usable(self)
+                return d.addCallback(
+                    lambda ok: super(Publisher, self).connectionMade() if ok else None)
+
         self._publisher_factory = txredisapi.RedisFactory(
             None, None, 1, isLazy=False, password=password, username=username,
             convertNumbers=False)
+        self._publisher_factory.protocol = Publisher
         for factory in (self._subscriber_factory, self._publisher_factory):
             factory.maxDelay = max_delay
             factory.initialDelay = min(factory.initialDelay, max_delay)
@@ -160,6 +206,16 @@ class RedisPubSub:
             return outcome
 
         return result.addBoth(done)
+
+    def _master_moved(self, address: Any) -> None:
+        """
+        Behind Sentinel, a connection attempt found the master elsewhere:
+        the connections still open (to the old master) are closed, and made
+        again by the usual reconnection.
+        """
+        for factory in (self._subscriber_factory, self._publisher_factory):
+            for connection in list(factory.pool):
+                connection.transport.loseConnection()
 
     def _attempt_failed(self, failure: Failure) -> None:
         if self._starting is not None:
