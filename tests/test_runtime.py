@@ -47,7 +47,7 @@ class SlowPlan:
         self.marker = unique("slow")
         self.runs = 0
 
-    def row_encoder(self, names):
+    def row_encoder(self, names, checked_json=False):
         return wire.row_encoder(names)
 
     def page_sql(self, position, high_water, size):
