@@ -19,8 +19,10 @@ import uuid
 
 from twisted.internet import defer
 
-from tests.support import (MYSQL, REDIS_HOST, REDIS_PORT, IntegrationTestCase, WireClient,
-                           sleep, sql, unique, wait_until)
+from tests.redis_server import RedisServer
+from tests.support import (MYSQL, REDIS_HOST, REDIS_PORT, IntegrationTestCase, LogCapture,
+                           WireClient, sleep, sql, unique, wait_until)
+from tests.test_security import CLIENT_ACL, SERVER_ACL, SecuredRedisTestCase
 from tests.test_subscribe import Follower
 
 #: how the tests' servers run (a test flips it to see the tests fail)
@@ -268,3 +270,42 @@ class KilledReplicaTests(ReplicaTestCase):
             self.assertEqual(len(self.results(self.client, channel)), 10)
         self.assertTrue(mine and theirs, (mine, theirs))
         self.attempts = len(answers)  # (600, plus the retries of the dead replica's requests)
+
+
+class ReplicaACLTests(SecuredRedisTestCase):
+    """The ACL line docs/OPERATIONS.md "Replicas" gives the server's user: ``~claim:* +set``."""
+
+    def make_redis(self):
+        return RedisServer(self, acl=[
+            "user default off",
+            SERVER_ACL.format(password="server-pass") + " ~claim:* +set",
+            SERVER_ACL.format(password="server-pass").replace("eventsource", "noclaims"),
+            CLIENT_ACL.format(user="alice", password="alice-pass"),
+        ])
+
+    def server_settings(self):
+        return dict(redis_user="eventsource", redis_password="server-pass", replicas=True,
+                    channel_prefix="")
+
+    @defer.inlineCallbacks
+    def test_a_user_with_the_claim_keys_serves(self):
+        yield self.start()
+        yield self.start()  # (a second replica, on the same user)
+        alice = yield self.client(user="alice", password="alice-pass")
+        yield self.round_trip(alice, reply_prefix="reply:alice:")
+        self.assertEqual(len(self.rows()), 1)
+
+    @defer.inlineCallbacks
+    def test_a_user_without_them_serves_nothing_and_says_why(self):
+        logged = LogCapture(self)
+        yield self.start(redis_user="noclaims")
+        alice = yield self.client(user="alice", password="alice-pass")
+        channel = unique("reply:alice:p")
+        yield alice.subscribe(channel)
+        yield alice.request("persist", {"channel": channel, "query": {"$insert": {
+            "$documents": {"pid": "sec", "domain": "d", "name": "n"}}}})
+        yield wait_until(lambda: any("claiming it in Redis failed" in text
+                                     for text in logged.texts()), what="the warning")
+        self.assertEqual(alice.messages.get(channel), [])  # (nothing, not even "error")
+        self.assertEqual(len(self.rows()), 0)
+        self.assertTrue(any("NOPERM" in text for text in logged.texts()), logged.texts())
