@@ -304,14 +304,47 @@ class _Subscriber(_Remembering, txredisapi.SubscriberProtocol):  # type: ignore[
         self.factory.deliver(channel, message)
 
 
+class _Claim:
+    """The pending reply of a claim (``SET ... NX PX``) on the publisher connection."""
+
+    __slots__ = ("key", "answer")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.answer: defer.Deferred[bool] = defer.Deferred()
+
+
 class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     role = "publisher"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: the channel of each publish whose reply is still to come (with
-        #: the Deferred of a counted publish)
-        self._unanswered: deque[Union[str, tuple[str, defer.Deferred[int]]]] = deque()
+        #: the Deferred of a counted publish), and the pending claims
+        self._unanswered: deque[Union[str, tuple[str, defer.Deferred[int]], _Claim]] = deque()
+
+    def claim(self, key: str, owner: str, ttl_ms: int) -> defer.Deferred[bool]:
+        """
+        ``SET key owner NX PX ttl_ms``, pipelined with the publishes: fires
+        True when it set the key, False when the key was there already.
+        """
+        claim = _Claim(key)
+        self._unanswered.append(claim)
+        parts = [b"SET", key.encode("utf-8"), owner.encode("utf-8"), b"NX", b"PX",
+                 b"%d" % ttl_ms]
+        self.transport.write(b"*%d\r\n" % len(parts) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(part), part) for part in parts))
+        return claim.answer
+
+    def connectionLost(self, why: Failure) -> None:
+        # (a claim whose reply never came is a request nobody serves here:
+        # its Deferred must not wait forever)
+        claims = [entry for entry in self._unanswered if isinstance(entry, _Claim)]
+        self._unanswered = deque(entry for entry in self._unanswered
+                                 if not isinstance(entry, _Claim))
+        super().connectionLost(why)
+        for claim in claims:
+            claim.answer.errback(RedisUnavailable("the Redis connection was lost"))
 
     def publish_nowait(self, channel: str, body: str) -> None:
         """
@@ -340,6 +373,12 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     def replyReceived(self, reply: Any) -> None:
         if self._unanswered:
             entry = self._unanswered.popleft()
+            if isinstance(entry, _Claim):
+                if isinstance(reply, Exception):
+                    entry.answer.errback(reply)
+                else:
+                    entry.answer.callback(reply is not None)
+                return
             if isinstance(entry, str):
                 if isinstance(reply, Exception):
                     self.factory.publish_refused(entry, reply)
@@ -891,6 +930,23 @@ class RedisBus:
         try:
             d: defer.Deferred[Any] = subscriber.unsubscribe(channel)
             return d
+        except Exception as error:
+            return defer.fail(error)
+
+
+    def claim(self, key: str, owner: str, ttl: float) -> defer.Deferred[bool]:
+        """
+        Take ``key`` unless it exists (``SET key owner NX PX``, on the
+        publisher connection, pipelined with the publishes): True when this
+        call set it, False when another replica holds it; fails with
+        :class:`RedisUnavailable` while Redis is away, or with Redis' error
+        (a user whose ACL lacks ``+set`` or the key pattern).
+        """
+        publisher = self._publisher
+        if publisher is None:
+            return defer.fail(RedisUnavailable("Redis is not connected"))
+        try:
+            return publisher.claim(key, owner, max(1, round(ttl * 1000)))  # type: ignore[no-any-return]
         except Exception as error:
             return defer.fail(error)
 

@@ -98,6 +98,13 @@ class Config:
 
     read_only: bool = False
 
+    #: replica mode: several servers on the same Redis and table serve each
+    #: request once (a claim per request in Redis; docs/OPERATIONS.md "Replicas")
+    replicas: bool = False
+    #: seconds a replica's claim on a request is kept in Redis: an identical
+    #: request (same channel, same body) within it is not served again
+    claim_ttl: float = 60.0
+
     #: seconds shutdown waits for persists in flight before closing anyway
     shutdown_timeout: float = 10.0
 

@@ -47,6 +47,14 @@ class IEventBus(Interface):
     def unsubscribe(channel: str) -> "Deferred[Any]":
         """Stop listening on a reply channel; a Deferred."""
 
+    def claim(key: str, owner: str, ttl: float) -> "Deferred[bool]":
+        """
+        Take ``key`` for ``owner`` for ``ttl`` seconds unless someone holds
+        it (Redis ``SET key owner NX PX``): a Deferred firing True when this
+        call took it, False when it was taken already, or failing when Redis
+        could not be asked (replicas, docs/OPERATIONS.md "Replicas").
+        """
+
 
 class IPager(Interface):
     """One query's result, read a page at a time, holding nothing in between."""

@@ -91,8 +91,8 @@ class ServerCollector:
         stats = self._server.stats
         requests = CounterMetricFamily(
             "eventsource_requests", "Requests received, by kind (the request channel: "
-            "persist, fetch, fetch-next) and result (ok, refused, unanswerable, ignored, "
-            "failed).", labels=["kind", "result"])
+            "persist, fetch, fetch-next, subscribe) and result (ok, refused, unanswerable, ignored, "
+            "conflict, failed, elsewhere, unclaimed).", labels=["kind", "result"])
         for (kind, result), count in sorted(stats.requests.items()):
             requests.add_metric([kind, result], count)
         yield requests

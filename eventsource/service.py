@@ -9,7 +9,11 @@ has none) and touches nothing else.
 """
 
 import dataclasses
+import hashlib
+import os
 import signal
+import socket
+import uuid
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -177,6 +181,8 @@ class EventSourceService(service.MultiService):
         #: the events table exists and is up to date (the store started)
         self.table_ready = False
         self._accepting = False
+        #: this replica's name in the claims it takes (replica mode)
+        self.replica_id = replica_name()
         self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
 
     @property
@@ -324,6 +330,57 @@ class EventSourceService(service.MultiService):
 
     def _request(self, request_channel: str, body: str, handler: Callable[[Any], None],
                  rules: Optional[wire.ReplyRules] = None, source: Optional[str] = None) -> None:
+        """
+        A request of kind ``request_channel`` (``persist``...) arrived; in
+        replica mode, it is served only once this replica claimed it.
+        """
+        if self.config.replicas and request_channel != "fetch-next":
+            self._claim(request_channel, body, handler, rules, source)
+        else:
+            self._serve(request_channel, body, handler, rules, source)
+
+    def _claim(self, request_channel: str, body: str, handler: Callable[[Any], None],
+               rules: Optional[wire.ReplyRules], source: Optional[str]) -> None:
+        """
+        Replica mode: every replica hears every request; the one whose claim
+        (``SET <prefix>claim:<digest> <replica> NX PX <ttl>``) Redis takes
+        first serves it, the others drop it unanswered.  Nothing about a
+        request is published (not even a refusal) before its claim is won,
+        so a replica that lost it never writes on another's reply channel.
+        Acknowledgements (fetch-next) are not claimed: only the replica
+        holding their stream acts on them.
+        """
+        if not self._accepting:
+            # (stopping: leave it to the replicas still serving)
+            self.stats.request(request_channel, "elsewhere")
+            log.debug("left a {request_channel} request to the other replicas: this one is "
+                      "not serving", request_channel=request_channel)
+            return
+        key = claim_key(self.config.channel_prefix,
+                        source or self.config.request_channels[request_channel], body)
+        d = self.bus.claim(key, self.replica_id, self.config.claim_ttl)
+        d.addCallbacks(self._claimed, self._claim_failed,
+                       callbackArgs=(request_channel, body, handler, rules, source, key),
+                       errbackArgs=(request_channel, key))
+
+    def _claimed(self, won: bool, request_channel: str, body: str,
+                 handler: Callable[[Any], None], rules: Optional[wire.ReplyRules],
+                 source: Optional[str], key: str) -> None:
+        if won:
+            self._serve(request_channel, body, handler, rules, source)
+        else:
+            self.stats.request(request_channel, "elsewhere")
+            log.debug("{request_channel} request {key} is served by another replica",
+                      request_channel=request_channel, key=key)
+
+    def _claim_failed(self, failure: Failure, request_channel: str, key: str) -> None:
+        self.stats.request(request_channel, "unclaimed")
+        log.warn("{request_channel} request {key} not served: claiming it in Redis failed "
+                 "({error}); its client will time out and may retry",
+                 request_channel=request_channel, key=key, error=failure.getErrorMessage())
+
+    def _serve(self, request_channel: str, body: str, handler: Callable[[Any], None],
+               rules: Optional[wire.ReplyRules] = None, source: Optional[str] = None) -> None:
         try:
             request = wire.parse_request(request_channel, body, self.config.max_body_bytes,
                                          self._reserved, rules or self._reply_rules)
@@ -702,6 +759,22 @@ def _failure_code(failure: Failure) -> Tuple[str, str]:
     if failure.check("eventsource.store.StoreNotRunning"):
         return "unavailable", "the database is not connected"
     return "internal", "the server failed to handle the request (its log says why)"
+
+
+def claim_key(prefix: str, channel: str, body: Any) -> str:
+    """
+    The Redis key of a request's claim in replica mode:
+    ``<prefix>claim:<digest>``, the digest a hash of the request channel
+    (its kind, and its tenant in tenant mode) and the exact body.
+    """
+    data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+    digest = hashlib.sha256(channel.encode("utf-8", "surrogatepass") + b"\n" + data)
+    return f"{prefix}claim:{digest.hexdigest()[:32]}"
+
+
+def replica_name() -> str:
+    """This process among the replicas, for the claims it takes: host, pid, a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def make_server(config: Config, reactor: Any = None,

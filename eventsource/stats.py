@@ -33,15 +33,18 @@ KINDS = ("persist", "fetch", "fetch-next", "subscribe")
 #: ``ignored`` (an acknowledgement for no live stream: never answered),
 #: ``conflict`` (a version 2 persist refused for its expected version or its
 #: event ids: ``wrongExpectedVersion``, ``idempotencyConflict``), ``failed``
-#: (a persist the database did not write: answered ``"error"``)
-RESULTS = ("ok", "refused", "unanswerable", "ignored", "conflict", "failed")
+#: (a persist the database did not write: answered ``"error"``); in replica
+#: mode, ``elsewhere`` (another replica claimed it, or this one is stopping:
+#: not served here) and ``unclaimed`` (claiming it in Redis failed: not served)
+RESULTS = ("ok", "refused", "unanswerable", "ignored", "conflict", "failed",
+           "elsewhere", "unclaimed")
 
 #: the results each kind can have (the counts start at 0 for these)
 KIND_RESULTS = {
-    "persist": ("ok", "refused", "unanswerable", "conflict", "failed"),
-    "fetch": ("ok", "refused", "unanswerable"),
+    "persist": ("ok", "refused", "unanswerable", "conflict", "failed", "elsewhere", "unclaimed"),
+    "fetch": ("ok", "refused", "unanswerable", "elsewhere", "unclaimed"),
     "fetch-next": ("ok", "refused", "unanswerable", "ignored"),
-    "subscribe": ("ok", "refused", "unanswerable"),
+    "subscribe": ("ok", "refused", "unanswerable", "elsewhere", "unclaimed"),
 }
 
 #: how a stream ended (:class:`eventsource.stream.StreamState`'s terminal states)

@@ -340,6 +340,21 @@ SETTINGS = (
         flag=True,
     ),
     Setting(
+        "replicas",
+        "EVENTSOURCE_REPLICAS",
+        boolean,
+        "Replica mode: each request is served by only one of the servers on the same "
+        "channels (a claim in Redis per request); every replica must run with it.",
+        flag=True,
+    ),
+    Setting(
+        "claim-ttl",
+        "EVENTSOURCE_CLAIM_TTL",
+        positive_seconds,
+        "Replica mode: seconds a claim is kept in Redis; the same request body (reply "
+        "channel included) sent again within it is not served again.",
+    ),
+    Setting(
         "shutdown-timeout",
         "EVENTSOURCE_SHUTDOWN_TIMEOUT",
         positive_seconds,

@@ -48,10 +48,24 @@ def _V2_ENCODE(values: List[Any]) -> str:
 
 @implementer(IEventBus)
 class MemoryBus:
-    """Records what is published and subscribed; messages are injected by the test."""
+    """
+    Records what is published and subscribed; messages are injected by the test.
 
-    def __init__(self, hold: bool = False) -> None:
+    :param claims: the claims of :meth:`claim`, key to owner: pass one dict
+        to several buses to play replicas sharing one Redis (claims never
+        expire here).
+    """
+
+    def __init__(self, hold: bool = False, claims: Optional[Dict[str, str]] = None) -> None:
         self.hold = hold
+        self.claims: Dict[str, str] = {} if claims is None else claims
+        #: every claim asked for: ``(key, owner, ttl)``
+        self.claims_asked: List[Tuple[str, str, float]] = []
+        #: when set, the next claims fail with it (Redis unreachable)
+        self.claim_error: Optional[BaseException] = None
+        #: claims held unanswered while True (released by :meth:`release_claims`)
+        self.hold_claims = False
+        self.pending_claims: List[Tuple["defer.Deferred[bool]", str, str]] = []
         self.published: List[Tuple[str, str]] = []
         self.subscribed: Set[str] = set()
         #: channels nobody listens on: a counted publish there answers 0 (else 1)
@@ -121,6 +135,29 @@ class MemoryBus:
     def unsubscribe(self, channel: str) -> "defer.Deferred[None]":
         self.subscribed.discard(channel)
         return defer.succeed(None)
+
+    def claim(self, key: str, owner: str, ttl: float) -> "defer.Deferred[bool]":
+        """Like :meth:`eventsource.bus.RedisBus.claim`, on the shared :attr:`claims`."""
+        self.claims_asked.append((key, owner, ttl))
+        if self.claim_error is not None:
+            return defer.fail(self.claim_error)
+        if self.hold_claims:
+            d: "defer.Deferred[bool]" = defer.Deferred()
+            self.pending_claims.append((d, key, owner))
+            return d
+        return defer.succeed(self._take(key, owner))
+
+    def _take(self, key: str, owner: str) -> bool:
+        if key in self.claims:
+            return False
+        self.claims[key] = owner
+        return True
+
+    def release_claims(self) -> None:
+        """Answer the held claims, in the order they were asked (as Redis would)."""
+        while self.pending_claims:
+            d, key, owner = self.pending_claims.pop(0)
+            d.callback(self._take(key, owner))
 
     def messages(self, channel: str) -> List[Any]:
         """Everything published on ``channel``, JSON-decoded, in order."""

@@ -443,6 +443,34 @@ class BusMachineTests(SynchronousTestCase):
         # a stop is not a lost connection: open streams were ended by the service already
         self.assertEqual(self.lost, [])
 
+    def test_claims_pipeline_with_the_publishes(self):
+        """SET NX PX on the publisher connection; each reply goes to its own command."""
+        publisher, _ = self.serve()
+        self.bus.publish("reply-1", "{}")
+        won = self.bus.claim("claim:abc", "host:1:r", 2.5)
+        counted = self.bus.publish_counted("reply-2", "{}")
+        lost = self.bus.claim("claim:def", "host:1:r", 60)
+        refused = self.bus.claim("claim:ghi", "host:1:r", 60)
+        self.assertEqual(publisher.sent(), b"".join([
+            command("PUBLISH", "reply-1", "{}"),
+            command("SET", "claim:abc", "host:1:r", "NX", "PX", "2500"),
+            command("PUBLISH", "reply-2", "{}"),
+            command("SET", "claim:def", "host:1:r", "NX", "PX", "60000"),
+            command("SET", "claim:ghi", "host:1:r", "NX", "PX", "60000")]))
+        publisher.reply(b":1\r\n+OK\r\n:3\r\n$-1\r\n-NOPERM no permissions\r\n")
+        self.assertIs(self.successResultOf(won), True)
+        self.assertEqual(self.successResultOf(counted), 3)
+        self.assertIs(self.successResultOf(lost), False)
+        self.assertIn("NOPERM", str(self.failureResultOf(refused).value))
+
+    def test_claims_fail_when_the_publisher_is_lost_or_away(self):
+        publisher, subscriber = self.serve()
+        pending = self.bus.claim("claim:abc", "host:1:r", 60)
+        self.bus.publish("reply-1", "{}")
+        publisher.drop()
+        self.failureResultOf(pending, RedisUnavailable)
+        self.failureResultOf(self.bus.claim("claim:def", "host:1:r", 60), RedisUnavailable)
+
     def test_publish_and_subscribe_before_start(self):
         self.make()
         self.bus.publish("reply-1", "{}")

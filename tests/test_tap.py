@@ -60,6 +60,8 @@ ENVIRON = {
     "EVENTSOURCE_HEARTBEAT": "9",
     "EVENTSOURCE_TAIL_INTERVAL": "0.05",
     "EVENTSOURCE_READ_ONLY": "1",
+    "EVENTSOURCE_REPLICAS": "yes",
+    "EVENTSOURCE_CLAIM_TTL": "30",
     "REDIS_MAX_DELAY": "0.5",
     "REDIS_SENTINELS": "s1.example:26379, s2.example:26380,[::1]:26381",
     "REDIS_MASTER_NAME": "events",
@@ -113,6 +115,8 @@ ENVIRON_CONFIG = Config(
     heartbeat=9.0,
     tail_interval=0.05,
     read_only=True,
+    replicas=True,
+    claim_ttl=30.0,
     redis_max_delay=0.5,
     redis_sentinels=(("s1.example", 26379), ("s2.example", 26380), ("::1", 26381)),
     redis_master_name="events",
@@ -166,6 +170,8 @@ ARGV = [
     "--heartbeat=30",
     "--tail-interval=0.5",
     "--read-only",
+    "--replicas",
+    "--claim-ttl=2.5",
     "--redis-max-delay=1.5",
     "--redis-sentinels=10.3.3.3",
     "--redis-master-name=cli-master",
@@ -219,6 +225,8 @@ ARGV_CONFIG = Config(
     heartbeat=30.0,
     tail_interval=0.5,
     read_only=True,
+    replicas=True,
+    claim_ttl=2.5,
     redis_max_delay=1.5,
     redis_sentinels=(("10.3.3.3", 26379),),
     redis_master_name="cli-master",
@@ -294,7 +302,8 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(parse(environ=environ), Config())
         self.assertEqual(
             parse(argv, environ),
-            Config(redis_tls=True, mysql_tls_verify=True, read_only=True, tenants=True),
+            Config(redis_tls=True, mysql_tls_verify=True, read_only=True, tenants=True,
+                   replicas=True),
         )
 
     def test_boolean_words(self):

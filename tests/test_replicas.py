@@ -1,0 +1,290 @@
+"""
+Replica mode (docs/OPERATIONS.md "Replicas"): several servers on the same
+channels serve each request once.
+
+Unit tests: two services on one MemoryStore, each with its own MemoryBus,
+the buses sharing one dict of claims (one "Redis"), every message delivered
+to both, as Redis pub/sub delivers it to every subscriber; a Clock.  The
+integration tests, with real Redis and MariaDB, are in
+``tests/test_replicas_integration.py``.
+"""
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from eventsource.config import Config
+from eventsource.service import EventSourceService, claim_key
+from eventsource.testing import MemoryBus, MemoryStore
+
+
+def persist2(channel, *pids):
+    documents = [{"pid": pid, "domain": "d", "name": "n", "data": {"pid": pid}} for pid in pids]
+    return json.dumps({"v": 2, "channel": channel,
+                       "query": {"$insert": {"$documents": documents}}})
+
+
+def fetch2(channel, window=1):
+    return json.dumps({"v": 2, "channel": channel, "query": {"$select": {}}, "window": window})
+
+
+def subscribe2(channel, window=1):
+    return json.dumps({"v": 2, "channel": channel, "query": {"$select": {}}, "from": "start",
+                       "window": window})
+
+
+def accept(channel, count=1):
+    return json.dumps({"channel": channel, "accepted": count})
+
+
+class ReplicaTestCase(SynchronousTestCase):
+    """Two replicas, ``a`` and ``b``, sharing a store and the claims."""
+
+    def make(self, count=2, **config):
+        config.setdefault("replicas", True)
+        self.clock = Clock()
+        self.config = Config(**config)
+        self.store = MemoryStore(page_size=self.config.page_size)
+        self.claims = {}
+        self.buses, self.services = [], []
+        for _ in range(count):
+            bus = MemoryBus(claims=self.claims)
+            service = EventSourceService(self.config, self.clock, bus=bus.attach,
+                                         store=self.store)
+            service.startService()
+            self.assertTrue(self.successResultOf(service.ready))
+            self.buses.append(bus)
+            self.services.append(service)
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        for service in self.services:
+            if service.running:
+                service.stopService()
+        self.clock.advance(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def deliver(self, kind, body, order=None):
+        """``body`` on the request channel of ``kind``, to every replica (in ``order``)."""
+        for index in (range(len(self.services)) if order is None else order):
+            self.services[index].message_received(kind, body)
+        self.clock.advance(0)
+
+    def out(self, channel, replica=None):
+        """What was published on ``channel`` (by one replica, or all of them)."""
+        buses = self.buses if replica is None else [self.buses[replica]]
+        return [message for bus in buses for message in bus.messages(channel)]
+
+    def publishers(self, channel):
+        """The replicas that published anything on ``channel``."""
+        return [i for i, bus in enumerate(self.buses) if bus.messages(channel)]
+
+    def results(self, replica, kind):
+        stats = self.services[replica].stats
+        return {result: count for (k, result), count in stats.requests.items()
+                if k == kind and count}
+
+
+class ServedOnceTests(ReplicaTestCase):
+    def test_each_persist_is_written_and_answered_once(self):
+        """Whichever replica claims a persist first serves it; the other stays silent."""
+        self.make(count=3)
+        for i in range(30):
+            # (the delivery order varies, as it does between real replicas)
+            order = [(i + k) % 3 for k in range(3)]
+            self.deliver("persist", persist2(f"r{i}", f"p{i}"), order)
+        self.assertEqual(len(self.store.events), 30)
+        for i in range(30):
+            messages = self.out(f"r{i}")
+            self.assertEqual(len(messages), 2, messages)
+            self.assertEqual(messages[1], "end")
+            self.assertEqual(self.publishers(f"r{i}"), [i % 3])
+        self.assertEqual(sorted(self.claims.values()),
+                         sorted(s.replica_id for s in self.services for _ in range(10)))
+        for replica in range(3):
+            self.assertEqual(self.results(replica, "persist"), {"ok": 10, "elsewhere": 20})
+
+    def test_without_replica_mode_every_server_serves(self):
+        """What replica mode prevents: two servers on one channel write a persist twice."""
+        self.make(replicas=False)
+        self.deliver("persist", persist2("r", "p"))
+        self.assertEqual(len(self.store.events), 2)
+        self.assertEqual(self.publishers("r"), [0, 1])
+        self.assertEqual(self.claims, {})
+
+    def test_the_claim(self):
+        """One SET per replica per request, keyed by the channel and body, with the TTL."""
+        self.make(claim_ttl=12.5, channel_prefix="es:")
+        body = persist2("r", "p")
+        self.deliver("es:persist", body)
+        key = claim_key("es:", "es:persist", body)
+        self.assertTrue(key.startswith("es:claim:"))
+        for bus, service in zip(self.buses, self.services):
+            self.assertEqual(bus.claims_asked, [(key, service.replica_id, 12.5)])
+        self.assertNotEqual(self.services[0].replica_id, self.services[1].replica_id)
+        # another kind, or another body, is another claim
+        self.assertNotEqual(claim_key("es:", "es:fetch", body), key)
+        self.assertNotEqual(claim_key("es:", "es:persist", body + " "), key)
+
+    def test_an_identical_body_within_the_ttl_is_served_once(self):
+        """The documented rule: same channel, same body, same claim (clients use a new reply channel per attempt)."""
+        self.make()
+        body = persist2("r", "p")
+        self.deliver("persist", body)
+        self.deliver("persist", body, order=[1, 0])
+        self.assertEqual(len(self.store.events), 1)
+        self.assertEqual(len(self.out("r")), 2)
+
+    def test_the_first_claim_redis_takes_wins(self):
+        """Claims answered late (a slow replica) still lose: the first SET that Redis took wins."""
+        self.make()
+        for bus in self.buses:
+            bus.hold_claims = True
+        self.deliver("persist", persist2("r", "p"))
+        self.buses[1].release_claims()  # replica b's SET reached Redis first
+        self.buses[0].release_claims()
+        self.clock.advance(0)
+        self.assertEqual(self.publishers("r"), [1])
+        self.assertEqual(len(self.store.events), 1)
+
+    def test_a_bad_request_is_refused_once(self):
+        """Refusals are answers too: only the claimer sends "error", "end"."""
+        self.make()
+        self.deliver("persist", json.dumps({"v": 2, "channel": "r", "query": {"$insert": 1}}))
+        self.deliver("fetch", json.dumps({"v": 2, "channel": "f", "query": {"$nope": 1}}))
+        for channel in ("r", "f"):
+            messages = self.out(channel)
+            self.assertEqual([m if m == "end" else "error" for m in messages], ["error", "end"])
+            self.assertEqual(len(self.publishers(channel)), 1)
+
+    def test_unparseable_request_is_claimed_and_logged_once(self):
+        self.make()
+        self.deliver("persist", "{not json")
+        self.assertEqual(self.results(0, "persist"), {"unanswerable": 1})
+        self.assertEqual(self.results(1, "persist"), {"elsewhere": 1})
+
+
+class StreamTests(ReplicaTestCase):
+    def test_a_fetch_is_streamed_by_its_claimer_and_acknowledged_there_only(self):
+        """Per-row acceptance on fetch-next: every replica hears it, only the owner acts."""
+        self.make()
+        for i in range(3):
+            self.store.add(pid=f"p{i}")
+        self.deliver("fetch", fetch2("f"), order=[1, 0])
+        self.assertIn("f", self.services[1].streams)
+        self.assertNotIn("f", self.services[0].streams)
+        for _ in range(3):
+            self.deliver("fetch-next", accept("f"))
+        self.assertEqual(self.publishers("f"), [1])
+        messages = self.out("f")
+        self.assertEqual(len(messages), 4)
+        self.assertEqual(messages[-1], "end")
+        self.assertEqual(self.results(0, "fetch-next"), {"ignored": 3})
+        self.assertEqual(self.results(1, "fetch-next"), {"ok": 3})
+        # acknowledgements are never claimed
+        self.assertEqual(len(self.buses[0].claims_asked), 1)
+
+    def test_a_subscription_is_served_by_one_replica(self):
+        self.make()
+        self.store.add(pid="p0")
+        self.deliver("subscribe", subscribe2("s"))
+        (owner,) = [i for i, service in enumerate(self.services) if "s" in service.subscriptions]
+        self.deliver("fetch-next", accept("s"))
+        # a persist through either replica reaches the subscription of the owner
+        self.deliver("persist", persist2("w", "p1"), order=[1 - owner, owner])
+        self.clock.advance(0)
+        self.deliver("fetch-next", accept("s", 5))
+        self.assertEqual(self.publishers("s"), [owner])
+        positions = [m["position"] for m in self.out("s") if isinstance(m, dict) and "position" in m]
+        self.assertEqual(positions, [1, 2])
+        self.deliver("fetch-next", json.dumps({"channel": "s", "end": True}))
+        self.assertEqual(self.services[owner].subscriptions, {})
+        self.assertEqual(self.publishers("s"), [owner])
+
+    def test_a_non_owner_never_writes_on_a_stream_it_does_not_hold(self):
+        """
+        A request naming a reply channel that another replica streams on is
+        served by its claimer, which does not know that stream; the replica
+        holding the stream stays silent and keeps it (the busy-channel rule
+        holds per replica only: docs/OPERATIONS.md "Replicas").
+        """
+        self.make()
+        self.store.add(pid="p0")
+        self.store.add(pid="p1")
+        self.deliver("fetch", fetch2("x"), order=[0, 1])
+        self.assertIn("x", self.services[0].streams)
+        before = len(self.out("x", 0))
+        self.deliver("fetch", fetch2("x", window=2), order=[1, 0])
+        self.assertEqual(len(self.out("x", 0)), before)
+        self.assertTrue(self.services[0].streams["x"].is_live)
+        self.assertEqual(self.results(0, "fetch"), {"ok": 1, "elsewhere": 1})
+
+    def test_an_end_reaches_the_owner_only(self):
+        self.make()
+        self.store.add(pid="p0")
+        self.store.add(pid="p1")
+        self.deliver("fetch", fetch2("f"), order=[0, 1])
+        self.deliver("fetch-next", json.dumps({"channel": "f", "end": True}))
+        self.assertEqual(self.publishers("f"), [0])
+        self.assertEqual(self.services[0].streams, {})
+        self.assertEqual(self.results(0, "fetch-next"), {"ok": 1})
+        self.assertEqual(self.results(1, "fetch-next"), {"ignored": 1})
+
+
+class FaultTests(ReplicaTestCase):
+    def test_unreachable_redis_means_not_served(self):
+        """A claim that fails is a request not served (its client retries), with a warning."""
+        self.make()
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        for bus in self.buses:
+            bus.claim_error = ConnectionError("Redis is not connected")
+        self.deliver("persist", persist2("r", "p"))
+        self.assertEqual(self.out("r"), [])
+        self.assertEqual(self.store.events, [])
+        self.assertEqual(self.results(0, "persist"), {"unclaimed": 1})
+        warnings = [e for e in logged if "claiming it in Redis failed" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 2)
+
+    def test_a_stopping_replica_leaves_requests_to_the_others(self):
+        """Shutting down, a replica claims nothing: a replica still serving takes the request."""
+        self.make()
+        self.services[0].stopService()
+        self.deliver("persist", persist2("r", "p"), order=[0, 1])
+        self.assertEqual(self.publishers("r"), [1])
+        self.assertEqual(len(self.store.events), 1)
+        self.assertEqual(len(self.buses[0].claims_asked), 0)
+        self.assertEqual(self.results(0, "persist"), {"elsewhere": 1})
+
+    def test_a_dying_replica_takes_only_its_own_streams(self):
+        """The streams of a replica that stops end; the other's go on."""
+        self.make()
+        for i in range(4):
+            self.store.add(pid=f"p{i}")
+        self.deliver("fetch", fetch2("a"), order=[0, 1])
+        self.deliver("fetch", fetch2("b"), order=[1, 0])
+        self.services[0].stopService()
+        self.clock.advance(0)
+        self.assertEqual(self.services[0].streams, {})
+        for _ in range(4):
+            self.deliver("fetch-next", accept("b"))
+        self.assertEqual(self.out("b")[-1], "end")
+        self.assertEqual(len(self.out("b")), 5)
+        self.assertEqual(self.publishers("b"), [1])
+
+
+class TenantTests(ReplicaTestCase):
+    def test_tenant_requests_are_claimed_under_the_prefix(self):
+        self.make(tenants=True, channel_prefix="es:")
+        body = persist2("es:t1:r", "p")
+        self.deliver("es:t1:persist", body)
+        self.assertEqual(self.publishers("es:t1:r"), [0])
+        (key,) = self.claims
+        self.assertEqual(key, claim_key("es:", "es:t1:persist", body))
+        self.assertTrue(key.startswith("es:claim:"))
+        # the same body on another tenant's channel is another request
+        self.deliver("es:t2:persist", body)
+        self.assertEqual(len(self.claims), 2)
