@@ -148,8 +148,9 @@ class ParserTests(CommandTestCase):
         parser = cli.build_parser({})
         subparsers = [a for a in parser._actions if hasattr(a, "choices") and a.choices]
         commands = subparsers[0].choices
-        self.assertEqual(sorted(commands), ["append", "fetch", "persist", "read", "serve"])
-        for name in ("persist", "fetch", "append", "read"):
+        self.assertEqual(sorted(commands), ["append", "fetch", "persist", "read", "serve",
+                                            "subscribe"])
+        for name in ("persist", "fetch", "append", "read", "subscribe"):
             for action in commands[name]._actions:
                 self.assertTrue(action.help, f"{name} {action.option_strings} has no help")
             text = commands[name].format_help()
@@ -159,7 +160,7 @@ class ParserTests(CommandTestCase):
 
     def test_help_exits_0(self):
         for argv in (["--help"], ["persist", "--help"], ["fetch", "--help"], ["append", "--help"],
-                     ["read", "--help"]):
+                     ["read", "--help"], ["subscribe", "--help"]):
             self.assertEqual(self.run_cli(argv), 0)
 
     def test_every_exit_status_in_help(self):

@@ -831,7 +831,8 @@ class RequestMachineTests(ClientTestCase):
 
     def test_direct_inputs(self):
         """Only unconditional internal transitions of the table skip the trigger:
-        a row on a live fetch, a message nobody expects, and every late input."""
+        a row on a live fetch, a subscription's marker, a message nobody
+        expects, and every late input."""
         live = {(state, name): callbacks for (state, name), callbacks in _requests.DIRECT.items()
                 if state not in _requests.TERMINAL}
         self.assertEqual(live, {
@@ -839,6 +840,8 @@ class RequestMachineTests(ClientTestCase):
             (RequestState.OPEN, "row_received"): ("take_row",),
             (RequestState.SUBSCRIBING, "unexpected_received"): ("warn_unexpected",),
             (RequestState.OPEN, "unexpected_received"): ("warn_unexpected",),
+            (RequestState.SUBSCRIBING, "marker_received"): ("take_marker",),
+            (RequestState.OPEN, "marker_received"): ("take_marker",),
         })
         late = {key for key, callbacks in _requests.DIRECT.items() if key not in live}
         self.assertEqual(late, {(state, name) for state in _requests.TERMINAL

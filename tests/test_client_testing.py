@@ -300,7 +300,7 @@ class FakeServerVersion2Tests(SynchronousTestCase):
         from eventsource.client import testing
 
         text = testing.__doc__
-        code = text[text.index("    server = FakeServer(pubsub)\n"):].split("\n\"\"\"")[0]
+        code = text[text.index("    server = FakeServer(pubsub)\n"):].split("\n\n")[0]
         code = "\n".join(line[4:] for line in code.splitlines())
         namespace = {"self": self, "pubsub": MemoryPubSub(), "Clock": Clock,
                      "EventSourceClient": EventSourceClient, "FakeServer": FakeServer,
