@@ -444,6 +444,22 @@ class FetchTests(ClientTestCase):
         stream.aclose()
         self.assertIsNone(self.successResultOf(d))
 
+    def test_end_sent_before_the_waiting_consumer_wakes(self):
+        """A consumer woken by another's aclose() that disconnects at once does
+        not keep "end" from the server (it was sent from inside the transition)."""
+        self.server.rows = rows_of(3)
+        self.server.max_window = 1
+        stream = self.client.fetch({"$select": {}}, window=2)
+        self.successResultOf(stream.next_row())
+        self.pubsub.handlers["fetch-next"] = lambda channel, body: self.pubsub.calls.append(
+            ("heard", body))
+        d = stream.next_row()
+        self.assertNoResult(d)
+        d.addCallback(lambda _: self.client.disconnect())
+        self.successResultOf(stream.aclose())
+        self.assertIn(("heard", '{"channel":"%s","end":true}' % stream.channel),
+                      self.pubsub.calls)
+
     def test_stream_timeout_after_rows(self):
         """Rows that came before "timeout" are delivered, then StreamTimeout."""
         stream = self.client.fetch({"$select": {}}, window=10)

@@ -681,6 +681,9 @@ class FetchRequest(_Request):
         self._fire("client_closed", error)
         log.debug("fetch on {channel} closed by the client after {rows} rows",
                   channel=self.channel, rows=self.rows)
+        # Only now, with "end" on its way: a consumer woken up inside the
+        # transition could go on to disconnect the client before it is sent.
+        self._fire_waiting()
         return self._closing
 
     def abandon(self) -> None:
@@ -779,7 +782,7 @@ class FetchRequest(_Request):
     def report_closed(self, *_: Any) -> None:
         self._outcome = END_OF_ROWS if self._error is None else self._error
         self._buffer.clear()
-        self._fire_waiting()
+        # (a waiting consumer is woken up by close(), after the transition)
 
     def _fire_waiting(self) -> None:
         if self._waiting is None:
