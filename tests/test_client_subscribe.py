@@ -13,6 +13,12 @@ private Redis, in the middle of a burst of appends.
 """
 
 import gc
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -22,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource.client import (
     BadRequest,
     EventSourceClient,
+    NewEvent,
     NoServerError,
     RecordedEvent,
     RedisConnectionError,
@@ -29,11 +36,14 @@ from eventsource.client import (
     RetryPolicy,
     ServerTooOld,
     Subscription,
+    connect,
 )
 from eventsource.client import _requests
 from eventsource.client._requests import Marker
 from eventsource.client.testing import FakeServer, MemoryPubSub
 from eventsource.wire import encode_body, encode_error
+from tests.redis_server import PrivateRedisTestCase
+from tests.support import REDIS_HOST, REDIS_PORT, IntegrationTestCase, sleep, sql, wait_until
 
 #: no jitter: the pauses between attempts are exactly 0.1, 0.2, 0.4, 0.5, 0.5... s
 EXACT = RetryPolicy(initial_delay=0.1, max_delay=0.5, jitter=0)
@@ -453,6 +463,243 @@ class MarkerTests(SynchronousTestCase):
 
 
 def _decode(body):
-    import json
-
     return json.loads(body)
+
+
+# -- for real ----------------------------------------------------------------------
+
+#: writers retry for as long as a restart or an outage takes
+WRITER_RETRY = RetryPolicy(retries=200, initial_delay=0.05, max_delay=0.3)
+#: the subscriptions' pauses between attempts
+FAST = RetryPolicy(initial_delay=0.05, max_delay=0.3)
+#: the servers' --heartbeat in these tests (and the subscriptions' heartbeat)
+HEARTBEAT = 0.5
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RealSubscriptionCase:
+    """Clients of this process on the server's Redis; writers; the table's positions."""
+
+    timeout = 180
+    redis_port = REDIS_PORT
+
+    async def es_client(self):
+        from twisted.internet import reactor
+
+        client = await connect(REDIS_HOST, self.redis_port, reactor=reactor, max_delay=0.2,
+                               channel_prefix=self.prefix, retry=WRITER_RETRY)
+        self.addCleanup(client.disconnect)
+        return client
+
+    def follow(self, client, **kwargs):
+        kwargs.setdefault("heartbeat", HEARTBEAT)
+        kwargs.setdefault("retry", FAST)
+        consumer = Consumer(client.subscribe(**kwargs))
+        self.addCleanup(lambda: consumer.subscription.aclose().addCallback(
+            lambda _: consumer.done))
+        return consumer
+
+    def positions(self):
+        return [row[0] for row in sql(f"SELECT id FROM `{self.database}`.`event` ORDER BY id")]
+
+    async def append(self, client, pid, count):
+        """One append of ``count`` events to ``pid``; a first attempt that finds no
+        server (restarting, or Redis just back) waits and tries again."""
+        events = [NewEvent("d", f"n{k}", {"k": k}) for k in range(count)]
+        while True:
+            try:
+                return await client.append(pid, events)
+            except NoServerError:
+                await sleep(0.05)
+
+    def burst(self, clients, appends, per_append, tag="p"):
+        """Every client starts ``appends`` appends at once."""
+        return defer.gatherResults([
+            Deferred.fromCoroutine(self.append(client, f"{tag}{c}-{a % 7}", per_append))
+            for c, client in enumerate(clients) for a in range(appends)])
+
+    async def rounds(self, clients, count, per_append, tag="r", pause=0):
+        """``count`` rounds: every client appends once, together, then (after
+        ``pause`` seconds) the next round."""
+        for r in range(count):
+            await defer.gatherResults([
+                Deferred.fromCoroutine(self.append(client, f"{tag}{c}-{r % 5}", per_append))
+                for c, client in enumerate(clients)])
+            if pause:
+                await sleep(pause)
+
+    async def wait_for(self, consumer, count, what="events"):
+        await wait_until(lambda: len(consumer.events) >= count or consumer.done.called,
+                         timeout=60, what=f"{count} {what}")
+        if consumer.done.called:
+            consumer.done.addErrback(lambda f: self.fail(f"the subscription ended: {f}"))
+
+    def assertTheLog(self, consumer, expected):
+        positions = consumer.positions
+        self.assertEqual(len(positions), len(set(positions)), "an event twice")
+        self.assertEqual(positions, sorted(positions), "events out of order")
+        self.assertEqual(positions, expected)
+
+
+class RealServerTests(RealSubscriptionCase, IntegrationTestCase):
+    server_config = {"heartbeat": HEARTBEAT}
+
+    def test_concurrent_burst_seen_exactly_once(self):
+        """
+        A subscription tailing the log while 3 clients persist 3,000 events at
+        once, and one started at a random moment of the burst (the seam
+        between history and live events in its middle), see each event once,
+        in position order.
+        """
+        async def go():
+            reader = await self.es_client()
+            writers = [await self.es_client() for _ in range(3)]
+            tailing = self.follow(reader)
+            await wait_until(lambda: tailing.subscription.caught_up, what="caughtUp")
+            burst = self.burst(writers, appends=100, per_append=10)
+            await sleep(random.uniform(0, 0.3))
+            seam = self.follow(reader)
+            await burst
+            expected = self.positions()
+            self.assertEqual(len(expected), 3000)
+            await self.wait_for(tailing, 3000)
+            await self.wait_for(seam, 3000)
+            await sleep(0.2)
+            self.assertTheLog(tailing, expected)
+            self.assertTheLog(seam, expected)
+            self.assertEqual(tailing.subscription.attempts, 1)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_server_restart_in_the_middle(self):
+        """The server stops (unavailable, end) and a new one starts on the same
+        table while writers go on: the iterator's output is still the log."""
+        async def go():
+            reader = await self.es_client()
+            writers = [await self.es_client() for _ in range(3)]
+            consumer = self.follow(reader)
+            writing = Deferred.fromCoroutine(self.rounds(writers, 100, 10))
+            await self.wait_for(consumer, 600)
+            await self.server.stopService()
+            await sleep(0.3)
+            await self.start_server(**self.server_config)
+            await writing
+            expected = self.positions()
+            self.assertEqual(len(expected), 3000)
+            await self.wait_for(consumer, 3000)
+            await sleep(0.2)
+            self.assertTheLog(consumer, expected)
+            self.assertGreater(consumer.subscription.attempts, 1)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_command_line_stopped_and_restarted(self):
+        """
+        ``eventsource subscribe --checkpoint FILE`` stopped by SIGTERM, started
+        again and stopped by SIGINT while events are appended, then started
+        once more with --until-caught-up: the three outputs are the log, each
+        event once.
+        """
+        async def go():
+            writers = [await self.es_client() for _ in range(2)]
+            await self.burst(writers, appends=25, per_append=10, tag="before")
+            writing = Deferred.fromCoroutine(self.rounds(writers, 100, 10, pause=0.05))
+            folder = os.path.abspath(self.mktemp())
+            os.makedirs(folder)
+            checkpoint = os.path.join(folder, "position")
+            outputs = []
+            for sig, after in ((signal.SIGTERM, 400), (signal.SIGINT, 300)):
+                process, output = self.command(checkpoint)
+                outputs.append(output)
+
+                def printed(process=process, output=output, after=after):
+                    return len(lines(output)) >= after or process.poll() is not None
+
+                await wait_until(printed, timeout=60, what=f"{after} lines")
+                self.assertIsNone(process.poll(), self.stderr_of(process))
+                process.send_signal(sig)
+                await wait_until(lambda p=process: p.poll() is not None,
+                                 what="the command to stop")
+                self.assertEqual(process.returncode, 130, self.stderr_of(process))
+                self.assertIn("interrupted", self.stderr_of(process))
+                with open(checkpoint) as f:
+                    self.assertEqual(int(f.read()), json.loads(lines(output)[-1])["position"])
+            self.assertFalse(writing.called, "the appends ended before the second stop")
+            await writing
+            process, output = self.command(checkpoint, "--until-caught-up")
+            outputs.append(output)
+            await wait_until(lambda: process.poll() is not None, timeout=60,
+                             what="--until-caught-up to end")
+            self.assertEqual((process.returncode, self.stderr_of(process)), (0, ""))
+            printed = [json.loads(line)["position"] for output in outputs
+                       for line in lines(output)]
+            expected = self.positions()
+            self.assertEqual(len(expected), 2500)
+            self.assertEqual(printed, expected)
+
+        return Deferred.fromCoroutine(go())
+
+    def command(self, checkpoint, *more):
+        output = os.path.abspath(self.mktemp())
+        errors = output + ".err"
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("REDIS_", "EVENTSOURCE_"))}
+        env["PYTHONPATH"] = CHECKOUT
+        with open(output, "w") as out, open(errors, "w") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "eventsource", "subscribe", "--checkpoint", checkpoint,
+                 "--redis-host", REDIS_HOST, "--redis-port", str(REDIS_PORT),
+                 "--channel-prefix", self.prefix, "--heartbeat", str(HEARTBEAT), *more],
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=CHECKOUT)
+        process.errors = errors
+
+        def stop():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
+        return process, output
+
+    def stderr_of(self, process):
+        with open(process.errors) as f:
+            return f.read()
+
+
+def lines(path):
+    """The whole lines of a file written so far."""
+    with open(path) as f:
+        text = f.read()
+    return text.splitlines()[:text.count("\n")]
+
+
+class RedisRestartTests(RealSubscriptionCase, PrivateRedisTestCase):
+    server_config = {"heartbeat": HEARTBEAT, "redis_max_delay": 0.2}
+
+    def setUp(self):
+        d = super().setUp()
+        return d.addCallback(lambda _: setattr(self, "redis_port", self.redis.port))
+
+    def test_redis_restart_in_the_middle(self):
+        """Redis stops and starts again while writers go on (the server, the writers
+        and the subscription all on it): the iterator's output is still the log."""
+        async def go():
+            reader = await self.es_client()
+            writers = [await self.es_client() for _ in range(3)]
+            consumer = self.follow(reader)
+            writing = Deferred.fromCoroutine(self.rounds(writers, 100, 10))
+            await self.wait_for(consumer, 600)
+            await self.redis.stop()
+            await sleep(0.3)
+            await self.redis.start()
+            await writing
+            expected = self.positions()
+            self.assertEqual(len(expected), 3000)
+            await self.wait_for(consumer, 3000)
+            await sleep(0.2)
+            self.assertTheLog(consumer, expected)
+            self.assertGreater(consumer.subscription.attempts, 1)
+            self.assertIsInstance(consumer.subscription.last_error, (RedisConnectionError,
+                                                                     NoServerError))
+
+        return Deferred.fromCoroutine(go())
