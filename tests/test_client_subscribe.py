@@ -546,18 +546,18 @@ class RealServerTests(RealSubscriptionCase, IntegrationTestCase):
 
     def test_concurrent_burst_seen_exactly_once(self):
         """
-        A subscription tailing the log while 3 clients persist 3,000 events at
-        once, and one started at a random moment of the burst (the seam
-        between history and live events in its middle), see each event once,
-        in position order.
+        A subscription tailing the log while 3 clients persist 3,000 events
+        (100 rounds of 10 each, the three at once), and one started at a
+        random moment of the burst (the seam between history and live events
+        in its middle), see each event once, in position order.
         """
         async def go():
             reader = await self.es_client()
             writers = [await self.es_client() for _ in range(3)]
             tailing = self.follow(reader)
             await wait_until(lambda: tailing.subscription.caught_up, what="caughtUp")
-            burst = self.burst(writers, appends=100, per_append=10)
-            await sleep(random.uniform(0, 0.3))
+            burst = Deferred.fromCoroutine(self.rounds(writers, 100, 10))
+            await self.wait_for(tailing, random.randrange(100, 1500))
             seam = self.follow(reader)
             await burst
             expected = self.positions()
