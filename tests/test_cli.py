@@ -543,8 +543,8 @@ class SubscribeCommandTests(SynchronousTestCase):
         for i in range(5):
             self.server.add_event("p1" if i % 2 == 0 else "p2", "d", f"n{i}", {"i": i})
 
-    def start(self, *argv):
-        self.stdout, self.stderr = io.StringIO(), io.StringIO()
+    def start(self, *argv, stdout=None):
+        self.stdout, self.stderr = stdout or io.StringIO(), io.StringIO()
 
         def connect(**kwargs):
             return defer.succeed(EventSourceClient(self.pubsub, self.clock))
@@ -653,6 +653,26 @@ class SubscribeCommandTests(SynchronousTestCase):
         self.assertEqual(self.printed(), [1, 2, 3, 4, 5])
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), cli.EXIT_CHECKPOINT)
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_checkpoint_never_ahead_of_the_output(self):
+        """Standard output is flushed before the checkpoint moves: when the reader
+        left (a broken pipe), the checkpoint keeps the last batch that got out."""
+        flushed = []
+
+        class Pipe(io.StringIO):
+            def flush(pipe):
+                if flushed:
+                    raise BrokenPipeError()
+                flushed.append(pipe.getvalue())
+
+        d = self.start("--checkpoint", self.checkpoint, stdout=Pipe())
+        self.clock.advance(0)
+        self.assertEqual(self.kept(), "5\n")
+        self.server.add_event("p1", "d", "unread")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.kept(), "5\n")
         self.assertEqual(self.server.subscriptions, {})
 
     def test_errors(self):
