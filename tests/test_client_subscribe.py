@@ -453,6 +453,44 @@ class RaisedTests(SubscribeTestCase):
         self.successResultOf(subscription.aclose())
 
 
+class ProjectionExampleTests(SubscribeTestCase):
+    """docs/CLIENT.md's projection runs as written, and resumes from its checkpoint."""
+
+    def load(self):
+        path = os.path.join(CHECKOUT, "docs", "CLIENT.md")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("### A projection"):]
+        code = section[section.index("```python\n") + 10:section.index("```\n", 1)]
+        namespace = {"__name__": "client_md_projection"}
+        exec(compile(code, path, "exec"), namespace)
+        return namespace["project_orders"]
+
+    def test_projection(self):
+        import sqlite3
+
+        project_orders = self.load()
+        db = sqlite3.connect(":memory:")
+        self.server.add_event("order-1", "order", "created", {"total": 12})
+        self.server.add_event("order-1", "order", "paid", {"amount": 5})
+        self.server.add_event("user-1", "user", "created", {"name": "x"})
+        self.successResultOf(run(project_orders(self.client, db, until_caught_up=True)))
+        self.assertEqual(db.execute("SELECT * FROM orders").fetchall(), [("order-1", 12, 5)])
+        self.assertEqual(db.execute("SELECT position FROM checkpoint").fetchall(), [(3,)])
+
+        # following: each batch is committed with its position
+        d = run(project_orders(self.client, db))
+        self.assertEqual(self.subscribe_requests()[-1]["from"], 3)
+        self.server.add_event("order-2", "order", "created", {"total": 1})
+        self.server.add_event("order-1", "order", "paid", {"amount": 7})
+        self.assertEqual(db.execute("SELECT * FROM orders ORDER BY pid").fetchall(),
+                         [("order-1", 12, 12), ("order-2", 1, 0)])
+        self.assertEqual(db.execute("SELECT position FROM checkpoint").fetchall(), [(5,)])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.server.subscriptions, {})
+
+
 class MarkerTests(SynchronousTestCase):
     def test_markers(self):
         self.assertEqual(Marker.from_message({"caughtUp": 3}), Marker("caughtUp", 3))

@@ -37,9 +37,11 @@ plays the server's heartbeat, row timeout and shutdown with
 :meth:`FakeServer.heartbeat`, :meth:`FakeServer.time_out` and
 :meth:`FakeServer.shut_down`::
 
-    seen = []
-    d = Deferred.fromCoroutine(project(client.subscribe({"pid": "order-1"}), seen))
+    subscription = client.subscribe({"pid": "order-1"})
+    d = subscription.next_event()
     server.add_event("order-1", "order", "paid", {"amount": 12})
+    self.assertEqual(self.successResultOf(d).name, "paid")
+    self.successResultOf(subscription.aclose())
 """
 
 import datetime
