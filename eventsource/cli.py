@@ -269,7 +269,8 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
         "--channel-prefix", default=environ.get("EVENTSOURCE_CHANNEL_PREFIX") or "",
         metavar="PREFIX",
         help="The server's --channel-prefix: prepended to the request channels persist, "
-             "fetch and fetch-next [env EVENTSOURCE_CHANNEL_PREFIX; default: empty].")
+             "fetch, fetch-next and subscribe [env EVENTSOURCE_CHANNEL_PREFIX; default: "
+             "empty].")
     group.add_argument(
         "--tenant", type=_tenant, default=environ.get("EVENTSOURCE_TENANT") or None,
         metavar="TENANT",

@@ -827,7 +827,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(result.returncode, cli.EXIT_NO_SERVER)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
 
-        for command in ("persist", "fetch", "append", "read", "serve"):
+        for command in ("persist", "fetch", "append", "read", "subscribe", "serve"):
             result = self.subprocess(command, "--help")
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn("usage:", result.stdout)

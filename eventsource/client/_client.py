@@ -199,7 +199,7 @@ class EventSourceClient:
         tenant's namespace, with ``tenant``); ``None``:
         :data:`DEFAULT_REPLY_PREFIX`, or ``"reply:"`` with a tenant.
     :param channel_prefix: the server's ``--channel-prefix``: prepended to the
-        request channels ``persist``, ``fetch`` and ``fetch-next``.
+        request channels ``persist``, ``fetch``, ``fetch-next`` and ``subscribe``.
     :param tenant: for a server in tenant mode (``--tenants``): requests go
         to ``<channel_prefix><tenant>:persist`` (and ``:fetch``,
         ``:fetch-next``) and every reply channel lies in the tenant's
