@@ -6,10 +6,11 @@ the server without knowing twistd.
     eventsource fetch --pid P
     eventsource append P D N '{"k": 1}' --expected-version 3
     eventsource read P --from-version 4
+    eventsource subscribe --domain order --checkpoint order.position
     eventsource serve --table db.events
 
-``persist``, ``fetch``, ``append`` and ``read`` (the last two: version 2 of
-the protocol) talk to the server through Redis with
+``persist``, ``fetch``, ``append``, ``read`` and ``subscribe`` (the last
+three: version 2 of the protocol) talk to the server through Redis with
 :mod:`eventsource.client`, under :func:`twisted.internet.task.react`.  Every
 failure ends with one line on standard error and an exit status that says
 what went wrong (see :data:`EXIT_CODES`).
@@ -53,6 +54,7 @@ from eventsource.client import (
     WrongExpectedVersion,
 )
 from eventsource.client._events import DEFAULT_RETRY, check_expected, normal_event_id
+from eventsource.client._subscription import DEFAULT_HEARTBEAT
 from eventsource.wire import valid_tenant
 from eventsource.sentinel import format_addresses
 
@@ -66,6 +68,7 @@ EXIT_TIMEOUT = 4
 EXIT_REDIS = 5
 EXIT_CONFLICT = 6
 EXIT_TOO_OLD = 7
+EXIT_CHECKPOINT = 8
 EXIT_INTERRUPTED = 130
 
 #: exit status and meaning, for --help and the docs
@@ -80,8 +83,12 @@ EXIT_CODES = (
                  "dropped"),
     (EXIT_CONFLICT, "append: the stream is not at the expected version "
                     "(wrongExpectedVersion); nothing was appended"),
-    (EXIT_TOO_OLD, "append, read: the server speaks only version 1 of the protocol"),
-    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); an open fetch or read is told \"end\""),
+    (EXIT_TOO_OLD, "append, read, subscribe: the server speaks only version 1 of the "
+                   "protocol"),
+    (EXIT_CHECKPOINT, "subscribe: the --checkpoint file cannot be read (or holds no "
+                      "position) or written"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); an open fetch, read or subscribe is "
+                       "told \"end\" (subscribe writes its checkpoint first)"),
 )
 
 #: default --window of fetch: version 1 (window 1) is one round trip per row
@@ -184,6 +191,15 @@ _port = _argument_type(tap.port)
 _sentinels = _argument_type(tap.sentinel_addresses)
 
 
+def _start(text: str) -> Any:
+    if text in ("start", "end"):
+        return text
+    if _DIGITS.fullmatch(text):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be start, end or a position (an integer >= 0), "
+                                     f"not {text!r}")
+
+
 def _tenant(text: str) -> str:
     if not valid_tenant(text):
         raise argparse.ArgumentTypeError(
@@ -209,8 +225,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     parser = _Parser(
         prog=PROG,
         description="Persist and fetch events of an eventsource server through Redis "
-                    "(persist, fetch), append to and read streams with version 2 of the "
-                    "protocol (append, read), or run the server (serve).",
+                    "(persist, fetch), append to and read streams and follow the log with "
+                    "version 2 of the protocol (append, read, subscribe), or run the server "
+                    "(serve).",
         epilog=f"Exit status:\n{exit_codes}\n\nRun '{PROG} COMMAND --help' for the flags "
                "of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,7 +269,8 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
         "--channel-prefix", default=environ.get("EVENTSOURCE_CHANNEL_PREFIX") or "",
         metavar="PREFIX",
         help="The server's --channel-prefix: prepended to the request channels persist, "
-             "fetch and fetch-next [env EVENTSOURCE_CHANNEL_PREFIX; default: empty].")
+             "fetch, fetch-next and subscribe [env EVENTSOURCE_CHANNEL_PREFIX; default: "
+             "empty].")
     group.add_argument(
         "--tenant", type=_tenant, default=environ.get("EVENTSOURCE_TENANT") or None,
         metavar="TENANT",
@@ -403,6 +421,63 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                       help="No progress line on standard error (shown only when it is a "
                            "terminal and the read takes over a second).")
 
+    subscribe = commands.add_parser(
+        "subscribe", parents=[connection],
+        help="follow the log: history, then new events as they commit (version 2)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Print the events matching a filter (--pid/--domain/--name, "
+                          "combined, or a --where object) after a position, in position "
+                          "order, then every new one as it is committed, like 'tail -f': "
+                          "one JSON object per event (position, eventId, pid, version, "
+                          "domain, name, timestamp, data).  It runs until it is stopped "
+                          "(Ctrl-C, SIGTERM, the reader of its output leaving), subscribing "
+                          "again by itself after a server restart or a Redis outage, and "
+                          "prints each event once.  With --checkpoint FILE it keeps the "
+                          "position of the last event printed in FILE and resumes after "
+                          "it: a pipeline can be stopped and started again without losing "
+                          "or repeating an event.  Needs a server that speaks version 2 "
+                          f"(exit status {EXIT_TOO_OLD} otherwise)."),
+        epilog="examples:\n"
+               f"  {PROG} subscribe --domain order\n"
+               f"  {PROG} subscribe --where '{{\"name\": {{\"$in\": [\"paid\", "
+               "\"shipped\"]}}}' --from end\n"
+               f"  {PROG} subscribe --pid order-1 --checkpoint order-1.position | ./project\n"
+               f"  {PROG} subscribe --domain order --until-caught-up > orders.jsonl")
+    what = subscribe.add_argument_group("what to follow")
+    what.add_argument("--pid", help="Only events of this process (aggregate) id.")
+    what.add_argument("--domain", help="Only events of this domain.")
+    what.add_argument("--name", help="Only events of this name.")
+    what.add_argument("--where", type=_json_object, metavar="JSON",
+                      help="A $where object of the query language, with version 2's column "
+                           "names (position, eventId, pid, version, domain, name, timestamp, "
+                           "data), e.g. '{\"pid\": {\"$startsWith\": \"order-\"}}'.")
+    what.add_argument("--table", metavar="DB.TABLE",
+                      help="Events table [default: the server's].")
+    where = subscribe.add_argument_group("where to start and stop")
+    where.add_argument("--from", dest="start", type=_start, default="start",
+                       metavar="start|end|POSITION",
+                       help="start: every matching event; end: only events committed from "
+                            "now on; POSITION: the events after that position [default: "
+                            "start].  A --checkpoint file that holds a position overrides it.")
+    where.add_argument("--checkpoint", metavar="FILE",
+                       help="Keep the position of the last event printed in FILE (its "
+                            "decimal digits; replaced atomically, synced to disk, after each "
+                            "batch of events printed and flushed, and when stopped), and "
+                            "start after the position FILE holds when it exists and is not "
+                            "empty, instead of --from.")
+    where.add_argument("--until-caught-up", action="store_true",
+                       help="Stop once every matching event committed when the subscription "
+                            "started is printed, instead of following (exit status 0).")
+    tuning = subscribe.add_argument_group("tuning")
+    tuning.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
+                        help="Events the server may send ahead of acceptances "
+                             f"[default: {DEFAULT_WINDOW}; the server caps it].")
+    tuning.add_argument("--heartbeat", type=_seconds, default=DEFAULT_HEARTBEAT,
+                        metavar="SECONDS",
+                        help="The server's --heartbeat: after twice this long without a "
+                             "word from the server, subscribe again "
+                             f"[default: {DEFAULT_HEARTBEAT:g}].")
+
     commands.add_parser(
         "serve", add_help=False, help="run the server: twistd -n eventsource ...",
         description=_para("Run the eventsource server in the foreground: the same as "
@@ -502,6 +577,74 @@ def fetch_query(args: argparse.Namespace) -> Dict[str, Any]:
     if args.limit is not None:
         select["$limit"] = args.limit
     return {"$select": select}
+
+
+def subscribe_where(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The ``$where`` the subscribe flags describe (``None``: every event)."""
+    simple = {key: value for key, value in
+              (("pid", args.pid), ("domain", args.domain), ("name", args.name))
+              if value is not None}
+    if simple and args.where is not None:
+        raise UsageError(f"give only one of {'/'.join(f'--{k}' for k in simple)} and --where")
+    where = args.where if args.where is not None else simple
+    return where or None
+
+
+class CheckpointError(Exception):
+    """The --checkpoint file cannot be read, holds no position, or cannot be written."""
+
+
+class Checkpoint:
+    """
+    The ``--checkpoint`` file of ``subscribe``: the position of the last
+    event printed, as decimal digits and a newline.  Each write goes to a
+    temporary file beside it, synced to disk, then replaces the file
+    (``os.replace``), so the file always holds a whole position, the old or
+    the new one, whenever the process or the machine stops.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.position: Optional[int] = None
+
+    def read(self) -> Optional[int]:
+        """The position the file holds; ``None`` when it does not exist or is empty."""
+        try:
+            with open(self.path, encoding="ascii") as f:
+                text = f.read(100)
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the checkpoint {self.path}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        if not text.strip():
+            return None
+        if not _DIGITS.fullmatch(text):
+            raise CheckpointError(f"the checkpoint {self.path} holds no position (decimal "
+                                  f"digits), but {_cut(text.strip(), 30)!r}")
+        self.position = int(text)
+        return self.position
+
+    def write(self, position: int) -> None:
+        """Keep ``position``, atomically and durably (a no-op when it is kept already)."""
+        if position == self.position:
+            return
+        folder = os.path.dirname(os.path.abspath(self.path))
+        temporary = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, f"{position}\n".encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise CheckpointError(f"cannot write the checkpoint {self.path}: "
+                                  f"{e.strerror or e}") from None
+        self.position = position
 
 
 class Progress:
@@ -644,12 +787,94 @@ async def _fetch(client: EventSourceClient, args: argparse.Namespace, stdout: IO
     return EXIT_OK
 
 
+class _Follower:
+    """
+    What ``subscribe`` printed, and its checkpoint: events are written to
+    standard output as they come; once per turn of the reactor in which
+    some were written (so, after each batch Redis delivered together),
+    standard output is flushed and then the position of the last of them
+    goes to the checkpoint: it never holds a position whose event was not
+    printed and flushed.  A flush or a checkpoint that fails ends the
+    subscription, and :meth:`check` raises that error.
+    """
+
+    def __init__(self, clock: IReactorTime, stdout: IO[str],
+                 checkpoint: Optional[Checkpoint]):
+        self._clock = clock
+        self._stdout = stdout
+        self._checkpoint = checkpoint
+        #: the position of the last event (or marker) written to standard output
+        self.written: Optional[int] = None
+        self._call: Any = None
+        #: the error of a commit made on a later turn
+        self.error: Optional[BaseException] = None
+        #: what to close when a commit fails
+        self.subscription: Any = None
+
+    def wrote(self, position: Optional[int]) -> None:
+        """Everything up to ``position`` is written; commit it on the next turn."""
+        self.written = position
+        if self._call is None and self.error is None:
+            self._call = self._clock.callLater(0, self._commit_later)
+
+    def _commit_later(self) -> None:
+        self._call = None
+        try:
+            self.commit()
+        except (CheckpointError, OSError) as e:  # (OSError: a broken pipe too)
+            self.error = e
+            if self.subscription is not None:
+                self.subscription.aclose()
+
+    def commit(self) -> None:
+        """Flush standard output, then keep the position of what it holds."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if self.error is not None:
+            return
+        self._stdout.flush()
+        if self._checkpoint is not None and self.written is not None:
+            self._checkpoint.write(self.written)
+
+    def check(self) -> None:
+        """Raise the error of a failed commit, if one failed."""
+        if self.error is not None:
+            raise self.error
+
+
+async def _subscribe(client: EventSourceClient, args: argparse.Namespace, stdout: IO[str],
+                     clock: IReactorTime, where: Optional[Dict[str, Any]],
+                     checkpoint: Optional[Checkpoint], holder: List[Any]) -> int:
+    start = args.start
+    if checkpoint is not None and checkpoint.position is not None:
+        start = checkpoint.position
+    follower = _Follower(clock, stdout, checkpoint)
+    subscription = client.subscribe(
+        where, start, window=args.window, table=args.table, heartbeat=args.heartbeat,
+        until_caught_up=args.until_caught_up, on_caught_up=follower.wrote)
+    follower.subscription = subscription
+    holder.append(subscription)
+    try:
+        async with subscription:
+            async for event in subscription:
+                stdout.write(json.dumps(event.raw, ensure_ascii=False) + "\n")
+                follower.wrote(event.position)
+        follower.check()
+    finally:
+        # what was written so far, when stopped (also by Ctrl-C or SIGTERM)
+        follower.commit()
+    return EXIT_OK
+
+
 async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stderr: IO[str],
                   stdin: Optional[IO[str]] = None,
                   connect: Optional[Callable[..., Any]] = None,
                   holder: Optional[List[Any]] = None) -> int:
     """
-    Run a parsed ``persist``, ``fetch``, ``append`` or ``read``; returns the exit status.
+    Run a parsed ``persist``, ``fetch``, ``append``, ``read`` or ``subscribe``;
+    returns the exit status.
 
     ``connect`` replaces :func:`eventsource.client.connect` (in tests);
     ``holder`` collects the open fetch stream, so an interrupt can end it.
@@ -664,9 +889,18 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
             events = _events(args, stdin)
         elif args.command == "fetch":
             query = fetch_query(args)
+        elif args.command == "subscribe":
+            event_filter = subscribe_where(args)
+            checkpoint = None
+            if args.checkpoint is not None:
+                checkpoint = Checkpoint(args.checkpoint)
+                checkpoint.read()
     except UsageError as e:
         stderr.write(f"{prog}: error: {e}\n")
         return EXIT_USAGE
+    except CheckpointError as e:
+        stderr.write(f"{prog}: error: {e}\n")
+        return EXIT_CHECKPOINT
     if bool(args.redis_sentinels) != bool(args.redis_master_name):
         stderr.write(f"{prog}: error: --redis-sentinels and --redis-master-name go together: "
                      "give both (Redis behind Sentinel) or neither\n")
@@ -695,10 +929,16 @@ async def execute(reactor: Any, args: argparse.Namespace, stdout: IO[str], stder
             return await _append(client, args, stdout, events)
         if args.command == "read":
             return await _read(client, args, stdout, stderr, reactor, holder)
+        if args.command == "subscribe":
+            return await _subscribe(client, args, stdout, reactor, event_filter,
+                                    checkpoint, holder)
         return await _fetch(client, args, stdout, stderr, reactor, query, holder)
     except UsageError as e:
         stderr.write(f"{prog}: error: {e}\n")
         return EXIT_USAGE
+    except CheckpointError as e:
+        stderr.write(f"{prog}: error: {e}\n")
+        return EXIT_CHECKPOINT
     except ServerError as e:
         if e.code is not None:
             stderr.write(f"{prog}: error: {e.code}: {e.message}\n")

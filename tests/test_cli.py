@@ -26,6 +26,7 @@ from eventsource.client import (
     NO_STREAM,
     AppendResult,
     Busy,
+    EventSourceClient,
     NoServerError,
     PersistResult,
     RecordedEvent,
@@ -37,6 +38,7 @@ from eventsource.client import (
     Unavailable,
     WrongExpectedVersion,
 )
+from eventsource.client.testing import FakeServer, MemoryPubSub
 from tests.redis_server import RedisServer
 from tests.support import REDIS_HOST, REDIS_PORT, IntegrationTestCase, free_port, unique
 from tests.test_client import CHECKOUT, shared_fixture
@@ -148,8 +150,9 @@ class ParserTests(CommandTestCase):
         parser = cli.build_parser({})
         subparsers = [a for a in parser._actions if hasattr(a, "choices") and a.choices]
         commands = subparsers[0].choices
-        self.assertEqual(sorted(commands), ["append", "fetch", "persist", "read", "serve"])
-        for name in ("persist", "fetch", "append", "read"):
+        self.assertEqual(sorted(commands), ["append", "fetch", "persist", "read", "serve",
+                                            "subscribe"])
+        for name in ("persist", "fetch", "append", "read", "subscribe"):
             for action in commands[name]._actions:
                 self.assertTrue(action.help, f"{name} {action.option_strings} has no help")
             text = commands[name].format_help()
@@ -159,7 +162,7 @@ class ParserTests(CommandTestCase):
 
     def test_help_exits_0(self):
         for argv in (["--help"], ["persist", "--help"], ["fetch", "--help"], ["append", "--help"],
-                     ["read", "--help"]):
+                     ["read", "--help"], ["subscribe", "--help"]):
             self.assertEqual(self.run_cli(argv), 0)
 
     def test_every_exit_status_in_help(self):
@@ -527,6 +530,170 @@ class FetchCommandTests(CommandTestCase):
         self.assertEqual(self.stderr.getvalue(), "")
 
 
+class SubscribeCommandTests(SynchronousTestCase):
+    """subscribe, with the real client over the in-memory server, on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pubsub = MemoryPubSub()
+        self.server = FakeServer(self.pubsub)
+        self.folder = self.mktemp()
+        os.mkdir(self.folder)
+        self.checkpoint = os.path.join(self.folder, "position")
+        for i in range(5):
+            self.server.add_event("p1" if i % 2 == 0 else "p2", "d", f"n{i}", {"i": i})
+
+    def start(self, *argv, stdout=None):
+        self.stdout, self.stderr = stdout or io.StringIO(), io.StringIO()
+
+        def connect(**kwargs):
+            return defer.succeed(EventSourceClient(self.pubsub, self.clock))
+
+        return Deferred.fromCoroutine(cli.run(self.clock, ["subscribe", *argv], self.stdout,
+                                              self.stderr, None, environ={}, connect=connect))
+
+    def run_cli(self, *argv):
+        return self.successResultOf(self.start(*argv))
+
+    def printed(self):
+        return [json.loads(line)["position"] for line in self.stdout.getvalue().splitlines()]
+
+    def requests(self):
+        return [r for r in self.server.requests if "from" in r]
+
+    def kept(self):
+        with open(self.checkpoint) as f:
+            return f.read()
+
+    def test_until_caught_up(self):
+        """JSON lines of the version 2 rows, the filter from the flags, then exit 0."""
+        self.assertEqual(self.run_cli("--pid", "p1", "--until-caught-up"), 0,
+                         self.stderr.getvalue())
+        self.assertEqual(self.printed(), [1, 3, 5])
+        first = json.loads(self.stdout.getvalue().splitlines()[0])
+        self.assertEqual(list(first), ["position", "eventId", "pid", "version", "domain",
+                                       "name", "timestamp", "data"])
+        self.assertEqual(first["data"], {"i": 0})
+        [request] = self.requests()
+        self.assertEqual((request["query"], request["from"], request["window"]),
+                         ({"$select": {"$where": {"pid": "p1"}}}, "start", 100))
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_where_from_and_window(self):
+        self.assertEqual(self.run_cli("--where", '{"name": {"$in": ["n1", "n4"]}}', "--from",
+                                      "1", "--window", "7", "--until-caught-up"), 0)
+        self.assertEqual(self.printed(), [2, 5])
+        [request] = self.requests()
+        self.assertEqual((request["from"], request["window"]), (1, 7))
+        self.run_cli("--from", "end", "--until-caught-up", "--table", "a.b")
+        self.assertEqual(self.printed(), [])
+        self.assertEqual(self.requests()[-1]["query"], {"$select": {"$from": "a.b"}})
+
+    def test_follows_and_keeps_the_checkpoint(self):
+        """Live events are printed as they come; after each batch, standard output
+        is flushed and the checkpoint holds the last position printed."""
+        d = self.start("--checkpoint", self.checkpoint)
+        self.assertEqual(self.printed(), [1, 2, 3, 4, 5])
+        self.assertFalse(os.path.exists(self.checkpoint))
+        self.clock.advance(0)
+        self.assertEqual(self.kept(), "5\n")
+        self.server.add_event("p1", "d", "late")
+        self.server.add_event("p1", "d", "later")
+        self.assertEqual(self.printed(), [1, 2, 3, 4, 5, 6, 7])
+        self.clock.advance(0)
+        self.assertEqual(self.kept(), "7\n")
+        self.assertEqual(os.listdir(self.folder), ["position"])
+        self.server.add_event("p1", "d", "last")
+        # stopped (Ctrl-C) before the next turn: the checkpoint is written on the way out
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.kept(), "8\n")
+        self.assertEqual(self.server.subscriptions, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_resumes_after_the_checkpoint(self):
+        with open(self.checkpoint, "w") as f:
+            f.write("3\n")
+        self.assertEqual(self.run_cli("--checkpoint", self.checkpoint, "--from", "end",
+                                      "--until-caught-up"), 0)
+        self.assertEqual(self.printed(), [4, 5])
+        self.assertEqual(self.requests()[0]["from"], 3)
+        self.assertEqual(self.kept(), "5\n")
+
+    def test_checkpoint_moves_to_caught_up(self):
+        """With nothing printed, the caughtUp position is kept: a restart misses nothing."""
+        self.assertEqual(self.run_cli("--checkpoint", self.checkpoint, "--from", "end",
+                                      "--until-caught-up"), 0)
+        self.assertEqual((self.printed(), self.kept()), ([], "5\n"))
+
+    def test_empty_checkpoint_is_none(self):
+        open(self.checkpoint, "w").close()
+        self.assertEqual(self.run_cli("--checkpoint", self.checkpoint, "--from", "4",
+                                      "--until-caught-up"), 0)
+        self.assertEqual(self.printed(), [5])
+
+    def test_checkpoint_trouble(self):
+        with open(self.checkpoint, "w") as f:
+            f.write("yesterday\n")
+        code = self.run_cli("--checkpoint", self.checkpoint)
+        self.assertEqual(code, cli.EXIT_CHECKPOINT)
+        self.assertIn("holds no position", self.stderr.getvalue())
+        self.assertEqual(len(self.stderr.getvalue().splitlines()), 1)
+        self.assertEqual(self.requests(), [])
+
+        missing = os.path.join(self.folder, "no", "such", "folder")
+        code = self.run_cli("--checkpoint", missing, "--until-caught-up")
+        self.assertEqual(code, cli.EXIT_CHECKPOINT, self.stderr.getvalue())
+        self.assertIn("cannot write the checkpoint", self.stderr.getvalue())
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_checkpoint_failing_while_following(self):
+        """A checkpoint that cannot be written ends the subscription: exit 8."""
+        d = self.start("--checkpoint", os.path.join(self.folder, "gone", "position"))
+        self.assertEqual(self.printed(), [1, 2, 3, 4, 5])
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_CHECKPOINT)
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_checkpoint_never_ahead_of_the_output(self):
+        """Standard output is flushed before the checkpoint moves: when the reader
+        left (a broken pipe), the checkpoint keeps the last batch that got out."""
+        flushed = []
+
+        class Pipe(io.StringIO):
+            def flush(pipe):
+                if flushed:
+                    raise BrokenPipeError()
+                flushed.append(pipe.getvalue())
+
+        d = self.start("--checkpoint", self.checkpoint, stdout=Pipe())
+        self.clock.advance(0)
+        self.assertEqual(self.kept(), "5\n")
+        self.server.add_event("p1", "d", "unread")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), 0)
+        self.assertEqual(self.kept(), "5\n")
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_errors(self):
+        for argv, text in [(["--pid", "p", "--where", "{}"], "only one of"),
+                           (["--from", "later"], "--from: must be start, end or a position"),
+                           (["--from", "-1"], "--from: must be"),
+                           (["--window", "0"], "at least 1"),
+                           (["--heartbeat", "0"], "greater than 0")]:
+            self.assertEqual(self.run_cli(*argv), cli.EXIT_USAGE, argv)
+            self.assertIn(text, self.stderr.getvalue())
+        self.assertEqual(self.requests(), [])
+        self.assertEqual(self.run_cli("--where", '{"nope": 1}'), cli.EXIT_SERVER_ERROR)
+        self.assertIn("refused", self.stderr.getvalue())
+        del self.pubsub.handlers["subscribe"]
+        self.assertEqual(self.run_cli(), cli.EXIT_NO_SERVER)
+        self.pubsub = MemoryPubSub()
+        FakeServer(self.pubsub, version=1)
+        self.assertEqual(self.run_cli(), cli.EXIT_TOO_OLD)
+        self.assertEqual(len(self.stderr.getvalue().splitlines()), 1)
+
+
 # -- for real ---------------------------------------------------------------------
 
 
@@ -660,7 +827,7 @@ class IntegrationTests(TestCase):
         self.assertEqual(result.returncode, cli.EXIT_NO_SERVER)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
 
-        for command in ("persist", "fetch", "append", "read", "serve"):
+        for command in ("persist", "fetch", "append", "read", "subscribe", "serve"):
             result = self.subprocess(command, "--help")
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn("usage:", result.stdout)

@@ -444,6 +444,22 @@ class FetchTests(ClientTestCase):
         stream.aclose()
         self.assertIsNone(self.successResultOf(d))
 
+    def test_end_sent_before_the_waiting_consumer_wakes(self):
+        """A consumer woken by another's aclose() that disconnects at once does
+        not keep "end" from the server (it was sent from inside the transition)."""
+        self.server.rows = rows_of(3)
+        self.server.max_window = 1
+        stream = self.client.fetch({"$select": {}}, window=2)
+        self.successResultOf(stream.next_row())
+        self.pubsub.handlers["fetch-next"] = lambda channel, body: self.pubsub.calls.append(
+            ("heard", body))
+        d = stream.next_row()
+        self.assertNoResult(d)
+        d.addCallback(lambda _: self.client.disconnect())
+        self.successResultOf(stream.aclose())
+        self.assertIn(("heard", '{"channel":"%s","end":true}' % stream.channel),
+                      self.pubsub.calls)
+
     def test_stream_timeout_after_rows(self):
         """Rows that came before "timeout" are delivered, then StreamTimeout."""
         stream = self.client.fetch({"$select": {}}, window=10)
@@ -831,7 +847,8 @@ class RequestMachineTests(ClientTestCase):
 
     def test_direct_inputs(self):
         """Only unconditional internal transitions of the table skip the trigger:
-        a row on a live fetch, a message nobody expects, and every late input."""
+        a row on a live fetch, a subscription's marker, a message nobody
+        expects, and every late input."""
         live = {(state, name): callbacks for (state, name), callbacks in _requests.DIRECT.items()
                 if state not in _requests.TERMINAL}
         self.assertEqual(live, {
@@ -839,6 +856,8 @@ class RequestMachineTests(ClientTestCase):
             (RequestState.OPEN, "row_received"): ("take_row",),
             (RequestState.SUBSCRIBING, "unexpected_received"): ("warn_unexpected",),
             (RequestState.OPEN, "unexpected_received"): ("warn_unexpected",),
+            (RequestState.SUBSCRIBING, "marker_received"): ("take_marker",),
+            (RequestState.OPEN, "marker_received"): ("take_marker",),
         })
         late = {key for key, callbacks in _requests.DIRECT.items() if key not in live}
         self.assertEqual(late, {(state, name) for state in _requests.TERMINAL

@@ -300,13 +300,103 @@ class FakeServerVersion2Tests(SynchronousTestCase):
         from eventsource.client import testing
 
         text = testing.__doc__
-        code = text[text.index("    server = FakeServer(pubsub)\n"):].split("\n\"\"\"")[0]
+        code = text[text.index("    server = FakeServer(pubsub)\n"):].split("\n\n")[0]
         code = "\n".join(line[4:] for line in code.splitlines())
         namespace = {"self": self, "pubsub": MemoryPubSub(), "Clock": Clock,
                      "EventSourceClient": EventSourceClient, "FakeServer": FakeServer,
                      "NO_STREAM": "noStream", "WrongExpectedVersion": WrongExpectedVersion}
         exec(code, namespace)
         self.assertEqual(len(namespace["server"].events), 1)
+
+    def test_module_subscription_example(self):
+        """The module docstring's subscription example runs as written."""
+        from eventsource.client import testing
+
+        text = testing.__doc__
+        code = text[text.index("    subscription = client.subscribe("):].split("\n\"\"\"")[0]
+        code = "\n".join(line[4:] for line in code.splitlines())
+        pubsub = MemoryPubSub()
+        server = FakeServer(pubsub)
+        namespace = {"self": self, "server": server,
+                     "client": EventSourceClient(pubsub, Clock())}
+        exec(code, namespace)
+        self.assertEqual(server.subscriptions, {})
+
+
+class FakeServerSubscriptionTests(SynchronousTestCase):
+    """The fake server's subscriptions, on the wire (docs/PROTOCOL.md, "Subscriptions")."""
+
+    def setUp(self):
+        self.pubsub = MemoryPubSub()
+        self.heard = []
+        self.pubsub.receiver = self
+        self.server = FakeServer(self.pubsub)
+        for i in range(4):
+            self.server.add_event("p1" if i % 2 == 0 else "p2", "d", f"n{i}", {"i": i})
+
+    def message_received(self, channel, body):
+        self.heard.append((channel, json.loads(body)))
+
+    def subscribe(self, channel="s", **fields):
+        self.pubsub.subscribe(channel)
+        self.pubsub.publish("subscribe", json.dumps(dict(
+            {"v": 2, "channel": channel, "query": {"$select": {}}}, **fields)))
+        return channel
+
+    def messages(self, channel="s"):
+        return [m.get("position", m) if isinstance(m, dict) else m
+                for c, m in self.heard if c == channel]
+
+    def test_history_marker_live_and_window(self):
+        self.subscribe(window=2, query={"$select": {"$where": {"pid": "p1"}}})
+        self.assertEqual(self.messages(), [1, 3, {"caughtUp": 4}])
+        self.server.add_event("p1", "d", "late")
+        self.server.add_event("p2", "d", "other")
+        self.server.add_event("p1", "d", "later")
+        self.assertEqual(self.messages(), [1, 3, {"caughtUp": 4}])  # (the window is full)
+        self.server.heartbeat()
+        self.pubsub.publish("fetch-next", json.dumps({"channel": "s", "accepted": 2}))
+        # the heartbeat waited behind the rows held back
+        self.assertEqual(self.messages(), [1, 3, {"caughtUp": 4}, 5, 7, {"heartbeat": 7}])
+        row = [m for c, m in self.heard if c == "s"][-2]
+        self.assertEqual(list(row), ["position", "eventId", "pid", "version", "domain", "name",
+                                     "timestamp", "data"])
+
+    def test_from_end_and_a_position(self):
+        self.subscribe("e", **{"from": "end"})
+        self.subscribe("n", **{"from": 2})
+        self.assertEqual(self.messages("e"), [{"caughtUp": 4}])
+        self.assertEqual(self.messages("n"), [3, 4, {"caughtUp": 4}])
+
+    def test_ends(self):
+        for channel in ("a", "b", "c"):
+            self.subscribe(channel)
+        self.pubsub.publish("fetch-next", json.dumps({"channel": "a", "end": True}))
+        self.server.time_out("b")
+        self.server.shut_down()
+        self.assertEqual(self.server.subscriptions, {})
+        self.server.add_event("p1", "d", "after")
+        self.assertEqual(self.messages("a")[-1], {"caughtUp": 4})
+        self.assertEqual(self.messages("b")[-1], "timeout")
+        self.assertEqual(self.messages("c")[-2]["error"]["code"], "unavailable")
+        self.assertEqual(self.messages("c")[-1], "end")
+
+    def test_refusals(self):
+        cases = [({"v": 1}, "badRequest"), ({"extra": 1}, "badRequest"),
+                 ({"query": {"$select": {"$limit": 1}}}, "badRequest"),
+                 ({"from": -1}, "badRequest"), ({"from": "now"}, "badRequest"),
+                 ({"window": 0}, "badRequest"),
+                 ({"query": {"$select": {"$where": {"nope": 1}}}}, "refused")]
+        for n, (fields, code) in enumerate(cases):
+            channel = self.subscribe(f"r{n}", **fields)
+            error, end = self.messages(channel)
+            self.assertEqual((error["error"]["code"], end), (code, "end"), fields)
+        self.assertEqual(self.server.subscriptions, {})
+
+    def test_version_1_server_does_not_listen(self):
+        pubsub = MemoryPubSub()
+        FakeServer(pubsub, version=1)
+        self.assertNotIn("subscribe", pubsub.handlers)
 
 
 V2_ROW = ("position", "eventId", "pid", "version", "domain", "name", "timestamp", "data")

@@ -36,9 +36,18 @@ streams, atomically) and ``read_stream`` (one stream from a version)::
     async for event in client.read_stream("order-1", from_version=4):
         print(event.version, event.name, event.data)
 
+``subscribe`` (version 2) follows the log: the events matching a filter from
+a position on, then every new one as it is committed, forever, each once and
+in order, across server restarts and Redis outages::
+
+    async for event in client.subscribe({"domain": "order"}, start=checkpoint):
+        apply(event)
+        checkpoint = event.position
+
 Layout: ``_client`` (:class:`EventSourceClient`, :class:`RowStream`,
 :class:`EventStream`, :func:`connect`), ``_requests`` (each request as a
-state machine, like the server's reply channel), ``_events`` (version 2's
+state machine, like the server's reply channel), ``_subscription``
+(:class:`Subscription`: the series of subscribe requests), ``_events`` (version 2's
 values: expected versions, events, results, the retry policy), ``_redis``
 (the Redis boundary: the small :class:`PubSub` interface and
 :class:`RedisPubSub`, the real one), ``_errors``; :mod:`eventsource.client.testing` has in-memory doubles for
@@ -92,6 +101,7 @@ from eventsource.client._redis import PubSub, RedisPubSub
 from eventsource.client._requests import ACCEPT_BYTES as ACCEPT_BYTES
 from eventsource.client._requests import IDLE_ACCEPT_DELAY as IDLE_ACCEPT_DELAY
 from eventsource.client._requests import PersistResult, Row
+from eventsource.client._subscription import Subscription
 
 # the protocol's words and codec, as the single module this package replaced had them
 from eventsource.wire import ACCEPTED as ACCEPTED
@@ -108,6 +118,7 @@ __all__ = [
     "EventSourceClient",
     "RowStream",
     "EventStream",
+    "Subscription",
     "Row",
     "PersistResult",
     "NewEvent",

@@ -7,7 +7,19 @@
 import uuid
 import weakref
 from inspect import isawaitable
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+    overload,
+)
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -41,6 +53,13 @@ from eventsource.client._events import (
 )
 from eventsource.client._redis import DEFAULT_CONNECT_TIMEOUT, PubSub, RedisPubSub
 from eventsource.client._requests import END_OF_ROWS, AppendRequest, FetchRequest, PersistRequest
+from eventsource.client._subscription import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_SUBSCRIPTION_WINDOW,
+    FROM_START,
+    Start,
+    Subscription,
+)
 from eventsource.wire import FETCH_NEXT, PERSIST, decode_body, encode_body, valid_tenant
 
 log = Logger()
@@ -180,7 +199,7 @@ class EventSourceClient:
         tenant's namespace, with ``tenant``); ``None``:
         :data:`DEFAULT_REPLY_PREFIX`, or ``"reply:"`` with a tenant.
     :param channel_prefix: the server's ``--channel-prefix``: prepended to the
-        request channels ``persist``, ``fetch`` and ``fetch-next``.
+        request channels ``persist``, ``fetch``, ``fetch-next`` and ``subscribe``.
     :param tenant: for a server in tenant mode (``--tenants``): requests go
         to ``<channel_prefix><tenant>:persist`` (and ``:fetch``,
         ``:fetch-next``) and every reply channel lies in the tenant's
@@ -682,16 +701,61 @@ class EventSourceClient:
         d = self.fetch_each(query, rows.append, **kwargs)
         return d.addCallback(lambda _: rows)
 
-    # -- the original's low-level style ------------------------------------------
+    # -- version 2: subscribe -------------------------------------------------------
 
-    def subscribe(self, channel: str) -> Deferred:
+    @overload
+    def subscribe(self, where: str) -> Deferred: ...
+
+    @overload
+    def subscribe(self, where: Optional[Mapping[str, Any]] = None, start: Start = FROM_START,
+                  *, window: int = DEFAULT_SUBSCRIPTION_WINDOW, table: Optional[str] = None,
+                  heartbeat: float = DEFAULT_HEARTBEAT,
+                  on_caught_up: Optional[Callable[[int], Any]] = None,
+                  until_caught_up: bool = False, retry: Optional[RetryPolicy] = None,
+                  timeout: Optional[float] = None) -> Subscription: ...
+
+    def subscribe(self, where: Union[None, str, Mapping[str, Any]] = None,
+                  start: Start = FROM_START, **options: Any) -> Union[Deferred, Subscription]:
         """
-        Subscribe to a channel (kept across reconnects until
-        :meth:`unsubscribe`); fires once Redis confirmed it.  Messages go to
-        the callbacks registered with :meth:`on`.
+        The events matching ``where`` after ``start``, then every new one as it
+        is committed (version 2 of the protocol), as a :class:`Subscription`:
+        an async iterator of :class:`RecordedEvent` that never ends on its own
+        and subscribes again, from the last position it handed out, after a
+        timeout, a server restart or a Redis outage.
+
+        :param where: a ``$where`` object of the query language (its version 2
+            columns: ``position``, ``eventId``, ``pid``, ``version``,
+            ``domain``, ``name``, ``timestamp``, ``data``); ``None``: every
+            event.  (A ``str`` is the original client's :meth:`subscribe` to
+            a channel, below.)
+        :param start: ``"start"`` (every matching event), ``"end"`` (only
+            those committed after the server took the subscription) or a
+            position: the events after it.
+        :param window: events the server may send ahead of acceptances.
+        :param table: ``database.table``; the server's events table when ``None``.
+        :param heartbeat: the server's ``--heartbeat`` (seconds): a consumer
+            waiting ``2 × heartbeat`` seconds without a message subscribes again.
+        :param on_caught_up: called with the position of every ``caughtUp``
+            marker: once the history is sent (and again after each
+            resubscription), in line with the events.
+        :param until_caught_up: stop at the first ``caughtUp``: the events
+            committed so far, then the end of the loop.
+        :param retry: the pauses between attempts that heard nothing (its
+            ``retries`` is ignored: it never gives up).
+        :param timeout: seconds to wait for the version 2 probe.
+
+        The original client's ``subscribe(channel)`` (a ``str``) subscribes to
+        a Redis channel: kept across reconnects until :meth:`unsubscribe`;
+        fires once Redis confirmed it; messages go to the callbacks of :meth:`on`.
         """
-        self._sticky.add(channel)
-        return self._pubsub_call("subscribe", channel).addCallback(lambda _: None)
+        if isinstance(where, str):
+            if start != FROM_START or options:
+                raise TypeError("subscribe(channel) takes a channel name only")
+            self._sticky.add(where)
+            return self._pubsub_call("subscribe", where).addCallback(lambda _: None)
+        return Subscription(self, where, start, **options)
+
+    # -- the original's low-level style ------------------------------------------
 
     def unsubscribe(self, channel: str) -> Deferred:
         """Leave a channel subscribed with :meth:`subscribe`."""

@@ -32,6 +32,12 @@ A version 2 persist (:class:`AppendRequest`, one attempt of
 :meth:`EventSourceClient.append`) is a persist whose result must be a
 version 2 result: a version 1 OkPacket (a server that ignored ``"v": 2``)
 or another object fails it (``result_unusable``).
+
+A subscription (:class:`SubscribeRequest`, one attempt of
+:class:`eventsource.client.Subscription`) is a windowed fetch on the
+``subscribe`` channel whose rows never end on their own: its markers are
+handed out in line with its rows, as :class:`Marker` values, and count for
+no acceptance.
 """
 
 import enum
@@ -57,7 +63,7 @@ from eventsource.client._errors import (
     StreamTimeout,
     error_from_object,
 )
-from eventsource.client._events import VERSION_2, AppendResult
+from eventsource.client._events import VERSION_2, AppendResult, RecordedEvent
 from eventsource.wire import (
     ACCEPTED,
     ACCEPTED_BODY,
@@ -67,6 +73,7 @@ from eventsource.wire import (
     FETCH,
     FETCH_NEXT,
     PERSIST,
+    SUBSCRIBE,
     TIMEOUT,
     NextRequest,
     decode_body,
@@ -158,6 +165,34 @@ class _EndOfRows:
 
 END_OF_ROWS = _EndOfRows()
 
+#: the markers of a subscription (docs/PROTOCOL.md, "Subscriptions")
+CAUGHT_UP = "caughtUp"
+HEARTBEAT = "heartbeat"
+#: the longest message that can be a marker (``{"heartbeat": 2**64 - 1}`` is 36)
+MARKER_BYTES = 64
+
+
+@dataclass(frozen=True)
+class Marker:
+    """
+    A subscription's ``{"caughtUp": p}`` or ``{"heartbeat": p}``, handed out
+    in line with its rows: every matching event up to ``position`` was sent
+    before it (so ``position`` is a safe place to resume from, once the
+    events before the marker are processed).
+    """
+
+    kind: str
+    position: int
+
+    @classmethod
+    def from_message(cls, message: Any) -> Optional["Marker"]:
+        """The marker ``message`` is, or ``None`` (a row, an error object...)."""
+        if isinstance(message, dict) and len(message) == 1:
+            ((kind, position),) = message.items()
+            if kind in (CAUGHT_UP, HEARTBEAT) and type(position) is int and position >= 0:
+                return cls(kind, position)
+        return None
+
 
 # -- the machine ------------------------------------------------------------------
 
@@ -184,8 +219,8 @@ TERMINAL = [_ENDED, _FAILED, _CLOSED]
 
 INPUTS = ("opened", "subscribed", "request_published", "accept_published", "result_received",
           "row_received", "end_received", "error_received", "timeout_received",
-          "accepted_received", "unexpected_received", "deadline_passed", "redis_failed",
-          "connection_lost", "client_closed")
+          "accepted_received", "marker_received", "unexpected_received", "deadline_passed",
+          "redis_failed", "connection_lost", "client_closed")
 
 # The whole transition table, persist and fetch together: where they differ,
 # the fetch's row comes first with the condition ``streams_rows``.  Work that
@@ -213,6 +248,8 @@ TRANSITIONS: List[Dict[str, Any]] = [
      "before": "blame_stream_timeout"},
     {"trigger": "accepted_received", "source": LIVE, "dest": None, "conditions": "streams_rows"},
     {"trigger": "accepted_received", "source": LIVE, "dest": None, "before": "warn_accepted"},
+    # (only a subscription reads markers: see SubscribeRequest.message_received)
+    {"trigger": "marker_received", "source": LIVE, "dest": None, "before": "take_marker"},
     {"trigger": "unexpected_received", "source": LIVE, "dest": None, "before": "warn_unexpected"},
 
     # the request's timer: Redis never confirmed, or the server never answered
@@ -594,6 +631,11 @@ class FetchRequest(_Request):
         only: the server does not listen on its reply channel."""
         return self.window > 1
 
+    @property
+    def buffered(self) -> int:
+        """Messages received and not handed out yet (the next one needs no wait)."""
+        return len(self._buffer)
+
     def streams_rows(self, *_: Any) -> bool:
         return True
 
@@ -639,6 +681,9 @@ class FetchRequest(_Request):
         self._fire("client_closed", error)
         log.debug("fetch on {channel} closed by the client after {rows} rows",
                   channel=self.channel, rows=self.rows)
+        # Only now, with "end" on its way: a consumer woken up inside the
+        # transition could go on to disconnect the client before it is sent.
+        self._fire_waiting()
         return self._closing
 
     def abandon(self) -> None:
@@ -737,7 +782,7 @@ class FetchRequest(_Request):
     def report_closed(self, *_: Any) -> None:
         self._outcome = END_OF_ROWS if self._error is None else self._error
         self._buffer.clear()
-        self._fire_waiting()
+        # (a waiting consumer is woken up by close(), after the transition)
 
     def _fire_waiting(self) -> None:
         if self._waiting is None:
@@ -748,3 +793,68 @@ class FetchRequest(_Request):
         else:
             self._deliver_outcome().chainDeferred(d)
 
+
+
+class SubscribeRequest(FetchRequest):
+    """
+    One subscription on its reply channel (docs/PROTOCOL.md, "Subscriptions"):
+    version 2 rows, handed out as :class:`RecordedEvent` values, with the
+    server's markers in line with them as :class:`Marker` values (which take
+    no acceptance), until ``"timeout"``, an error object (then ``"end"``) or
+    the client's end.  Acceptance and end go on ``fetch-next`` whatever the
+    window: the server never listens on a subscription's reply channel.
+
+    ``timeout`` is how long the consumer may wait for a message (a row or a
+    marker) before the subscription counts as dead (:class:`ReplyTimeout`,
+    and ``end`` is sent): a live subscription hears a heartbeat at least
+    every ``--heartbeat`` seconds.
+    """
+
+    kind = SUBSCRIBE
+
+    def __init__(self, client: RequestOwner, body: Dict[str, Any], timeout: float,
+                 window: int):
+        super().__init__(client, body, timeout, window, False, FETCH_NEXT,
+                         RecordedEvent.from_row)
+        #: markers handed out so far
+        self.markers = 0
+
+    @property
+    def windowed(self) -> bool:
+        return True
+
+    def message_received(self, body: Any) -> None:
+        if self.state in TERMINAL:
+            return
+        # (a marker is a few bytes; a row or an error object is longer)
+        if isinstance(body, str) and len(body) <= MARKER_BYTES and body.lstrip().startswith("{"):
+            marker = Marker.from_message(decode_body(body))
+            if marker is not None:
+                self._heard = True
+                self._fire("marker_received", marker)
+                return
+        super().message_received(body)
+
+    def take_marker(self, marker: Marker) -> None:
+        self.markers += 1
+        if self._waiting is not None:
+            self._cancel_timer()
+            d, self._waiting = self._waiting, None
+            d.callback(marker)
+        else:
+            self._buffer.append((marker, 0))
+
+    def _hand_out(self, row: Any, size: int = 0) -> Any:
+        if isinstance(row, Marker):
+            return row  # (not a row: nothing to accept)
+        return super()._hand_out(row, size)
+
+    def blame_stream_timeout(self) -> None:
+        self._error = StreamTimeout(
+            f"the server ended the subscription on {self.channel}: an event was not "
+            "accepted within its row timeout", self.channel)
+
+    def blame_no_answer(self) -> None:
+        self._error = ReplyTimeout(
+            f"nothing from the eventsource server for {self._timeout:g} s on the "
+            f"subscription on {self.channel} (not even a heartbeat)", self.channel)

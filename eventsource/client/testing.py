@@ -29,6 +29,19 @@ checks expected versions and event ids, and serves version 2 reads of them::
                                        expected_version=NO_STREAM))
     self.failureResultOf(client.append("order-1", [{"domain": "order", "name": "created"}],
                                        expected_version=NO_STREAM), WrongExpectedVersion)
+
+and subscriptions (``client.subscribe``): the stored events after ``from``,
+``{"caughtUp": p}``, then every event appended meanwhile (by the client, or
+by the test with :meth:`FakeServer.add_event`) as it is stored; the test
+plays the server's heartbeat, row timeout and shutdown with
+:meth:`FakeServer.heartbeat`, :meth:`FakeServer.time_out` and
+:meth:`FakeServer.shut_down`::
+
+    subscription = client.subscribe({"pid": "order-1"})
+    d = subscription.next_event()
+    server.add_event("order-1", "order", "paid", {"amount": 12})
+    self.assertEqual(self.successResultOf(d).name, "paid")
+    self.successResultOf(subscription.aclose())
 """
 
 import datetime
@@ -49,7 +62,11 @@ from eventsource.wire import (
     ERROR,
     FETCH,
     FETCH_NEXT,
+    FROM_END,
+    FROM_START,
     PERSIST,
+    SUBSCRIBE,
+    TIMEOUT,
     decode_json,
     encode_appended,
     encode_body,
@@ -145,7 +162,8 @@ class _Marker:
 #: the columns of a version 2 row, in the order of a row without ``$columns``
 V2_COLUMNS = ("position", "eventId", "pid", "version", "domain", "name", "timestamp", "data")
 _BODY_FIELDS = {PERSIST: {"v", "channel", "query", "expectedVersion", "expectedVersions"},
-                FETCH: {"v", "channel", "query", "window"}}
+                FETCH: {"v", "channel", "query", "window"},
+                SUBSCRIBE: {"v", "channel", "query", "from", "window"}}
 _DOCUMENT_FIELDS = {"pid", "domain", "name", "data", "eventId"}
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _COMPARISONS: Dict[str, Callable[[Any, Any], bool]] = {
@@ -194,6 +212,16 @@ class FakeServer:
     :attr:`LOSE_REPLY` (the persist is done, its answer lost) or
     :attr:`IGNORE` (nothing happens).
 
+    Subscriptions (``subscribe``, version 2; ``version=1`` does not listen
+    there, as an old server): the matching ``events`` after ``from``
+    (``"start"``, ``"end"`` or a position) with the ``$where`` of a fetch,
+    then ``{"caughtUp": p}``, then every matching event as it is stored (by
+    a version 2 persist or :meth:`add_event`), paced by the window (default
+    100, capped at ``max_window``), accepted and ended on ``fetch-next``.
+    ``subscriptions`` holds the open ones by reply channel.  The test plays
+    the server's timers and ends: :meth:`heartbeat`, :meth:`time_out` (the
+    row timeout), :meth:`shut_down` (``unavailable``, then ``"end"``).
+
     What it does not do: other query operators, ``$orderBy`` and
     ``$groupBy`` (they raise ``NotImplementedError`` in the test), other
     tables (``$table``/``$from`` are ignored: one table), pids equal but for
@@ -227,9 +255,13 @@ class FakeServer:
         self.requests: List[Dict[str, Any]] = []
         self.streams: Dict[str, Dict[str, Any]] = {}
         self.acceptances: List[Tuple[str, int]] = []
+        #: the open subscriptions, by reply channel
+        self.subscriptions: Dict[str, _FakeSubscription] = {}
         pubsub.handlers.update({prefix + PERSIST: self.on_persist,
                                 prefix + FETCH: self.on_fetch,
                                 prefix + FETCH_NEXT: self.on_fetch_next})
+        if version == 2:
+            pubsub.handlers[prefix + SUBSCRIBE] = self.on_subscribe
 
     def send(self, channel: str, message: Any) -> None:
         """Publish ``message`` (a row, a result or a control word) on ``channel``."""
@@ -239,7 +271,12 @@ class FakeServer:
         """Whether ``request`` is served as version 2."""
         return self.version == 2 and request.get("v") == 2
 
-    def on_persist(self, _: str, body: str) -> None:
+    def on_persist(self, channel: str, body: str) -> None:
+        self._on_persist(channel, body)
+        # (the events it stored, to the subscriptions, once it is answered)
+        self._pump_subscriptions()
+
+    def _on_persist(self, _: str, body: str) -> None:
         request = decode_json(body)
         self.requests.append(request)
         channel = request["channel"]
@@ -323,8 +360,12 @@ class FakeServer:
         message = decode_json(body)
         if message.get("end") is True:
             self.close(message["channel"])
+            self.subscriptions.pop(message["channel"], None)
         else:
             self.accept(message["channel"], message.get("accepted", 1))
+            subscription = self.subscriptions.get(message["channel"])
+            if subscription is not None:
+                subscription.accept(message.get("accepted", 1))
 
     def on_reply(self, channel: str, body: str) -> None:
         message = decode_json(body)
@@ -450,7 +491,95 @@ class FakeServer:
                  "data": document.get("data")}
         self.events.append(event)
         self._by_id[event["eventId"]] = event
+        for subscription in list(self.subscriptions.values()):
+            subscription.offer(event)
         return event
+
+    @property
+    def position(self) -> int:
+        """The position of the last stored event (0: none)."""
+        return len(self.events)
+
+    def add_event(self, pid: str, domain: str, name: str, data: Any = None) -> Dict[str, Any]:
+        """
+        Store an event as another writer would (the next version of its
+        stream, a new event id); open subscriptions it matches get it.
+        Returns it, as a version 2 row.
+        """
+        event = self._store({"pid": pid, "domain": domain, "name": name, "data": data})
+        self._pump_subscriptions()
+        return event
+
+    def _pump_subscriptions(self) -> None:
+        for subscription in list(self.subscriptions.values()):
+            subscription.pump()
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def on_subscribe(self, _: str, body: str) -> None:
+        request = decode_json(body)
+        self.requests.append(request)
+        channel = request["channel"]
+        try:
+            subscription = self._subscription(request)
+        except _Refusal as refusal:
+            self.pubsub.deliver(channel, refusal.body())
+            self.send(channel, END)
+            return
+        self.subscriptions[channel] = subscription
+        subscription.pump()
+
+    def _subscription(self, request: Dict[str, Any]) -> "_FakeSubscription":
+        if request.get("v") != 2:
+            raise _Refusal("badRequest", "subscribe is a version 2 request: the body needs "
+                                         "\"v\": 2")
+        _check_fields(request, _BODY_FIELDS[SUBSCRIBE], "a subscribe request")
+        query = request.get("query")
+        select = query.get("$select") if isinstance(query, dict) else None
+        if not isinstance(query, dict) or not isinstance(select, dict) or set(query) != {"$select"}:
+            raise _Refusal("badRequest", "a subscription's query is {\"$select\": {...}}")
+        extra = sorted(set(select) - {"$where", "$from"})
+        if extra:
+            raise _Refusal("badRequest", f"a subscription's $select takes $where and $from "
+                                         f"only, not {extra[0]!r}")
+        where = select.get("$where", {})
+        start = request.get("from", FROM_START)
+        if start == FROM_START:
+            start = 0
+        elif start == FROM_END:
+            start = self.position
+        elif type(start) is not int or start < 0:
+            raise _Refusal("badRequest", "\"from\" must be \"start\", \"end\" or a position "
+                                         "(an integer of at least 0)")
+        window = request.get("window", 100)
+        if type(window) is not int or window < 1:
+            raise _Refusal("badRequest", "\"window\" must be an integer of at least 1")
+        history = [event for event in self.events[start:] if _matches(event, where)]
+        return _FakeSubscription(self, request["channel"], where, min(window, self.max_window),
+                                 history, max(start, self.position))
+
+    def heartbeat(self) -> None:
+        """Every open subscription gets ``{"heartbeat": p}`` (behind the events it holds)."""
+        for subscription in list(self.subscriptions.values()):
+            subscription.queue.append(_marker("heartbeat", max(subscription.start,
+                                                               self.position)))
+            subscription.pump()
+
+    def time_out(self, channel: Optional[str] = None) -> None:
+        """The row timeout: ``"timeout"`` on ``channel`` (every open subscription
+        when ``None``), which is then forgotten."""
+        for name in [channel] if channel is not None else list(self.subscriptions):
+            if self.subscriptions.pop(name, None) is not None:
+                self.send(name, TIMEOUT)
+
+    def shut_down(self) -> None:
+        """As the server stopping: each subscription gets ``unavailable``, then ``"end"``."""
+        for name in list(self.subscriptions):
+            del self.subscriptions[name]
+            self.pubsub.deliver(name, encode_error(
+                "unavailable", "the server is shutting down; subscribe again from the last "
+                               "position you processed"))
+            self.send(name, END)
 
     def read_v2(self, request: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The rows of a version 2 fetch (``_Refusal`` for a refused one)."""
@@ -471,6 +600,52 @@ class FakeServer:
                 for event in self.events if _matches(event, where)]
         limit = select.get("$limit")
         return rows if limit is None else rows[:limit]
+
+
+class _FakeSubscription:
+    """One subscription of :class:`FakeServer`: its queue (rows, and markers
+    that take no room in the window), window and rows out."""
+
+    def __init__(self, server: FakeServer, channel: str, where: Any, window: int,
+                 history: List[Dict[str, Any]], caught_up: int):
+        self.server = server
+        self.channel = channel
+        self.where = where
+        self.window = window
+        self.start = caught_up
+        #: what is still to be sent: rows (dicts) and markers (bodies)
+        self.queue: Deque[Any] = deque(history)
+        self.queue.append(_marker("caughtUp", caught_up))
+        self.out = 0
+
+    def __repr__(self) -> str:
+        return f"<_FakeSubscription {self.channel!r} {len(self.queue)} queued, {self.out} out>"
+
+    def offer(self, event: Dict[str, Any]) -> None:
+        if _matches(event, self.where):
+            self.queue.append(event)
+
+    def accept(self, count: int) -> None:
+        self.out = max(0, self.out - count)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what the window allows; markers go as soon as the rows before them did."""
+        while self.queue and self.server.subscriptions.get(self.channel) is self:
+            head = self.queue[0]
+            if isinstance(head, str):
+                self.queue.popleft()
+                self.server.pubsub.deliver(self.channel, head)
+            elif self.out < self.window:
+                self.queue.popleft()
+                self.out += 1
+                self.server.send(self.channel, head)
+            else:
+                break
+
+
+def _marker(kind: str, position: int) -> str:
+    return encode_body({kind: position})
 
 
 def _check_fields(message: Dict[str, Any], allowed: Set[str], what: str) -> None:
