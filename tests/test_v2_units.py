@@ -193,6 +193,20 @@ class Version2SelectTests(SynchronousTestCase):
 
 
 class RowEncoderTests(SynchronousTestCase):
+    def test_the_usual_row_is_the_general_encoding(self):
+        """Data last (version 2's default columns): the quick path writes what the general one does."""
+        names = ["position", "eventId", "pid", "data"]
+        encodings = [wire.PLAIN_VALUE, wire.UUID_VALUE, wire.PLAIN_VALUE, wire.JSON_VALUE]
+        raw = bytes.fromhex(EVENT_ID.replace("-", ""))
+        for checked in (True, False):
+            quick = wire.row_encoder(names, encodings, checked)
+            general = wire.row_encoder(names[::-1], encodings[::-1], checked)
+            for row in ([1, raw, "p\u00e9\"q", '{"a":[1.5,null]}'], [2, None, "", None],
+                        [3, raw, "x", '"text"']):
+                self.assertEqual(json.loads(quick(row)), json.loads(general(row[::-1])))
+                self.assertEqual(list(json.loads(quick(row))), names)
+            self.assertIn('"data":{"a":[1.5,null]}}', quick([1, raw, "p", '{"a":[1.5,null]}']))
+
     def test_json_text_goes_in_as_it_is(self):
         encode = wire.row_encoder(["a", "id", "data"], [wire.PLAIN_VALUE, wire.UUID_VALUE,
                                                         wire.JSON_VALUE])
