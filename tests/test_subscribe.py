@@ -150,7 +150,8 @@ class TailingTests(SubscribeTestCase):
             yield sleep(rng.uniform(0, 0.15))
             start = rng.choice(["start", "end", "position"])
             if start == "position":
-                top = sql(f"SELECT COALESCE(MAX(id), 0) FROM `{self.database}`.`event`")[0][0]
+                # (COALESCE of a BIGINT UNSIGNED and 0 is a DECIMAL: randint takes ints only)
+                top = int(sql(f"SELECT COALESCE(MAX(id), 0) FROM `{self.database}`.`event`")[0][0])
                 start = rng.randint(0, top)
             follower = yield Follower(self.client).start(start=start, window=rng.choice([1, 7, 100]))
             followers.append((start, follower))
