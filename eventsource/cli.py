@@ -496,24 +496,29 @@ def _documents(args: argparse.Namespace, stdin: Optional[IO[str]]) -> Any:
             raise UsageError("persist needs --pid, --domain and --name (or JSON lines on "
                              "standard input, without those flags)")
         return {"pid": args.pid, "domain": args.domain, "name": args.name, "data": args.data}
+    return _json_lines(stdin, "give --pid, --domain and --name, or pipe events as JSON lines "
+                              "into standard input")
+
+
+def _json_lines(stdin: Optional[IO[str]], no_input: str) -> List[Dict[str, Any]]:
+    """The JSON objects of ``stdin``, one a line; ``no_input``: the usage error of a terminal."""
     if stdin is None or (hasattr(stdin, "isatty") and stdin.isatty()):
-        raise UsageError("give --pid, --domain and --name, or pipe events as JSON lines into "
-                         "standard input")
-    documents = []
+        raise UsageError(no_input)
+    objects = []
     for number, line in enumerate(stdin, 1):
         if not line.strip():
             continue
         try:
-            document = json.loads(line)
+            value = json.loads(line)
         except ValueError as e:
             raise UsageError(f"line {number} of standard input is not valid JSON ({e})") \
                 from None
-        if not isinstance(document, dict):
+        if not isinstance(value, dict):
             raise UsageError(f"line {number} of standard input is not a JSON object")
-        documents.append(document)
-    if not documents:
+        objects.append(value)
+    if not objects:
         raise UsageError("no events on standard input (one JSON object per line)")
-    return documents
+    return objects
 
 
 def _events(args: argparse.Namespace, stdin: Optional[IO[str]]) -> List[Dict[str, Any]]:
@@ -529,24 +534,8 @@ def _events(args: argparse.Namespace, stdin: Optional[IO[str]]) -> List[Dict[str
     if args.event_id is not None:
         raise UsageError("--event-id is for one event given as DOMAIN NAME [DATA]; give each "
                          "event of standard input its own eventId")
-    if stdin is None or (hasattr(stdin, "isatty") and stdin.isatty()):
-        raise UsageError("give DOMAIN and NAME, or pipe events as JSON lines into standard "
-                         "input")
-    events = []
-    for number, line in enumerate(stdin, 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"line {number} of standard input is not valid JSON ({e})") \
-                from None
-        if not isinstance(event, dict):
-            raise UsageError(f"line {number} of standard input is not a JSON object")
-        events.append(event)
-    if not events:
-        raise UsageError("no events on standard input (one JSON object per line)")
-    return events
+    return _json_lines(stdin, "give DOMAIN and NAME, or pipe events as JSON lines into "
+                              "standard input")
 
 
 def fetch_query(args: argparse.Namespace) -> Dict[str, Any]:

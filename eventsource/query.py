@@ -1283,9 +1283,8 @@ def _field_error(where: str, name: str, value: object) -> QueryError:
     return QueryError("%s: %s is not valid Unicode text" % (where, name))
 
 
-def _document(doc: JSON, index: int,
-              ignored: List[Tuple[int, Tuple[str, ...]]]) -> Tuple[str, ...]:
-    """Validate one document into its row tuple; ``ignored`` collects skipped fields."""
+def _identifiers(doc: JSON, index: int) -> List[str]:
+    """A document's ``pid``, ``domain`` and ``name``, checked (the document an object)."""
     if not isinstance(doc, dict):
         raise QueryError("document %d must be an object, not %s" % (index, _show(doc)))
     values = []
@@ -1296,6 +1295,13 @@ def _document(doc: JSON, index: int,
                 or not (value.isascii() or _is_unicode(value))):
             raise _field_error("document %d" % (index,), name, value)
         values.append(value)
+    return values
+
+
+def _document(doc: JSON, index: int,
+              ignored: List[Tuple[int, Tuple[str, ...]]]) -> Tuple[str, ...]:
+    """Validate one document into its row tuple; ``ignored`` collects skipped fields."""
+    values = _identifiers(doc, index)
     values.append(_data_text(doc.get("data"), index))
     if len(doc) > len(_WRITTEN_FIELDS) or not _WRITTEN_FIELDS.issuperset(doc):
         extra = [key for key in doc if key not in _WRITTEN_FIELDS]
@@ -1397,19 +1403,11 @@ def compile_append(insert: JSON, schema: TableSchema, max_documents: int = 10000
     rows = []
     event_ids: List[bytes] = []
     for index, doc in enumerate(documents):
-        if not isinstance(doc, dict):
-            raise QueryError("document %d must be an object, not %s" % (index, _show(doc)))
+        values = _identifiers(doc, index)
         extra = [key for key in doc if key not in _V2_DOCUMENT_FIELDS]
         if extra:
             raise QueryError("document %d: unknown field %s (a version 2 document has %s)"
                              % (index, _show(extra[0]), ", ".join(sorted(_V2_DOCUMENT_FIELDS))))
-        values = []
-        for name in _REQUIRED_FIELDS:
-            value = doc.get(name)
-            if (type(value) is not str or not value or len(value) > MAX_FIELD_LENGTH
-                    or not (value.isascii() or _is_unicode(value))):
-                raise _field_error("document %d" % (index,), name, value)
-            values.append(value)
         values.append(_data_text(doc.get("data"), index, text_is_json=False))
         rows.append(tuple(values))
         if "eventId" in doc:

@@ -9,12 +9,13 @@ can answer ``"error"``, ``"end"`` there, or only log when it cannot.
 """
 
 import datetime
+from contextlib import contextmanager
 import decimal
 import json
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from eventsource.config import REQUEST_CHANNELS
 
@@ -606,15 +607,21 @@ _V2_FIELDS = {
 }
 
 
-def _parse_version2(request_channel: str, message: Dict[str, Any], reserved: Collection[str],
-                    rules: Optional[ReplyRules]) -> "Request":
-    """A version 2 ``persist`` or ``fetch``: version 1's fields and a few more, and no others."""
+@contextmanager
+def _answered_in_version2() -> Iterator[None]:
+    """The refusals of a version 2 request are answered as version 2 error objects."""
     try:
-        channel = _reply_channel(message, reserved, rules)
+        yield
     except BadRequest as bad:
         bad.version = 2
         raise
-    try:
+
+
+def _parse_version2(request_channel: str, message: Dict[str, Any], reserved: Collection[str],
+                    rules: Optional[ReplyRules]) -> "Request":
+    """A version 2 ``persist`` or ``fetch``: version 1's fields and a few more, and no others."""
+    with _answered_in_version2():
+        channel = _reply_channel(message, reserved, rules)
         unknown = [key for key in message if key not in _V2_FIELDS[request_channel]]
         if unknown:
             raise BadRequest(f"unknown field {truncate(unknown[0], 80)!r} in a version 2 "
@@ -628,9 +635,6 @@ def _parse_version2(request_channel: str, message: Dict[str, Any], reserved: Col
                          if key in message), None)
         return PersistRequest(channel, _query(message, channel, "$insert"), version=2,
                               expected=expected)
-    except BadRequest as bad:
-        bad.version = 2
-        raise
 
 
 #: the body fields of a subscription, and the keys of its ``$select``
@@ -648,12 +652,8 @@ def _parse_subscribe(message: Dict[str, Any], reserved: Collection[str],
     error object), the fields of :data:`_SUBSCRIBE_FIELDS`, a ``$select``
     of ``$where`` and ``$from`` only.
     """
-    try:
+    with _answered_in_version2():
         channel = _reply_channel(message, reserved, rules)
-    except BadRequest as bad:
-        bad.version = 2
-        raise
-    try:
         if not is_version2(message):
             raise BadRequest("subscribe is a version 2 request: the body needs \"v\": 2", channel)
         unknown = [key for key in message if key not in _SUBSCRIBE_FIELDS]
@@ -675,9 +675,6 @@ def _parse_subscribe(message: Dict[str, Any], reserved: Collection[str],
                              "of at least 0)", channel)
         window = _positive_int(message, "window", channel, 100)
         return SubscribeRequest(channel, select, start, window)
-    except BadRequest as bad:
-        bad.version = 2
-        raise
 
 
 def parse_control(body: Any) -> Optional[str]:
