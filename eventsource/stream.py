@@ -192,7 +192,37 @@ class EchoBudget:
         self._wake_call = None
 
 
-class Stream:
+class RowTimer:
+    """
+    The row timeout of a :class:`Stream` or a subscription: one DelayedCall
+    at the oldest unaccepted row's send time plus ``row_timeout``, calling
+    the class's ``_deadline``.
+    """
+
+    _timer: Optional[IDelayedCall]
+    _sent_at: Deque[float]
+    _clock: IReactorTime
+    row_timeout: float
+
+    def _deadline(self) -> None:
+        raise NotImplementedError
+
+    def _arm_timer(self) -> None:
+        # With no row out the timer is left as it is (moving a DelayedCall is
+        # ~15x cheaper than cancelling it and making a new one, and this runs
+        # for every row); when it fires with nothing unaccepted it does nothing.
+        if not self._sent_at:
+            return
+        deadline = self._sent_at[0] + self.row_timeout
+        delay = max(0.0, deadline - self._clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() != deadline:
+                self._timer.reset(delay)
+        else:
+            self._timer = self._clock.callLater(delay, self._deadline)
+
+
+class Stream(RowTimer):
     """
     One fetch's reply channel: buffered rows, the window, the row timer.
 
@@ -482,20 +512,6 @@ class Stream:
         self._closed(self)
 
     # -- the row timer --------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        # With no row out the timer is left as it is (moving a DelayedCall is
-        # ~15x cheaper than cancelling it and making a new one, and this runs
-        # for every row); when it fires with nothing unaccepted it does nothing.
-        if not self._sent_at:
-            return
-        deadline = self._sent_at[0] + self.row_timeout
-        delay = max(0.0, deadline - self._clock.seconds())
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() != deadline:
-                self._timer.reset(delay)
-        else:
-            self._timer = self._clock.callLater(delay, self._deadline)
 
     def _deadline(self) -> None:
         self._timer = None

@@ -50,7 +50,7 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from eventsource.schema import V2_DEFAULT_COLUMNS
-from eventsource.stream import shared_machine, row_size
+from eventsource.stream import RowTimer, shared_machine, row_size
 from eventsource.wire import END_BODY, FROM_END, TIMEOUT_BODY, encode_error
 
 
@@ -127,7 +127,7 @@ def marker(name: str, position: int) -> str:
     return json.dumps({name: position}, separators=(",", ":"))
 
 
-class Subscription:
+class Subscription(RowTimer):
     """
     One subscription: its outbox, window, history rounds, live buffer and timers.
 
@@ -486,17 +486,6 @@ class Subscription:
             delay = self._last_publish + self.heartbeat - self._clock.seconds()
             self._beat_call = self._clock.callLater(
                 delay if delay > 0 else self.heartbeat, self._beat_timer)
-
-    def _arm_timer(self) -> None:
-        if not self._sent_at:
-            return
-        deadline = self._sent_at[0] + self.row_timeout
-        delay = max(0.0, deadline - self._clock.seconds())
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() != deadline:
-                self._timer.reset(delay)
-        else:
-            self._timer = self._clock.callLater(delay, self._deadline)
 
     def _deadline(self) -> None:
         self._timer = None
