@@ -194,6 +194,8 @@ class Subscription(RowTimer):
         self._round_done = False
         self._new_round = False
         self._fetching = False
+        #: unsent rows below which the next page of history is asked for
+        self._read_ahead = window
         # live events handed over while catching up
         self._buffer: List[LiveEvent] = []
         self._buffered = 0
@@ -259,6 +261,7 @@ class Subscription(RowTimer):
             return
         self._fetching = False
         if bodies:
+            self._read_ahead = max(self.window, len(bodies) // 2)
             # (history is read after covered: every row is new)
             sizes = [len(body) if body.isascii() else row_size(body) for body in bodies]
             self._bodies.extend(bodies)
@@ -331,8 +334,11 @@ class Subscription(RowTimer):
         self._history_done = self._round_done
 
     def _want_history(self) -> None:
+        # (read ahead: the next page is asked for while the client still has
+        # a window's worth of rows, or half the last page, to take, so the
+        # database reads it while they go out; at most two pages are held)
         if (self.state is _UP and self._joined and not self._round_done and not self._fetching
-                and self._head >= len(self._bodies)):
+                and len(self._bodies) - self._head <= self._read_ahead):
             self._fetching = True
             new, self._new_round = self._new_round, False
             self._read_history(self, self.covered, self._round_high, new)

@@ -182,6 +182,43 @@ class HistoryThenLiveTests(SubscriptionTestCase):
         # (high_water, then pages of 4, 4 and 2 rows after positions 0, 4 and 8)
         self.assertEqual([position for position, _ in self.store.reads], [0, 4, 8])
 
+    def test_the_next_page_is_read_while_the_client_takes_the_last(self):
+        """
+        Read ahead: the next page of history is asked for once no more than
+        half the last page (or a window) is left to send, not once the
+        outbox is empty, and never more than one read at a time.
+        """
+        self.make(hold_store=True, page_size=8)
+        for i in range(40):
+            self.store.add(f"p{i}")
+        self.subscribe(window=2)
+        self.release()                              # (the tail's first read)
+        while self.store.pending:
+            self.release()                          # (high water, first page)
+            if len(self.store.reads) == 1:
+                break
+        self.assertEqual(self.out(), [1, 2])
+        # the first pages double from the store's first size; find one of 8
+        subscription = self.service.subscriptions["s"]
+        reads = len(self.store.reads)
+        accepted = 0
+        while len(self.store.reads) == reads:
+            self.accept()
+            accepted += 1
+            self.assertLess(accepted, 40, "no read ahead")
+        # (asked for while rows it has already read wait to go out)
+        self.assertGreater(subscription.waiting_events, 0)
+        self.assertEqual(len(self.store.pending), 1)
+        for _ in range(3):
+            self.accept()
+        self.assertEqual(len(self.store.pending), 1, "a second read before the first came back")
+        self.release()
+        for _ in range(60):
+            self.accept()
+            if self.store.pending:
+                self.release()
+        self.assertEqual(self.out(), list(range(1, 41)) + [{"caughtUp": 40}])
+
     def test_client_end_stops_it_and_frees_it(self):
         self.make()
         self.subscribe()
