@@ -14,6 +14,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from benchmarks.common import PIDS, BenchError, Sizes, connect_mysql, in_thread
+from benchmarks import metrics_ab
 from benchmarks.floors import pingpong
 from benchmarks.processes import Child, free_port
 from benchmarks.profiling import format_profile, format_pyspy, run_profiles
@@ -131,9 +132,11 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         yield pingpong(reactor, run.client, run.prefix, 1, 0.2)  # warms the echo up
 
         reps = []
-        for index in range(0 if options.profile_only else sizes.repeat):
-            if options.metrics_ab:
-                run.metrics_on = index % 2 == 1
+        ab_pairs = None
+        if options.metrics_ab:
+            # (rounds of paired halves instead of the repetitions: benchmarks.metrics_ab)
+            ab_pairs = yield metrics_ab.rounds(run, sizes.repeat, log)
+        for index in range(0 if options.profile_only or options.metrics_ab else sizes.repeat):
             log(f"repetition {index + 1} of {sizes.repeat}: a fresh server, warmed up"
                 + (f", metrics {'on' if run.metrics_on else 'off'}" if run.http_port else ""))
             # Every repetition starts from a fresh server, so that the RSS of
@@ -150,10 +153,9 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         if run.http_port is not None:
             log(f"scraped /metrics {run.scrapes['ok']} times, every {run.scrape_interval:g} s "
                 f"({run.scrapes['failed']} failed)")
-            if options.metrics_ab:
-                for key, ab in metrics_ab(reps).items():
-                    log(f"  {key}: without {ab['without']:.4g}, with {ab['with']:.4g}, "
-                        f"ratio {ab['ratio']:.3f}")
+            if ab_pairs is not None:
+                for line in metrics_ab.format_summary(metrics_ab.summarize(ab_pairs)):
+                    log(line)
         profiles = None
         if options.profile or options.profile_only:
             try:
@@ -183,7 +185,8 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         "server": {"argv": "twistd -n eventsource " + " ".join(run.server_args()),
                    "pool_size": pool_size},
         "metrics": ({"scrape_interval": run.scrape_interval, **run.scrapes,
-                     "ab": metrics_ab(reps) if options.metrics_ab else None}
+                     "ab": ({"summary": metrics_ab.summarize(ab_pairs), "rounds": ab_pairs}
+                            if ab_pairs is not None else None)}
                     if run.http_port is not None else None),
         "figures": summary,
         "targets": targets,
@@ -195,30 +198,6 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         shutil.rmtree(run.workdir, ignore_errors=True)
     table = format_table(summary, targets, machine, sizes, sizes.repeat) if reps else ""
     return result, table
-
-
-#: what --metrics-ab compares: throughput (higher is better) and server CPU
-AB_FIGURES = ("fetch_1_stream_rows_per_s", "fetch_100_streams_rows_per_s",
-              "fetch_window_100_rows_per_s", "persist_50_per_s", "persist_1_per_s",
-              "fetch_1_stream_vs_pingpong_1_pair", "fetch_100_streams_vs_pingpong_100_pairs",
-              "persist_50_vs_insert_8_connections", "fetch_1_stream_server_cpu_us_per_row",
-              "fetch_100_streams_server_cpu_us_per_row", "fetch_window_100_server_cpu_us_per_row",
-              "persist_50_server_cpu_us", "first_row_ms")
-
-
-def metrics_ab(reps: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Median of each figure without and with metrics, and their ratio (with / without)."""
-    import statistics
-
-    result = {}
-    for key in AB_FIGURES:
-        off = [rep[key] for rep in reps if not rep["metrics_on"] and key in rep]
-        on = [rep[key] for rep in reps if rep["metrics_on"] and key in rep]
-        if off and on:
-            without, with_ = statistics.median(off), statistics.median(on)
-            result[key] = {"without": without, "with": with_,
-                           "ratio": with_ / without if without else float("nan")}
-    return result
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -251,8 +230,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="serve the server's metrics (--http-port) and scrape /metrics "
                              "throughout, to measure what they cost")
     parser.add_argument("--metrics-ab", action="store_true",
-                        help="alternate repetitions without and with --metrics (start "
-                             "without), and report each figure's ratio with / without")
+                        help="instead of the repetitions: --repeat rounds of the throughput "
+                             "scenarios on a server without and one with --metrics, back to "
+                             "back (which goes first alternates), and each figure's ratio "
+                             "with / without within a round")
     parser.add_argument("--scrape-interval", type=float, default=1.0, metavar="SECONDS",
                         help="with --metrics: seconds between scrapes (default 1)")
     options = parser.parse_args(argv)

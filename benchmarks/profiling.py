@@ -17,6 +17,7 @@ from twisted.internet import defer
 from benchmarks.common import PIDS, REPO, BenchError
 from benchmarks.processes import Child
 from benchmarks.scenarios import Run, warm_up
+from benchmarks.subscriptions import Subscriptions
 
 #: one profiled scenario: fires with what it did and how long it took
 Scenario = Callable[[], "defer.Deferred[tuple[str, float]]"]
@@ -171,10 +172,24 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
         result = yield run.persist(50, sizes.duration)
         return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
 
+    @defer.inlineCallbacks
+    def windowed_v2() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
+        rows, seconds, _, _ = yield run.fetch(
+            [({"$limit": sizes.rows}, sizes.rows)], window=sizes.window,
+            accept_batch=max(1, sizes.window // 2), version=2)
+        return f"{rows:,} rows", seconds
+
+    @defer.inlineCallbacks
+    def catch_up() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
+        result = yield Subscriptions(run).catch_up(sizes.rows, sizes.window)
+        return f"{sizes.rows:,} rows", sizes.rows / result["rows_per_s"]
+
     return [
         ("per-row fetch, 1 stream", fetch_1),
         (f"per-row fetch, {sizes.streams} streams", fetch_100),
         ("persist, 50 in flight", persist_50),
+        (f"windowed fetch (window {sizes.window}), version 2", windowed_v2),
+        ("subscription catch-up, the same rows", catch_up),
     ]
 
 

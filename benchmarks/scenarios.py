@@ -38,7 +38,7 @@ from benchmarks.processes import (
 )
 from benchmarks.redis_client import Handler, RedisClient
 from benchmarks.report import ratios
-from benchmarks.subscriptions import subscription_figures
+from benchmarks.subscriptions import Subscriptions, subscription_figures
 from eventsource.config import Config
 from eventsource.tap import Options
 
@@ -550,12 +550,16 @@ def repetition(run: Run, log: Callable[[str], None]
     figures["fetch_window_100_server_cpu_us_per_row"] = cpu / rows * 1e6
     figures["fetch_window_100_client_cpu_us_per_row"] = client_cpu / rows * 1e6
 
-    log(f"windowed fetch (window {sizes.window}), version 2, 1 stream")
-    rows, seconds, cpu, client_cpu = yield run.fetch(
-        [({"$limit": sizes.rows}, sizes.rows)], window=sizes.window,
-        accept_batch=max(1, sizes.window // 2), version=2)
-    figures["fetch_v2_window_100_rows_per_s"] = rows / seconds
-    figures["fetch_v2_window_100_server_cpu_us_per_row"] = cpu / rows * 1e6
+    # The version 2 windowed fetch and the subscription's catch-up read the
+    # same rows with the same window: measured back to back, in turn first
+    # (every other repetition the other way round), so they are compared
+    # under the same load.
+    run.repetitions += 1
+    readers = [v2_windowed_fetch, catch_up]
+    if run.repetitions % 2 == 0:
+        readers.reverse()
+    for reader in readers:
+        figures.update((yield reader(run, log)))
 
     log("time to first row")
     figures["first_row_ms"] = yield run.first_row(sizes.first_row_samples)
@@ -579,7 +583,6 @@ def repetition(run: Run, log: Callable[[str], None]
     v2_modes = [("v2", "persist_v2_50", "no expected version"),
                 ("v2-expected", "persist_v2_expected_50", "expected versions")]
     # (compared with each other: every other repetition runs them in the other order)
-    run.repetitions += 1
     if run.repetitions % 2 == 0:
         v2_modes.reverse()
     for mode, name, what in v2_modes:
@@ -592,6 +595,30 @@ def repetition(run: Run, log: Callable[[str], None]
 
     figures.update(ratios(figures))
     return figures
+
+
+@defer.inlineCallbacks
+def v2_windowed_fetch(run: Run, log: Callable[[str], None]
+                      ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
+    """The whole table in one version 2 fetch with a window."""
+    sizes = run.sizes
+    log(f"windowed fetch (window {sizes.window}), version 2, 1 stream")
+    rows, seconds, cpu, _ = yield run.fetch(
+        [({"$limit": sizes.rows}, sizes.rows)], window=sizes.window,
+        accept_batch=max(1, sizes.window // 2), version=2)
+    return {"fetch_v2_window_100_rows_per_s": rows / seconds,
+            "fetch_v2_window_100_server_cpu_us_per_row": cpu / rows * 1e6}
+
+
+@defer.inlineCallbacks
+def catch_up(run: Run, log: Callable[[str], None]
+             ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
+    """The whole table by a subscription from the start, to its ``caughtUp``."""
+    sizes = run.sizes
+    log("subscription catch-up")
+    result = yield Subscriptions(run).catch_up(sizes.rows, sizes.window)
+    return {"subscribe_catch_up_rows_per_s": result["rows_per_s"],
+            "subscribe_catch_up_server_cpu_us_per_row": result["server_cpu_us_per_row"]}
 
 
 @defer.inlineCallbacks

@@ -275,10 +275,7 @@ def subscription_figures(run: Any, log: Callable[[str], None]
     sizes = run.sizes
     scenarios = Subscriptions(run)
     figures: dict[str, float] = {}
-    log("subscription catch-up")
-    result = yield scenarios.catch_up(sizes.rows, sizes.window)
-    figures["subscribe_catch_up_rows_per_s"] = result["rows_per_s"]
-    figures["subscribe_catch_up_server_cpu_us_per_row"] = result["server_cpu_us_per_row"]
+    # (the catch-up is measured beside the windowed fetch: benchmarks.scenarios)
     for count in LIVE_COUNTS:
         log(f"live subscriptions: {count}, appending ~{APPEND_RATE} events/s")
         result = yield scenarios.live(count, sizes.live_duration)

@@ -19,7 +19,7 @@ import tempfile
 import pymysql
 from twisted.trial.unittest import TestCase
 
-from benchmarks import profiling, report
+from benchmarks import metrics_ab, profiling, report
 from benchmarks.common import Sizes
 from tests.support import MYSQL
 
@@ -186,6 +186,44 @@ class SummaryTests(TestCase):
         self.assertIn("Redis ping-pong, 1 pair", table)
         self.assertIn("FAIL  windowed fetch", table)
         self.assertIn("PASS  idle streams: <= 30 KB RSS each", table)
+
+
+class MetricsABTests(TestCase):
+    def test_ratios_are_taken_within_each_round(self):
+        """
+        A machine twice as fast in the second round moves both of its
+        halves: the ratio of each round is 1.02, and so is the median,
+        where comparing the medians across rounds would say otherwise.
+        """
+        pairs = [{"off": {"persist_50_per_s": 1000.0}, "on": {"persist_50_per_s": 1020.0}},
+                 {"off": {"persist_50_per_s": 2000.0}, "on": {"persist_50_per_s": 2040.0}},
+                 {"off": {"persist_50_per_s": 1500.0}, "on": {"persist_50_per_s": 1530.0}}]
+        summary = metrics_ab.summarize(pairs)
+        self.assertEqual(set(summary), {"persist_50_per_s"})
+        self.assertAlmostEqual(summary["persist_50_per_s"]["ratio"], 1.02)
+        self.assertEqual([round(r, 3) for r in summary["persist_50_per_s"]["runs"]],
+                         [1.02, 1.02, 1.02])
+        (line,) = metrics_ab.format_summary(summary)
+        self.assertIn("persist_50_per_s (throughput): with / without 1.020", line)
+
+    def test_rounds_alternate_which_half_goes_first(self):
+        from twisted.internet import defer
+
+        order = []
+
+        def half(run, metrics_on, log):
+            order.append(metrics_on)
+            return defer.succeed({"persist_50_per_s": 1.0})
+
+        class Run:
+            def stop_server(self):
+                return defer.succeed(None)
+
+        self.patch(metrics_ab, "half", half)
+        pairs = self.successResultOf(metrics_ab.rounds(Run(), 3, lambda line: None))
+        self.assertEqual(order, [False, True, True, False, False, True])
+        self.assertEqual(len(pairs), 3)
+        self.assertEqual(set(pairs[1]), {"on", "off"})
 
 
 class PySpyTests(TestCase):

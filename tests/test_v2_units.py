@@ -221,3 +221,36 @@ class RowEncoderTests(SynchronousTestCase):
         # text that is not JSON (no table with MariaDB's JSON check holds any) stays a string
         self.assertEqual(json.loads(encode(["x", raw, '1,"a":2'])), {"a": "x", "id": EVENT_ID,
                                                                       "data": '1,"a":2'})
+
+    def test_the_encoder_made_once_writes_what_json_does(self):
+        """
+        Rows are encoded by a C encoder made once (wire._one_shot), not by
+        JSONEncoder.encode, which makes one per call: the text is the same
+        for every kind of value a row holds, and so is the fallback.
+        """
+        import datetime
+        import decimal
+
+        values = [
+            {"i": 1, "f": 12.5, "big": 1e21, "neg": -0.0, "nan": float("nan"),
+             "inf": float("inf"), "s": "p\u00e9\"q\\\n\u2028\U0001f600", "none": None,
+             "t": True, "list": [1, [2, {"x": "y"}]]},
+            {"when": datetime.datetime(2020, 4, 6, 11, 35, 18, 414123),
+             "day": datetime.date(2020, 4, 6), "d1": decimal.Decimal("7"),
+             "d2": decimal.Decimal("7.25"), "b": b"caf\xc3\xa9", "gap": datetime.timedelta(1.5)},
+            "just a string \u00e9", 42, None, [],
+        ]
+        indented = json.JSONEncoder(indent=2, default=wire._encode_value)
+        fallback = wire._one_shot(indented)
+        for value in values:
+            self.assertEqual(wire._encode(value), wire._row_encoder.encode(value))
+            self.assertEqual(fallback(value), indented.encode(value))
+        with self.assertRaises(TypeError):
+            wire._encode({"x": object()})
+        ascii_only = wire._one_shot(json.JSONEncoder(ensure_ascii=True))
+        self.assertEqual(ascii_only({"s": "é"}), '{"s": "\\u00e9"}')
+
+    def test_without_the_c_encoder_the_encoders_own(self):
+        self.patch(json.encoder, "c_make_encoder", None)
+        encoder = json.JSONEncoder(separators=(",", ":"))
+        self.assertEqual(wire._one_shot(encoder), encoder.encode)
