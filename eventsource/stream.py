@@ -70,11 +70,15 @@ INPUTS = ("row_ready", "accepted", "client_end", "deadline_passed", "failed", "r
 # conditions, which look ahead at the result of that, pick where it lands.
 # Transitions are tried in order; the first whose conditions hold wins.
 TRANSITIONS: List[dict[str, Any]] = [
-    {"trigger": "row_ready", "source": _ROW, "dest": StreamState.ENDED,
+    {"trigger": "row_ready", "source": LIVE, "dest": StreamState.ENDED,
      "conditions": "will_finish", "before": ["send_rows", "send_end"]},
     {"trigger": "row_ready", "source": _ROW, "dest": _ACCEPT,
      "conditions": "will_wait", "before": "send_rows"},
-    {"trigger": "row_ready", "source": _ROW, "dest": _ROW, "before": "send_rows"},
+    # (a windowed stream's page read ahead, arriving while it waits for
+    # acceptances: held, or sent as far as the window has room)
+    {"trigger": "row_ready", "source": _ACCEPT, "dest": None,
+     "conditions": "will_wait", "before": "send_rows"},
+    {"trigger": "row_ready", "source": LIVE, "dest": _ROW, "before": "send_rows"},
 
     # (the echo budget had room again for a stream it held back, which
     # waits in awaiting-row with its rows buffered and none unaccepted)
@@ -282,6 +286,14 @@ class Stream(RowTimer):
         self.unaccepted_bytes = 0
         self._exhausted = False
         self._fetching = False
+        #: a windowed stream asks for its next page once no more than this
+        #: many rows are left to send (a window, or half the last page), so
+        #: the database reads it while the client takes them; a version 1
+        #: stream (window 1) asks once its page is all sent
+        self._read_ahead = window if window > 1 else 0
+        #: ... and once those rows' bytes are no more than half the last
+        #: page's (rows the byte window holds back are never read past)
+        self._read_ahead_bytes = 0
         self._timer: Optional[IDelayedCall] = None
         #: how many buffered rows the input being handled lets out (see _plan)
         self._sending = 0
@@ -316,7 +328,10 @@ class Stream(RowTimer):
             return
         self._fetching = False
         sizes = [len(body) if body.isascii() else row_size(body) for body in rows]
-        if self._head < len(self._page):  # (never so from the service: a page at a time)
+        if self._read_ahead:
+            self._read_ahead = max(self.window, len(rows) // 2)
+            self._read_ahead_bytes = sum(sizes) // 2
+        if self._head < len(self._page):  # (a page read ahead: after the rows still held)
             rows = self._page[self._head:] + list(rows)
             sizes = self._sizes[self._head:] + sizes
         self._page, self._sizes, self._head = rows, sizes, 0
@@ -324,6 +339,8 @@ class Stream(RowTimer):
         self._exhausted = exhausted
         self._plan()
         self.row_ready()
+        if self._read_ahead:
+            self._read_on()
 
     def accept(self, count: int = 1) -> None:
         """The client accepted ``count`` rows; acceptance of rows never sent is ignored."""
@@ -352,6 +369,21 @@ class Stream(RowTimer):
                 budget.used -= freed  # (EchoBudget.release, inlined: nobody to wake)
         self._plan()
         self.accepted()
+        if self._read_ahead:
+            self._read_on()
+
+    def _read_on(self) -> None:
+        """
+        A windowed stream's read ahead (after the input is handled, not
+        inside its transition): the next page is asked for once no more
+        than ``_read_ahead`` rows, of no more than ``_read_ahead_bytes``,
+        are left to send.  So a stream holds at most one and a half pages.
+        """
+        if (self.state is _ACCEPT and not self._exhausted and not self._fetching
+                and len(self._page) - self._head <= self._read_ahead
+                and self._buffered_bytes <= self._read_ahead_bytes):
+            self._fetching = True
+            self._fetch_more(self)
 
     def end(self) -> None:
         """The client said ``"end"``: stop, publish nothing more."""

@@ -196,6 +196,8 @@ class Subscription(RowTimer):
         self._fetching = False
         #: unsent rows below which the next page of history is asked for
         self._read_ahead = window
+        #: ... and whose bytes are no more than this (half the last page's)
+        self._read_ahead_bytes = 0
         # live events handed over while catching up
         self._buffer: List[LiveEvent] = []
         self._buffered = 0
@@ -261,9 +263,10 @@ class Subscription(RowTimer):
             return
         self._fetching = False
         if bodies:
-            self._read_ahead = max(self.window, len(bodies) // 2)
             # (history is read after covered: every row is new)
             sizes = [len(body) if body.isascii() else row_size(body) for body in bodies]
+            self._read_ahead = max(self.window, len(bodies) // 2)
+            self._read_ahead_bytes = sum(sizes) // 2
             self._bodies.extend(bodies)
             self._sizes.extend(sizes)
             self._outbox_bytes += sum(sizes)
@@ -336,9 +339,11 @@ class Subscription(RowTimer):
     def _want_history(self) -> None:
         # (read ahead: the next page is asked for while the client still has
         # a window's worth of rows, or half the last page, to take, so the
-        # database reads it while they go out; at most two pages are held)
+        # database reads it while they go out; rows the byte window holds
+        # back are never read past: at most one and a half pages are held)
         if (self.state is _UP and self._joined and not self._round_done and not self._fetching
-                and len(self._bodies) - self._head <= self._read_ahead):
+                and len(self._bodies) - self._head <= self._read_ahead
+                and self._outbox_bytes <= self._read_ahead_bytes):
             self._fetching = True
             new, self._new_round = self._new_round, False
             self._read_history(self, self.covered, self._round_high, new)

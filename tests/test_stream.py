@@ -176,7 +176,8 @@ class Version1Tests(SynchronousTestCase):
     def test_impossible_trigger_in_live_state_is_a_bug(self):
         h = Harness()
         h.stream.receive(["r1"], False)  # awaiting-accept
-        self.assertRaises(MachineError, h.stream.row_ready)
+        # (room in the echo budget is only ever made for a stream awaiting a row)
+        self.assertRaises(MachineError, h.stream.room_made)
         h.stream.end()
 
 
@@ -228,6 +229,48 @@ class WindowTests(SynchronousTestCase):
         h.stream.receive(["r2", "r3", "r4", "r5", "r6", "r7"], False)
         self.assertEqual(h.out, ["r0", "r1", "r2", "r3", "r4", "r5", "r6"])
 
+    def test_the_next_page_is_read_while_the_client_takes_the_last(self):
+        """
+        Read ahead: a windowed stream asks for its next page once no more
+        than a window (or half the last page) is left to send, one read at
+        a time; the page read ahead goes out after the rows still held.
+        """
+        h = Harness(window=3)
+        self.assertEqual(h.fetches, 1)
+        h.stream.receive([f"r{i}" for i in range(10)], False)
+        self.assertEqual(h.out, ["r0", "r1", "r2"])
+        self.assertEqual(h.fetches, 1)  # (7 left, more than half of 10)
+        h.stream.accept(2)
+        self.assertEqual(h.out[-2:], ["r3", "r4"])
+        self.assertEqual(h.fetches, 2)  # (5 left: the next page is asked for now)
+        self.assertEqual(h.stream.buffered_rows, 5)
+        h.stream.accept(3)
+        self.assertEqual(h.fetches, 2)  # (never two reads at once)
+        h.stream.receive(["s0", "s1"], True)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)
+        for _ in range(4):
+            h.stream.accept(3)
+        self.assertEqual(h.out, [f"r{i}" for i in range(10)] + ["s0", "s1", END])
+        self.assertEqual(h.fetches, 2)
+        self.assertEqual(h.state, StreamState.ENDED)
+
+    def test_a_page_read_ahead_arriving_when_all_is_sent_finishes(self):
+        h = Harness(window=2)
+        h.stream.receive(["r0", "r1", "r2"], False)
+        self.assertEqual(h.fetches, 2)  # (1 left: at most a window)
+        h.stream.accept(1)
+        self.assertEqual(h.state, StreamState.AWAITING_ACCEPT)  # (r1 and r2 out)
+        h.stream.receive([], True)  # (the page read ahead was empty)
+        self.assertEqual(h.out, ["r0", "r1", "r2", END])
+        self.assertEqual(h.state, StreamState.ENDED)
+
+    def test_version_one_streams_do_not_read_ahead(self):
+        h = Harness()
+        h.stream.receive(["r0", "r1"], False)
+        h.stream.accept()
+        self.assertEqual(h.out, ["r0", "r1"])
+        self.assertEqual(h.fetches, 1)  # (a page at a time: idle streams hold one)
+
     def test_window_one_is_version_one(self):
         one, v1 = Harness(window=1), Harness()
         for h in (one, v1):
@@ -266,13 +309,31 @@ class WindowBytesTests(SynchronousTestCase):
         big = rows(500, 500, 20)
         h.stream.receive(big, False)
         self.assertEqual(h.out, big[:1])
-        self.assertEqual(h.fetches, 1)  # rows still buffered: no new page asked for
+        # (rows the byte window holds back: no page is read past them)
+        self.assertEqual(h.fetches, 1)
         h.stream.accept(1)
         self.assertEqual(h.out, big[:2])
+        # (20 bytes left, under half the page's: the next page is read ahead)
+        self.assertEqual(h.fetches, 2)
         h.stream.accept(1)
         self.assertEqual(h.out, big)
         self.assertEqual(h.state, StreamState.AWAITING_ROW)
-        self.assertEqual(h.fetches, 2)
+        self.assertEqual(h.fetches, 2)  # (that read is still under way)
+
+    def test_rows_held_by_the_byte_window_are_never_read_past(self):
+        """
+        However many rows the window allows, a stream whose rows wait for
+        room in the byte window reads no more pages: what it holds stays
+        bounded in bytes (1.5 pages), whatever the rows' count.
+        """
+        h = Harness(window=1000, window_bytes=1000)
+        answered = 0
+        while answered < h.fetches and answered < 20:  # (every page asked for, answered)
+            h.stream.receive(rows(600, 600, tag=f"p{answered}-"), False)
+            answered += 1
+        self.assertEqual(answered, 2)  # (the first page, and one read ahead)
+        self.assertEqual(h.stream.buffered_bytes, 1800)
+        self.assertEqual(len(h.out), 1)
 
     def test_non_ascii_rows_count_their_utf8_bytes(self):
         h = Harness(window=1000, window_bytes=10)

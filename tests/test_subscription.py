@@ -568,3 +568,41 @@ class MarkerTests(SynchronousTestCase):
 
     def test_matcher_default_matches_all(self):
         self.assertTrue(Matcher().matches((1,)))
+
+
+class ReadAheadBoundTests(SynchronousTestCase):
+    def test_rows_held_by_the_byte_window_are_never_read_past(self):
+        """
+        However many rows the window allows, a subscription whose history
+        waits for room in the byte window reads no more pages: it holds at
+        most one and a half pages' bytes.
+        """
+        from eventsource.subscription import Subscription
+
+        clock = Clock()
+        asked = []
+        published = []
+        position = [0]
+
+        def read_history(subscription, after, high_water, new_round):
+            asked.append(after)
+
+        subscription = Subscription.open(
+            "s", start=0, window=1000, window_bytes=1000, buffer_bytes=1 << 20,
+            row_timeout=30, heartbeat=15, clock=clock,
+            publish=lambda channel, body: published.append(body),
+            publish_counted=lambda channel, body: None, read_history=read_history,
+            position=lambda: 10_000, closed=lambda s: None)
+        self.addCleanup(subscription.end)
+        subscription.join(10_000)
+        answered = 0
+        while answered < len(asked) and answered < 20:  # (every page asked for, answered)
+            page = []
+            for _ in range(2):
+                position[0] += 1
+                page.append('{"position":%d,"data":"%s"}' % (position[0], "x" * 580))
+            subscription.receive(page, False)
+            answered += 1
+        self.assertEqual(answered, 2)  # (the first page, and one read ahead)
+        self.assertEqual(len(published), 1)
+        self.assertEqual(subscription.held_bytes, 3 * len(page[0]))  # (1.5 pages)
