@@ -173,6 +173,11 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
         return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
 
     @defer.inlineCallbacks
+    def persist_v2_50() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
+        result = yield run.persist(50, sizes.duration, "v2")
+        return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
+
+    @defer.inlineCallbacks
     def windowed_v2() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
         rows, seconds, _, _ = yield run.fetch(
             [({"$limit": sizes.rows}, sizes.rows)], window=sizes.window,
@@ -188,6 +193,7 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
         ("per-row fetch, 1 stream", fetch_1),
         (f"per-row fetch, {sizes.streams} streams", fetch_100),
         ("persist, 50 in flight", persist_50),
+        ("version 2 persist, 50 in flight", persist_v2_50),
         (f"windowed fetch (window {sizes.window}), version 2", windowed_v2),
         ("subscription catch-up, the same rows", catch_up),
     ]
