@@ -12,6 +12,7 @@ Rows are encoded to their wire form in the pool thread, so the reactor
 thread only moves finished message bodies.
 """
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -107,6 +108,24 @@ KILL_TIMEOUT = 2.0
 
 #: seconds shutdown waits for threads whose connections it cut to notice
 CUT_GRACE = 1.0
+
+#: the longest ``idle_transaction_timeout`` the server's sessions get (see
+#: :func:`idle_transaction_timeout`)
+IDLE_TRANSACTION_CAP = 10
+
+
+def idle_transaction_timeout(mysql_timeout: float) -> int:
+    """
+    Seconds MariaDB lets one of the server's sessions sit idle inside a
+    transaction before it kills the session (rolling the transaction back):
+    ``mysql_timeout`` rounded up, at most :data:`IDLE_TRANSACTION_CAP`.  The
+    server runs a transaction's statements one after the other, so it never
+    waits that long itself; a server cut off from MariaDB mid-transaction
+    (a network partition: nothing tells MariaDB the client is gone) would
+    otherwise hold the append lock, and every writer of the table behind it,
+    until TCP gave up, hours later.
+    """
+    return max(1, min(IDLE_TRANSACTION_CAP, math.ceil(mysql_timeout)))
 
 
 def _is_lost_connection(error: BaseException) -> bool:
@@ -527,7 +546,10 @@ class Store:
             password=config.mysql_password,
             charset=config.mysql_charset,
             autocommit=False,
-            init_command=f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'",
+            # (the /*M! part runs on MariaDB only: MySQL has no such variable)
+            init_command=(f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'"
+                          f"/*M!100300 , idle_transaction_timeout = "
+                          f"{idle_transaction_timeout(config.mysql_timeout)} */"),
             conv=_conversions(),
             connect_timeout=min(10, config.mysql_timeout),
             read_timeout=config.mysql_timeout,
