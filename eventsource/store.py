@@ -13,6 +13,7 @@ thread only moves finished message bodies.
 """
 
 import math
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -108,6 +109,9 @@ KILL_TIMEOUT = 2.0
 
 #: seconds shutdown waits for threads whose connections it cut to notice
 CUT_GRACE = 1.0
+
+#: seconds :meth:`Store.probe` may take to connect, and to send and read
+PROBE_TIMEOUT = 2.0
 
 #: the longest ``idle_transaction_timeout`` the server's sessions get (see
 #: :func:`idle_transaction_timeout`)
@@ -536,6 +540,10 @@ class Store:
         #: no new reads (shutdown began); ``_closing``: no new work at all
         self._stopping = False
         self._closing = False
+        #: :meth:`probe`'s connection, and the lock of whoever uses it (a
+        #: probe's thread, or a stop)
+        self._probe_connection: Any = None
+        self._probe_lock = threading.Lock()
 
     def _connect_kwargs(self) -> Dict[str, Any]:
         config = self._config
@@ -700,6 +708,7 @@ class Store:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()  # type: ignore[no-untyped-call]
+        self._close_probe()
 
     def _wait_idle(self, timeout: float) -> "defer.Deferred[None]":
         """Fires once no work is in the pool, or after ``timeout`` seconds."""
@@ -904,6 +913,58 @@ class Store:
     def ping(self) -> "defer.Deferred[None]":
         """``SELECT 1`` on a pool connection, ahead of queued reads (the readiness check)."""
         return self._run(_ping)
+
+    def probe(self) -> "defer.Deferred[None]":
+        """
+        ``SELECT 1`` on a connection of its own, outside the pool (whose
+        threads may all be busy, or waiting out ``--mysql-timeout`` on a
+        network that went silent), each step bounded by :data:`PROBE_TIMEOUT`:
+        whether MariaDB can be reached now.  Call one at a time.
+        """
+        from twisted.internet import threads
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         self._probe)
+
+    def _probe(self) -> None:
+        import pymysql
+
+        with self._probe_lock:
+            connection = self._probe_connection
+            if connection is not None and _found_dead(connection):
+                self._drop_probe_connection()
+                connection = None
+            try:
+                if connection is None:
+                    kwargs = self._connect_kwargs()
+                    kwargs.update(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT,
+                                  write_timeout=PROBE_TIMEOUT, autocommit=True)
+                    connection = self._probe_connection = pymysql.connect(**kwargs)
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchall()
+            except Exception:
+                self._drop_probe_connection()
+                raise
+            finally:
+                if self._closing:  # (the store stopped meanwhile)
+                    self._drop_probe_connection()
+
+    def _close_probe(self) -> None:
+        """At stop: close :meth:`probe`'s connection (a probe running now closes it when done)."""
+        if self._probe_lock.acquire(blocking=False):
+            try:
+                self._drop_probe_connection()
+            finally:
+                self._probe_lock.release()
+
+    def _drop_probe_connection(self) -> None:
+        connection, self._probe_connection = self._probe_connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass  # (closing a connection that is gone)
 
     def pool_load(self) -> Tuple[int, int, int]:
         """``(work running in the pool's threads, writes queued, reads queued)``."""

@@ -284,6 +284,38 @@ class IdleTransactionTests(IntegrationTestCase):
         self.assertEqual((yield self.client.persist(event("after")))[-1], "end")
 
 
+class ProbeTests(IntegrationTestCase):
+    """Replica mode's check that MariaDB answers: a connection of its own, short timeouts."""
+
+    @defer.inlineCallbacks
+    def test_the_probe_answers_and_makes_its_connection_again_after_a_kill(self):
+        store = self.server.store
+        yield store.probe()
+        connection_id = store._probe_connection.thread_id()
+        self.assertNotIn(connection_id, [c.thread_id() for c in store._pool.connections.values()])
+        sql(f"KILL {int(connection_id)}")
+        yield sleep(0.1)
+        yield store.probe()
+        self.assertNotEqual(store._probe_connection.thread_id(), connection_id)
+
+    @defer.inlineCallbacks
+    def test_a_silent_database_fails_the_probe_within_its_timeout(self):
+        """A port that accepts and says nothing (a MariaDB that hangs, a half-open path)."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        store = Store(Config(mysql_host="127.0.0.1", mysql_port=silent.getHost().port), reactor)
+        started = time.monotonic()
+        with self.assertRaises(pymysql.err.OperationalError):
+            yield store.probe()
+        took = time.monotonic() - started
+        self.assertGreater(took, store_module.PROBE_TIMEOUT - 0.5)
+        self.assertLess(took, store_module.PROBE_TIMEOUT + 1.5)
+        self.assertIsNone(store._probe_connection)
+
+
 # -- nothing left running, shutdown bounded ------------------------------------------
 
 
