@@ -30,6 +30,13 @@ Reconnecting backs off from :data:`INITIAL_DELAY` up to the configured
 Publishing goes straight to the live publisher protocol without waiting for
 replies, so many publishes pipeline on one connection.  While Redis is away
 publishing fails at once instead of queueing without bound.
+
+A connection can also die in silence (a network partition drops packets and
+says nothing; a hung Redis accepts them and answers nothing): TCP would keep
+it open for many minutes.  So while it is ready the publisher sends ``PING``
+every third of ``Config.redis_timeout``, pipelined with the rest; a ``PING``
+unanswered for ``redis_timeout`` aborts the publisher connection, which drops
+the subscriber too (see the machine below), and both are made again.
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ REFUSED_REMEMBERED = 1000
 
 #: seconds the start-up check of Redis's limits may take before it is skipped
 CONFIG_TIMEOUT = 5
+
+#: checks of the publisher's ``PING`` per ``Config.redis_timeout``: a ``PING``
+#: is sent every ``redis_timeout / PING_TICKS`` seconds while none is
+#: unanswered, and one still unanswered this many checks later is overdue
+PING_TICKS = 3
 
 _MB = 1024 * 1024
 
@@ -314,14 +326,32 @@ class _Claim:
         self.answer: defer.Deferred[bool] = defer.Deferred()
 
 
+class _Ping:
+    """The place of a heartbeat ``PING`` among the publisher's pending replies."""
+
+
+_PING = _Ping()
+
+
 class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     role = "publisher"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: the channel of each publish whose reply is still to come (with
-        #: the Deferred of a counted publish), and the pending claims
-        self._unanswered: deque[Union[str, tuple[str, defer.Deferred[int]], _Claim]] = deque()
+        #: the Deferred of a counted publish), the pending claims and pings
+        self._unanswered: deque[
+            Union[str, tuple[str, defer.Deferred[int]], _Claim, _Ping]] = deque()
+        #: when the heartbeat PING still unanswered was sent (None: none is)
+        self.ping_sent: Optional[float] = None
+        #: the heartbeat's checks since that PING was sent
+        self.ping_checks = 0
+
+    def send_ping(self, now: float) -> None:
+        """A heartbeat ``PING``, pipelined: :attr:`ping_sent` is ``now`` until Redis answers."""
+        self.ping_sent, self.ping_checks = now, 0
+        self._unanswered.append(_PING)
+        self.transport.write(b"*1\r\n$4\r\nPING\r\n")
 
     def claim(self, key: str, owner: str, ttl_ms: int) -> defer.Deferred[bool]:
         """
@@ -373,6 +403,9 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     def replyReceived(self, reply: Any) -> None:
         if self._unanswered:
             entry = self._unanswered.popleft()
+            if isinstance(entry, _Ping):
+                self.ping_sent = None
+                return
             if isinstance(entry, _Claim):
                 if isinstance(reply, Exception):
                     entry.answer.errback(reply)
@@ -611,6 +644,8 @@ class RedisBus:
         self._started: Optional[defer.Deferred[None]] = None
         self._stopping: Optional[defer.Deferred[Any]] = None
         self._away_since: Optional[float] = None
+        #: the heartbeat's next check of the publisher (while it is ready)
+        self._heartbeat: Any = None
         #: behind Sentinel: the endpoint that resolves the master, and the
         #: master's address each ready connection was made to
         self._sentinel_endpoint: Any = None
@@ -721,12 +756,52 @@ class RedisBus:
 
     def keep_publisher(self, protocol: Any) -> None:
         self._publisher = protocol
+        self._next_heartbeat()
 
     def keep_subscriber(self, protocol: Any) -> None:
         self._subscriber = protocol
 
     def forget_publisher(self, *_: Any) -> None:
         self._publisher = None
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None and heartbeat.active():
+            heartbeat.cancel()
+
+    # -- the heartbeat ----------------------------------------------------
+
+    def _next_heartbeat(self) -> None:
+        self._heartbeat = self._reactor.callLater(self._config.redis_timeout / PING_TICKS,
+                                                  self._check_publisher)
+
+    def _check_publisher(self) -> None:
+        """Send a ``PING`` if none is unanswered; notice one that is overdue."""
+        self._heartbeat = None
+        publisher = self._publisher
+        if publisher is None:
+            return
+        if publisher.ping_sent is None:
+            publisher.send_ping(self._reactor.seconds())
+        else:
+            publisher.ping_checks += 1
+            if publisher.ping_checks >= PING_TICKS:
+                # Confirmed on the next turn: a reactor that was too busy to
+                # read the answer reads what is waiting on the socket first.
+                self._heartbeat = self._reactor.callLater(0, self._ping_overdue, publisher)
+                return
+        self._next_heartbeat()
+
+    def _ping_overdue(self, publisher: Any) -> None:
+        self._heartbeat = None
+        if publisher is not self._publisher:
+            return
+        if publisher.ping_sent is None:  # (answered after all)
+            self._next_heartbeat()
+            return
+        log.warn("Redis {where} did not answer a PING within {seconds:.1f} s (a network "
+                 "partition, or a Redis that hangs); dropping the connections and "
+                 "reconnecting", where=self._where(),
+                 seconds=self._reactor.seconds() - publisher.ping_sent)
+        publisher.transport.abortConnection()
 
     def forget_subscriber(self, *_: Any) -> None:
         self._subscriber = None

@@ -35,6 +35,10 @@ class Config:
     redis_tls_key: Optional[str] = None
     #: upper bound of the reconnect backoff, seconds
     redis_max_delay: float = 2.0
+    #: seconds Redis may take to answer the server's ``PING`` (sent on the
+    #: publisher connection every third of it) before both connections are
+    #: given up and made again (a silent network partition, a hung Redis)
+    redis_timeout: float = 3.0
     #: Redis behind Sentinel: the Sentinels' ``(host, port)``, asked for the
     #: master :attr:`redis_master_name` before every connection (then
     #: :attr:`redis_host` and :attr:`redis_port` are not used); empty: no Sentinel

@@ -75,6 +75,13 @@ class IEventStore(Interface):
     def ping() -> "Deferred[Any]":
         """A trivial statement on a pool connection (the readiness check); a Deferred."""
 
+    def probe() -> "Deferred[Any]":
+        """
+        A trivial statement on a connection of its own, with short timeouts
+        (whether the database can be reached at all, however busy or stuck
+        the pool is: replica mode's check); a Deferred.
+        """
+
     def drop_reads() -> None:
         """Shutdown began: fail reads not started, stop running ones (no stream waits for them)."""
 

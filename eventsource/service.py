@@ -41,6 +41,11 @@ FIRST_EVENT_HINT = (
     "\"data\": {{\"foo\": \"bar\"}}}}}}}}}}'"
 )
 
+#: replica mode: seconds between two checks that this replica's database
+#: answers (:class:`DatabaseWatch`), and how long one may take before the
+#: database counts as unreachable
+DATABASE_CHECK_INTERVAL = 1.0
+
 #: ``on_message(channel, body)``: every message on a subscribed channel
 MessageHandler = Callable[[str, str], None]
 #: builds the bus that delivers to ``(on_message, on_connection_lost)``; the
@@ -64,6 +69,80 @@ def _forget_sigterm(reactor: IReactorTime) -> None:
     """
     if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
         reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+class DatabaseWatch:
+    """
+    Replica mode: whether this replica reaches its database now.  Every
+    ``interval`` seconds a ``probe()`` (``SELECT 1`` on a connection of its
+    own, :meth:`eventsource.store.Store.probe`) is sent unless one is still
+    out; the database is :attr:`reachable` while the last probe answered
+    within ``interval``, and not once one failed or has been out longer.
+
+    A replica that cannot reach its database still hears every request on
+    Redis; were it to claim them, it would win its share of the claims and
+    answer each ``unavailable`` (or nothing, until ``--mysql-timeout``), and
+    the retries would come back to it as often: so while the database is
+    unreachable the replica claims nothing and the others serve.
+    """
+
+    def __init__(self, probe: Callable[[], "defer.Deferred[Any]"], clock: IReactorTime,
+                 interval: float = DATABASE_CHECK_INTERVAL) -> None:
+        self._probe = probe
+        self._clock = clock
+        self.interval = interval
+        self.reachable = True
+        #: when the probe still out was sent (None: none is out)
+        self._sent: Optional[float] = None
+        self._since: Optional[float] = None
+        self._call: Any = None
+
+    def start(self) -> None:
+        if self._call is None:
+            self._check()
+
+    def stop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _check(self) -> None:
+        now = self.seconds()
+        if self._sent is None:
+            self._sent = now
+            d = defer.maybeDeferred(self._probe)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(now,),
+                           errbackArgs=(now,))
+        elif now - self._sent >= self.interval:
+            self._unreachable(f"it did not answer SELECT 1 within {self.interval:g} s")
+        self._call = self._clock.callLater(self.interval, self._check)
+
+    def seconds(self) -> float:
+        return float(self._clock.seconds())
+
+    def _answered(self, _: object, sent: float) -> None:
+        self._sent = None
+        if self.seconds() - sent < self.interval:
+            self._reachable()
+        else:
+            self._unreachable(f"it took {self.seconds() - sent:.1f} s to answer SELECT 1")
+
+    def _failed(self, failure: Failure, sent: float) -> None:
+        self._sent = None
+        self._unreachable(f"SELECT 1 failed: {failure.getErrorMessage()}")
+
+    def _unreachable(self, why: str) -> None:
+        if self.reachable:
+            self.reachable = False
+            self._since = self.seconds()
+            log.warn("the database is unreachable ({why}): this replica leaves requests to "
+                     "the other replicas until it answers again", why=why)
+
+    def _reachable(self) -> None:
+        if not self.reachable:
+            self.reachable = True
+            log.info("the database answers again after {seconds:.1f} s: this replica takes "
+                     "requests again", seconds=self.seconds() - (self._since or 0.0))
 
 
 class BoundaryService(service.Service):
@@ -128,10 +207,13 @@ class EventSourceService(service.MultiService):
         service's message and connection-lost handlers (see :func:`make_server`).
     :param stop_reactor_on_failure: stop the reactor when the server cannot
         start (what ``twistd`` needs); tests running their own servers say no.
+    :param database_probe: replica mode's check that the database answers
+        (:class:`DatabaseWatch`); ``store.probe`` when omitted.
     """
 
     def __init__(self, config: Config, reactor: IReactorTime, *, store: IEventStore, bus: BusFactory,
-                 stop_reactor_on_failure: bool = True) -> None:
+                 stop_reactor_on_failure: bool = True,
+                 database_probe: Optional[Callable[[], "defer.Deferred[Any]"]] = None) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
@@ -183,6 +265,9 @@ class EventSourceService(service.MultiService):
         self._accepting = False
         #: this replica's name in the claims it takes (replica mode)
         self.replica_id = replica_name()
+        #: replica mode: whether the database answers (claims wait for it)
+        self.database_watch = DatabaseWatch(database_probe or store.probe, reactor) \
+            if config.replicas else None
         self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
 
     @property
@@ -215,6 +300,8 @@ class EventSourceService(service.MultiService):
     def _started(self, _: object) -> None:
         self._accepting = True
         self.tailer.start()
+        if self.database_watch is not None:
+            self.database_watch.start()
         log.info(
             "eventsource serving {table} on Redis {redis}, "
             "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
@@ -253,6 +340,8 @@ class EventSourceService(service.MultiService):
         store's kill grace, whatever is queued.
         """
         self._accepting = False
+        if self.database_watch is not None:
+            self.database_watch.stop()
         for stream in list(self.streams.values()):
             stream.fail("the server is shutting down", "unavailable")
         for subscription in list(self.subscriptions.values()):
@@ -355,6 +444,12 @@ class EventSourceService(service.MultiService):
             self.stats.request(request_channel, "elsewhere")
             log.debug("left a {request_channel} request to the other replicas: this one is "
                       "not serving", request_channel=request_channel)
+            return
+        watch = self.database_watch
+        if watch is not None and not watch.reachable:
+            self.stats.request(request_channel, "elsewhere")
+            log.debug("left a {request_channel} request to the other replicas: this one "
+                      "does not reach its database", request_channel=request_channel)
             return
         key = claim_key(self.config.channel_prefix,
                         source or self.config.request_channels[request_channel], body)

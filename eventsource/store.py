@@ -12,6 +12,8 @@ Rows are encoded to their wire form in the pool thread, so the reactor
 thread only moves finished message bodies.
 """
 
+import math
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -107,6 +109,27 @@ KILL_TIMEOUT = 2.0
 
 #: seconds shutdown waits for threads whose connections it cut to notice
 CUT_GRACE = 1.0
+
+#: seconds :meth:`Store.probe` may take to connect, and to send and read
+PROBE_TIMEOUT = 2.0
+
+#: the longest ``idle_transaction_timeout`` the server's sessions get (see
+#: :func:`idle_transaction_timeout`)
+IDLE_TRANSACTION_CAP = 10
+
+
+def idle_transaction_timeout(mysql_timeout: float) -> int:
+    """
+    Seconds MariaDB lets one of the server's sessions sit idle inside a
+    transaction before it kills the session (rolling the transaction back):
+    ``mysql_timeout`` rounded up, at most :data:`IDLE_TRANSACTION_CAP`.  The
+    server runs a transaction's statements one after the other, so it never
+    waits that long itself; a server cut off from MariaDB mid-transaction
+    (a network partition: nothing tells MariaDB the client is gone) would
+    otherwise hold the append lock, and every writer of the table behind it,
+    until TCP gave up, hours later.
+    """
+    return max(1, min(IDLE_TRANSACTION_CAP, math.ceil(mysql_timeout)))
 
 
 def _is_lost_connection(error: BaseException) -> bool:
@@ -517,6 +540,10 @@ class Store:
         #: no new reads (shutdown began); ``_closing``: no new work at all
         self._stopping = False
         self._closing = False
+        #: :meth:`probe`'s connection, and the lock of whoever uses it (a
+        #: probe's thread, or a stop)
+        self._probe_connection: Any = None
+        self._probe_lock = threading.Lock()
 
     def _connect_kwargs(self) -> Dict[str, Any]:
         config = self._config
@@ -527,7 +554,10 @@ class Store:
             password=config.mysql_password,
             charset=config.mysql_charset,
             autocommit=False,
-            init_command=f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'",
+            # (the /*M! part runs on MariaDB only: MySQL has no such variable)
+            init_command=(f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'"
+                          f"/*M!100300 , idle_transaction_timeout = "
+                          f"{idle_transaction_timeout(config.mysql_timeout)} */"),
             conv=_conversions(),
             connect_timeout=min(10, config.mysql_timeout),
             read_timeout=config.mysql_timeout,
@@ -678,6 +708,7 @@ class Store:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()  # type: ignore[no-untyped-call]
+        self._close_probe()
 
     def _wait_idle(self, timeout: float) -> "defer.Deferred[None]":
         """Fires once no work is in the pool, or after ``timeout`` seconds."""
@@ -882,6 +913,58 @@ class Store:
     def ping(self) -> "defer.Deferred[None]":
         """``SELECT 1`` on a pool connection, ahead of queued reads (the readiness check)."""
         return self._run(_ping)
+
+    def probe(self) -> "defer.Deferred[None]":
+        """
+        ``SELECT 1`` on a connection of its own, outside the pool (whose
+        threads may all be busy, or waiting out ``--mysql-timeout`` on a
+        network that went silent), each step bounded by :data:`PROBE_TIMEOUT`:
+        whether MariaDB can be reached now.  Call one at a time.
+        """
+        from twisted.internet import threads
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         self._probe)
+
+    def _probe(self) -> None:
+        import pymysql
+
+        with self._probe_lock:
+            connection = self._probe_connection
+            if connection is not None and _found_dead(connection):
+                self._drop_probe_connection()
+                connection = None
+            try:
+                if connection is None:
+                    kwargs = self._connect_kwargs()
+                    kwargs.update(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT,
+                                  write_timeout=PROBE_TIMEOUT, autocommit=True)
+                    connection = self._probe_connection = pymysql.connect(**kwargs)
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchall()
+            except Exception:
+                self._drop_probe_connection()
+                raise
+            finally:
+                if self._closing:  # (the store stopped meanwhile)
+                    self._drop_probe_connection()
+
+    def _close_probe(self) -> None:
+        """At stop: close :meth:`probe`'s connection (a probe running now closes it when done)."""
+        if self._probe_lock.acquire(blocking=False):
+            try:
+                self._drop_probe_connection()
+            finally:
+                self._probe_lock.release()
+
+    def _drop_probe_connection(self) -> None:
+        connection, self._probe_connection = self._probe_connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass  # (closing a connection that is gone)
 
     def pool_load(self) -> Tuple[int, int, int]:
         """``(work running in the pool's threads, writes queued, reads queued)``."""

@@ -228,6 +228,13 @@ SETTINGS = (
         "Longest wait, in seconds, between attempts to reconnect to Redis.",
     ),
     Setting(
+        "redis-timeout",
+        "REDIS_TIMEOUT",
+        positive_seconds,
+        "Seconds Redis may take to answer a PING (sent every third of it) before the "
+        "server drops its connections and reconnects.",
+    ),
+    Setting(
         "redis-sentinels",
         "REDIS_SENTINELS",
         sentinel_addresses,

@@ -226,6 +226,10 @@ class MemoryStore:
         """Like the real store's: answered at once, held, or failed (``fail_next``)."""
         return self._answer(lambda: None)
 
+    def probe(self) -> "defer.Deferred[None]":
+        """Answered at once (the database is always reachable here)."""
+        return defer.succeed(None)
+
     def drop_reads(self) -> None:
         """Shutdown began: reads not started are dropped (held ones stay held here)."""
         self.reads_dropped = True

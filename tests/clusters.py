@@ -380,9 +380,9 @@ class GaleraCluster:
 
 # -- Redis and Sentinel ----------------------------------------------------
 
-def redis_cli(port, *args, timeout=10):
-    """``redis-cli`` on a loopback port: what it printed; raises if it could not run."""
-    out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port)] + list(args),
+def redis_cli(port, *args, timeout=10, host="127.0.0.1"):
+    """``redis-cli`` on a port (of ``host``): what it printed; raises if it could not run."""
+    out = subprocess.run(["redis-cli", "-h", host, "-p", str(port)] + list(args),
                          capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"redis-cli {args} failed: {out.stderr}")
@@ -390,10 +390,15 @@ def redis_cli(port, *args, timeout=10):
 
 
 class RedisProcess:
-    """One ``redis-server`` (a data node or a Sentinel) of a :class:`SentinelSetup`."""
+    """
+    One ``redis-server`` (a data node or a Sentinel) of a :class:`SentinelSetup`,
+    or the partition tests' Redis (``host``: the address it binds, loopback
+    by default; see :mod:`tests.netns`).
+    """
 
-    def __init__(self, folder, name, sentinel=False):
+    def __init__(self, folder, name, sentinel=False, host="127.0.0.1"):
         self.name = name
+        self.host = host
         self.folder = os.path.join(folder, name)
         os.makedirs(self.folder)
         self.port = free_port()
@@ -403,7 +408,7 @@ class RedisProcess:
 
     @property
     def address(self):
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     @property
     def logfile(self):
@@ -413,7 +418,7 @@ class RedisProcess:
         self.config = os.path.join(self.folder, "redis.conf")
         with open(self.config, "w") as f:
             f.write("\n".join([
-                "bind 127.0.0.1",
+                f"bind {self.host}",
                 f"port {self.port}",
                 f"dir {self.folder}",
                 f"logfile {self.logfile}",
@@ -433,7 +438,7 @@ class RedisProcess:
         if not self.running:
             raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
         try:
-            return redis_cli(self.port, "PING") == "PONG"
+            return self.cli("PING") == "PONG"
         except RuntimeError:
             return False
 
@@ -442,7 +447,7 @@ class RedisProcess:
         return self.process is not None and self.process.poll() is None
 
     def cli(self, *args):
-        return redis_cli(self.port, *args)
+        return redis_cli(self.port, *args, host=self.host)
 
     def log_tail(self, lines=40):
         try:

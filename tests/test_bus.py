@@ -142,9 +142,19 @@ class BusMachineTests(SynchronousTestCase):
         return publisher, subscriber
 
     def delays(self, exact=False):
+        """The pending delays, but the heartbeat's (:meth:`heartbeat`)."""
         delays = [call.getTime() - self.reactor.seconds()
-                  for call in self.reactor.getDelayedCalls()]
+                  for call in self.reactor.getDelayedCalls() if not self.is_heartbeat(call)]
         return delays if exact else [round(delay, 4) for delay in delays]
+
+    def is_heartbeat(self, call):
+        return call.func in (self.bus._check_publisher, self.bus._ping_overdue)
+
+    def heartbeat(self):
+        """The delay of the heartbeat's next check, or None when none is pending."""
+        calls = [call for call in self.reactor.getDelayedCalls() if self.is_heartbeat(call)]
+        self.assertLessEqual(len(calls), 1)
+        return round(calls[0].getTime() - self.reactor.seconds(), 4) if calls else None
 
     def texts(self, level=None):
         return [formatEvent(event) for event in self.events
@@ -470,6 +480,85 @@ class BusMachineTests(SynchronousTestCase):
         publisher.drop()
         self.failureResultOf(pending, RedisUnavailable)
         self.failureResultOf(self.bus.claim("claim:def", "host:1:r", 60), RedisUnavailable)
+
+    # -- the heartbeat ------------------------------------------------------
+
+    def test_a_ping_unanswered_for_redis_timeout_drops_both_connections(self):
+        """A silent partition: nothing is lost, nothing answers; the bus reconnects."""
+        publisher, subscriber = self.serve()
+        self.assertEqual(self.heartbeat(), 1.0)  # (redis_timeout 3 s, a third of it)
+        self.reactor.advance(1)
+        self.assertEqual(publisher.sent(), command("PING"))
+        publisher.reply(b"+PONG\r\n")
+        self.reactor.advance(1)
+        self.assertEqual(publisher.sent(), command("PING"))  # unanswered from now on
+        for _ in range(2):
+            self.reactor.advance(1)
+            self.assertFalse(publisher.transport.disconnecting)
+            self.assertEqual(publisher.sent(), b"")  # (one PING at a time)
+        self.reactor.advance(1)
+        self.assertTrue(publisher.transport.disconnecting)
+        self.assertTrue(any("did not answer a PING within 3.0 s" in text
+                            for text in self.texts("warn")), self.texts())
+        publisher.drop()
+        self.assertEqual(self.lost, [5])
+        self.assertFalse(self.bus.connected)
+        self.assertTrue(subscriber.transport.disconnecting)
+        self.assertIsNone(self.heartbeat())
+        subscriber.drop()
+        self.reactor.advance(0.1)
+        self.publisher_handshake(self.connection().accept())
+        self.subscriber_handshake(self.connection().accept())
+        self.assertTrue(self.bus.connected)
+        self.assertEqual(self.heartbeat(), 1.0)
+
+    def test_answered_pings_keep_the_connection_and_pipeline_with_the_rest(self):
+        publisher, _ = self.serve(redis_timeout=0.3)
+        self.assertEqual(self.heartbeat(), 0.1)
+        for _ in range(20):
+            self.bus.publish("reply-1", "{}")
+            self.reactor.advance(0.1)
+            claim = self.bus.claim("claim:abc", "host:1:r", 60)
+            self.assertEqual(publisher.sent(), command("PUBLISH", "reply-1", "{}") +
+                             command("PING") + command("SET", "claim:abc", "host:1:r", "NX",
+                                                        "PX", "60000"))
+            publisher.reply(b":1\r\n+PONG\r\n+OK\r\n")
+            self.assertIs(self.successResultOf(claim), True)
+        self.assertFalse(publisher.transport.disconnecting)
+        self.assertEqual(self.lost, [])
+
+    def test_an_answer_waiting_when_the_ping_is_overdue_keeps_the_connection(self):
+        """A reactor too busy to read: the answer read on the next turn still counts."""
+        publisher, _ = self.serve()
+        self.reactor.advance(1)
+        self.assertEqual(publisher.sent(), command("PING"))
+        self.reactor.advance(1)
+        self.reactor.advance(1)
+        # the third check, by hand (the clock would run the confirmation it
+        # schedules for the next turn at once, before the answer is read)
+        self.bus._heartbeat.cancel()
+        self.bus._check_publisher()
+        self.assertFalse(publisher.transport.disconnecting)
+        publisher.reply(b"+PONG\r\n")  # (read before the next turn)
+        self.reactor.advance(0)
+        self.assertFalse(publisher.transport.disconnecting)
+        self.assertEqual(self.heartbeat(), 1.0)
+        self.reactor.advance(1)
+        self.assertEqual(publisher.sent(), command("PING"))
+
+    def test_no_heartbeat_while_away_or_stopped(self):
+        publisher, subscriber = self.serve()
+        publisher.drop()
+        self.assertIsNone(self.heartbeat())
+        subscriber.drop()
+        self.reactor.advance(0.1)
+        again = self.connection().accept()
+        self.publisher_handshake(again)
+        self.assertEqual(self.heartbeat(), 1.0)  # (the publisher is ready again)
+        self.bus.stop()
+        self.assertIsNone(self.heartbeat())
+        self.reactor.advance(10)
+        self.assertEqual(again.sent(), b"")
 
     def test_publish_and_subscribe_before_start(self):
         self.make()

@@ -11,6 +11,8 @@ integration tests, with real Redis and MariaDB, are in
 
 import json
 
+import pymysql
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -42,17 +44,19 @@ def accept(channel, count=1):
 class ReplicaTestCase(SynchronousTestCase):
     """Two replicas, ``a`` and ``b``, sharing a store and the claims."""
 
-    def make(self, count=2, **config):
+    def make(self, count=2, probes=None, **config):
+        """``probes``: each replica's database check (:class:`Probe`), when given."""
         config.setdefault("replicas", True)
         self.clock = Clock()
         self.config = Config(**config)
         self.store = MemoryStore(page_size=self.config.page_size)
         self.claims = {}
         self.buses, self.services = [], []
-        for _ in range(count):
+        for index in range(count):
             bus = MemoryBus(claims=self.claims)
             service = EventSourceService(self.config, self.clock, bus=bus.attach,
-                                         store=self.store)
+                                         store=self.store,
+                                         database_probe=probes[index] if probes else None)
             service.startService()
             self.assertTrue(self.successResultOf(service.ready))
             self.buses.append(bus)
@@ -274,6 +278,122 @@ class FaultTests(ReplicaTestCase):
         self.assertEqual(self.out("b")[-1], "end")
         self.assertEqual(len(self.out("b")), 5)
         self.assertEqual(self.publishers("b"), [1])
+
+
+class Probe:
+    """A replica's database check: answered, failed (MariaDB refuses), or held (silence)."""
+
+    def __init__(self):
+        self.mode = "answer"
+        self.held = []
+        self.sent = 0
+
+    def __call__(self):
+        self.sent += 1
+        if self.mode == "answer":
+            return defer.succeed(None)
+        if self.mode == "fail":
+            return defer.fail(pymysql.err.OperationalError(2003, "Can't connect to server"))
+        d = defer.Deferred()
+        self.held.append(d)
+        return d
+
+
+class DatabaseWatchTests(ReplicaTestCase):
+    """
+    A replica that does not reach its database claims nothing (a network
+    partition between it and MariaDB): the others serve, and it serves
+    again once its database answers.
+    """
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+        self.probes = [Probe(), Probe()]
+        self.make(probes=self.probes)
+
+    def texts(self, level):
+        return [e["log_format"] for e in self.logged if e["log_level"].name == level]
+
+    def persists(self, first, count=5, order=(0, 1)):
+        """``count`` persists, replica 0 hearing (and claiming) each first."""
+        for i in range(first, first + count):
+            self.deliver("persist", persist2(f"r{i}", f"p{i}"), order=list(order))
+
+    def test_silence_past_the_interval_leaves_requests_to_the_others(self):
+        self.assertEqual(self.probes[0].sent, 1)  # (at start)
+        self.persists(0)
+        self.assertEqual(self.results(0, "persist"), {"ok": 5})
+        self.probes[0].mode = "hang"  # the partition
+        self.clock.advance(1)  # a check sent...
+        self.assertTrue(self.services[0].database_watch.reachable)
+        self.persists(5)  # (the silence is not known yet: it claims and serves)
+        self.assertEqual(self.results(0, "persist"), {"ok": 10})
+        self.clock.advance(1)  # ...and unanswered a second later
+        self.assertFalse(self.services[0].database_watch.reachable)
+        self.assertEqual(len(self.texts("warn")), 1)
+        self.assertIn("leaves requests to the other replicas", self.texts("warn")[0])
+        claims = len(self.buses[0].claims_asked)
+        self.persists(10)
+        self.assertEqual(len(self.buses[0].claims_asked), claims)  # (no claim at all)
+        self.assertEqual(self.results(0, "persist"), {"ok": 10, "elsewhere": 5})
+        self.assertEqual(self.results(1, "persist"), {"ok": 5, "elsewhere": 10})
+        for i in range(10, 15):
+            self.assertEqual(self.publishers(f"r{i}"), [1])
+        self.deliver("fetch", fetch2("f"), order=[0, 1])
+        self.deliver("subscribe", subscribe2("s"), order=[0, 1])
+        self.assertEqual(self.publishers("f"), [1])
+        self.assertEqual([i for i, s in enumerate(self.services) if "s" in s.subscriptions], [1])
+        # one check out at a time: no new one while the first is unanswered
+        self.clock.advance(5)
+        self.assertEqual(self.probes[0].sent, 2)
+        # the heal: the stuck check fails at its own timeout, the next one answers
+        self.probes[0].mode = "answer"
+        self.probes[0].held.pop().errback(pymysql.err.OperationalError(2013, "Lost connection"))
+        self.assertFalse(self.services[0].database_watch.reachable)
+        self.clock.advance(1)
+        self.assertTrue(self.services[0].database_watch.reachable)
+        self.assertIn("answers again", self.texts("info")[-1])
+        self.persists(15)
+        self.assertEqual(self.results(0, "persist"), {"ok": 15, "elsewhere": 5})
+        self.assertEqual(len(self.store.events), 20)
+        # the other replica kept its checks answered throughout
+        self.assertTrue(self.services[1].database_watch.reachable)
+
+    def test_a_failed_check_leaves_requests_at_once(self):
+        self.probes[0].mode = "fail"
+        self.clock.advance(1)
+        self.assertFalse(self.services[0].database_watch.reachable)
+        self.assertIn("SELECT 1 failed", self.logged[-1]["why"])
+        self.persists(0)
+        self.assertEqual(self.results(0, "persist"), {"elsewhere": 5})
+        self.clock.advance(1)  # (still failing: one warning only)
+        self.assertEqual(len(self.texts("warn")), 1)
+
+    def test_a_late_answer_does_not_count(self):
+        """Reachable means answered within the interval: a slow database stays left alone."""
+        self.probes[0].mode = "hang"
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertFalse(self.services[0].database_watch.reachable)
+        self.probes[0].held.pop().callback(None)  # answered, 1 s late
+        self.assertFalse(self.services[0].database_watch.reachable)
+        self.probes[0].mode = "answer"
+        self.clock.advance(1)
+        self.assertTrue(self.services[0].database_watch.reachable)
+
+    def test_stopping_stops_the_checks(self):
+        self.services[0].stopService()
+        sent = self.probes[0].sent
+        self.clock.advance(10)
+        self.assertEqual(self.probes[0].sent, sent)
+
+    def test_no_checks_without_replica_mode(self):
+        """A single server answers unavailable itself: it has no one to leave requests to."""
+        service = EventSourceService(Config(), self.clock, bus=MemoryBus().attach,
+                                     store=self.store, database_probe=Probe())
+        self.assertIsNone(service.database_watch)
 
 
 class TenantTests(ReplicaTestCase):

@@ -225,6 +225,97 @@ class ReadTimeoutTests(IntegrationTestCase):
         lost_connection_errors(self)
 
 
+class IdleTransactionTests(IntegrationTestCase):
+    """
+    A server that goes silent inside a transaction (a network partition:
+    nothing tells MariaDB its client is gone) would hold the append lock, and
+    every writer of the table, for as long as TCP kept the dead connection.
+    MariaDB kills a session of ours that sits idle in a transaction for
+    ``idle_transaction_timeout`` (``--mysql-timeout``, at most 10 s).
+    """
+
+    server_config = {"mysql_timeout": 2.0}
+
+    def test_the_timeout_follows_mysql_timeout_up_to_ten_seconds(self):
+        self.assertEqual([store_module.idle_transaction_timeout(t) for t in (0.5, 2.0, 2.1, 60)],
+                         [1, 2, 3, 10])
+        kwargs = Store(Config(mysql_timeout=60), None)._connect_kwargs()
+        self.assertIn("/*M!100300 , idle_transaction_timeout = 10 */", kwargs["init_command"])
+
+    @defer.inlineCallbacks
+    def test_a_session_silent_inside_a_transaction_gives_the_append_lock_up(self):
+        store = self.server.store
+        held = threading.Event()
+        gone = {}
+
+        def silent_holder(txn):
+            txn.execute("SELECT @@SESSION.idle_transaction_timeout")
+            timeout = txn.fetchone()[0]
+            txn.execute(f"SELECT id FROM {store.append_lock} WHERE id = 1 FOR UPDATE")
+            txn.fetchall()
+            held.set()
+            time.sleep(4)  # (the server's side of a partition: not a word to MariaDB)
+            try:
+                txn.execute("SELECT 1")
+            except pymysql.err.MySQLError as error:
+                gone["error"] = error
+            return timeout
+
+        holding = store._run(silent_holder)
+        yield wait_until(held.is_set, what="the lock to be taken")
+        started = time.monotonic()
+        connection = pymysql.connect(autocommit=False, **MYSQL)
+        self.addCleanup(connection.close)
+        with connection.cursor() as cursor:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 8")
+            cursor.execute(f"SELECT id FROM {store.append_lock} WHERE id = 1 FOR UPDATE")
+        waited = time.monotonic() - started
+        connection.rollback()
+        try:
+            timeout = yield holding
+        except pymysql.err.MySQLError:
+            timeout = None  # (adbapi's rollback or commit on the killed session)
+        log.info("measured: the append lock held by a silent session was free after "
+                 "{seconds:.2f} s", seconds=waited)
+        self.assertLess(waited, 3.5)
+        self.assertIn(timeout, (2, None))
+        lost_connection_errors(self)
+        # and the server's pool goes on: the killed connection is made again
+        self.assertEqual((yield self.client.persist(event("after")))[-1], "end")
+
+
+class ProbeTests(IntegrationTestCase):
+    """Replica mode's check that MariaDB answers: a connection of its own, short timeouts."""
+
+    @defer.inlineCallbacks
+    def test_the_probe_answers_and_makes_its_connection_again_after_a_kill(self):
+        store = self.server.store
+        yield store.probe()
+        connection_id = store._probe_connection.thread_id()
+        self.assertNotIn(connection_id, [c.thread_id() for c in store._pool.connections.values()])
+        sql(f"KILL {int(connection_id)}")
+        yield sleep(0.1)
+        yield store.probe()
+        self.assertNotEqual(store._probe_connection.thread_id(), connection_id)
+
+    @defer.inlineCallbacks
+    def test_a_silent_database_fails_the_probe_within_its_timeout(self):
+        """A port that accepts and says nothing (a MariaDB that hangs, a half-open path)."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        store = Store(Config(mysql_host="127.0.0.1", mysql_port=silent.getHost().port), reactor)
+        started = time.monotonic()
+        with self.assertRaises(pymysql.err.OperationalError):
+            yield store.probe()
+        took = time.monotonic() - started
+        self.assertGreater(took, store_module.PROBE_TIMEOUT - 0.5)
+        self.assertLess(took, store_module.PROBE_TIMEOUT + 1.5)
+        self.assertIsNone(store._probe_connection)
+
+
 # -- nothing left running, shutdown bounded ------------------------------------------
 
 
