@@ -50,7 +50,7 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from eventsource.schema import V2_DEFAULT_COLUMNS
-from eventsource.stream import RowTimer, shared_machine, row_size
+from eventsource.stream import RowTimer, bind_inputs, shared_machine, row_size
 from eventsource.wire import END_BODY, FROM_END, TIMEOUT_BODY, encode_error
 
 
@@ -136,7 +136,7 @@ class Subscription(RowTimer):
     :data:`eventsource.wire.FROM_END` (the tailer's position at the join).
     """
 
-    # the machine's state and its inputs, which MACHINE.add_model binds
+    # the machine's state and its inputs (bound below: bind_inputs)
     state: SubscriptionState
     joined: Callable[[], bool]
     page_ready: Callable[[], bool]
@@ -209,13 +209,12 @@ class Subscription(RowTimer):
         # what the input being handled leads to (read by the conditions)
         self._history_done = False
         self._behind = False
+        self.state = _UP
 
     @classmethod
     def open(cls, channel: str, **kwargs: Any) -> "Subscription":
-        """Create a subscription and add it to :data:`MACHINE` (it waits for :meth:`join`)."""
-        subscription = cls(channel, **kwargs)
-        MACHINE.add_model(subscription)
-        return subscription
+        """Create a subscription, catching up (it waits for :meth:`join`)."""
+        return cls(channel, **kwargs)
 
     def __repr__(self) -> str:
         return (f"<Subscription {self.channel!r} {self.state.value} covered={self.covered}"
@@ -481,7 +480,6 @@ class Subscription(RowTimer):
         self._sent_at.clear()
         self._sent_sizes.clear()
         self.unaccepted_bytes = 0
-        MACHINE.remove_model(self)
         self._closed(self)
 
     # -- timers ---------------------------------------------------------
@@ -505,3 +503,6 @@ class Subscription(RowTimer):
                 self.deadline_passed()
             else:
                 self._arm_timer()
+
+
+bind_inputs(Subscription, MACHINE, INPUTS)

@@ -110,7 +110,7 @@ class ThousandStreamsTests(IntegrationTestCase):
         yield self.client.wait_for(lambda: all(self.client.messages[c] for c in channels), timeout=120)
         self.assertEqual(len(self.server.streams), 1000)
         self.assertTrue(all(s.is_live for s in self.server.streams.values()))
-        self.assertGreaterEqual(len(MACHINE.models), 1000)
+        self.assertEqual(MACHINE.models, [])  # (driven by the shared machine, never registered)
         # No thread or connection per stream: the pool's ten at most.
         self.assertLessEqual(threading.active_count() - threads_before, 10)
         self.assertLessEqual(self.server.store._pool.threadpool.max, 10)

@@ -451,13 +451,21 @@ class ServiceTests(SubscriptionTestCase):
         self.assertEqual(self.bus.messages("s")[1:], ["end"])
         self.assertEqual(self.service.subscriptions, {})
 
-    def test_machine_keeps_no_ended_subscription(self):
+    def test_nothing_keeps_an_ended_subscription(self):
+        """Neither the service, nor the tailer, nor the shared machine (never registered with)."""
+        import gc
+        import weakref
+
         self.make()
-        before = len(MACHINE.models)
+        refs = []
         for i in range(5):
             self.subscribe(f"s{i}")
+            refs.append(weakref.ref(self.service.subscriptions[f"s{i}"]))
             self.send("fetch-next", json.dumps({"channel": f"s{i}", "end": True}))
-        self.assertEqual(len(MACHINE.models), before)
+        self.assertEqual(self.service.subscriptions, {})
+        self.assertEqual(MACHINE.models, [])
+        gc.collect()
+        self.assertEqual([ref() for ref in refs], [None] * 5)
 
 
 class TailerTests(SubscriptionTestCase):
