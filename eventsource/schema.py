@@ -293,28 +293,37 @@ def finish_sql(table_sql: str) -> str:
 INSERT_COLUMNS: Tuple[str, ...] = WRITTEN_COLUMNS + STREAM_COLUMNS
 
 
-def insert_sql(table_sql: str, count: int) -> str:
+def insert_sql(table_sql: str, count: int, positions: bool = False) -> str:
     """
     The INSERT of ``count`` rows of :data:`INSERT_COLUMNS` into
     ``table_sql`` (already quoted); the append time is the column's default,
-    ``NOW(6)``: always the server's.
+    ``NOW(6)``: always the server's.  ``positions``: each row starts with its
+    ``id``, given by the writer (otherwise auto-increment allocates it).
     """
-    row = "(" + ", ".join(["%s"] * len(INSERT_COLUMNS)) + ")"
-    return (f"INSERT INTO {table_sql} ({', '.join(quote(c) for c in INSERT_COLUMNS)}) VALUES "
+    columns = (("id",) if positions else ()) + INSERT_COLUMNS
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    return (f"INSERT INTO {table_sql} ({', '.join(quote(c) for c in columns)}) VALUES "
             + ", ".join([row] * count))
 
 
-def last_versions_sql(table_sql: str, count: int) -> str:
+def last_versions_sql(table_sql: str, count: int, top: bool = False) -> str:
     """
     The last version of each of ``count`` pids (parameters: the pids), as
     ``(pid, version)`` rows, both NULL for a pid without events.  A ``MAX``
     on one pid is one dive into the ``pid_version`` key whatever the
     table's statistics (an ``IN (...) GROUP BY`` read every version of the
     pids until ``ANALYZE TABLE`` made MariaDB choose a loose scan).
+
+    ``top``: first, in the same statement, the table's largest ``id`` (0
+    when empty) as the row ``(NULL, top)``, told from a pid without events
+    by its value.
     """
     one = (f"SELECT {quote('pid')}, MAX({quote('version')}) FROM {table_sql}"
            f" WHERE {quote('pid')} = %s")
-    return " UNION ALL ".join([one] * count)
+    parts = [one] * count
+    if top:
+        parts.insert(0, f"SELECT NULL, COALESCE(MAX({quote('id')}), 0) FROM {table_sql}")
+    return " UNION ALL ".join(parts)
 
 
 def stored_events_sql(table_sql: str, count: int) -> str:
@@ -350,32 +359,57 @@ def append_lock_name(table: str) -> str:
     return name
 
 
+#: the append lock row's counter: every write transaction adds one to it
+#: (see :func:`lock_append_sql`)
+APPEND_LOCK_COUNTER = "taken"
+
+
 def append_lock_statements(database: str, table: str) -> List[str]:
     """The statements that make the append lock table and its one row, if missing."""
     lock = qualified(database, append_lock_name(table))
     return [
         f"CREATE TABLE IF NOT EXISTS {lock} ({quote('id')} TINYINT UNSIGNED NOT NULL"
-        " PRIMARY KEY) ENGINE=InnoDB",
+        f" PRIMARY KEY, {quote(APPEND_LOCK_COUNTER)} BIGINT UNSIGNED NOT NULL DEFAULT 0)"
+        " ENGINE=InnoDB",
         f"INSERT INTO {lock} ({quote('id')}) VALUES (1)"
         f" ON DUPLICATE KEY UPDATE {quote('id')} = {quote('id')}",
     ]
 
 
+def append_lock_upgrade_sql(database: str, table: str) -> str:
+    """
+    The counter added to an append lock table of an earlier release (whose
+    one column was ``id``, locked with ``SELECT ... FOR UPDATE``).
+    """
+    return (f"ALTER TABLE {qualified(database, append_lock_name(table))} ADD COLUMN"
+            f" {quote(APPEND_LOCK_COUNTER)} BIGINT UNSIGNED NOT NULL DEFAULT 0")
+
+
 def lock_append_sql(lock_sql: str) -> str:
     """
-    The first statement of every write transaction: an exclusive lock on the
-    append lock table's row, held until COMMIT.  Writers that take it commit
-    one after the other, so their events' positions (allocated at INSERT,
-    after the lock) commit in position order, across processes: a reader
-    that has seen position p never later sees a new event below p.
+    The first statement of every write transaction: one added to the append
+    lock row's counter, so the row is locked (exclusively, until COMMIT) and
+    changed.  Writers that take it commit one after the other, so their
+    events' positions, allocated after it, commit in position order across
+    processes: a reader that has seen position p never later sees a new
+    event below p.
+
+    The change is what makes it hold on a Galera cluster too: a row lock is
+    local to its node (a ``SELECT ... FOR UPDATE`` is neither replicated
+    nor certified), but a changed row is in the transaction's write set, so
+    two transactions that took the lock on different nodes conflict at
+    certification and one of them is rolled back (error 1213) and written
+    again.  (Matched rows: ``cursor.rowcount`` is 0 when the row is gone.)
     """
-    return f"SELECT {quote('id')} FROM {lock_sql} WHERE {quote('id')} = 1 FOR UPDATE"
+    counter = quote(APPEND_LOCK_COUNTER)
+    return f"UPDATE {lock_sql} SET {counter} = {counter} + 1 WHERE {quote('id')} = 1"
 
 
 def restore_lock_row_sql(lock_sql: str) -> str:
-    """The lock row made again (and locked) when someone deleted it."""
-    return (f"INSERT INTO {lock_sql} ({quote('id')}) VALUES (1)"
-            f" ON DUPLICATE KEY UPDATE {quote('id')} = {quote('id')}")
+    """The lock row made again (and taken: its counter changed) when someone deleted it."""
+    counter = quote(APPEND_LOCK_COUNTER)
+    return (f"INSERT INTO {lock_sql} ({quote('id')}, {counter}) VALUES (1, 1)"
+            f" ON DUPLICATE KEY UPDATE {counter} = {counter} + 1")
 
 
 #: the table's columns a subscription's tail reads, in version 2's default

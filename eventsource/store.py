@@ -274,21 +274,27 @@ def ensure_schema(txn: Txn, database: str, table: str) -> Tuple[List[str], bool]
 def _ensure_append_lock(txn: Txn, database: str, table: str) -> List[str]:
     """
     Make the append lock table (:func:`eventsource.schema.append_lock_name`)
-    if it is missing: every writer locks its row first in each transaction.
+    if it is missing, or add its counter to the table of an earlier release:
+    every writer changes its row first in each transaction.
     """
     lock = schema.append_lock_name(table)
-    txn.execute(schema.TABLE_EXISTS_SQL, (database, lock))
-    if txn.fetchone()[0] > 0:
+    txn.execute(schema.COLUMNS_SQL, (database, lock))
+    columns = {row[0].lower() for row in txn.fetchall()}
+    if schema.APPEND_LOCK_COUNTER in columns:
         return []
     try:
+        if columns:
+            txn.execute(schema.append_lock_upgrade_sql(database, table))
+            return [f"added {schema.APPEND_LOCK_COUNTER} to {lock}"]
         for statement in schema.append_lock_statements(database, table):
             txn.execute(statement)
     except Exception as error:
         if getattr(error, "args", None) and error.args[0] in ACCESS_DENIED:
             raise RuntimeError(
                 f"table {database}.{table} needs its append lock table {lock} (see "
-                "docs/OPERATIONS.md), which this MariaDB user may not create: start the server"
-                " once with a user that may CREATE tables in that database") from error
+                f"docs/OPERATIONS.md), with its column {schema.APPEND_LOCK_COUNTER}, which this"
+                " MariaDB user may not make: start the server once with a user that may CREATE"
+                " and ALTER tables in that database") from error
         raise
     return [f"created {lock}"]
 
@@ -491,6 +497,46 @@ def mysql_tls_context(config: Config) -> "ssl.SSLContext":
     return context
 
 
+class _PoolConnection(adbapi.Connection):
+    """
+    adbapi's wrapper of a pool connection (one per interaction), whose
+    COMMIT after the work is left out when the work committed itself.
+    """
+
+    #: the work committed its transaction (:meth:`_PoolTransaction.commit`)
+    committed = False
+
+    def commit(self) -> None:
+        if not self.committed:
+            self.commit_now()
+
+    def commit_now(self) -> None:
+        """COMMIT on the pymysql connection."""
+        connection: Any = self._connection
+        connection.commit()
+
+
+class _PoolTransaction(adbapi.Transaction):
+    """adbapi's transaction, which the work may commit itself."""
+
+    _connection: _PoolConnection
+
+    def commit(self) -> None:
+        """
+        COMMIT now, as the work's last statement: its errors reach the work
+        (the writer writes a transaction again when Galera's certification
+        refuses its COMMIT), and adbapi sends no second COMMIT after it.
+        """
+        self._connection.committed = False
+        self._connection.commit_now()
+        self._connection.committed = True
+
+
+class _Pool(adbapi.ConnectionPool):
+    connectionFactory = _PoolConnection
+    transactionFactory = _PoolTransaction
+
+
 @implementer(IEventStore)
 class Store:
     """
@@ -574,7 +620,7 @@ class Store:
         """Open the pool and make sure the schema is there; fires with the changes made."""
         size = self._config.pool_size
         self._stopping = self._closing = False
-        self._pool = pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+        self._pool = pool = _Pool(  # type: ignore[no-untyped-call]
             "pymysql",
             cp_min=min(2, size),
             cp_max=size,

@@ -5,8 +5,10 @@ Persists queue in the :class:`GroupCommitWriter`, which writes them in
 batches, one transaction each; :func:`_insert_batch` is that transaction
 (run in a pool thread by :class:`eventsource.store.Store`): the append lock,
 the streams' next versions, the expected-version checks of version 2, the
-event ids, the INSERT, and what a duplicate key means (another writer took a
-version, or a request repeats event ids already stored).  The decisions
+event ids, the positions, the INSERT, the COMMIT, and what a refusal means
+(a duplicate key: another writer took a version, or a request repeats event
+ids already stored; a deadlock or a Galera certification conflict: another
+writer's transaction went first).  The decisions
 themselves are :mod:`eventsource.appends`'s; the SQL is
 :mod:`eventsource.schema`'s.
 """
@@ -34,15 +36,24 @@ class BatchStore(Protocol):
 
 
 #: MariaDB's ER_DUP_ENTRY (a version or event id taken by another writer)
-#: and ER_LOCK_DEADLOCK: the batch is run again on fresh versions
+#: and ER_LOCK_DEADLOCK (a deadlock, or on Galera a transaction that another
+#: node's conflicting one aborted or that certification refused, at COMMIT
+#: too): the batch is run again
 RETRIED_ERRORS = frozenset({1062, 1213})
 
 #: how many times a batch is written again after a duplicate version
 VERSION_RETRIES = 5
 
+#: MariaDB's ER_LOCK_DEADLOCK
+DEADLOCK = 1213
+
+#: how many times a batch is written again after a deadlock or a refused
+#: certification (each means another writer's transaction committed first)
+CONFLICT_RETRIES = 20
+
 
 class VersionConflict(Exception):
-    """Other writers kept taking the versions a batch was given."""
+    """Other writers kept taking the versions a batch was given, or kept committing first."""
 
 
 #: MariaDB's ER_DUP_ENTRY
@@ -61,6 +72,19 @@ def _last_versions(txn: Txn, table: str, streams: List[str]) -> Dict[str, int]:
     """stream -> its last version, for the streams that have events."""
     txn.execute(schema.last_versions_sql(table, len(streams)), streams)
     return {_stream(pid): int(version) for pid, version in txn.fetchall() if pid is not None}
+
+
+def _top_and_versions(txn: Txn, table: str, streams: List[str]) -> Tuple[int, Dict[str, int]]:
+    """The table's largest position and the streams' last versions, in one statement."""
+    txn.execute(schema.last_versions_sql(table, len(streams), top=True), streams)
+    top = 0
+    last = {}
+    for pid, value in txn.fetchall():
+        if pid is not None:
+            last[_stream(pid)] = int(value)
+        elif value is not None:
+            top = int(value)
+    return top, last
 
 
 def _stored_events(txn: Txn, table: str, event_ids: List[bytes]) -> Dict[bytes, appends.Stored]:
@@ -84,7 +108,7 @@ def _lock_appends(txn: Txn, lock_sql: str) -> None:
     someone deleted is made again.
     """
     txn.execute(schema.lock_append_sql(lock_sql))
-    if txn.fetchone() is None:
+    if txn.rowcount == 0:
         txn.execute(schema.restore_lock_row_sql(lock_sql))
 
 
@@ -93,15 +117,22 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
                   lock_sql: Optional[str] = None) -> Tuple[List[Outcome], Dict[str, int]]:
     """
     Append the requests of a batch (:class:`appends.Append`, or version 1's
-    bare rows) in one transaction: each request's expected versions checked
-    against its streams as the requests before it in the batch leave them,
-    then its rows given their streams' next versions (in request order) and
-    event ids (the client's, or new UUIDv7s).
+    bare rows) in one transaction, and commit it: each request's expected
+    versions checked against its streams as the requests before it in the
+    batch leave them, then its rows given their streams' next versions (in
+    request order), event ids (the client's, or new UUIDv7s) and positions.
 
-    ``known``: the last versions of some of the batch's streams as this
-    server committed them; the others are read (one statement).  Returns
+    ``consecutive_ids``: auto-increment gives the rows of one INSERT
+    consecutive ids (a single MariaDB, see :func:`_autoinc_settings`), and
+    is left to allocate positions; otherwise (Galera steps ids by the
+    cluster size, from each node's own offset) the writer gives each row
+    its position itself: the next after the table's largest, read under the
+    append lock (see :func:`_write_attempt`).  ``known``: the last versions
+    of some of the batch's streams as this server committed them; the others
+    are read (one statement; with positions given, all are read).  Returns
     each request's outcome (see :data:`Outcome`) and the streams' new last
-    versions.
+    versions.  ``txn`` commits with ``txn.commit()`` (the store's
+    transaction does, see :class:`eventsource.store.Store`).
 
     A duplicate key rolls the transaction back.  When requests carry the
     client's event ids, those already stored are looked up (one statement):
@@ -109,6 +140,11 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
     its first append, one partly stored is refused, and the rest is written
     again.  Otherwise another writer took a version: the batch is written
     again on versions all read anew, at most :data:`VERSION_RETRIES` times.
+    A deadlock, or on Galera a conflict with another node's transaction (a
+    statement or the COMMIT refused with 1213: the transaction was rolled
+    back), is written again the same way, at most :data:`CONFLICT_RETRIES`
+    times.  Every try writes the same event ids, so a request is stored at
+    most once whatever is retried.
     """
     import pymysql
 
@@ -118,37 +154,53 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
     #: request index -> its outcome, known whatever happens to the others
     settled: Dict[int, Outcome] = {}
     known = dict(known or {})
-    retries = 0
+    retries = {DUPLICATE_KEY: 0, DEADLOCK: 0}
     while True:
         try:
-            return _write_attempt(txn, table, requests, event_ids, settled, known,
-                                  consecutive_ids, lock_sql)
+            result = _write_attempt(txn, table, requests, event_ids, settled, known,
+                                    consecutive_ids, lock_sql)
+            # (here, not after the interaction: a COMMIT that certification
+            # refuses is retried as the statements before it are)
+            txn.commit()
+            return result
         except pymysql.err.MySQLError as error:
-            if not (error.args and error.args[0] in RETRIED_ERRORS):
+            code = error.args[0] if error.args else None
+            if code not in RETRIED_ERRORS:
                 raise
             txn.connection.rollback()
             known = {}
-            if error.args[0] == DUPLICATE_KEY and _settle_repeats(txn, table, requests, settled):
+            if code == DUPLICATE_KEY and _settle_repeats(txn, table, requests, settled):
                 continue
-            retries += 1
-            if retries > VERSION_RETRIES:
-                raise VersionConflict(
-                    f"versions kept being taken by another writer ({VERSION_RETRIES} retries)"
-                ) from error
-            log.info("a batch of persists met versions taken by another writer ({error});"
-                     " writing it again ({attempt} of {retries})", error=error,
-                     attempt=retries, retries=VERSION_RETRIES)
+            retries[code] += 1
+            most = VERSION_RETRIES if code == DUPLICATE_KEY else CONFLICT_RETRIES
+            if retries[code] > most:
+                what = ("versions kept being taken by another writer" if code == DUPLICATE_KEY
+                        else "other writers' transactions kept committing first")
+                raise VersionConflict(f"{what} ({most} retries)") from error
+            if code == DUPLICATE_KEY:
+                log.info("a batch of persists met versions taken by another writer ({error});"
+                         " writing it again ({attempt} of {retries})", error=error,
+                         attempt=retries[code], retries=most)
+            else:
+                log.info("a batch of persists met another writer's transaction, which committed"
+                         " first ({error}); writing it again ({attempt} of {retries})",
+                         error=error, attempt=retries[code], retries=most)
 
 
 def _settle_repeats(txn: Txn, table: str, requests: List[appends.Append],
                     settled: Dict[int, Outcome]) -> bool:
     """
-    After a duplicate key: settle the requests whose client event ids are
-    stored already (duplicates, or conflicts); whether any was.
+    After a duplicate key (the transaction rolled back): settle the requests
+    whose client event ids are stored already (duplicates, or conflicts);
+    whether any was.  When requests are left to write, the transaction of
+    this read ends here: the next try must read the versions and positions
+    in a snapshot taken under the append lock, not in this one.
     """
     pending = [i for i, request in enumerate(requests)
                if i not in settled and request.event_ids is not None]
     wanted = [event_id for i in pending for event_id in requests[i].event_ids or ()]
+    if not wanted:
+        return False
     stored = _stored_events(txn, table, wanted)
     found = False
     for i in pending:
@@ -156,6 +208,8 @@ def _settle_repeats(txn: Txn, table: str, requests: List[appends.Append],
         if outcome is not None:
             settled[i] = outcome
             found = True
+    if len(settled) < len(requests):
+        txn.connection.rollback()
     return found
 
 
@@ -188,17 +242,38 @@ def _write_attempt(txn: Txn, table: str, requests: List[appends.Append],
                    event_ids: List[Tuple[bytes, ...]], settled: Dict[int, Outcome],
                    known: Dict[str, int], consecutive_ids: bool,
                    lock_sql: Optional[str] = None) -> Tuple[List[Outcome], Dict[str, int]]:
-    """One try of :func:`_insert_batch`, in its transaction."""
+    """
+    One try of :func:`_insert_batch`, in its transaction, up to its COMMIT.
+
+    Positions commit in position order because every writer takes the
+    append lock first and allocates its positions after it.  With
+    auto-increment (``consecutive_ids``) that holds on one MariaDB, whose one
+    counter is past every committed id.  Otherwise the positions are the
+    next after the table's largest ``id``, read under the lock (with the
+    versions: one statement): every transaction that took the lock before
+    committed first (on Galera, on this node too: certification lets no two
+    transactions that changed the lock row commit unless the later one's
+    node had the earlier one's rows when it took the lock), so no committed
+    position is above them and none will be below them later; positions are
+    then dense, whatever ids each node's auto-increment would have given.
+    """
     live = [i for i in range(len(requests)) if i not in settled]
-    if lock_sql is not None and live:
+    if not live:
+        return [settled[i] for i in range(len(requests))], {}
+    if lock_sql is not None:
         # (first: the versions are then read as the last writer left them)
         _lock_appends(txn, lock_sql)
     streams = sorted({_stream(row[0]) for i in live for row in requests[i].rows})
-    last = {stream: known[stream] for stream in streams if stream in known}
-    remembered = bool(last)
-    unknown = [stream for stream in streams if stream not in known]
-    if unknown:
-        last.update(_last_versions(txn, table, unknown))
+    top: Optional[int] = None
+    remembered = False
+    if consecutive_ids:
+        last = {stream: known[stream] for stream in streams if stream in known}
+        remembered = bool(last)
+        unknown = [stream for stream in streams if stream not in known]
+        if unknown:
+            last.update(_last_versions(txn, table, unknown))
+    else:
+        top, last = _top_and_versions(txn, table, streams)
     refused, numbered = _number(requests, live, event_ids, last)
     if refused and remembered:
         # An expected version judged on remembered versions: another writer
@@ -217,50 +292,42 @@ def _write_attempt(txn: Txn, table: str, requests: List[appends.Append],
     written = [i for i in live if i in numbered]
     outcomes: List[Outcome] = [settled.get(i, refused.get(i)) for i in range(len(requests))]
     if written:
-        firsts = _insert_numbered(txn, table, [numbered[i] for i in written], consecutive_ids)
-        detailed = [i for i in written if requests[i].detailed]
-        positions: Optional[Dict[bytes, int]] = None
-        if detailed and not consecutive_ids:
-            # (ids of one statement are consecutive only with the lock
-            # modes and increment _autoinc_settings checks: read them back)
-            stored = _stored_events(txn, table, [e for i in detailed for e in event_ids[i]])
-            positions = {event_id: place[2] for event_id, place in stored.items()}
+        firsts = _insert_numbered(txn, table, [numbered[i] for i in written], consecutive_ids, top)
         for i, (affected, first) in zip(written, firsts):
             if not requests[i].detailed:
                 outcomes[i] = (affected, first)
                 continue
-            events = []
-            for k, row in enumerate(numbered[i]):
-                event_id = row[-1]
-                position = first + k if positions is None else positions[event_id]
-                events.append(appends.Event(event_id, row[0], row[-2], position))
-            outcomes[i] = appends.Appended(tuple(events))
+            outcomes[i] = appends.Appended(tuple(
+                appends.Event(row[-1], row[0], row[-2], first + k)
+                for k, row in enumerate(numbered[i])))
     return outcomes, last
 
 
 def _insert_numbered(txn: Txn, table: str, batch: List[List[Tuple[Any, ...]]],
-                     consecutive_ids: bool) -> List[Tuple[int, int]]:
+                     consecutive_ids: bool, top: Optional[int] = None) -> List[Tuple[int, int]]:
     """
-    With consecutive auto-increment ids (``innodb_autoinc_lock_mode`` 0 or
-    1 and an increment of 1) one multi-row statement writes them all and
-    each request's first id follows from its place in it; otherwise every
-    request gets its own statement, still in the one transaction.
+    Insert every request's rows with one statement; returns each request's
+    ``(rows, first position)``.  With ``top`` the rows are given the
+    positions after it; otherwise auto-increment allocates them, which must
+    then be consecutive (``innodb_autoinc_lock_mode`` 0 or 1 and an
+    increment of 1): each request's first follows from its place.
     """
-    if consecutive_ids and len(batch) > 1:
-        rows = [row for request in batch for row in request]
+    rows = [row for request in batch for row in request]
+    if top is not None:
+        txn.execute(schema.insert_sql(table, len(rows), positions=True),
+                    [value for k, row in enumerate(rows, top + 1) for value in (k,) + row])
+        first = top + 1
+    elif consecutive_ids:
         txn.execute(schema.insert_sql(table, len(rows)), [value for row in rows for value in row])
-        if txn.rowcount != len(rows):
-            raise RuntimeError(f"inserted {txn.rowcount} rows of {len(rows)}")
         first = txn.lastrowid
-        results = []
-        for request in batch:
-            results.append((len(request), first))
-            first += len(request)
-        return results
+    else:
+        raise ValueError("auto-increment ids that are not consecutive need the positions given")
+    if txn.rowcount != len(rows):
+        raise RuntimeError(f"inserted {txn.rowcount} rows of {len(rows)}")
     results = []
     for request in batch:
-        txn.execute(schema.insert_sql(table, len(request)), [value for row in request for value in row])
-        results.append((txn.rowcount, txn.lastrowid or 0))
+        results.append((len(request), first))
+        first += len(request)
     return results
 
 

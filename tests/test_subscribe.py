@@ -18,6 +18,7 @@ import time
 import pymysql
 from twisted.internet import defer, reactor, threads
 
+from eventsource import schema
 from eventsource.ids import uuid7
 from tests.support import (MYSQL, REDIS_HOST, REDIS_PORT, IntegrationTestCase, WireClient, sleep,
                            sql, unique, wait_until)
@@ -282,8 +283,8 @@ class SecondServerTests(SubscribeTestCase):
             try:
                 with connection.cursor() as cursor:
                     if take_lock:
-                        cursor.execute(f"SELECT id FROM `{self.database}`.`event_append_lock`"
-                                       " WHERE id = 1 FOR UPDATE")
+                        cursor.execute(schema.lock_append_sql(
+                            f"`{self.database}`.`event_append_lock`"))
                     cursor.execute(f"INSERT INTO `{self.database}`.`event` (pid, domain, name,"
                                    " data, version, event_id) VALUES ('slow', 'd', 'n', 'null',"
                                    " 0, %s)", (uuid7(),))

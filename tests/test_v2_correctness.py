@@ -316,7 +316,7 @@ class ExternalWriterTests(CorrectnessCase):
         real = write_path._insert_numbered
         done = []
 
-        def racing(txn, table, batch, consecutive_ids):
+        def racing(txn, table, batch, *rest):
             if len(done) < times:
                 firsts = {}
                 for request in batch:
@@ -325,7 +325,7 @@ class ExternalWriterTests(CorrectnessCase):
                 done.append(firsts)
                 for pid, version in firsts.items():
                     external_append(table, pid, version)
-            return real(txn, table, batch, consecutive_ids)
+            return real(txn, table, batch, *rest)
 
         self.patch(write_path, "_insert_numbered", racing)
         return done
@@ -608,9 +608,9 @@ class RetryTests(CorrectnessCase):
         inserts = []
         real = write_path._insert_numbered
 
-        def counting(txn, table, batch, consecutive_ids):
+        def counting(txn, table, batch, *rest):
             inserts.append(len(batch))
-            return real(txn, table, batch, consecutive_ids)
+            return real(txn, table, batch, *rest)
 
         self.patch(write_path, "_insert_numbered", counting)
         lock.release()
@@ -669,23 +669,38 @@ class StatementCountTests(CorrectnessCase):
     Every statement the server's connections run, counted in PyMySQL: the
     usual persist is one INSERT whatever it carries (client event ids, an
     expected version), after the append lock every write transaction takes
-    first (docs/OPERATIONS.md); a repeat costs one lookup on the ``event_id`` key.
+    first (docs/OPERATIONS.md), and one COMMIT (the writer's own: the pool
+    sends no second one); a repeat costs one lookup on the ``event_id`` key.
     """
 
     def count_statements(self):
-        """Record the statements of the server's pool connections from now on."""
+        """Record the statements, COMMITs and ROLLBACKs of the server's pool connections from now on."""
         statements = []
         connections = self.server.store._pool.connections
         real = pymysql.cursors.Cursor.execute
 
+        def ours(connection):
+            return any(connection is c for c in list(connections.values()))
+
         def execute(cursor, query, args=None):
-            if any(cursor.connection is c for c in list(connections.values())):
-                statements.append("LOCK" if "_append_lock` WHERE" in query
+            if ours(cursor.connection):
+                statements.append("LOCK" if "_append_lock` " in query
                                   else query.split(None, 1)[0].upper()
                                   + (" event_id" if "`event_id` IN" in query else ""))
             return real(cursor, query, args)
 
+        def ending(name):
+            real_end = getattr(pymysql.connections.Connection, name)
+
+            def end(connection):
+                if ours(connection):
+                    statements.append(name.upper())
+                return real_end(connection)
+            return end
+
         self.patch(pymysql.cursors.Cursor, "execute", execute)
+        for name in ("commit", "rollback"):
+            self.patch(pymysql.connections.Connection, name, ending(name))
         return statements
 
     @defer.inlineCallbacks
@@ -701,7 +716,7 @@ class StatementCountTests(CorrectnessCase):
             reply = yield persist(self.client, [doc(streams[i % 5])])
             last[streams[i % 5]] = reply[0]["events"][-1]["version"]
             plain.append(reply)
-        self.assertEqual(statements, ["LOCK", "INSERT"] * 10)
+        self.assertEqual(statements, ["LOCK", "INSERT", "COMMIT"] * 10)
         del statements[:]
         with_ids = []
         for i in range(10):
@@ -711,7 +726,7 @@ class StatementCountTests(CorrectnessCase):
             last[pid] = reply[0]["events"][-1]["version"]
             with_ids.append(reply)
         # client event ids and an expected version cost no statement of their own
-        self.assertEqual(statements, ["LOCK", "INSERT"] * 10)
+        self.assertEqual(statements, ["LOCK", "INSERT", "COMMIT"] * 10)
         self.assertEqual({code_of(r) for r in plain + with_ids}, {"events"})
         del statements[:]
         # repeats: the INSERT the event_id key refuses, then one lookup on that key
@@ -719,7 +734,7 @@ class StatementCountTests(CorrectnessCase):
             documents = [doc(e["pid"], event_id=e["eventId"]) for e in reply[0]["events"]]
             again = yield persist(self.client, documents)
             self.assertTrue(again[0]["duplicate"])
-        self.assertEqual(statements, ["LOCK", "INSERT", "SELECT event_id"] * 5)
+        self.assertEqual(statements, ["LOCK", "INSERT", "ROLLBACK", "SELECT event_id", "COMMIT"] * 5)
         del statements[:]
         # a repeat whose expected version fails: no INSERT; the versions read
         # (they were remembered), then the one lookup
@@ -727,7 +742,7 @@ class StatementCountTests(CorrectnessCase):
             documents = [doc(e["pid"], event_id=e["eventId"]) for e in reply[0]["events"]]
             again = yield persist(self.client, documents, expectedVersion=0)
             self.assertTrue(again[0]["duplicate"])
-        self.assertEqual(statements, ["LOCK", "SELECT", "SELECT event_id"] * 5)
+        self.assertEqual(statements, ["LOCK", "SELECT", "SELECT event_id", "COMMIT"] * 5)
         self.flushLoggedErrors(pymysql.err.IntegrityError)
 
     def test_the_lookup_is_one_dive_into_the_event_id_key(self):

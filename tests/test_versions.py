@@ -140,7 +140,7 @@ class WritePathTests(IntegrationTestCase):
         real = writer._insert_numbered
         done = []
 
-        def racing(txn, table, batch, consecutive_ids):
+        def racing(txn, table, batch, *rest):
             if len(done) < times:
                 firsts = {}
                 for request in batch:
@@ -157,7 +157,7 @@ class WritePathTests(IntegrationTestCase):
                                 (pid, version, ids.uuid7()))
                 finally:
                     other.close()
-            return real(txn, table, batch, consecutive_ids)
+            return real(txn, table, batch, *rest)
 
         self.patch(writer, "_insert_numbered", racing)
         return done
