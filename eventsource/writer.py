@@ -13,6 +13,8 @@ themselves are :mod:`eventsource.appends`'s; the SQL is
 :mod:`eventsource.schema`'s.
 """
 
+import random
+import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
@@ -49,7 +51,13 @@ DEADLOCK = 1213
 
 #: how many times a batch is written again after a deadlock or a refused
 #: certification (each means another writer's transaction committed first)
-CONFLICT_RETRIES = 20
+CONFLICT_RETRIES = 50
+
+#: the longest pause, in seconds, before a batch is written again after a
+#: conflict: the n-th waits a random time up to ``min(CONFLICT_PAUSE,
+#: 0.001 * 2 ** (n - 1))``, so that writers that keep meeting each other
+#: stop doing so in step
+CONFLICT_PAUSE = 0.05
 
 
 class VersionConflict(Exception):
@@ -101,6 +109,11 @@ def _as_append(request: Any) -> appends.Append:
     return request if isinstance(request, appends.Append) else appends.Append(tuple(request))
 
 
+def _pause(seconds: float) -> None:
+    """Wait, in the pool thread that runs the transaction (the reactor's is never blocked)."""
+    time.sleep(seconds)
+
+
 def _lock_appends(txn: Txn, lock_sql: str) -> None:
     """
     Take the append lock (the first statement of the transaction, so that
@@ -142,9 +155,10 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
     again on versions all read anew, at most :data:`VERSION_RETRIES` times.
     A deadlock, or on Galera a conflict with another node's transaction (a
     statement or the COMMIT refused with 1213: the transaction was rolled
-    back), is written again the same way, at most :data:`CONFLICT_RETRIES`
-    times.  Every try writes the same event ids, so a request is stored at
-    most once whatever is retried.
+    back), is written again the same way, after a short random pause (see
+    :data:`CONFLICT_PAUSE`), at most :data:`CONFLICT_RETRIES` times.  Every
+    try writes the same event ids, so a request is stored at most once
+    whatever is retried.
     """
     import pymysql
 
@@ -185,6 +199,7 @@ def _insert_batch(txn: Txn, table: str, batch: List[Any], consecutive_ids: bool,
                 log.info("a batch of persists met another writer's transaction, which committed"
                          " first ({error}); writing it again ({attempt} of {retries})",
                          error=error, attempt=retries[code], retries=most)
+                _pause(random.uniform(0, min(CONFLICT_PAUSE, 0.001 * 2 ** (retries[code] - 1))))
 
 
 def _settle_repeats(txn: Txn, table: str, requests: List[appends.Append],

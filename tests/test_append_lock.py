@@ -197,6 +197,8 @@ class CommitRetryTests(SynchronousTestCase):
 
     def setUp(self):
         self.logged = LogCapture(self)
+        self.pauses = []
+        self.patch(write_path, "_pause", self.pauses.append)
 
     def assert_stored_once(self, table, outcomes):
         stored = {r[3]: (r[1], r[2], r[0]) for r in table.rows}
@@ -250,6 +252,23 @@ class CommitRetryTests(SynchronousTestCase):
         self.assertIn("committing first", str(error))
         self.assertEqual(table.kinds().count("commit"), write_path.CONFLICT_RETRIES + 1)
         self.assertEqual(table.rows, [])
+
+    def test_each_conflict_is_followed_by_a_random_pause_that_grows_to_a_bound(self):
+        """Writers that keep meeting each other stop doing so in step."""
+        table = FakeTable()
+        count = write_path.CONFLICT_RETRIES
+        table.refuse["commit"] = [deadlock() for _ in range(count)]
+        write(table, [v2("a", 1)])
+        self.assertEqual(len(self.pauses), count)
+        for n, pause in enumerate(self.pauses):
+            self.assertGreaterEqual(pause, 0)
+            self.assertLessEqual(pause, min(write_path.CONFLICT_PAUSE, 0.001 * 2 ** n))
+        self.assertGreater(max(self.pauses[10:]), 0.01)
+        self.assertEqual(len(set(self.pauses)), count)
+        # (a version taken is read again at once: no other writer to let by)
+        table.refuse["insert"] = [pymysql.err.IntegrityError(1062, "Duplicate entry")]
+        write(table, [v2("a", 1)])
+        self.assertEqual(len(self.pauses), count)
 
     def test_conflicts_and_taken_versions_have_budgets_of_their_own(self):
         table = FakeTable()
