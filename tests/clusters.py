@@ -177,6 +177,7 @@ class GaleraNode:
             f"datadir={self.datadir}",
             f"socket={os.path.join(self.folder, 'mariadbd.sock')}",
             f"pid-file={os.path.join(self.folder, 'mariadbd.pid')}",
+            f"tmpdir={os.path.join(self.folder, 'tmp')}",
             f"log-error={self.logfile}",
             f"port={self.port}",
             "bind-address=127.0.0.1",
@@ -207,7 +208,7 @@ class GaleraNode:
 
     def prepare(self, template):
         """Write the configuration; the first start copies the initial datadir."""
-        os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(os.path.join(self.folder, "tmp"), exist_ok=True)
         shutil.copytree(template, self.datadir, symlinks=True)
         with open(os.path.join(self.folder, "my.cnf"), "w") as f:
             f.write(self.config_text())
@@ -316,11 +317,15 @@ class GaleraCluster:
             raise RuntimeError(f"cannot start a Galera cluster: {problem}")
         started = time.monotonic()
         template = os.path.join(self.folder, "template")
+        # (temporary files of its own: not /tmp's, where a server of another
+        # test run, in another PID namespace, may use the same names)
+        scratch = os.path.join(self.folder, "install-tmp")
+        os.makedirs(scratch)
         self._chown()
         out = subprocess.run(
             ["mariadb-install-db", f"--user={self.user}", f"--datadir={template}",
              "--auth-root-authentication-method=normal", "--skip-test-db",
-             "--skip-name-resolve", "--no-defaults"],
+             "--skip-name-resolve", "--no-defaults", f"--tmpdir={scratch}"],
             capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed:\n{out.stdout}{out.stderr}")
