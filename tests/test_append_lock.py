@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from eventsource import appends, schema
 from eventsource import writer as write_path
 from eventsource.query import InsertPlan
-from tests.support import IntegrationTestCase, LogCapture, sql
+from tests.support import IntegrationTestCase, LogCapture, sql, unique
 
 TABLE = "`db`.`event`"
 LOCK = "`db`.`event_append_lock`"
@@ -398,6 +398,27 @@ class AppendLockTests(IntegrationTestCase):
         reply = yield self.client.persist([{"pid": "p", "domain": "d", "name": "n", "data": 1}])
         self.assertEqual(reply[0]["affectedRows"], 1)
         self.assertEqual(sql(f"SELECT id, taken FROM {self.lock_table()}"), ((1, 1),))
+
+    @defer.inlineCallbacks
+    def test_the_counter_added_without_privileges_is_a_clear_start_failure(self):
+        """A SELECT-only user meets the earlier release's lock table: started once by one that may ALTER."""
+        yield self.server.stopService()
+        sql(f"DROP TABLE {self.lock_table()}")
+        sql(f"CREATE TABLE {self.lock_table()} (id TINYINT UNSIGNED NOT NULL PRIMARY KEY)"
+            " ENGINE=InnoDB")
+        user = unique("es_ro")[:32]
+        for host in ("%", "localhost"):
+            sql(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'ro-pass'")
+            sql(f"GRANT SELECT ON `{self.database}`.* TO '{user}'@'{host}'")
+            self.addCleanup(sql, f"DROP USER IF EXISTS '{user}'@'{host}'")
+        failure = yield self.assertFailure(
+            self.start_server(mysql_user=user, mysql_password="ro-pass"), RuntimeError)
+        self.assertIn("needs its append lock table event_append_lock (see docs/OPERATIONS.md),"
+                      " with its column taken, which this MariaDB user may not make",
+                      str(failure))
+        self.flushLoggedErrors(RuntimeError)
+        yield (yield self.start_server()).stopService()
+        yield self.start_server(mysql_user=user, mysql_password="ro-pass", read_only=True)
 
     @defer.inlineCallbacks
     def test_a_deleted_lock_row_is_made_again(self):
