@@ -159,13 +159,13 @@ class Subscriptions:
     # -- catch-up ---------------------------------------------------------
 
     @defer.inlineCallbacks
-    def catch_up(self, rows: int, window: int) -> Generator["defer.Deferred[Any]", Any,
-                                                            dict[str, float]]:
-        """One subscription from the start of the table: rows/s to its ``caughtUp``."""
+    def catch_up(self, rows: int, window: int, after: Any = "start"
+                 ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
+        """One subscription from ``after`` (the table's start): rows/s to its ``caughtUp``."""
         run = self.run
         server_cpu = proc_cpu_seconds(run.server_pid)
         start = time.perf_counter()
-        (lane,) = yield self.open([None], start="start", window=window,
+        (lane,) = yield self.open([None], start=after, window=window,
                                   accept_batch=max(1, window // 2), timeout=300)
         elapsed = (yield lane.caught_up) - start
         server_cpu = proc_cpu_seconds(run.server_pid) - server_cpu
