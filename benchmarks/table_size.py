@@ -31,6 +31,7 @@ at least 0.9 of it, time to first row and RSS at most 1.1 of it) passes.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -120,9 +121,14 @@ def delete_persisted(run: Run) -> None:
 
 
 def explain(run: Run, select: dict[str, Any], version: int, after: int | None = None,
-            page: int = 100) -> list[list[str]]:
-    """EXPLAIN of the first keyset page the server reads for ``select`` (its own SQL)."""
+            page: int = 100, stream_reads: bool = True) -> list[list[str]]:
+    """
+    EXPLAIN of the first keyset page the server reads for ``select`` (its own
+    SQL); ``stream_reads`` False: as a subscription's history is read.
+    """
     table = (TableSchema.version2 if version == 2 else TableSchema)(run.database, "event")
+    if not stream_reads:
+        table = dataclasses.replace(table, stream_reads=False)
     plan = compile_select(select, table)
     high_water = 2 ** 62
     sql, params = plan.page_sql(plan.keyset_start if after is None else after, high_water, page)
@@ -358,6 +364,7 @@ def _plans(run: Run, size: int, read_rows: int, stream_rows: int) -> dict[str, l
         "window_end": explain(run, {"$where": {"id": {"$gt": after}}}, 1, after=after),
         "stream_read": explain(run, {"$where": {"pid": "p1", "version": {
             "$gte": size // PIDS - stream_rows}}}, 2),
+        "catch_up": explain(run, {}, 2, after=after, stream_reads=False),
     }
 
 
@@ -379,7 +386,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="table sizes, increasing (default 10000,1000000; add 10000000 "
                              "for the largest)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="repetitions at each size, each on a fresh server (default 1)")
+                        help="pairs (smallest, this size) at each larger size, each on a fresh "
+                             "server (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="the scenarios' small sizes (CI: proves it runs, not how fast)")
     parser.add_argument("--own-redis", action="store_true",

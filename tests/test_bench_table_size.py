@@ -90,6 +90,7 @@ class QuickRunTests(TestCase):
             self.assertEqual(plans["first_row"][0][5], "pid_id")
             self.assertEqual(plans["window_end"][0][5], "PRIMARY")
             self.assertEqual(plans["stream_read"][0][5], "pid_version")
+            self.assertEqual(plans["catch_up"][0][5], "PRIMARY")
 
     def test_database_dropped(self):
         connection = pymysql.connect(**MYSQL)
