@@ -8,11 +8,17 @@ VENV := .venv
 # sys.path, which the default editable mode hides from twistd.
 DEV_INSTALL := pip install -e . --config-settings editable_mode=compat
 
-.PHONY: run test lint bench config-table
+.PHONY: run cluster test lint bench config-table
 
 ## run: set up .venv and run the server in the foreground, against local Redis and MariaDB
 run: $(VENV)/.installed
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= eventsource $(ARGS)
+
+## cluster: set up .venv and run, in the foreground, a 3-node Galera cluster, a Redis master,
+## replica and 3 Sentinels, and 3 server replicas (tests/clusters.py, on free loopback ports;
+## needs galera-4, rsync, redis-server); prints how to point clients at it; Ctrl-C stops it all
+cluster: $(VENV)/.installed
+	exec $(VENV)/bin/python -m tests.clusters $(ARGS)
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)

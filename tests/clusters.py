@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -49,7 +50,7 @@ def _die_with_parent():
         pass
 
 
-def spawn(command, logfile, cwd=None, user=None):
+def spawn(command, logfile, cwd=None, user=None, env=None):
     """
     A process in a group of its own, its output in ``logfile``, killed with
     the tests.  ``PR_SET_PDEATHSIG`` fires when the *thread* that started the
@@ -58,6 +59,7 @@ def spawn(command, logfile, cwd=None, user=None):
     ``deferToThread`` would die with it); atexit covers the others.  A change
     of user clears it, so a process that must run as another ``user`` is
     started as that user (before the signal is set), not left to switch.
+    ``env``: its environment (this process's when None).
     """
     in_main = threading.current_thread() is threading.main_thread()
     account = None
@@ -76,8 +78,8 @@ def spawn(command, logfile, cwd=None, user=None):
 
     with open(logfile, "ab") as out:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                preexec_fn=prepare)
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                start_new_session=True, preexec_fn=prepare)
 
 
 def kill_group(process, sig=signal.SIGKILL, wait=20):
@@ -290,9 +292,9 @@ class GaleraCluster:
     node (it rejoins by IST or SST); :meth:`stop` stops them all.
     """
 
-    def __init__(self, n=3, sst_method="rsync", name="es_galera"):
+    def __init__(self, n=3, sst_method="rsync", name="es_galera", parent=None):
         self.provider = next((p for p in GALERA_PROVIDERS if os.path.exists(p)), None)
-        self.folder = tempfile.mkdtemp(prefix="es-galera-")
+        self.folder = tempfile.mkdtemp(prefix="es-galera-", dir=parent)
         self.sst_method = sst_method
         self.name = name
         self.nodes = [GaleraNode(self, i) for i in range(n)]
@@ -478,8 +480,9 @@ class SentinelSetup:
     one back (the Sentinels make it a replica of the new master).
     """
 
-    def __init__(self, master_name="es-master", down_after_ms=1000, failover_timeout_ms=5000):
-        self.folder = tempfile.mkdtemp(prefix="es-sentinel-")
+    def __init__(self, master_name="es-master", down_after_ms=1000, failover_timeout_ms=5000,
+                 parent=None):
+        self.folder = tempfile.mkdtemp(prefix="es-sentinel-", dir=parent)
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -574,3 +577,316 @@ class SentinelSetup:
         for node in self.sentinels + self.data:
             node.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- Server replicas and the whole topology -----------------------------------
+
+#: the checkout (tests/..): servers run with it on their path, as the tests do
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def server_environment():
+    """This process's environment without the settings the server reads (options say all)."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("REDIS_", "MYSQL_", "EVENTSOURCE_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+class ServerReplica:
+    """
+    One ``eventsource serve`` process (``twistd -n eventsource``, this
+    Python) with ``arguments``, its HTTP port (``/metrics``) on a free
+    loopback port, its output in ``server.log`` of its folder.
+
+    :meth:`spawn` starts it without waiting; :meth:`serving` says whether
+    it logged "eventsource serving" since (so a test polls it from the
+    reactor, and :meth:`wait_serving` blocks on it); :meth:`kill` is
+    ``kill -9``, :meth:`terminate` a SIGTERM shutdown.
+    """
+
+    def __init__(self, folder, name, arguments):
+        self.name = name
+        self.folder = os.path.join(folder, name)
+        os.makedirs(self.folder, exist_ok=True)
+        self.http_port = free_port()
+        self.arguments = list(arguments) + ["--http-port", str(self.http_port),
+                                            "--http-interface", "127.0.0.1"]
+        self.process = None
+        self._log_start = 0
+
+    @property
+    def logfile(self):
+        return os.path.join(self.folder, "server.log")
+
+    @property
+    def command(self):
+        return [sys.executable, "-m", "eventsource", "serve"] + self.arguments
+
+    def spawn(self):
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        self._log_start = os.path.getsize(self.logfile) if os.path.exists(self.logfile) else 0
+        self.process = spawn(self.command, self.logfile, cwd=CHECKOUT, env=server_environment())
+
+    @property
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self):
+        return None if self.process is None else self.process.pid
+
+    def log_text(self):
+        """What it logged since its last start."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                f.seek(self._log_start)
+                return f.read()
+        except OSError:
+            return ""
+
+    def serving(self):
+        """Whether it said it serves since its last start; raises if it exited."""
+        if not self.running:
+            raise RuntimeError(f"{self.name} exited ({self.process and self.process.returncode})"
+                               f":\n{self.log_text()[-3000:]}")
+        return "eventsource serving" in self.log_text()
+
+    def wait_serving(self, timeout=60):
+        wait_for(self.serving, timeout, f"{self.name} to serve")
+
+    def metrics(self):
+        """``{(name, labels as a sorted tuple): value}`` of its ``/metrics`` (blocking)."""
+        from urllib.request import urlopen
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    def kill(self):
+        """``kill -9``."""
+        kill_group(self.process, signal.SIGKILL)
+
+    def terminate(self, wait=20):
+        """SIGTERM (the server's shutdown), then SIGKILL after ``wait`` seconds."""
+        self.send(signal.SIGTERM)
+        self.reap(wait)
+
+    def send(self, sig):
+        """``sig`` to its process group, if there is one."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self, wait=20):
+        """Wait for it to exit (SIGKILL after ``wait`` seconds), then kill what it left."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            self.send(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.send(signal.SIGKILL)
+
+
+class Topology:
+    """
+    Everything at once, as one would deploy it: a :class:`GaleraCluster` of
+    3 nodes, a :class:`SentinelSetup` (Redis master, replica, 3 Sentinels)
+    and ``servers`` :class:`ServerReplica` run with ``--replicas``, replica
+    ``i`` on Galera node ``i`` (modulo the nodes), all finding Redis through
+    the Sentinels; ``server_arguments`` are added to each server's options.
+    Its files are under :attr:`folder` (a new temporary folder, removed by
+    :meth:`stop`).
+
+    :meth:`start` blocks until every server serves (the first one alone
+    first: it makes the database and the table).
+    """
+
+    def __init__(self, servers=3, table="eventsource.event", server_arguments=(),
+                 master_name="es-master"):
+        self.folder = tempfile.mkdtemp(prefix="es-cluster-")
+        # the nodes' user (mysql) goes through it to its own folder
+        os.chmod(self.folder, 0o755)
+        self.table = table
+        self.galera = GaleraCluster(parent=self.folder)
+        self.sentinel = SentinelSetup(master_name=master_name, parent=self.folder)
+        self.server_count = servers
+        self.server_arguments = list(server_arguments)
+        self.servers = []
+        self.start_seconds = None
+
+    @property
+    def master_name(self):
+        return self.sentinel.master_name
+
+    @property
+    def sentinels_option(self):
+        """The Sentinels as ``--redis-sentinels`` and ``REDIS_SENTINELS`` take them."""
+        return ",".join(f"{host}:{port}" for host, port in self.sentinel.sentinel_addresses)
+
+    def node_of(self, server):
+        """The Galera node ``server`` writes to."""
+        return self.galera.nodes[self.servers.index(server) % len(self.galera.nodes)]
+
+    def start(self):
+        started = time.monotonic()
+        self.galera.start()
+        self.sentinel.start()
+        for index in range(self.server_count):
+            node = self.galera.nodes[index % len(self.galera.nodes)]
+            self.servers.append(ServerReplica(self.folder, f"server{index + 1}", [
+                "--replicas", "--table", self.table,
+                "--mysql-host", node.host, "--mysql-port", str(node.port),
+                "--mysql-user", "root",
+                "--redis-sentinels", self.sentinels_option,
+                "--redis-master-name", self.master_name,
+            ] + self.server_arguments))
+        first, others = self.servers[0], self.servers[1:]
+        first.spawn()
+        first.wait_serving()
+        for server in others:
+            server.spawn()
+        for server in others:
+            server.wait_serving()
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def processes(self):
+        """The ``Popen`` of every server, Redis, Sentinel and node started and not reaped."""
+        return [p.process for p in self.servers + self.sentinel.data + self.sentinel.sentinels
+                + self.galera.nodes if p.process is not None]
+
+    def stop(self):
+        """Servers first (SIGTERM: they answer what they took), then Redis, then the nodes."""
+        try:
+            for server in self.servers:  # (all at once, then each waited for)
+                if server.running:
+                    server.send(signal.SIGTERM)
+            for server in self.servers:
+                server.reap()
+        finally:
+            self.sentinel.stop()
+            self.galera.stop()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- python -m tests.clusters (make cluster) ----------------------------------
+
+def instructions(topology):
+    """What :func:`main` prints once everything serves: what runs where, and how to use it."""
+    sentinels = topology.sentinels_option
+    name = topology.master_name
+    master = topology.sentinel.master
+    replica = next(node for node in topology.sentinel.data if node is not master)
+    lines = [
+        f"eventsource cluster serving (started in {topology.start_seconds:.0f} s; "
+        f"files under {topology.folder}):",
+        "",
+        f"  MariaDB Galera, 3 nodes (user root, no password; table {topology.table}):",
+    ]
+    lines += [f"    {node.name}  127.0.0.1:{node.port}  pid {node.process.pid}   "
+              f"mariadb -h 127.0.0.1 -P {node.port} -u root" for node in topology.galera.nodes]
+    lines += [
+        f"  Redis: master 127.0.0.1:{master.port} (pid {master.process.pid}), replica "
+        f"127.0.0.1:{replica.port} (pid {replica.process.pid}); Sentinels {sentinels} "
+        f"(pids {', '.join(str(s.process.pid) for s in topology.sentinel.sentinels)}), "
+        f"master name {name}",
+        "  eventsource servers, run with --replicas (each request served by one of them):",
+    ]
+    lines += [f"    {server.name}  on {topology.node_of(server).name}, pid {server.pid}, "
+              f"page and /metrics at http://127.0.0.1:{server.http_port}/"
+              for server in topology.servers]
+    lines += [
+        "",
+        "Point clients at it through the Sentinels. In the environment (the eventsource",
+        "command and the server read these):",
+        "",
+        f"  export REDIS_SENTINELS={sentinels}",
+        f"  export REDIS_MASTER_NAME={name}",
+        "",
+        "or as options of the eventsource command:",
+        "",
+        f"  --redis-sentinels {sentinels} --redis-master-name {name}",
+        "",
+        "for example:",
+        "",
+        f"  eventsource append order-1 order created '{{\"total\": 12}}' "
+        f"--redis-sentinels {sentinels} --redis-master-name {name}",
+        f"  eventsource read order-1 --redis-sentinels {sentinels} --redis-master-name {name}",
+        "",
+        "From Python (eventsource.client):",
+        "",
+        f"  client = await connect(sentinels={sentinels.split(',')!r}, master_name={name!r})",
+        "",
+        "Try a failure: kill -9 one of the pids above (a server, a node, the Redis master)",
+        "and watch the others go on. Ctrl-C (or SIGTERM) stops everything and removes the files.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """
+    ``python -m tests.clusters`` (``make cluster``): start a :class:`Topology`
+    in the foreground, print :func:`instructions`, and stop it all on Ctrl-C
+    or SIGTERM.  Returns the exit status.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.clusters",
+        description="Start, on free loopback ports, a 3-node MariaDB Galera cluster, a Redis "
+                    "master with a replica and 3 Sentinels, and eventsource servers run with "
+                    "--replicas (each on its own Galera node, all through the Sentinels); print "
+                    "how to point clients at it; stop everything on Ctrl-C or SIGTERM.")
+    parser.add_argument("--servers", type=int, default=3, metavar="N",
+                        help="server replicas to run [default: 3]")
+    parser.add_argument("--table", default="eventsource.event", metavar="DB.TABLE",
+                        help="the servers' events table [default: eventsource.event]")
+    args = parser.parse_args(argv)
+    problem = GaleraCluster.missing()
+    if problem is None and shutil.which("redis-server") is None:
+        problem = "redis-server is not installed"
+    if problem:
+        print(f"cannot start the cluster: {problem}", file=sys.stderr)
+        return 1
+
+    def stop_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    # (SIGINT too: a shell that starts a job in the background has it ignored)
+    signal.signal(signal.SIGINT, stop_signal)
+    signal.signal(signal.SIGTERM, stop_signal)
+    topology = Topology(servers=args.servers, table=args.table)
+    print(f"starting the cluster under {topology.folder} (about half a minute) ...", flush=True)
+    try:
+        topology.start()
+        print(instructions(topology), flush=True)
+        reported = set()
+        while True:
+            for process in topology.processes():
+                if process.poll() is not None and process.pid not in reported:
+                    reported.add(process.pid)
+                    print(f"pid {process.pid} exited ({process.returncode})", flush=True)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping the cluster ...", flush=True)
+        topology.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
