@@ -1,7 +1,11 @@
 """
 Clusters for the slow tests, on free loopback ports: a 3-node MariaDB Galera
-cluster (:class:`GaleraCluster`) and a Redis master with a replica watched by
-three Sentinels (:class:`SentinelSetup`).
+cluster (:class:`GaleraCluster`), a Redis master with a replica watched by
+three Sentinels (:class:`SentinelSetup`), ``eventsource serve`` processes
+(:class:`ServerReplica`), and the three together (:class:`Topology`: servers
+run with ``--replicas``, each on its own node, all through the Sentinels).
+``python -m tests.clusters`` (``make cluster``, :func:`main`) runs a
+:class:`Topology` in the foreground for people who want to try it.
 
 Each process runs in a process group of its own (``start_new_session``) and
 is killed with its group (SST scripts and their ``rsync`` daemons included)
@@ -286,6 +290,7 @@ class GaleraCluster:
     address lists them all), the first bootstrapped with
     ``--wsrep-new-cluster``, the others joining by state transfer.
 
+    Its files are in a new temporary folder (made in ``parent`` when given).
     :meth:`start` blocks until every node says ``wsrep_ready = ON``,
     ``Synced``, and a cluster size of ``n``; :attr:`start_seconds` says how
     long it took.  :meth:`kill` and :meth:`restart` crash and bring back one
@@ -474,6 +479,7 @@ class SentinelSetup:
     (quorum 2, ``down-after-milliseconds`` :attr:`down_after_ms`, a short
     failover timeout), all on free loopback ports, without persistence.
 
+    Its files are in a new temporary folder (made in ``parent`` when given).
     :meth:`kill_master` kills the current master with ``kill -9`` and
     :meth:`wait_promotion` waits until the Sentinels name another one (and
     it says ``role:master``); :meth:`restart_old_master` brings the killed
