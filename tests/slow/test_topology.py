@@ -94,6 +94,7 @@ class Load:
         self.latencies = []  # (first sent, acknowledged)
         self.pending = {}  # lane -> when its append of the moment was first sent
         self.extra = 0  # appends to new streams after the load
+        self.loaded = None  # acknowledgements when the load was done
         self.resent = 0
         self.duplicates = 0
         self.stopping = False  # (a failed test stops the lanes)
@@ -101,7 +102,11 @@ class Load:
     def run(self):
         per_lane = APPENDS // LANES
         lanes = [self.lane(n, per_lane) for n in range(LANES)]
-        return defer.gatherResults(lanes, consumeErrors=True)
+        return defer.gatherResults(lanes, consumeErrors=True).addCallback(self._loaded)
+
+    def _loaded(self, result):
+        self.loaded = len(self.ack_times)  # (the figures are the load's, not what follows)
+        return result
 
     @defer.inlineCallbacks
     def lane(self, n, count):
@@ -150,11 +155,14 @@ class Load:
         return sum(sent < before for sent in self.pending.values())
 
     def figures(self, since):
-        """The longest pause in acknowledgements from ``since`` on, and the slowest append."""
-        times = [since] + sorted(t for t in self.ack_times if t > since)
-        pause = max(b - a for a, b in zip(times, times[1:]))
-        slowest = max((acked - sent for sent, acked in self.latencies if acked > since),
-                      default=0.0)
+        """
+        The longest pause in acknowledgements of the load from ``since`` on,
+        and its slowest append acknowledged after ``since``.
+        """
+        times = [since] + sorted(t for t in self.ack_times[:self.loaded] if t > since)
+        pause = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        slowest = max((acked - sent for sent, acked in self.latencies[:self.loaded]
+                       if acked > since), default=0.0)
         return pause, slowest
 
 
