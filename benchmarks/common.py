@@ -2,12 +2,15 @@
 
 import argparse
 import os
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pymysql
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
+from twisted.python.failure import Failure
 
 #: the checkout this benchmark lives in (it runs the server from it)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +105,38 @@ def percentile(values: list[float], fraction: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+def run_benchmark(benchmark: Callable[[Any, argparse.Namespace, Callable[[str], None]],
+                                      "defer.Deferred[Any]"],
+                  options: argparse.Namespace) -> tuple[Any, float] | None:
+    """
+    Run ``benchmark(reactor, options, log)`` on a reactor of its own (the
+    command's whole run), ``log`` writing each line to standard error with
+    the seconds since the start: ``(its result, seconds)``, or None once
+    the failure is printed.
+    """
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    outcome: dict[str, Any] = {}
+
+    @defer.inlineCallbacks
+    def go(reactor: Any) -> Any:
+        try:
+            outcome["result"] = yield benchmark(reactor, options, log)
+        except BenchError as error:
+            outcome["error"] = str(error)
+        except Exception:
+            outcome["error"] = Failure().getTraceback()  # type: ignore[no-untyped-call]
+
+    try:
+        task.react(go)
+    except SystemExit:
+        pass
+    if "result" not in outcome:
+        print(f"benchmark failed: {outcome.get('error', 'the reactor stopped')}", file=sys.stderr)
+        return None
+    return outcome["result"], time.monotonic() - started

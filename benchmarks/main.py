@@ -6,14 +6,12 @@ import os
 import shutil
 import socket
 import sys
-import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
-from benchmarks.common import PIDS, BenchError, Sizes, connect_mysql, in_thread
+from benchmarks.common import PIDS, BenchError, Sizes, connect_mysql, in_thread, run_benchmark
 from benchmarks import metrics_ab
 from benchmarks.floors import pingpong
 from benchmarks.processes import Child, free_port
@@ -249,31 +247,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """``python3 -m benchmarks``: run, print the table, write the JSON; 1 if it failed."""
     options = parse_args(sys.argv[1:] if argv is None else argv)
-    started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
-    outcome: dict[str, Any] = {}
-
-    @defer.inlineCallbacks
-    def go(reactor: Any) -> Generator["defer.Deferred[Any]", Any, None]:
-        try:
-            outcome["result"] = yield benchmark(reactor, options, log)
-        except BenchError as error:
-            outcome["error"] = str(error)
-        except Exception:
-            outcome["error"] = Failure().getTraceback()  # type: ignore[no-untyped-call]
-
-    try:
-        task.react(go)
-    except SystemExit:
-        pass
-    if "result" not in outcome:
-        print(f"benchmark failed: {outcome.get('error', 'the reactor stopped')}", file=sys.stderr)
+    ran = run_benchmark(benchmark, options)
+    if ran is None:
         return 1
-    result, table = outcome["result"]
-    result["seconds"] = time.monotonic() - started
+    (result, table), seconds = ran
+    result["seconds"] = seconds
     with open(options.json, "w") as f:
         json.dump(result, f, indent=2)
     if table:

@@ -16,13 +16,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from typing import Any, Callable, Generator
 
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
-from benchmarks.common import PIDS, BenchError, Sizes, in_thread
+from benchmarks.common import PIDS, Sizes, in_thread, run_benchmark
 from benchmarks.main import _drop_database, _prepare_database, _start_own_redis
 from benchmarks.processes import Child
 from benchmarks.redis_client import RedisClient
@@ -153,30 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench-replicas.json", metavar="PATH")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     options.idle_streams, options.database = None, None
-    started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
-    outcome: dict[str, Any] = {}
-
-    @defer.inlineCallbacks
-    def go(reactor: Any) -> Generator["defer.Deferred[Any]", Any, None]:
-        try:
-            outcome["result"] = yield benchmark(reactor, options, log)
-        except BenchError as error:
-            outcome["error"] = str(error)
-        except Exception:
-            outcome["error"] = Failure().getTraceback()  # type: ignore[no-untyped-call]
-
-    try:
-        task.react(go)
-    except SystemExit:
-        pass
-    if "result" not in outcome:
-        print(f"benchmark failed: {outcome.get('error', 'the reactor stopped')}", file=sys.stderr)
+    ran = run_benchmark(benchmark, options)
+    if ran is None:
         return 1
-    result = outcome["result"]
+    result, _ = ran
     with open(options.json, "w") as f:
         json.dump(result, f, indent=2)
     for name, figures in result["medians"].items():

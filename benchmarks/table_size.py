@@ -40,9 +40,8 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
-from benchmarks.common import PIDS, BenchError, Sizes, connect_mysql, in_thread
+from benchmarks.common import PIDS, Sizes, connect_mysql, in_thread, run_benchmark
 from benchmarks.main import _drop_database, _start_own_redis
 from benchmarks.processes import Child, proc_status
 from benchmarks.redis_client import RedisClient
@@ -406,31 +405,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
-    started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
-    outcome: dict[str, Any] = {}
-
-    @defer.inlineCallbacks
-    def go(reactor: Any) -> Generator["defer.Deferred[Any]", Any, None]:
-        try:
-            outcome["result"] = yield benchmark(reactor, options, log)
-        except BenchError as error:
-            outcome["error"] = str(error)
-        except Exception:
-            outcome["error"] = Failure().getTraceback()  # type: ignore[no-untyped-call]
-
-    try:
-        task.react(go)
-    except SystemExit:
-        pass
-    if "result" not in outcome:
-        print(f"benchmark failed: {outcome.get('error', 'the reactor stopped')}", file=sys.stderr)
+    ran = run_benchmark(benchmark, options)
+    if ran is None:
         return 1
-    result = outcome["result"]
-    result["seconds"] = time.monotonic() - started
+    result, seconds = ran
+    result["seconds"] = seconds
     with open(options.json, "w") as f:
         json.dump(result, f, indent=2)
     print(format_table(result["summary"]))

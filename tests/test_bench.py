@@ -264,3 +264,37 @@ class PySpyTests(TestCase):
                          "json/encoder.py")
         self.assertEqual(profiling._short_path(os.path.join(REPO, "eventsource", "bus.py")),
                          os.path.join("eventsource", "bus.py"))
+
+
+class RunBenchmarkTests(TestCase):
+    """The three commands' shared run (benchmarks.common.run_benchmark), in a process of its own."""
+
+    def run_command(self, body):
+        code = ("import sys\n"
+                "from twisted.internet import defer\n"
+                "from benchmarks.common import BenchError, run_benchmark\n"
+                f"{body}\n"
+                "ran = run_benchmark(benchmark, None)\n"
+                "print('ran', ran if ran is None else (ran[0], ran[1] >= 0))\n")
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+
+    def test_result_and_seconds(self):
+        process = self.run_command(
+            "def benchmark(reactor, options, log):\n"
+            "    log('working')\n"
+            "    return defer.succeed({'figure': 1})")
+        self.assertEqual(process.stdout.strip(), "ran ({'figure': 1}, True)")
+        self.assertRegex(process.stderr, r"^\[ +\d+\.\d s\] working\n$")
+
+    def test_a_failure_is_printed_and_none_returned(self):
+        process = self.run_command(
+            "def benchmark(reactor, options, log):\n"
+            "    return defer.fail(BenchError('no MariaDB'))")
+        self.assertEqual(process.stdout.strip(), "ran None")
+        self.assertIn("benchmark failed: no MariaDB", process.stderr)
+        process = self.run_command(
+            "def benchmark(reactor, options, log):\n"
+            "    raise ValueError('a bug')")
+        self.assertEqual(process.stdout.strip(), "ran None")
+        self.assertIn("ValueError: a bug", process.stderr)
