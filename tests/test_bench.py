@@ -41,13 +41,17 @@ RATES = [key for key in FIGURES if key.endswith("_per_s")]
 _quick = {}
 
 
-def quick_run():
-    """Run ``--quick`` once for all the tests below: ``(process, results or None)``."""
-    if not _quick:
+def run_json_command(module, *args, cache):
+    """
+    ``python -m <module> <args> --json PATH`` from the checkout, once for
+    every test that asks (``cache``, a dict of the test module's):
+    ``(process, its JSON results or None)``.
+    """
+    if not cache:
         folder = tempfile.mkdtemp(prefix="test-bench-")
         try:
             path = os.path.join(folder, "results.json")
-            argv = [sys.executable, "-m", "benchmarks", "--quick", "--json", path]
+            argv = [sys.executable, "-m", module, *args, "--json", path]
             process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                                      timeout=200)
             results = None
@@ -56,8 +60,13 @@ def quick_run():
                     results = json.load(f)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        _quick.update(process=process, results=results)
-    return _quick["process"], _quick["results"]
+        cache.update(process=process, results=results)
+    return cache["process"], cache["results"]
+
+
+def quick_run():
+    """Run ``--quick`` once for all the tests below: ``(process, results or None)``."""
+    return run_json_command("benchmarks", "--quick", cache=_quick)
 
 
 class QuickRunTests(TestCase):

@@ -9,10 +9,6 @@ table; the verdict and the table on made-up numbers.
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import uuid
 from types import SimpleNamespace
 
@@ -23,6 +19,7 @@ from benchmarks import table_size
 from benchmarks.common import mysql_settings
 from eventsource import schema
 from tests.support import MYSQL
+from tests.test_bench import run_json_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = [key for key, _, _, _ in table_size.FIGURES]
@@ -32,22 +29,8 @@ _quick = {}
 
 def quick_run():
     """Run it once for all the tests below: ``(process, results or None)``."""
-    if not _quick:
-        folder = tempfile.mkdtemp(prefix="test-bench-table-size-")
-        try:
-            path = os.path.join(folder, "results.json")
-            argv = [sys.executable, "-m", "benchmarks.table_size", "--sizes", "200,2000",
-                    "--quick", "--json", path]
-            process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                                     timeout=200)
-            results = None
-            if process.returncode == 0 and os.path.exists(path):
-                with open(path) as f:
-                    results = json.load(f)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        _quick.update(process=process, results=results)
-    return _quick["process"], _quick["results"]
+    return run_json_command("benchmarks.table_size", "--sizes", "200,2000", "--quick",
+                            cache=_quick)
 
 
 class QuickRunTests(TestCase):
