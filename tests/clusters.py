@@ -151,7 +151,23 @@ def _user_exists(name):
 
 # -- Galera ------------------------------------------------------------------
 
-class GaleraNode:
+class LoggedProcess:
+    """A process of a test's own that writes its log to ``logfile``."""
+
+    logfile: str
+    #: lines of the log :meth:`log_tail` shows
+    tail_lines = 40
+
+    def log_tail(self, lines=None):
+        """The end of its log, for a failure's message."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return "".join(f.readlines()[-(lines or self.tail_lines):])
+        except OSError:
+            return "(no log)"
+
+
+class GaleraNode(LoggedProcess):
     """One ``mariadbd`` of a :class:`GaleraCluster`."""
 
     def __init__(self, cluster, index):
@@ -267,12 +283,6 @@ class GaleraNode:
                 and self.status("wsrep_cluster_size") == str(size)
                 and self.status("wsrep_local_state_comment") == "Synced")
 
-    def log_tail(self, lines=40):
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def kill(self):
         """``kill -9``: as abrupt as a crash."""
@@ -401,7 +411,7 @@ def redis_cli(port, *args, timeout=10, host="127.0.0.1"):
     return out.stdout.strip()
 
 
-class RedisProcess:
+class RedisProcess(LoggedProcess):
     """
     One ``redis-server`` (a data node or a Sentinel) of a :class:`SentinelSetup`,
     or the partition tests' Redis (``host``: the address it binds, loopback
@@ -461,12 +471,6 @@ class RedisProcess:
     def cli(self, *args):
         return redis_cli(self.port, *args, host=self.host)
 
-    def log_tail(self, lines=40):
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def kill(self):
         kill_group(self.process, signal.SIGKILL)

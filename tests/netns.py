@@ -39,7 +39,7 @@ import time
 
 import pymysql
 
-from tests.clusters import RedisProcess, _user_exists, kill_group, spawn, wait_for
+from tests.clusters import LoggedProcess, RedisProcess, _user_exists, kill_group, spawn, wait_for
 from tests.support import free_port
 
 #: every namespace of these tests is named so
@@ -180,7 +180,7 @@ class Namespace:
             ip("link", "del", link.host_if, check=False)
 
 
-class LocalMariaDB:
+class LocalMariaDB(LoggedProcess):
     """
     One plain ``mariadbd`` (no Galera), its own datadir, bound to ``host``
     on a free port; ``root`` without a password from any address (it is the
@@ -265,12 +265,6 @@ class LocalMariaDB:
         finally:
             connection.close()
 
-    def log_tail(self, lines=40):
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def stop(self):
         kill_group(self.process)

@@ -56,7 +56,7 @@ from eventsource.client import (
 )
 from eventsource.config import Config
 from eventsource.service import make_server
-from tests.clusters import kill_group, shared, spawn
+from tests.clusters import LoggedProcess, kill_group, shared, spawn
 from tests.netns import PartitionRig
 from tests.support import free_port, sleep, unique, wait_until
 
@@ -114,8 +114,10 @@ def parse_metrics(text):
     return values
 
 
-class ReplicaB:
+class ReplicaB(LoggedProcess):
     """``twistd eventsource --replicas`` in the rig's namespace; its ``/metrics`` over ``control``."""
+
+    tail_lines = 60
 
     def __init__(self, rig, table, prefix, logfile):
         self.rig = rig
@@ -160,12 +162,6 @@ class ReplicaB:
             raise AssertionError(f"replica B's /metrics answered {status}: {text[:300]}")
         return parse_metrics(text)
 
-    def log_tail(self, lines=60):
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def stop(self):
         kill_group(self.process)
