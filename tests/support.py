@@ -11,7 +11,11 @@ protocol by hand.  The private ``redis-server`` and its test case are in
 import itertools
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 
@@ -41,6 +45,41 @@ _counter = itertools.count()
 
 #: how long any single wait of a test may take before it fails
 WAIT = 20
+
+
+#: the checkout's folder
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rss_kb():
+    """This process's resident memory now (not its lifetime peak, which earlier tests set)."""
+    import resource
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def run_json_command(module, *args, cache):
+    """
+    ``python -m <module> <args> --json PATH`` from the checkout, once for
+    every test that asks (``cache``, a dict of the test module's):
+    ``(process, its JSON results or None)``.
+    """
+    if not cache:
+        folder = tempfile.mkdtemp(prefix="test-bench-")
+        try:
+            path = os.path.join(folder, "results.json")
+            argv = [sys.executable, "-m", module, *args, "--json", path]
+            process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+                                     timeout=200)
+            results = None
+            if process.returncode == 0 and os.path.exists(path):
+                with open(path) as f:
+                    results = json.load(f)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        cache.update(process=process, results=results)
+    return cache["process"], cache["results"]
 
 
 def unique(prefix):

@@ -17,8 +17,7 @@ from eventsource.service import make_server
 from eventsource.testing import MemoryBus
 from tests.redis_server import PrivateRedisTestCase, RedisServer
 from tests.support import (
-    SEQ_STREAM_COLUMNS, IntegrationTestCase, LogCapture, sleep, sql, unique, wait_until)
-from tests.test_scale import rss_kb
+    SEQ_STREAM_COLUMNS, IntegrationTestCase, LogCapture, rss_kb, sleep, sql, unique, wait_until)
 
 log = Logger()
 

@@ -8,22 +8,18 @@ Its pure helpers (the summary, the table, the py-spy reader) are tested on
 made-up numbers.
 """
 
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pymysql
 from twisted.trial.unittest import TestCase
 
 from benchmarks import metrics_ab, profiling, report
 from benchmarks.common import Sizes
-from tests.support import MYSQL
+from tests.support import MYSQL, REPO, run_json_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: every figure the table shows, plus the connections the idle target adds up
 FIGURES = [key for key, _, unit, _, _ in report.ROWS if unit is not None] + [
@@ -39,29 +35,6 @@ RATES = [key for key in FIGURES if key.endswith("_per_s")]
 
 
 _quick = {}
-
-
-def run_json_command(module, *args, cache):
-    """
-    ``python -m <module> <args> --json PATH`` from the checkout, once for
-    every test that asks (``cache``, a dict of the test module's):
-    ``(process, its JSON results or None)``.
-    """
-    if not cache:
-        folder = tempfile.mkdtemp(prefix="test-bench-")
-        try:
-            path = os.path.join(folder, "results.json")
-            argv = [sys.executable, "-m", module, *args, "--json", path]
-            process = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                                     timeout=200)
-            results = None
-            if process.returncode == 0 and os.path.exists(path):
-                with open(path) as f:
-                    results = json.load(f)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        cache.update(process=process, results=results)
-    return cache["process"], cache["results"]
 
 
 def quick_run():

@@ -4,23 +4,16 @@ and a thousand concurrently open streams on a pool of ten connections.
 """
 
 import json
-import resource
 import threading
 
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from eventsource.testing import MemoryBus
-from tests.support import SEQ_STREAM_COLUMNS, IntegrationTestCase, sql, unique
+from tests.support import SEQ_STREAM_COLUMNS, IntegrationTestCase, rss_kb, sql, unique
 from eventsource.stream import MACHINE
 
 log = Logger()
-
-
-def rss_kb():
-    """This process's resident memory now (not its lifetime peak, which earlier tests set)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() // 1024
 
 
 class CountingBus(MemoryBus):

@@ -8,7 +8,6 @@ table; the verdict and the table on made-up numbers.
 
 import argparse
 import json
-import os
 import uuid
 from types import SimpleNamespace
 
@@ -18,10 +17,8 @@ from twisted.trial.unittest import TestCase
 from benchmarks import table_size
 from benchmarks.common import mysql_settings
 from eventsource import schema
-from tests.support import MYSQL
-from tests.test_bench import run_json_command
+from tests.support import MYSQL, run_json_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = [key for key, _, _, _ in table_size.FIGURES]
 
 _quick = {}
