@@ -82,6 +82,25 @@ def run_json_command(module, *args, cache):
     return cache["process"], cache["results"]
 
 
+class CommandRunTestCase(TestCase):
+    """
+    Tests of one run of a command that writes JSON results (see
+    :func:`run_json_command`): ``run_once`` gives ``(process, results)``;
+    a run that failed fails each test with the end of its output.
+    """
+
+    timeout = 240
+
+    def run_once(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.process, self.results = self.run_once()
+        if self.results is None:
+            self.fail(f"the command failed ({self.process.returncode}):\n"
+                      f"{self.process.stdout[-3000:]}\n{self.process.stderr[-3000:]}")
+
+
 def unique(prefix):
     """A name no other test, run or process uses at the same time."""
     return f"{prefix}_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from benchmarks import metrics_ab, profiling, report
 from benchmarks.common import Sizes
-from tests.support import MYSQL, REPO, run_json_command
+from tests.support import MYSQL, REPO, CommandRunTestCase, run_json_command
 
 
 #: every figure the table shows, plus the connections the idle target adds up
@@ -42,16 +42,11 @@ def quick_run():
     return run_json_command("benchmarks", "--quick", cache=_quick)
 
 
-class QuickRunTests(TestCase):
+class QuickRunTests(CommandRunTestCase):
     """``--quick`` against the real services, as a command, as CI runs it."""
 
-    timeout = 240
-
-    def setUp(self):
-        self.process, self.results = quick_run()
-        if self.results is None:
-            self.fail(f"the benchmark failed ({self.process.returncode}):\n"
-                      f"{self.process.stdout[-3000:]}\n{self.process.stderr[-3000:]}")
+    def run_once(self):
+        return quick_run()
 
     def test_every_figure_and_ratio(self):
         figures = self.results["figures"]

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from benchmarks import table_size
 from benchmarks.common import mysql_settings
 from eventsource import schema
-from tests.support import MYSQL, run_json_command
+from tests.support import MYSQL, CommandRunTestCase, run_json_command
 
 KEYS = [key for key, _, _, _ in table_size.FIGURES]
 
@@ -30,16 +30,11 @@ def quick_run():
                             cache=_quick)
 
 
-class QuickRunTests(TestCase):
+class QuickRunTests(CommandRunTestCase):
     """Tiny tables against the real services, as a command."""
 
-    timeout = 240
-
-    def setUp(self):
-        self.process, self.results = quick_run()
-        if self.results is None:
-            self.fail(f"the benchmark failed ({self.process.returncode}):\n"
-                      f"{self.process.stdout[-3000:]}\n{self.process.stderr[-3000:]}")
+    def run_once(self):
+        return quick_run()
 
     def test_every_figure_at_every_size(self):
         summary = self.results["summary"]
