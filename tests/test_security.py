@@ -339,16 +339,21 @@ class PrivateMariaDB:
 
     def start(self):
         data = os.path.join(self.folder, "data")
+        # (temporary tables in a folder of its own: two of these, or a Galera
+        # node, installing at once in /tmp collided on #sql-temptable names)
+        scratch = os.path.join(self.folder, "tmp")
+        os.makedirs(scratch, exist_ok=True)
         out = subprocess.run(
             ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
-             "--auth-root-authentication-method=normal", "--skip-test-db"],
+             "--auth-root-authentication-method=normal", "--skip-test-db",
+             f"--tmpdir={scratch}"],
             capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise SkipTest(f"mariadb-install-db failed: {out.stderr[-500:]}")
         self.log = os.path.join(self.folder, "error.log")
         self.process = subprocess.Popen(
             ["mariadbd", "--no-defaults", f"--datadir={data}", "--user=root",
-             f"--port={self.port}", "--bind-address=127.0.0.1",
+             f"--tmpdir={scratch}", f"--port={self.port}", "--bind-address=127.0.0.1",
              f"--socket={os.path.join(self.folder, 'sock')}",
              f"--pid-file={os.path.join(self.folder, 'pid')}", f"--log-error={self.log}",
              f"--ssl-ca={self.tls['ca']}", f"--ssl-cert={self.tls['server_cert']}",
