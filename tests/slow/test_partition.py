@@ -500,9 +500,19 @@ class PartitionTests(TestCase):
                 cursor.execute(f"INSERT INTO {self.table} (pid, domain, name, data, version, "
                                "event_id) VALUES (%s, 'd', 'n', '{}', 0, %s)",
                                (pid, uuid.uuid4().bytes))
-                cursor.execute("SELECT trx_id FROM information_schema.INNODB_TRX "
-                               "WHERE trx_mysql_thread_id = CONNECTION_ID()")
-                holder_trx = cursor.fetchone()[0]
+                # (INNODB_TRX is a cache MariaDB refreshes at most every 0.1 s:
+                # the new transaction may take that long to show)
+                found = None
+                for _ in range(40):
+                    cursor.execute("SELECT trx_id FROM information_schema.INNODB_TRX "
+                                   "WHERE trx_mysql_thread_id = CONNECTION_ID()")
+                    found = cursor.fetchone()
+                    if found is not None:
+                        break
+                    time.sleep(0.05)
+                if found is None:
+                    raise AssertionError("the holding transaction never showed in INNODB_TRX")
+                holder_trx = found[0]
             event = NewEvent("d", "n", {"blocked": attempt}, event_id=uuid.uuid4())
             appended = self.client.append(pid, [event])
             appended.addCallback(self._extra_acknowledged, event, pid)
