@@ -2,11 +2,12 @@
 ``python3 -m benchmarks.replicas``: what replica mode costs and gives
 (docs/OPERATIONS.md "Replicas").
 
-Three set-ups, in the same run, each repetition running them in a rotated
+Four set-ups, in the same run, each repetition running them in a rotated
 order so a noisy machine moves them together: one server without
 ``--replicas``; one server with it (the claim's cost: one Redis round trip
 per persist, fetch and subscribe); two servers with it on the same table and
-channels.  Each does persist with 1 and 50 in flight and per-row fetch on 1
+channels; and two with ``--writer-lease`` too (one of them writes the
+persists).  Each does persist with 1 and 50 in flight and per-row fetch on 1
 and on 100 streams, with the main benchmark's client and scenarios.  Server
 CPU is that of the first server only, so it is given for the one-server
 set-ups.
@@ -26,18 +27,21 @@ from benchmarks.processes import Child
 from benchmarks.redis_client import RedisClient
 from benchmarks.scenarios import Run, warm_up
 
-#: the set-ups: name, servers, --replicas
-SETUPS = (("single", 1, False), ("single_replicas", 1, True), ("two_replicas", 2, True))
+#: the set-ups: name, servers, --replicas, --writer-lease (seconds; 0: off)
+SETUPS = (("single", 1, False, 0.0), ("single_replicas", 1, True, 0.0),
+          ("two_replicas", 2, True, 0.0), ("two_replicas_lease", 2, True, 2.0))
 
 
 class ReplicaRun(Run):
     """A :class:`Run` whose server is started with ``--replicas`` when asked, and its twins."""
 
     replicas = False
+    writer_lease = 0.0
     twins: list[Child]
 
     def server_args(self) -> list[str]:
-        return super().server_args() + (["--replicas"] if self.replicas else [])
+        return super().server_args() + (["--replicas"] if self.replicas else []) + (
+            [f"--writer-lease={self.writer_lease}"] if self.writer_lease else [])
 
     @defer.inlineCallbacks
     def start_twin(self) -> Generator["defer.Deferred[Any]", Any, Child]:
@@ -98,12 +102,13 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         log(f"filling {sizes.rows:,} rows")
         yield in_thread(reactor, _prepare_database, run)
         for index in range(sizes.repeat):
-            order = SETUPS[index % 3:] + SETUPS[:index % 3]
+            turn = index % len(SETUPS)
+            order = SETUPS[turn:] + SETUPS[:turn]
             rep: dict[str, dict[str, float]] = {}
-            for name, servers, replicas in order:
+            for name, servers, replicas, lease in order:
                 log(f"repetition {index + 1} of {sizes.repeat}: {name}")
                 yield run.stop_all()
-                run.replicas = replicas
+                run.replicas, run.writer_lease = replicas, lease
                 yield run.start_server()
                 for _ in range(servers - 1):
                     yield run.start_twin()
@@ -125,7 +130,7 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
 def summarize(reps: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     """Medians per set-up, and the ratios taken within each repetition, then their median."""
     medians = {name: {key: statistics.median(rep[name][key] for rep in reps)
-                      for key in reps[0][name]} for name, _, _ in SETUPS}
+                      for key in reps[0][name]} for name, _, _, _ in SETUPS}
     pairs = {
         "claim_cost_persist_1": ("single_replicas", "single", "persist_1_per_s"),
         "claim_cost_persist_50": ("single_replicas", "single", "persist_50_per_s"),
@@ -133,6 +138,10 @@ def summarize(reps: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
         "two_vs_one_fetch_100_streams": ("two_replicas", "single", "fetch_100_streams_rows_per_s"),
         "two_vs_one_persist_50": ("two_replicas", "single", "persist_50_per_s"),
         "two_vs_one_fetch_1_stream": ("two_replicas", "single", "fetch_1_stream_rows_per_s"),
+        "two_lease_vs_one_persist_50": ("two_replicas_lease", "single", "persist_50_per_s"),
+        "two_lease_vs_one_persist_1": ("two_replicas_lease", "single", "persist_1_per_s"),
+        "two_lease_vs_one_fetch_100_streams": ("two_replicas_lease", "single",
+                                               "fetch_100_streams_rows_per_s"),
     }
     ratios = {}
     for label, (a, b, key) in pairs.items():

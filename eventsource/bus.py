@@ -326,6 +326,15 @@ class _Claim:
         self.answer: defer.Deferred[bool] = defer.Deferred()
 
 
+class _Reply:
+    """The pending reply of any other command on the publisher connection."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self) -> None:
+        self.answer: defer.Deferred[Any] = defer.Deferred()
+
+
 class _Ping:
     """The place of a heartbeat ``PING`` among the publisher's pending replies."""
 
@@ -341,7 +350,7 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
         #: the channel of each publish whose reply is still to come (with
         #: the Deferred of a counted publish), the pending claims and pings
         self._unanswered: deque[
-            Union[str, tuple[str, defer.Deferred[int]], _Claim, _Ping]] = deque()
+            Union[str, tuple[str, defer.Deferred[int]], _Claim, _Reply, _Ping]] = deque()
         #: when the heartbeat PING still unanswered was sent (None: none is)
         self.ping_sent: Optional[float] = None
         #: the heartbeat's checks since that PING was sent
@@ -360,21 +369,33 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
         """
         claim = _Claim(key)
         self._unanswered.append(claim)
-        parts = [b"SET", key.encode("utf-8"), owner.encode("utf-8"), b"NX", b"PX",
-                 b"%d" % ttl_ms]
+        self._write_command(b"SET", key.encode("utf-8"), owner.encode("utf-8"), b"NX", b"PX",
+                            b"%d" % ttl_ms)
+        return claim.answer
+
+    def command(self, *parts: bytes) -> defer.Deferred[Any]:
+        """
+        Any other command, pipelined with the publishes: fires with its
+        reply (bytes, an integer, None...), or fails with Redis' error.
+        """
+        reply = _Reply()
+        self._unanswered.append(reply)
+        self._write_command(*parts)
+        return reply.answer
+
+    def _write_command(self, *parts: bytes) -> None:
         self.transport.write(b"*%d\r\n" % len(parts) + b"".join(
             b"$%d\r\n%s\r\n" % (len(part), part) for part in parts))
-        return claim.answer
 
     def connectionLost(self, why: Failure) -> None:
         # (a claim whose reply never came is a request nobody serves here:
-        # its Deferred must not wait forever)
-        claims = [entry for entry in self._unanswered if isinstance(entry, _Claim)]
+        # its Deferred, like any command's, must not wait forever)
+        waiting = [entry for entry in self._unanswered if isinstance(entry, (_Claim, _Reply))]
         self._unanswered = deque(entry for entry in self._unanswered
-                                 if not isinstance(entry, _Claim))
+                                 if not isinstance(entry, (_Claim, _Reply)))
         super().connectionLost(why)
-        for claim in claims:
-            claim.answer.errback(RedisUnavailable("the Redis connection was lost"))
+        for entry in waiting:
+            entry.answer.errback(RedisUnavailable("the Redis connection was lost"))
 
     def publish_nowait(self, channel: str, body: str) -> None:
         """
@@ -411,6 +432,12 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
                     entry.answer.errback(reply)
                 else:
                     entry.answer.callback(reply is not None)
+                return
+            if isinstance(entry, _Reply):
+                if isinstance(reply, Exception):
+                    entry.answer.errback(reply)
+                else:
+                    entry.answer.callback(reply)
                 return
             if isinstance(entry, str):
                 if isinstance(reply, Exception):
@@ -1024,6 +1051,73 @@ class RedisBus:
             return publisher.claim(key, owner, max(1, round(ttl * 1000)))  # type: ignore[no-any-return]
         except Exception as error:
             return defer.fail(error)
+
+
+    def lease(self, key: str, owner: str, ttl: float) -> defer.Deferred[Optional[str]]:
+        """
+        Take or keep the lease ``key`` for ``owner`` for ``ttl`` seconds
+        (:class:`eventsource.lease.WriterLease`): ``SET key owner NX PX``
+        and ``GET key``, pipelined; when the key was ``owner``'s already, a
+        ``PEXPIRE`` renews it.  Fires with the holder after the attempt
+        (``owner`` when this call took or renewed it; None when nobody
+        holds it), or fails as :meth:`claim` does.
+        """
+        publisher = self._publisher
+        if publisher is None:
+            return defer.fail(RedisUnavailable("Redis is not connected"))
+        ttl_ms = b"%d" % max(1, round(ttl * 1000))
+        name = key.encode("utf-8")
+        try:
+            took = publisher.claim(key, owner, int(ttl_ms))
+            holder = publisher.command(b"GET", name)
+        except Exception as error:
+            return defer.fail(error)
+
+        def answered(results: list[Any]) -> Any:
+            (took_ok, taken), (holder_ok, held_by) = results
+            if not took_ok:
+                return taken
+            if not holder_ok:
+                return held_by
+            if taken:
+                return owner
+            holder_name = _text(held_by)
+            if holder_name != owner:
+                return holder_name
+            renewed: defer.Deferred[Any] = publisher.command(b"PEXPIRE", name, ttl_ms)
+            # (0: the key expired between the GET and the PEXPIRE: nobody holds it)
+            renewed.addCallback(lambda done: owner if done else None)
+            return renewed
+
+        both = defer.DeferredList([took, holder], consumeErrors=True)
+        return both.addCallback(answered)
+
+    def release_lease(self, key: str, owner: str) -> defer.Deferred[None]:
+        """
+        Give up the lease ``key`` if ``owner`` holds it (``GET``, then
+        ``PEXPIRE key 1``): the other replicas take it at their next attempt.
+        """
+        publisher = self._publisher
+        if publisher is None:
+            return defer.succeed(None)
+        name = key.encode("utf-8")
+
+        def held(holder: Any) -> Any:
+            if _text(holder) == owner:
+                return publisher.command(b"PEXPIRE", name, b"1")
+            return None
+        try:
+            d: defer.Deferred[Any] = publisher.command(b"GET", name)
+        except Exception as error:
+            return defer.fail(error)
+        return d.addCallback(held).addCallback(lambda _: None)
+
+
+def _text(value: Any) -> Optional[str]:
+    """A reply as text (None stays None)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
 
 
 def _command(protocol: Any, *args: str) -> defer.Deferred[Any]:

@@ -108,6 +108,10 @@ class Config:
     #: seconds a replica's claim on a request is kept in Redis: an identical
     #: request (same channel, same body) within it is not served again
     claim_ttl: float = 60.0
+    #: replica mode: seconds of the writer lease (renewed every quarter of
+    #: it): only its holder claims persists, so one replica writes at a time
+    #: (docs/OPERATIONS.md "The writer lease"); 0: off, every replica writes
+    writer_lease: float = 0.0
 
     #: seconds shutdown waits for persists in flight before closing anyway
     shutdown_timeout: float = 10.0

@@ -55,6 +55,17 @@ class IEventBus(Interface):
         could not be asked (replicas, docs/OPERATIONS.md "Replicas").
         """
 
+    def lease(key: str, owner: str, ttl: float) -> "Deferred[Optional[str]]":
+        """
+        Take ``key`` for ``owner`` for ``ttl`` seconds unless another holds
+        it, or renew it when ``owner`` holds it: a Deferred firing with the
+        holder after the attempt (``owner``: held; None: nobody), or failing
+        when Redis could not be asked (docs/OPERATIONS.md "The writer lease").
+        """
+
+    def release_lease(key: str, owner: str) -> "Deferred[None]":
+        """Give up ``key`` if ``owner`` holds it; a Deferred."""
+
 
 class IPager(Interface):
     """One query's result, read a page at a time, holding nothing in between."""

@@ -223,6 +223,11 @@ class ServerCollector:
             yield queued
 
     def _redis(self) -> Iterator[Metric]:
+        lease = getattr(self._server, "writer_lease", None)
+        if lease is not None:
+            yield _gauge("eventsource_writer_lease_held", "Replica mode with --writer-lease: "
+                         "1 while this replica holds the writer lease (it writes the "
+                         "persists), else 0.", 1 if lease.held else 0)
         bus = self._server.bus
         yield _gauge("eventsource_redis_connected",
                      "1 while subscribed to the request channels and able to publish, else 0.",

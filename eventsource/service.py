@@ -29,6 +29,7 @@ from eventsource.matcher import compile_matcher
 from eventsource.stream import EchoBudget, Stream
 from eventsource.subscription import Subscription
 from eventsource.tailer import Tailer
+from eventsource.lease import WriterLease
 from eventsource.config import Config
 from eventsource.interfaces import IEventBus, IEventStore
 
@@ -268,6 +269,11 @@ class EventSourceService(service.MultiService):
         #: replica mode: whether the database answers (claims wait for it)
         self.database_watch = DatabaseWatch(database_probe or store.probe, reactor) \
             if config.replicas else None
+        #: replica mode with ``--writer-lease``: which replica writes the persists
+        self.writer_lease = WriterLease(
+            lambda: self.bus, reactor, f"{config.channel_prefix}claim:writer",
+            self.replica_id, config.writer_lease, self._may_write) \
+            if config.replicas and config.writer_lease else None
         self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
 
     @property
@@ -302,6 +308,8 @@ class EventSourceService(service.MultiService):
         self.tailer.start()
         if self.database_watch is not None:
             self.database_watch.start()
+        if self.writer_lease is not None:
+            self.writer_lease.start()
         log.info(
             "eventsource serving {table} on Redis {redis}, "
             "MySQL {mysql_host}:{mysql_port}; send a first event with:\n{hint}",
@@ -342,6 +350,10 @@ class EventSourceService(service.MultiService):
         self._accepting = False
         if self.database_watch is not None:
             self.database_watch.stop()
+        # (given up at once, so the other replicas take it at their next
+        # attempt while this one answers the persists it took; the bus
+        # stays until Redis took that, a second at most)
+        released = self.writer_lease.stop() if self.writer_lease is not None else None
         for stream in list(self.streams.values()):
             stream.fail("the server is shutting down", "unavailable")
         for subscription in list(self.subscriptions.values()):
@@ -358,12 +370,27 @@ class EventSourceService(service.MultiService):
                 log.warn("{count} persists still unanswered after {timeout} s; closing anyway "
                          "(their outcome is unknown to their clients)",
                          count=len(self._persists), timeout=self.config.shutdown_timeout)
+        if released is not None:
+            yield self._within(released, 1.0)
         # (not MultiService's stop, which stops the children all at once:
         # the bus goes first, and the store only once the bus is gone)
         service.Service.stopService(self)
         for child in reversed(list(self)):
             yield child.stopService()
         _forget_sigterm(self._reactor)
+
+    def _within(self, d: "defer.Deferred[Any]", timeout: float) -> "defer.Deferred[None]":
+        """Fires when ``d`` does or after ``timeout``, whichever comes first (``d`` is left alone)."""
+        result: "defer.Deferred[None]" = defer.Deferred()
+
+        def done(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(None)
+        timer = self._reactor.callLater(timeout, done)
+        d.addBoth(done)
+        return result
 
     def _wait_for_persists(self, timeout: float) -> "defer.Deferred[bool]":
         """Fires True once every persist in flight is answered, False after ``timeout``."""
@@ -451,12 +478,21 @@ class EventSourceService(service.MultiService):
             log.debug("left a {request_channel} request to the other replicas: this one "
                       "does not reach its database", request_channel=request_channel)
             return
+        lease = self.writer_lease
+        if request_channel == "persist" and lease is not None and lease.leaves_persists():
+            self.stats.request(request_channel, "elsewhere")
+            return
         key = claim_key(self.config.channel_prefix,
                         source or self.config.request_channels[request_channel], body)
         d = self.bus.claim(key, self.replica_id, self.config.claim_ttl)
         d.addCallbacks(self._claimed, self._claim_failed,
                        callbackArgs=(request_channel, body, handler, rules, source, key),
                        errbackArgs=(request_channel, key))
+
+    def _may_write(self) -> bool:
+        """Replica mode: whether this replica may hold the writer lease now."""
+        watch = self.database_watch
+        return self._accepting and (watch is None or watch.reachable)
 
     def _claimed(self, won: bool, request_channel: str, body: str,
                  handler: Callable[[Any], None], rules: Optional[wire.ReplyRules],

@@ -80,6 +80,14 @@ def seconds_or_off(text: str) -> float:
     return _seconds(text, "a number of seconds (0 for no limit)", zero_allowed=True)
 
 
+def lease_seconds(text: str) -> float:
+    """The writer lease's seconds: 0 (off), or from 0.5 to 3600."""
+    value = _seconds(text, "a number of seconds from 0.5 to 3600, or 0 (off)", zero_allowed=True)
+    if value and not 0.5 <= value <= 3600:
+        raise ValueError(f"must be a number of seconds from 0.5 to 3600, or 0 (off), not {text!r}")
+    return value
+
+
 def boolean(text: str) -> bool:
     """A yes/no value from the environment: 1/true/yes/on or 0/false/no/off."""
     word = text.strip().lower()
@@ -362,6 +370,14 @@ SETTINGS = (
         "channel included) sent again within it is not served again.",
     ),
     Setting(
+        "writer-lease",
+        "EVENTSOURCE_WRITER_LEASE",
+        lease_seconds,
+        "Replica mode: one replica at a time (the holder of a lease in Redis, kept this many "
+        "seconds and renewed) serves the persists, so group commits stay whole; the others "
+        "serve fetches. 0: off, every replica writes.",
+    ),
+    Setting(
         "shutdown-timeout",
         "EVENTSOURCE_SHUTDOWN_TIMEOUT",
         positive_seconds,
@@ -407,6 +423,8 @@ def default_text(setting: Setting) -> str:
         return "empty"
     if isinstance(value, bool):
         return "on" if value else "off"
+    if setting.coerce is lease_seconds and not value:
+        return "0 (off)"
     return str(value)
 
 
@@ -440,6 +458,9 @@ def config_from(given: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         raise usage.UsageError(
             "--redis-sentinels and --redis-master-name go together: give both (Redis behind "
             "Sentinel) or neither.")
+    if values.get("writer_lease") and not values.get("replicas"):
+        raise usage.UsageError("--writer-lease is a setting of replica mode: give --replicas "
+                               "too (on every replica).")
     return Config(**values)
 
 

@@ -13,6 +13,7 @@ import json
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from eventsource import appends, ids, schema, wire
@@ -56,9 +57,17 @@ class MemoryBus:
         expire here).
     """
 
-    def __init__(self, hold: bool = False, claims: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, hold: bool = False, claims: Optional[Dict[str, str]] = None,
+                 leases: Optional[Dict[str, Tuple[str, float]]] = None,
+                 clock: Optional[IReactorTime] = None) -> None:
         self.hold = hold
         self.claims: Dict[str, str] = {} if claims is None else claims
+        #: the leases of :meth:`lease`, key to ``(owner, expiry)`` on :attr:`clock`:
+        #: pass one dict to several buses, with their services' clock
+        self.leases: Dict[str, Tuple[str, float]] = {} if leases is None else leases
+        self.clock = clock
+        #: when set, lease attempts fail with it (Redis unreachable)
+        self.lease_error: Optional[BaseException] = None
         #: every claim asked for: ``(key, owner, ttl)``
         self.claims_asked: List[Tuple[str, str, float]] = []
         #: when set, the next claims fail with it (Redis unreachable)
@@ -152,6 +161,24 @@ class MemoryBus:
             return False
         self.claims[key] = owner
         return True
+
+    def lease(self, key: str, owner: str, ttl: float) -> "defer.Deferred[Optional[str]]":
+        """Like :meth:`eventsource.bus.RedisBus.lease`, on the shared :attr:`leases`."""
+        if self.lease_error is not None:
+            return defer.fail(self.lease_error)
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        held = self.leases.get(key)
+        if held is None or held[1] <= now or held[0] == owner:
+            self.leases[key] = (owner, now + ttl)
+            return defer.succeed(owner)
+        return defer.succeed(held[0])
+
+    def release_lease(self, key: str, owner: str) -> "defer.Deferred[None]":
+        """Like :meth:`eventsource.bus.RedisBus.release_lease`."""
+        held = self.leases.get(key)
+        if held is not None and held[0] == owner:
+            del self.leases[key]
+        return defer.succeed(None)
 
     def release_claims(self) -> None:
         """Answer the held claims, in the order they were asked (as Redis would)."""

@@ -51,9 +51,10 @@ class ReplicaTestCase(SynchronousTestCase):
         self.config = Config(**config)
         self.store = MemoryStore(page_size=self.config.page_size)
         self.claims = {}
+        self.leases = {}
         self.buses, self.services = [], []
         for index in range(count):
-            bus = MemoryBus(claims=self.claims)
+            bus = MemoryBus(claims=self.claims, leases=self.leases, clock=self.clock)
             service = EventSourceService(self.config, self.clock, bus=bus.attach,
                                          store=self.store,
                                          database_probe=probes[index] if probes else None)
@@ -278,6 +279,157 @@ class FaultTests(ReplicaTestCase):
         self.assertEqual(self.out("b")[-1], "end")
         self.assertEqual(len(self.out("b")), 5)
         self.assertEqual(self.publishers("b"), [1])
+
+
+class WriterLeaseTests(ReplicaTestCase):
+    """
+    ``--writer-lease``: one replica at a time (the lease's holder) claims
+    the persists; fetches and subscriptions are claimed by any replica; the
+    lease passes on when its holder stops, dies or loses its database.
+    """
+
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def persists(self, first, count=6, alive=(0, 1, 2)):
+        """``count`` persists, heard by the replicas in ``alive``, each in a rotated order."""
+        for i in range(first, first + count):
+            order = [alive[(i + k) % len(alive)] for k in range(len(alive))]
+            self.deliver("persist", persist2(f"r{i}", f"p{i}"), order)
+
+    def writers(self, first, count=6):
+        """The replica that answered each of these persists."""
+        return {tuple(self.publishers(f"r{i}")) for i in range(first, first + count)}
+
+    def test_only_the_holder_writes_and_the_others_serve_reads(self):
+        self.make(count=3, writer_lease=2.0)
+        owner = self.services[0].replica_id
+        self.assertEqual(self.leases, {"claim:writer": (owner, 2.0)})
+        self.assertTrue(self.services[0].writer_lease.held)
+        self.assertTrue(self.services[1].writer_lease.leaves_persists())
+        self.persists(0)
+        self.assertEqual(self.writers(0), {(0,)})
+        self.assertEqual(len(self.store.events), 6)
+        self.assertEqual(self.results(0, "persist"), {"ok": 6})
+        for replica in (1, 2):
+            self.assertEqual(self.results(replica, "persist"), {"elsewhere": 6})
+            # (a persist left to the holder costs no claim)
+            self.assertEqual([k for k, _, _ in self.buses[replica].claims_asked
+                              if k != "claim:writer"], [])
+        # reads are not the lease's: whoever claims them first serves them
+        for _ in range(3):
+            self.store.add(pid="x")
+        self.deliver("fetch", fetch2("f"), order=[2, 0, 1])
+        self.deliver("subscribe", subscribe2("s"), order=[1, 0, 2])
+        self.assertEqual(self.publishers("f"), [2])
+        self.assertEqual([i for i, s in enumerate(self.services) if "s" in s.subscriptions], [1])
+        # renewed every quarter of its time, it stays with its holder
+        self.clock.pump([0.5] * 20)
+        self.assertEqual(self.leases["claim:writer"], (owner, 12.0))
+        self.persists(6)
+        self.assertEqual(self.writers(6), {(0,)})
+
+    def test_a_stopping_holder_hands_it_on_at_once(self):
+        self.make(count=2, writer_lease=2.0)
+        self.services[0].stopService()
+        self.assertEqual(self.leases, {})  # (given up)
+        # until replica 1's next attempt (a quarter of the lease's time at
+        # most), it still leaves persists to the holder it saw last
+        self.persists(0, alive=(0, 1))
+        self.assertEqual(self.writers(0), {()})
+        self.clock.advance(0.5)
+        self.assertTrue(self.services[1].writer_lease.held)
+        self.assertIn("holds the writer lease", self.logged[-1]["log_format"])
+        self.persists(6, alive=(0, 1))
+        self.assertEqual(self.writers(6), {(1,)})
+
+    def test_a_dead_holder_hands_it_on_when_it_expires(self):
+        """
+        A holder that dies (it can no longer renew) keeps the lease until it
+        expires: persists meanwhile go unanswered (their clients retry), then
+        a survivor takes the lease and writes.
+        """
+        self.make(count=3, writer_lease=2.0)
+        self.buses[0].lease_error = ConnectionError("Redis is not connected")  # (dead)
+        self.clock.advance(0.25)
+        self.persists(0, alive=(1, 2))
+        self.assertEqual(self.writers(0), {()})  # left to the dead holder
+        self.clock.pump([0.25] + [0.5] * 3)  # it expires at 2.0: the attempts then take it
+        self.assertTrue(any(s.writer_lease.held for s in self.services[1:]))
+        self.persists(6, alive=(1, 2))
+        writers = self.writers(6)
+        self.assertEqual(len(writers), 1)
+        self.assertIn(writers.pop(), {(1,), (2,)})
+
+    def test_a_holder_without_its_database_gives_it_up(self):
+        probes = [Probe(), Probe()]
+        self.make(count=2, probes=probes, writer_lease=2.0)
+        self.assertTrue(self.services[0].writer_lease.held)
+        probes[0].mode = "fail"
+        self.clock.advance(1)  # the check fails...
+        self.clock.advance(0.5)  # ...and the next lease attempt gives the lease up
+        self.assertFalse(self.services[0].writer_lease.held)
+        # (replica 1's attempt of the same moment finds it free)
+        self.assertEqual(self.leases["claim:writer"][0], self.services[1].replica_id)
+        self.assertTrue(self.services[1].writer_lease.held)
+        self.persists(0, alive=(0, 1))
+        self.assertEqual(self.writers(0), {(1,)})
+        # back: it does not take the lease from a holder that keeps it
+        probes[0].mode = "answer"
+        self.clock.pump([0.5] * 6)
+        self.assertTrue(self.services[1].writer_lease.held)
+        self.assertTrue(self.services[0].writer_lease.leaves_persists())
+
+    def test_without_an_answer_about_the_lease_every_replica_claims(self):
+        """Redis refusing the lease's commands: nobody is known to hold it, claims decide."""
+        self.make(count=2, writer_lease=2.0)
+        for bus in self.buses:
+            bus.lease_error = ConnectionError("NOPERM")
+        self.clock.advance(0.5)
+        self.assertEqual([s.writer_lease.holder for s in self.services], [None, None])
+        self.persists(0, alive=(0, 1))
+        self.assertEqual(self.writers(0), {(0,), (1,)})
+        self.assertEqual(len(self.store.events), 6)
+        self.clock.advance(5)  # (one warning per replica, not one per attempt)
+        warnings = [e for e in self.logged if "writer lease" in e.get("log_format", "")
+                    and e["log_level"].name == "warn"]
+        self.assertEqual(len(warnings), 2)
+
+    def test_two_holders_for_a_moment_still_write_each_persist_once(self):
+        """The lease routes; the claims decide: a stale holder and a new one overlap safely."""
+        self.make(count=2, writer_lease=2.0)
+        # replica 1 holds the lease, replica 0 still believes it does (its
+        # last answer came before its lease expired and replica 1 took it)
+        self.leases["claim:writer"] = (self.services[1].replica_id, 100.0)
+        self.clock.advance(0.5)
+        self.assertTrue(self.services[1].writer_lease.held)
+        lease = self.services[0].writer_lease
+        lease.holder = lease.owner
+        self.assertTrue(lease.held)
+        self.persists(0, alive=(0, 1))
+        self.assertEqual(len(self.store.events), 6)
+        for i in range(6):
+            self.assertEqual(len(self.out(f"r{i}")), 2)
+        self.assertEqual(self.writers(0), {(0,), (1,)})
+        self.clock.advance(0.5)
+        self.assertFalse(self.services[0].writer_lease.held)
+        self.assertIn("went to", [e for e in self.logged
+                                  if e["log_level"].name == "warn"][-1]["log_format"])
+
+    def test_off_by_default(self):
+        self.make(count=2)
+        self.assertIsNone(self.services[0].writer_lease)
+        self.clock.advance(5)
+        self.assertEqual(self.leases, {})
+
+    def test_the_metric_says_who_holds_it(self):
+        from eventsource.metrics import ServerCollector
+        self.make(count=2, writer_lease=2.0)
+        held = [[m.samples[0].value for m in ServerCollector(s).collect()
+                 if m.name == "eventsource_writer_lease_held"] for s in self.services]
+        self.assertEqual(held, [[1], [0]])
 
 
 class Probe:

@@ -272,16 +272,142 @@ class KilledReplicaTests(ReplicaTestCase):
         self.attempts = len(answers)  # (600, plus the retries of the dead replica's requests)
 
 
+class WriterLeaseTests(ReplicaTestCase):
+    """``--writer-lease`` on the real Redis and MariaDB: one replica writes at a time."""
+
+    server_config = {"replicas": True, "writer_lease": 1.0}
+
+    def holder(self):
+        held = [s for s in self.servers if s.writer_lease.held]
+        return held[0] if len(held) == 1 else None
+
+    @defer.inlineCallbacks
+    def persists(self, clients, count):
+        """``count`` version 2 persists spread over ``clients``, 20 in flight each; answers."""
+        answers = {}
+
+        @defer.inlineCallbacks
+        def lane(client, number):
+            for i in range(count // len(clients)):
+                channel = unique(self.prefix + "w")
+                yield client.subscribe(channel)
+                yield client.request("persist", persist_v2(channel, f"w{number}-{i}",
+                                                           str(uuid.uuid4())))
+                answers[channel] = client
+                if i % 20 == 19:
+                    yield client.wait_end(channel)
+
+        yield defer.gatherResults([lane(c, n) for n, c in enumerate(clients)])
+        for channel, client in answers.items():
+            yield client.wait_end(channel)
+        return answers
+
+    @defer.inlineCallbacks
+    def test_the_holder_writes_every_persist_once(self):
+        yield self.start_replicas(1)
+        yield wait_until(lambda: self.holder() is not None, what="a lease holder")
+        holder = self.holder()
+        other = [s for s in self.servers if s is not holder][0]
+        yield wait_until(other.writer_lease.leaves_persists, what="the other replica's view")
+        key = f"{self.prefix}claim:writer"
+        self.assertEqual(sql_redis(key, "GET"), holder.replica_id)
+        self.assertTrue(0 < int(sql_redis(key, "PTTL")) <= 1000)
+        clients = yield self.clients(2)
+        answers = yield self.persists(clients, 400)
+        yield sleep(0.3)  # (time for a second answer, were there one)
+        for channel, client in answers.items():
+            messages = self.results(client, channel)
+            self.assertEqual(len(messages), 2, messages)
+            self.assertIn("events", messages[0])
+        self.assertEqual(len(self.rows("pid")), 400)
+        self.assertEqual(holder.stats.requests["persist", "ok"], 400)
+        self.assertEqual(other.stats.requests["persist", "ok"], 0)
+        self.assertEqual(other.stats.requests["persist", "elsewhere"], 400)
+
+    @defer.inlineCallbacks
+    def test_the_lease_passes_on_when_its_holder_stops(self):
+        yield self.start_replicas(1)
+        yield wait_until(lambda: self.holder() is not None, what="a lease holder")
+        first = self.holder()
+        other = [s for s in self.servers if s is not first][0]
+        yield first.stopService()
+        started = self.server.seconds()
+        yield wait_until(lambda: other.writer_lease.held, what="the other replica's lease")
+        self.assertLess(self.server.seconds() - started, 1.0)  # (its next attempt: 0.25 s)
+        answers = yield self.persists([self.client], 40)
+        self.assertEqual(len(answers), 40)
+        self.assertEqual(other.stats.requests["persist", "ok"], 40)
+        self.assertEqual(len(self.rows("pid")), 40)
+
+    @defer.inlineCallbacks
+    def test_lease_commands_on_redis(self):
+        """The bus's lease: take, see another's, renew, give up, expire."""
+        yield self.start_replicas(1)
+        a, b = (s.bus for s in self.servers)
+        key = unique(f"{self.prefix}claim:lease-test")
+        self.addCleanup(sql_redis, key, "DEL")
+        self.assertEqual((yield a.lease(key, "a", 0.6)), "a")
+        self.assertEqual((yield b.lease(key, "b", 0.6)), "a")
+        yield sleep(0.4)
+        self.assertEqual((yield a.lease(key, "a", 0.6)), "a")  # (renewed...)
+        yield sleep(0.4)
+        self.assertEqual((yield b.lease(key, "b", 0.6)), "a")  # (...so still a's at 0.8 s)
+        yield b.release_lease(key, "b")  # (not b's: nothing happens)
+        self.assertEqual((yield b.lease(key, "b", 0.6)), "a")
+        yield a.release_lease(key, "a")
+        yield sleep(0.05)
+        self.assertEqual((yield b.lease(key, "b", 0.3)), "b")
+        yield sleep(0.5)  # (b does not renew: it expires)
+        self.assertEqual((yield a.lease(key, "a", 0.6)), "a")
+
+
+def sql_redis(key, command):
+    """One command on ``key`` through redis-cli (outside the servers under test)."""
+    out = subprocess.run(["redis-cli", "-h", REDIS_HOST, "-p", str(REDIS_PORT), command, key],
+                         capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.strip()
+
+
 class ReplicaACLTests(SecuredRedisTestCase):
-    """The ACL line docs/OPERATIONS.md "Replicas" gives the server's user: ``~claim:* +set``."""
+    """
+    The ACL line docs/OPERATIONS.md "Replicas" gives the server's user:
+    ``~claim:* +set``, and ``+get +pexpire`` for ``--writer-lease``.
+    """
 
     def make_redis(self):
         return RedisServer(self, acl=[
             "user default off",
-            SERVER_ACL.format(password="server-pass") + " ~claim:* +set",
+            SERVER_ACL.format(password="server-pass") + " ~claim:* +set +get +pexpire",
             SERVER_ACL.format(password="server-pass").replace("eventsource", "noclaims"),
+            SERVER_ACL.format(password="server-pass").replace("eventsource", "nolease")
+            + " ~claim:* +set",
             CLIENT_ACL.format(user="alice", password="alice-pass"),
         ])
+
+    @defer.inlineCallbacks
+    def test_the_writer_lease_with_its_commands(self):
+        servers = []
+        for _ in range(2):
+            servers.append((yield self.start(writer_lease=1.0)))
+        yield wait_until(lambda: sum(s.writer_lease.held for s in servers) == 1,
+                         what="one lease holder")
+        alice = yield self.client(user="alice", password="alice-pass")
+        yield self.round_trip(alice, reply_prefix="reply:alice:")
+        self.assertEqual([s.stats.requests["persist", "ok"] for s in servers],
+                         [int(s.writer_lease.held) for s in servers])
+
+    @defer.inlineCallbacks
+    def test_without_the_lease_commands_every_replica_claims(self):
+        """A user without ``+get +pexpire``: a warning, and persists are claimed as without the lease."""
+        logged = LogCapture(self)
+        server = yield self.start(redis_user="nolease", writer_lease=1.0)
+        yield wait_until(lambda: any("could not ask Redis for the writer lease" in text
+                                     for text in logged.texts()), what="the warning")
+        self.assertFalse(server.writer_lease.held)
+        alice = yield self.client(user="alice", password="alice-pass")
+        yield self.round_trip(alice, reply_prefix="reply:alice:")
+        self.assertEqual(len(self.rows()), 1)
+        self.assertTrue(any("NOPERM" in text for text in logged.texts()), logged.texts())
 
     def server_settings(self):
         return dict(redis_user="eventsource", redis_password="server-pass", replicas=True,

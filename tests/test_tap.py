@@ -62,6 +62,7 @@ ENVIRON = {
     "EVENTSOURCE_READ_ONLY": "1",
     "EVENTSOURCE_REPLICAS": "yes",
     "EVENTSOURCE_CLAIM_TTL": "30",
+    "EVENTSOURCE_WRITER_LEASE": "3",
     "REDIS_MAX_DELAY": "0.5",
     "REDIS_TIMEOUT": "4.5",
     "REDIS_SENTINELS": "s1.example:26379, s2.example:26380,[::1]:26381",
@@ -118,6 +119,7 @@ ENVIRON_CONFIG = Config(
     read_only=True,
     replicas=True,
     claim_ttl=30.0,
+    writer_lease=3.0,
     redis_max_delay=0.5,
     redis_timeout=4.5,
     redis_sentinels=(("s1.example", 26379), ("s2.example", 26380), ("::1", 26381)),
@@ -174,6 +176,7 @@ ARGV = [
     "--read-only",
     "--replicas",
     "--claim-ttl=2.5",
+    "--writer-lease=1.5",
     "--redis-max-delay=1.5",
     "--redis-timeout=2.5",
     "--redis-sentinels=10.3.3.3",
@@ -230,6 +233,7 @@ ARGV_CONFIG = Config(
     read_only=True,
     replicas=True,
     claim_ttl=2.5,
+    writer_lease=1.5,
     redis_max_delay=1.5,
     redis_timeout=2.5,
     redis_sentinels=(("10.3.3.3", 26379),),
@@ -529,6 +533,21 @@ class ErrorTests(SynchronousTestCase):
                 "behind Sentinel) or neither.")
         config = parse([], {"REDIS_SENTINELS": "a:1", "REDIS_MASTER_NAME": "m"})
         self.assertEqual(config.redis_where, "master m (Sentinels a:1)")
+
+    def test_writer_lease(self):
+        """--writer-lease: 0 (off) or 0.5 to 3600 seconds, and only with --replicas."""
+        setting = next(s for s in tap.SETTINGS if s.option == "writer-lease")
+        for text in ["-1", "0.1", "0.49", "3601", "nan", "inf", "x", ""]:
+            self.assert_bad(setting, text)
+        self.assertEqual(parse([]).writer_lease, 0.0)
+        self.assertEqual(parse(["--replicas", "--writer-lease=0.5"]).writer_lease, 0.5)
+        self.assertEqual(parse(["--writer-lease=0"]).writer_lease, 0.0)
+        self.assertEqual(parse(["--replicas"], {"EVENTSOURCE_WRITER_LEASE": "2"}).writer_lease,
+                         2.0)
+        message = ("--writer-lease is a setting of replica mode: give --replicas too (on "
+                   "every replica).")
+        self.assert_message(["--writer-lease=2"], {}, message)
+        self.assert_message([], {"EVENTSOURCE_WRITER_LEASE": "2"}, message)
 
     def test_bad_boolean_variable(self):
         """A flag variable that is neither yes nor no is an error naming it."""
