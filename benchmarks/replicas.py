@@ -78,9 +78,26 @@ def setup_figures(run: ReplicaRun, log: Callable[[str], None]
     log(f"per-row fetch, {sizes.streams} streams")
     selects = [({"$where": {"pid": f"p{i % PIDS}"}, "$limit": sizes.rows_per_stream},
                 sizes.rows_per_stream) for i in range(sizes.streams)]
+    before = machine_times()
     rows, seconds, cpu, _ = yield run.fetch(selects)
     figures["fetch_100_streams_rows_per_s"] = rows / seconds
+    figures["fetch_100_streams_machine_busy"] = machine_busy(before, machine_times())
     return figures
+
+
+def machine_times() -> tuple[int, int]:
+    """The machine's CPU time so far (all cores, in clock ticks): busy, and in all."""
+    with open("/proc/stat") as f:
+        fields = [int(value) for value in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal (guest time is in user's)
+    user, nice, system, _, _, irq, softirq, _ = fields
+    return user + nice + system + irq + softirq, sum(fields)
+
+
+def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU (all cores: 1.0 is every core busy) used in between."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
 
 
 @defer.inlineCallbacks

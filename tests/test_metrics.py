@@ -249,7 +249,8 @@ class DocumentedTests(ServiceTestCase):
         """docs/OPERATIONS.md lists every family the server exports (its meaning and an alert)."""
         import os
 
-        self.make()
+        self.make(replicas=True, writer_lease=2.0)  # (the lease's gauge too)
+        self.addCleanup(self.service.stopService)
         registry, _ = metrics.make_registry(self.service, process=False)
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "docs", "OPERATIONS.md")
