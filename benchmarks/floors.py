@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from benchmarks.common import BenchError, connect_mysql
 from eventsource.ids import uuid7
+from eventsource import schema
 from benchmarks.redis_client import Handler, RedisClient
 
 
@@ -55,10 +56,13 @@ def pingpong(reactor: IReactorTime, client: RedisClient, prefix: str, pairs: int
 
 
 def _insert_worker(settings: dict[str, Any], table: str, clock: dict[str, Any],
-                   counts: list[int], index: int, errors: list[Exception]) -> None:
+                   counts: list[int], index: int, errors: list[Exception],
+                   lock: str | None = None) -> None:
     connection: pymysql.Connection | None = None
     try:
         connection = connect_mysql(settings)
+        if lock is not None:
+            connection.autocommit(False)
     except Exception as error:  # reported by the caller
         errors.append(error)
     try:
@@ -72,8 +76,15 @@ def _insert_worker(settings: dict[str, Any], table: str, clock: dict[str, Any],
             pid = f"floor{index}-{time.perf_counter_ns()}"
             deadline = clock["deadline"]
             n = 0
+            take = None if lock is None else schema.lock_append_sql(lock)
             while time.perf_counter() < deadline:
+                if take is not None:
+                    # (the server's transaction for one persist: the append lock,
+                    # the row, the commit)
+                    cursor.execute(take)
                 cursor.execute(sql, (pid, "bench", "floor", '{"n": %d}' % n, n, uuid7()))
+                if take is not None:
+                    connection.commit()
                 n += 1
             counts[index] = n
             clock["ends"][index] = time.perf_counter()
@@ -84,9 +95,14 @@ def _insert_worker(settings: dict[str, Any], table: str, clock: dict[str, Any],
             connection.close()
 
 
-def raw_inserts(settings: dict[str, Any], table: str, connections: int, duration: float
-                ) -> float:
-    """Single-row autocommit INSERTs/s over ``connections`` connections, one thread each."""
+def raw_inserts(settings: dict[str, Any], table: str, connections: int, duration: float,
+                lock: str | None = None) -> float:
+    """
+    Single-row autocommit INSERTs/s over ``connections`` connections, one
+    thread each; with ``lock`` (the append lock table, quoted), each row in a
+    transaction of its own that takes the lock first, as the server's writer
+    does for a one-row persist.
+    """
     counts: list[int] = [0] * connections
     errors: list[Exception] = []
     clock: dict[str, Any] = {"ends": [0.0] * connections}
@@ -97,7 +113,7 @@ def raw_inserts(settings: dict[str, Any], table: str, connections: int, duration
 
     clock["ready"] = threading.Barrier(connections, action=started)
     workers = [threading.Thread(target=_insert_worker,
-                                args=(settings, table, clock, counts, i, errors))
+                                args=(settings, table, clock, counts, i, errors, lock))
                for i in range(connections)]
     for worker in workers:
         worker.start()

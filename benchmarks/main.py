@@ -19,6 +19,7 @@ from benchmarks.profiling import format_profile, format_pyspy, run_profiles
 from benchmarks.redis_client import RedisClient, ignore
 from benchmarks.report import format_table, machine_info, summarize
 from benchmarks.scenarios import Run, repetition, warm_up
+from eventsource import schema
 from eventsource.ids import uuid7
 
 
@@ -28,6 +29,8 @@ def _prepare_database(run: Run) -> str:
     try:
         with connection.cursor() as cursor:
             cursor.execute(f"CREATE TABLE {run.floor_table} LIKE {run.table}")
+            for statement in schema.append_lock_statements(run.database, "floor_event"):
+                cursor.execute(statement)
             sql = (f"INSERT INTO {run.table} (`pid`, `domain`, `name`, `data`, `version`,"
                    " `event_id`) VALUES (%s, %s, %s, %s, %s, %s)")
             batch: list[tuple[str, str, str, str, int, bytes]] = []

@@ -168,6 +168,11 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
         return f"{rows:,} rows", seconds
 
     @defer.inlineCallbacks
+    def persist_1() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
+        result = yield run.persist(1, sizes.duration)
+        return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
+
+    @defer.inlineCallbacks
     def persist_50() -> Generator["defer.Deferred[Any]", Any, tuple[str, float]]:
         result = yield run.persist(50, sizes.duration)
         return f"{result['per_s'] * sizes.duration:,.0f} persists", sizes.duration
@@ -192,6 +197,7 @@ def _profiled_scenarios(run: Run) -> list[tuple[str, Scenario]]:
     return [
         ("per-row fetch, 1 stream", fetch_1),
         (f"per-row fetch, {sizes.streams} streams", fetch_100),
+        ("persist, 1 in flight", persist_1),
         ("persist, 50 in flight", persist_50),
         ("version 2 persist, 50 in flight", persist_v2_50),
         (f"windowed fetch (window {sizes.window}), version 2", windowed_v2),

@@ -39,6 +39,7 @@ RATIOS = (
     ("fetch_window_100_vs_select", "fetch_window_100_rows_per_s", "select_rows_per_s"),
     ("persist_50_vs_insert_8_connections", "persist_50_per_s", "insert_8_connections_per_s"),
     ("persist_1_vs_insert_1_connection", "persist_1_per_s", "insert_1_connection_per_s"),
+    ("persist_1_vs_its_floor", "persist_1_per_s", "persist_1_floor_per_s"),
     ("persist_v2_expected_50_vs_persist_v2_50", "persist_v2_expected_50_per_s",
      "persist_v2_50_per_s"),
     ("persist_v2_50_vs_persist_50", "persist_v2_50_per_s", "persist_50_per_s"),
@@ -51,7 +52,20 @@ RATIOS = (
 
 def ratios(f: dict[str, float]) -> dict[str, float]:
     """The ratios of :data:`RATIOS`, within one repetition."""
+    if "persist_1_floor_per_s" not in f:
+        f["persist_1_floor_per_s"] = persist_1_floor(f)
     return {key: f[figure] / f[floor] for key, figure, floor in RATIOS}
+
+
+def persist_1_floor(f: dict[str, float]) -> float:
+    """
+    The most persists a second one client could get with 1 in flight if the
+    server took no time at all: each is a Redis round trip (a ping-pong of
+    one pair: client to server and back, through Redis) plus the database's
+    append transaction (the append lock, the row, the commit), one after the
+    other.
+    """
+    return 1 / (1 / f["pingpong_1_pair_rt_per_s"] + 1 / f["append_txn_1_connection_per_s"])
 
 
 #: (key, label, unit, format, how several repetitions combine)
@@ -62,6 +76,10 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
      "median"),
     ("insert_1_connection_per_s", "raw INSERT, 1 connection", "rows/s", "{:,.0f}", "median"),
     ("insert_8_connections_per_s", "raw INSERT, 8 connections", "rows/s", "{:,.0f}", "median"),
+    ("append_txn_1_connection_per_s", "raw append transaction (lock, INSERT, COMMIT), 1 conn",
+     "txn/s", "{:,.0f}", "median"),
+    ("persist_1_floor_per_s", "persist 1 in flight floor (ping-pong + append transaction)",
+     "persists/s", "{:,.0f}", "median"),
     ("select_rows_per_s", "raw SELECT", "rows/s", "{:,.0f}", "median"),
     ("server", None, None, None, None),
     ("persist_1_per_s", "persist, 1 in flight", "persists/s", "{:,.0f}", "median"),
@@ -140,6 +158,7 @@ ROWS: list[tuple[str, str | None, str | None, str | None, str | None]] = [
      "{:.2f}", "median"),
     ("persist_1_vs_insert_1_connection", "persist 1 in flight / raw INSERT 1 conn", "x",
      "{:.2f}", "median"),
+    ("persist_1_vs_its_floor", "persist 1 in flight / its floor", "x", "{:.2f}", "median"),
     ("persist_v2_expected_50_vs_persist_v2_50", "v2 persist 50: expected versions / without",
      "x", "{:.2f}", "median"),
     ("persist_v2_50_vs_persist_50", "v2 persist 50 / version 1 persist 50", "x", "{:.2f}",

@@ -39,6 +39,7 @@ from benchmarks.processes import (
 from benchmarks.redis_client import Handler, RedisClient
 from benchmarks.report import ratios
 from benchmarks.subscriptions import Subscriptions, subscription_figures
+from eventsource import schema
 from eventsource.config import Config
 from eventsource.tap import Options
 
@@ -57,6 +58,8 @@ class Run:
         self.database = options.database or f"eventsource_bench_{self.tag}"
         self.table = f"`{self.database}`.`event`"
         self.floor_table = f"`{self.database}`.`floor_event`"
+        #: the floor table's append lock (the append transaction floor takes it)
+        self.floor_lock = schema.qualified(self.database, schema.append_lock_name("floor_event"))
         self.mysql = mysql_settings()
         self.redis_host = os.environ.get("REDIS_HOST") or "127.0.0.1"
         self.redis_port = int(os.environ.get("REDIS_PORT") or 6379)
@@ -573,6 +576,10 @@ def repetition(run: Run, log: Callable[[str], None]
         run.reactor, raw_inserts, run.mysql, run.floor_table, 1, sizes.duration)
     figures["insert_8_connections_per_s"] = yield in_thread(
         run.reactor, raw_inserts, run.mysql, run.floor_table, 8, sizes.duration)
+    log("raw append transaction floor")
+    figures["append_txn_1_connection_per_s"] = yield in_thread(
+        run.reactor, raw_inserts, run.mysql, run.floor_table, 1, sizes.duration,
+        run.floor_lock)
 
     for in_flight in (1, 50):
         log(f"persist, {in_flight} in flight")
