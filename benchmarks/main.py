@@ -133,10 +133,13 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         yield pingpong(reactor, run.client, run.prefix, 1, 0.2)  # warms the echo up
 
         reps = []
-        ab_pairs = None
+        ab = None
         if options.metrics_ab:
-            # (rounds of paired halves instead of the repetitions: benchmarks.metrics_ab)
-            ab_pairs = yield metrics_ab.rounds(run, sizes.repeat, log)
+            # (two servers at once, in interleaved slices, instead of the
+            # repetitions: benchmarks.metrics_ab)
+            ab = yield metrics_ab.measure(
+                run, options.slices or (4 if options.quick else 60),
+                options.slice_seconds or (0.2 if options.quick else 0.5), log)
         for index in range(0 if options.profile_only or options.metrics_ab else sizes.repeat):
             log(f"repetition {index + 1} of {sizes.repeat}: a fresh server, warmed up"
                 + (f", metrics {'on' if run.metrics_on else 'off'}" if run.http_port else ""))
@@ -154,8 +157,8 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         if run.http_port is not None:
             log(f"scraped /metrics {run.scrapes['ok']} times, every {run.scrape_interval:g} s "
                 f"({run.scrapes['failed']} failed)")
-            if ab_pairs is not None:
-                for line in metrics_ab.format_summary(metrics_ab.summarize(ab_pairs)):
+            if ab is not None:
+                for line in metrics_ab.format_summary(ab["summary"]):
                     log(line)
         profiles = None
         if options.profile or options.profile_only:
@@ -185,9 +188,7 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
         "database": run.database,
         "server": {"argv": "twistd -n eventsource " + " ".join(run.server_args()),
                    "pool_size": pool_size},
-        "metrics": ({"scrape_interval": run.scrape_interval, **run.scrapes,
-                     "ab": ({"summary": metrics_ab.summarize(ab_pairs), "rounds": ab_pairs}
-                            if ab_pairs is not None else None)}
+        "metrics": ({"scrape_interval": run.scrape_interval, **run.scrapes, "ab": ab}
                     if run.http_port is not None else None),
         "figures": summary,
         "targets": targets,
@@ -231,16 +232,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="serve the server's metrics (--http-port) and scrape /metrics "
                              "throughout, to measure what they cost")
     parser.add_argument("--metrics-ab", action="store_true",
-                        help="instead of the repetitions: --repeat rounds of the throughput "
-                             "scenarios on a server without and one with --metrics, back to "
-                             "back (which goes first alternates), and each figure's ratio "
-                             "with / without within a round")
+                        help="instead of the repetitions: two servers at once on the same "
+                             "table, one without and one with --metrics (scraped only during "
+                             "its own slices), and --slices short slices of each throughput "
+                             "scenario on each, alternating off, on, on, off, ...: each "
+                             "figure's ratio on / off of the totals, with its spread")
+    parser.add_argument("--slices", type=int, default=None, metavar="N",
+                        help="with --metrics-ab: slices of each scenario on each server "
+                             "(default 60; 4 with --quick)")
+    parser.add_argument("--slice-seconds", type=float, default=None, metavar="SECONDS",
+                        help="with --metrics-ab: about how long a slice runs (default 0.5; "
+                             "0.2 with --quick)")
     parser.add_argument("--scrape-interval", type=float, default=1.0, metavar="SECONDS",
-                        help="with --metrics: seconds between scrapes (default 1)")
+                        help="with --metrics or --metrics-ab: seconds between scrapes "
+                             "(default 1)")
     options = parser.parse_args(argv)
     if options.scrape_interval <= 0:
         parser.error("--scrape-interval must be greater than 0")
-    for name in ("repeat", "rows", "idle_streams"):
+    if options.slice_seconds is not None and options.slice_seconds <= 0:
+        parser.error("--slice-seconds must be greater than 0")
+    for name in ("repeat", "rows", "idle_streams", "slices"):
         value = getattr(options, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

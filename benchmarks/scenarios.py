@@ -66,17 +66,18 @@ class Run:
         self.prefix = f"bench_{self.tag}"
         # The server's request channels get a prefix of their own: other
         # servers on the same Redis neither answer nor see our requests.
-        self.channel_prefix = f"{self.prefix}:"
-        self.request_channels = {kind: self.channel_prefix + kind
-                                 for kind in ("persist", "fetch", "fetch-next", "subscribe")}
+        self.channel_prefix = ""
+        self.request_channels: dict[str, str] = {}
+        self.set_channel_prefix(f"{self.prefix}:")
         self._channels = 0
         self.client: RedisClient = None  # type: ignore[assignment]  # set once connected
         self.server: Child | None = None
         self._servers_started = 0
         self.repetitions = 0
         self.workdir = tempfile.mkdtemp(prefix="eventsource-bench-")
-        #: --metrics (--metrics-ab): the server's HTTP port, scraped every
-        #: scrape_interval seconds while metrics_on
+        #: --metrics (--metrics-ab): the server's HTTP port, given it while
+        #: metrics_on and then scraped every scrape_interval seconds
+        #: (--metrics-ab scrapes it itself: benchmarks.metrics_ab)
         metrics, ab = getattr(options, "metrics", False), getattr(options, "metrics_ab", False)
         self.http_port = free_port() if metrics or ab else None
         self.metrics_on: bool = bool(metrics)
@@ -84,6 +85,12 @@ class Run:
         self._scraper: task.LoopingCall | None = None
         #: scrapes of /metrics that answered, and those that did not
         self.scrapes = {"ok": 0, "failed": 0, "bytes": 0}
+
+    def set_channel_prefix(self, prefix: str) -> None:
+        """The ``--channel-prefix`` of the server started next, and the one requests go to."""
+        self.channel_prefix = prefix
+        self.request_channels = {kind: prefix + kind
+                                 for kind in ("persist", "fetch", "fetch-next", "subscribe")}
 
     def channel(self, kind: str) -> str:
         self._channels += 1
@@ -115,8 +122,13 @@ class Run:
         return options.config
 
     @defer.inlineCallbacks
-    def start_server(self, profile: str | None = None
+    def start_server(self, profile: str | None = None, scrape: bool = True
                      ) -> Generator["defer.Deferred[Any]", Any, Child]:
+        """
+        A server (:attr:`server`) with :meth:`server_args`, once it serves;
+        with ``metrics_on`` and ``scrape``, scraped every ``scrape_interval``
+        seconds until :meth:`stop_server`.
+        """
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "--logfile", "-"]
         if profile:
@@ -129,15 +141,16 @@ class Run:
         server.start()
         yield server.wait_for(lambda: server.log_has("eventsource serving"),
                               "\"eventsource serving\" in its log")
-        if self.http_port is not None and self.metrics_on:
+        if self.http_port is not None and self.metrics_on and scrape:
             # as Prometheus would, throughout, from a thread of ours (the
             # scrape's CPU is the server's; the benchmark's stays its own)
-            self._scraper = task.LoopingCall(self._scrape)
+            self._scraper = task.LoopingCall(self.scrape)
             self._scraper.clock = self.reactor
             self._scraper.start(self.scrape_interval)
         return server
 
-    def _scrape(self) -> "defer.Deferred[None]":
+    def scrape(self) -> "defer.Deferred[None]":
+        """One GET of ``/metrics`` on :attr:`http_port`, counted in :attr:`scrapes`."""
         import urllib.request
 
         def get() -> int:
@@ -240,7 +253,7 @@ class Run:
     # -- persist ----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def persist(self, in_flight: int, duration: float, mode: str = "v1"
+    def persist(self, in_flight: int, duration: float, mode: str = "v1", totals: bool = False
                 ) -> Generator["defer.Deferred[Any]", Any, dict[str, float]]:
         """
         persist/s and latencies (ms) with ``in_flight`` requests outstanding
@@ -248,6 +261,8 @@ class Run:
         stream of its own.  ``mode``: ``"v1"``, ``"v2"`` (version 2, the
         client's event ids, no expected version) or ``"v2-expected"`` (the
         same, each request expecting the version the lane's last one got).
+        With ``totals``, also ``count`` (persists), ``seconds`` and
+        ``server_cpu_s``.
         """
         clock = time.perf_counter
         state: dict[str, Any] = {"active": in_flight, "errors": [], "latencies": [],
@@ -280,13 +295,16 @@ class Run:
             raise BenchError(f"persist: {len(state['errors'])} requests failed: "
                              f"{state['errors'][0]}")
         latencies = state["latencies"]
-        return {
+        result = {
             "per_s": len(latencies) / (end - start),
             "p50_ms": percentile(latencies, 0.5) * 1000,
             "p99_ms": percentile(latencies, 0.99) * 1000,
             "server_cpu_us": server_cpu / max(1, len(latencies)) * 1e6,
             "client_cpu_us": client_cpu / max(1, len(latencies)) * 1e6,
         }
+        if totals:
+            result.update(count=len(latencies), seconds=end - start, server_cpu_s=server_cpu)
+        return result
 
     # -- idle streams ---------------------------------------------------------
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pymysql
+from twisted.internet import defer, task
 from twisted.trial.unittest import TestCase
 
 from benchmarks import metrics_ab, profiling, report
@@ -165,42 +166,166 @@ class SummaryTests(TestCase):
         self.assertIn("PASS  idle streams: <= 30 KB RSS each", table)
 
 
+_quick_ab = {}
+
+
+class MetricsABQuickRunTests(CommandRunTestCase):
+    """``--quick --metrics-ab``: two servers at once, interleaved slices, a ratio a figure."""
+
+    def run_once(self):
+        # (scraped five times a second: several scrapes fall in the few short slices)
+        return run_json_command("benchmarks", "--quick", "--metrics-ab", "--scrape-interval",
+                                "0.2", cache=_quick_ab)
+
+    def setUp(self):
+        super().setUp()
+        self.ab = self.results["metrics"]["ab"]
+
+    def test_a_ratio_per_figure(self):
+        summary = self.ab["summary"]
+        self.assertEqual(sorted(summary), sorted(metrics_ab.THROUGHPUT + metrics_ab.CPU))
+        for key, figure in summary.items():
+            for name in ("ratio", "off", "on", "pair_median"):
+                self.assertTrue(math.isfinite(figure[name]) and figure[name] > 0,
+                                f"{key} {name} = {figure[name]}")
+            low, high = figure["ci95"]
+            self.assertLessEqual(low, high, key)
+            self.assertEqual(figure["slices"], {"off": 4, "on": 4}, key)
+            self.assertEqual(figure["pairs"], 4, key)
+        for line in metrics_ab.format_summary(summary):
+            self.assertIn(line.strip(), self.process.stderr)
+        self.assertEqual(self.results["repetitions"], [])
+
+    def test_slices_alternate_between_the_servers(self):
+        """Off, on, on, off, off, on, on, off: each figure's slices, in the order they ran."""
+        records = self.ab["records"]
+        for figure in metrics_ab.FIGURES:
+            mine = [r for r in records if r["figure"] == figure.name]
+            self.assertEqual([r["side"] for r in mine], ["off", "on", "on", "off"] * 2,
+                             figure.name)
+            self.assertEqual([r["pair"] for r in mine], [0, 0, 1, 1, 2, 2, 3, 3])
+            for record in mine:
+                self.assertGreater(record["work"], 0, record)
+                self.assertGreater(record["seconds"], 0, record)
+                self.assertGreaterEqual(record["server_cpu_s"], 0, record)
+
+    def test_only_the_on_server_is_scraped_and_only_in_its_slices(self):
+        records = self.ab["records"]
+        self.assertEqual(sum(r["scrapes"] for r in records if r["side"] == "off"), 0)
+        scraped = sum(r["scrapes"] for r in records if r["side"] == "on")
+        self.assertGreater(scraped, 0)
+        metrics = self.results["metrics"]
+        self.assertEqual(metrics["scrape_interval"], 0.2)
+        self.assertGreaterEqual(metrics["ok"], scraped)
+        self.assertEqual(metrics["failed"], 0)
+
+    def test_two_servers_on_one_table(self):
+        off, on = (self.ab["servers"][side].split() for side in ("off", "on"))
+        self.assertNotIn("--http-port", off)
+        self.assertIn("--http-port", on)
+        self.assertEqual(off[off.index("--table") + 1], on[on.index("--table") + 1])
+        self.assertNotEqual(off[off.index("--channel-prefix") + 1],
+                            on[on.index("--channel-prefix") + 1])
+
+
+def _record(figure, side, pair, work, seconds, cpu):
+    return {"figure": figure, "side": side, "pair": pair, "work": work, "seconds": seconds,
+            "server_cpu_s": cpu, "scrapes": 0}
+
+
 class MetricsABTests(TestCase):
-    def test_ratios_are_taken_within_each_round(self):
+    def test_abba(self):
+        self.assertEqual([side for pair in range(4) for side in metrics_ab.pair_order(pair)],
+                         ["off", "on", "on", "off", "off", "on", "on", "off"])
+
+    def test_ratio_of_the_totals_through_drift(self):
         """
-        A machine twice as fast in the second round moves both of its
-        halves: the ratio of each round is 1.02, and so is the median,
-        where comparing the medians across rounds would say otherwise.
+        A machine twice as fast from the third pair on moves both servers of
+        a pair: "on" does 2 % less in every pair, and that is the ratio of
+        the totals, the pairs' median and the bootstrap's whole interval.
         """
-        pairs = [{"off": {"persist_50_per_s": 1000.0}, "on": {"persist_50_per_s": 1020.0}},
-                 {"off": {"persist_50_per_s": 2000.0}, "on": {"persist_50_per_s": 2040.0}},
-                 {"off": {"persist_50_per_s": 1500.0}, "on": {"persist_50_per_s": 1530.0}}]
-        summary = metrics_ab.summarize(pairs)
-        self.assertEqual(set(summary), {"persist_50_per_s"})
-        self.assertAlmostEqual(summary["persist_50_per_s"]["ratio"], 1.02)
-        self.assertEqual([round(r, 3) for r in summary["persist_50_per_s"]["runs"]],
-                         [1.02, 1.02, 1.02])
-        (line,) = metrics_ab.format_summary(summary)
-        self.assertIn("persist_50_per_s (throughput): with / without 1.020", line)
+        records = []
+        for pair in range(6):
+            speed = 1.0 if pair < 2 else 2.0
+            for side in metrics_ab.pair_order(pair):
+                work = 1000 * speed * (0.98 if side == "on" else 1.0)
+                records.append(_record("persist_50", side, pair, work, 1.0,
+                                       work * (50e-6 if side == "on" else 40e-6)))
+        summary = metrics_ab.summarize(records)
+        self.assertEqual(set(summary), {"persist_50_per_s", "persist_50_server_cpu_us"})
+        rate = summary["persist_50_per_s"]
+        self.assertAlmostEqual(rate["ratio"], 0.98)
+        self.assertAlmostEqual(rate["pair_median"], 0.98)
+        self.assertAlmostEqual(rate["ci95"][0], 0.98)
+        self.assertAlmostEqual(rate["ci95"][1], 0.98)
+        self.assertAlmostEqual(rate["off"], (2 * 1000 + 4 * 2000) / 6)
+        self.assertEqual((rate["slices"], rate["pairs"]), ({"off": 6, "on": 6}, 6))
+        cpu = summary["persist_50_server_cpu_us"]
+        self.assertAlmostEqual(cpu["ratio"], 1.25)
+        self.assertAlmostEqual(cpu["off"], 40.0)
+        self.assertAlmostEqual(cpu["on"], 50.0)
+        lines = metrics_ab.format_summary(summary)
+        self.assertIn("persist_50_per_s (throughput): on / off 0.980 (95 % 0.980-0.980", lines[0])
+        self.assertIn("6 + 6 slices", lines[0])
 
-    def test_rounds_alternate_which_half_goes_first(self):
-        from twisted.internet import defer
+    def test_totals_weigh_slices_by_their_time(self):
+        """The ratio is of work over time summed, not a mean of the pairs' ratios."""
+        records = [_record("fetch_1_stream", "off", 0, 100, 1.0, 0.1),
+                   _record("fetch_1_stream", "on", 0, 300, 1.0, 0.3),
+                   _record("fetch_1_stream", "on", 1, 100, 3.0, 0.1),
+                   _record("fetch_1_stream", "off", 1, 100, 1.0, 0.1)]
+        figure = metrics_ab.summarize(records)["fetch_1_stream_rows_per_s"]
+        self.assertAlmostEqual(figure["ratio"], (400 / 4.0) / (200 / 2.0))  # 1.0
+        self.assertAlmostEqual(figure["pair_median"], (3.0 + 1 / 3) / 2)
+        self.assertEqual(figure["pair_iqr"][0] <= figure["pair_median"] <= figure["pair_iqr"][1],
+                         True)
+        low, high = figure["ci95"]
+        self.assertTrue(low <= 1.0 <= high, figure["ci95"])
 
-        order = []
+    def test_an_unpaired_slice_is_left_out(self):
+        records = [_record("persist_1", "off", 0, 100, 1.0, 0.1),
+                   _record("persist_1", "on", 0, 90, 1.0, 0.1),
+                   _record("persist_1", "on", 1, 10, 1.0, 0.1)]
+        figure = metrics_ab.summarize(records)["persist_1_per_s"]
+        self.assertAlmostEqual(figure["ratio"], 0.9)
+        self.assertEqual(figure["pairs"], 1)
 
-        def half(run, metrics_on, log):
-            order.append(metrics_on)
-            return defer.succeed({"persist_50_per_s": 1.0})
+    def test_scrapes_only_while_resumed(self):
+        """Every interval of the time resumed, the first at once; none while paused."""
+        clock = task.Clock()
+        answers = []
 
-        class Run:
-            def stop_server(self):
-                return defer.succeed(None)
+        def scrape():
+            d = defer.Deferred()
+            answers.append(d)
+            return d
 
-        self.patch(metrics_ab, "half", half)
-        pairs = self.successResultOf(metrics_ab.rounds(Run(), 3, lambda line: None))
-        self.assertEqual(order, [False, True, True, False, False, True])
-        self.assertEqual(len(pairs), 3)
-        self.assertEqual(set(pairs[1]), {"on", "off"})
+        scraper = metrics_ab.SliceScraper(clock, 1.0, scrape)
+        scraper.resume()
+        clock.advance(0)
+        self.assertEqual(scraper.count, 1)
+        answers[-1].callback(None)
+        clock.advance(0.5)
+        self.successResultOf(scraper.pause())
+        clock.advance(10)  # (the other server's slices)
+        self.assertEqual(scraper.count, 1)
+        scraper.resume()
+        clock.advance(0.25)
+        self.assertEqual(scraper.count, 1)
+        clock.advance(0.25)  # 1.0 s resumed in all
+        self.assertEqual(scraper.count, 2)
+        clock.advance(1.0)
+        self.assertEqual(scraper.count, 3)
+        # a pause waits for the scrape under way: its cost stays with "on"
+        paused = scraper.pause()
+        self.assertNoResult(paused)
+        answers[1].callback(None)
+        self.assertNoResult(paused)
+        answers[2].callback(None)
+        self.successResultOf(paused)
+        self.assertAlmostEqual(scraper.elapsed, 2.0)
+        clock.advance(5)
+        self.assertEqual(scraper.count, 3)
 
 
 class PySpyTests(TestCase):
