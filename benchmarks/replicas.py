@@ -23,7 +23,7 @@ from twisted.internet import defer
 
 from benchmarks.common import PIDS, Sizes, in_thread, run_benchmark
 from benchmarks.main import _drop_database, _prepare_database, _start_own_redis
-from benchmarks.processes import Child
+from benchmarks.processes import Child, proc_cpu_seconds
 from benchmarks.redis_client import RedisClient
 from benchmarks.scenarios import Run, warm_up
 
@@ -38,6 +38,8 @@ class ReplicaRun(Run):
     replicas = False
     writer_lease = 0.0
     twins: list[Child]
+    #: the pid of the run's own Redis (``--own-redis``), for its CPU
+    redis_pid = 0
 
     def server_args(self) -> list[str]:
         return super().server_args() + (["--replicas"] if self.replicas else []) + (
@@ -67,10 +69,17 @@ def setup_figures(run: ReplicaRun, log: Callable[[str], None]
     figures: dict[str, float] = {}
     for in_flight in (1, 50):
         log(f"persist, {in_flight} in flight")
+        others = others_cpu(run)
         result = yield run.persist(in_flight, sizes.duration)
+        twins, redis = (after - before for before, after in zip(others, others_cpu(run)))
+        count = result["per_s"] * sizes.duration
         figures[f"persist_{in_flight}_per_s"] = result["per_s"]
         figures[f"persist_{in_flight}_p50_ms"] = result["p50_ms"]
         figures[f"persist_{in_flight}_server_cpu_us"] = result["server_cpu_us"]
+        if run.twins:
+            figures[f"persist_{in_flight}_twin_cpu_us"] = twins / count * 1e6
+        if run.redis_pid:
+            figures[f"persist_{in_flight}_redis_cpu_us"] = redis / count * 1e6
     log("per-row fetch, 1 stream")
     rows, seconds, cpu, _ = yield run.fetch([({"$limit": sizes.fetch_1_rows}, sizes.fetch_1_rows)])
     figures["fetch_1_stream_rows_per_s"] = rows / seconds
@@ -78,26 +87,24 @@ def setup_figures(run: ReplicaRun, log: Callable[[str], None]
     log(f"per-row fetch, {sizes.streams} streams")
     selects = [({"$where": {"pid": f"p{i % PIDS}"}, "$limit": sizes.rows_per_stream},
                 sizes.rows_per_stream) for i in range(sizes.streams)]
-    before = machine_times()
-    rows, seconds, cpu, _ = yield run.fetch(selects)
+    others = others_cpu(run)
+    rows, seconds, cpu, client_cpu = yield run.fetch(selects)
+    twins, redis = (after - before for before, after in zip(others, others_cpu(run)))
     figures["fetch_100_streams_rows_per_s"] = rows / seconds
-    figures["fetch_100_streams_machine_busy"] = machine_busy(before, machine_times())
+    figures["fetch_100_streams_machine_busy"] = run.machine_busy
+    figures["fetch_100_streams_server_cpu_us_per_row"] = cpu / rows * 1e6
+    figures["fetch_100_streams_client_cpu_us_per_row"] = client_cpu / rows * 1e6
+    if run.twins:
+        figures["fetch_100_streams_twin_cpu_us_per_row"] = twins / rows * 1e6
+    if run.redis_pid:
+        figures["fetch_100_streams_redis_cpu_us_per_row"] = redis / rows * 1e6
     return figures
 
 
-def machine_times() -> tuple[int, int]:
-    """The machine's CPU time so far (all cores, in clock ticks): busy, and in all."""
-    with open("/proc/stat") as f:
-        fields = [int(value) for value in f.readline().split()[1:9]]
-    # user nice system idle iowait irq softirq steal (guest time is in user's)
-    user, nice, system, _, _, irq, softirq, _ = fields
-    return user + nice + system + irq + softirq, sum(fields)
-
-
-def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """The share of the machine's CPU (all cores: 1.0 is every core busy) used in between."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total else 0.0
+def others_cpu(run: ReplicaRun) -> tuple[float, float]:
+    """CPU seconds so far of the first server's twins, and of the run's own Redis (0: none)."""
+    twins = sum(proc_cpu_seconds(twin.pid) for twin in run.twins)
+    return twins, proc_cpu_seconds(run.redis_pid) if run.redis_pid else 0.0
 
 
 @defer.inlineCallbacks
@@ -112,6 +119,7 @@ def benchmark(reactor: Any, options: argparse.Namespace, log: Callable[[str], No
     try:
         if options.own_redis:
             children.append((yield _start_own_redis(run)))
+            run.redis_pid = children[-1].pid
             run.redis_host = "127.0.0.1"
         run.client = yield RedisClient().connect(reactor, run.redis_host, run.redis_port)
         created = True
@@ -156,6 +164,8 @@ def summarize(reps: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
         "two_vs_one_persist_50": ("two_replicas", "single", "persist_50_per_s"),
         "two_vs_one_fetch_1_stream": ("two_replicas", "single", "fetch_1_stream_rows_per_s"),
         "two_lease_vs_one_persist_50": ("two_replicas_lease", "single", "persist_50_per_s"),
+        "two_lease_vs_one_replica_persist_50": ("two_replicas_lease", "single_replicas",
+                                                "persist_50_per_s"),
         "two_lease_vs_one_persist_1": ("two_replicas_lease", "single", "persist_1_per_s"),
         "two_lease_vs_one_fetch_100_streams": ("two_replicas_lease", "single",
                                                "fetch_100_streams_rows_per_s"),

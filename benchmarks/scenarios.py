@@ -209,11 +209,14 @@ class Run:
             requests.append(json.dumps(request))
         server_cpu = proc_cpu_seconds(self.server_pid)
         client_cpu = time.process_time()
+        machine = machine_times()
         start = clock()
         for body in requests:
             publish(self.request_channels["fetch"], body)
         try:
             ends = yield _gather_with_timeout(self.reactor, [lane.done for lane in lanes], 300)
+            #: the share of the machine's CPU (1.0: every core) busy while the rows flowed
+            self.machine_busy = machine_busy(machine, machine_times())
         finally:
             yield client.unlisten_all([lane.channel for lane in lanes])
         elapsed = max(ends) - start
@@ -529,6 +532,21 @@ def _gather_with_timeout(reactor: IReactorTime, deferreds: list["defer.Deferred[
 
 
 # -- one repetition ---------------------------------------------------------------
+
+
+def machine_times() -> tuple[int, int]:
+    """The machine's CPU time so far (all cores, in clock ticks): busy, and in all."""
+    with open("/proc/stat") as f:
+        fields = [int(value) for value in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal (guest time is in user's)
+    user, nice, system, _, _, irq, softirq, _ = fields
+    return user + nice + system + irq + softirq, sum(fields)
+
+
+def machine_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU (all cores: 1.0 is every core busy) used in between."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
 
 
 @defer.inlineCallbacks

@@ -207,6 +207,40 @@ class RowEncoderTests(SynchronousTestCase):
                 self.assertEqual(list(json.loads(quick(row))), names)
             self.assertIn('"data":{"a":[1.5,null]}}', quick([1, raw, "p", '{"a":[1.5,null]}']))
 
+    def test_the_default_row_by_one_format_is_the_general_encoders_text(self):
+        """
+        A row of version 2's default columns is encoded by one format
+        (wire._encode_v2_default): byte for byte what the general encoder
+        writes, for every value a row can hold, the unusual ones included.
+        """
+        names = ["position", "eventId", "pid", "version", "domain", "name", "timestamp", "data"]
+        encodings = [wire.PLAIN_VALUE, wire.UUID_VALUE] + [wire.PLAIN_VALUE] * 5 + [
+            wire.JSON_VALUE]
+        raw = bytes.fromhex(EVENT_ID.replace("-", ""))
+        rows = [
+            [1, raw, "p", 1, "d", "n", "2026-11-30T05:00:00.123Z", '{"a":[1.5,null]}'],
+            [2 ** 62, raw, "p\u00e9\"q\\\n\u2028\U0001f600\x00\x1f", 0, "", "\ud800",
+             "t", '"text"'],
+            [3, None, "p", 1, "d", "n", "t", None],          # (no event id: a fallback)
+            [4, bytearray(raw), "p", 1, "d", "n", "t", "1"],  # (not bytes)
+            [5, raw, b"p", 1, "d", "n", "t", "1"],            # (bytes: a binary column)
+            [6, raw, "p", None, None, "n", "t", "[]"],
+            [7, raw, "p", True, "d", "n", "t", "{}"],          # (a bool is not an int here)
+            [8, raw[:8], "p", 1, "d", "n", "t", "{}"],
+        ]
+        for checked in (True, False):
+            quick = wire.row_encoder(names, encodings, checked)
+            general = wire._spliced_encoder(
+                names, [1], [wire._row_encoder.encode(n) for n in names],
+                wire._checked_json_text if checked else wire._json_text, 7)
+            self.assertIsNot(quick, general)
+            for row in rows:
+                self.assertEqual(quick(row), general(row))
+        self.assertEqual(
+            wire.row_encoder(names, encodings, True)(rows[0]),
+            '{"position":1,"eventId":"%s","pid":"p","version":1,"domain":"d","name":"n",'
+            '"timestamp":"2026-11-30T05:00:00.123Z","data":{"a":[1.5,null]}}' % EVENT_ID)
+
     def test_json_text_goes_in_as_it_is(self):
         encode = wire.row_encoder(["a", "id", "data"], [wire.PLAIN_VALUE, wire.UUID_VALUE,
                                                         wire.JSON_VALUE])
