@@ -43,11 +43,16 @@ class WriterLease:
 
     :param bus: a callable returning the :class:`eventsource.interfaces.IEventBus`
         (the service's bus may be made after this)
+    :param changed: called after every answer, failure or give-up, and
+        before every attempt (an answer may have grown stale): whoever
+        holds the lease may have changed
     """
 
     def __init__(self, bus: Callable[[], Any], clock: IReactorTime, key: str, owner: str,
-                 ttl: float, eligible: Callable[[], bool]) -> None:
+                 ttl: float, eligible: Callable[[], bool],
+                 changed: Optional[Callable[[], None]] = None) -> None:
         self._bus = bus
+        self._changed = changed or (lambda: None)
         self._clock = clock
         self.key = key
         self.owner = owner
@@ -93,6 +98,7 @@ class WriterLease:
     def _give_up(self) -> "defer.Deferred[None]":
         was_held = self.holder == self.owner
         self.holder = None
+        self._changed()
         if not was_held:
             return defer.succeed(None)
         log.info("gave up the writer lease: another replica takes the persists")
@@ -106,6 +112,7 @@ class WriterLease:
 
     def _attempt(self) -> None:
         self._call = self._clock.callLater(self.interval, self._attempt)
+        self._changed()
         if self._asking:
             return  # (the last attempt is still out: Redis is slow or away)
         if not self._eligible():
@@ -129,6 +136,7 @@ class WriterLease:
             return
         before = self.holder if self._fresh() else None
         self.holder, self._answered_at = holder, float(self._clock.seconds())
+        self._changed()
         if holder == before:
             return
         if holder == self.owner:
@@ -146,6 +154,7 @@ class WriterLease:
         self.holder = None
         if self._stopped:
             return
+        self._changed()
         failing, self._failing = self._failing, True
         if not failing:
             log.warn("could not ask Redis for the writer lease ({error}): this replica "

@@ -272,8 +272,11 @@ class EventSourceService(service.MultiService):
         #: replica mode with ``--writer-lease``: which replica writes the persists
         self.writer_lease = WriterLease(
             lambda: self.bus, reactor, f"{config.channel_prefix}claim:writer",
-            self.replica_id, config.writer_lease, self._may_write) \
+            self.replica_id, config.writer_lease, self._may_write, self._lease_changed) \
             if config.replicas and config.writer_lease else None
+        #: the writer lease's other side: not subscribed to the persist channel
+        #: while another replica holds the lease (see :meth:`_lease_changed`)
+        self.persists_muted = False
         self.ready: "defer.Deferred[EventSourceService]" = defer.Deferred()
 
     @property
@@ -489,6 +492,33 @@ class EventSourceService(service.MultiService):
                        callbackArgs=(request_channel, body, handler, rules, source, key),
                        errbackArgs=(request_channel, key))
 
+    def _lease_changed(self) -> None:
+        """
+        While another replica holds the writer lease, this one leaves the
+        persist channel (``UNSUBSCRIBE``): Redis no longer sends it the
+        persists it would only drop, which on a busy machine is CPU the
+        writer lacks.  It subscribes again when the lease is its own, free,
+        or not known (and the bus subscribes every request channel again
+        after a reconnection).  Tenant mode's pattern is left alone.
+        """
+        lease = self.writer_lease
+        if lease is None or self.config.tenants or not self._accepting:
+            return
+        mute = lease.leaves_persists()
+        if mute == self.persists_muted:
+            return
+        self.persists_muted = mute
+        channel = self.config.request_channels["persist"]
+        d: "defer.Deferred[Any]" = self.bus.unsubscribe(channel) if mute \
+            else self.bus.subscribe(channel)
+        d.addErrback(self._mute_failed, channel, mute)
+
+    def _mute_failed(self, failure: Failure, channel: str, mute: bool) -> None:
+        # (the connection went: the bus subscribes every request channel again)
+        self.persists_muted = False
+        log.warn("could not {what} {channel} ({error})", channel=channel,
+                 what="leave" if mute else "listen on again", error=failure.getErrorMessage())
+
     def _may_write(self) -> bool:
         """Replica mode: whether this replica may hold the writer lease now."""
         watch = self.database_watch
@@ -612,25 +642,28 @@ class EventSourceService(service.MultiService):
         if plan.ignored:
             log.debug("persist for {channel}: ignored document fields {ignored}",
                       channel=channel, ignored=wire.truncate(repr(plan.ignored)))
+        # (counted and timed in the answer's own callbacks: no pass-through callback)
+        taken = (self._reactor.seconds(), len(plan.rows))
         if version == 2:
             d = self.store.append(plan)
-            self.stats.persist_taken(d, len(plan.rows))
             d.addCallbacks(self._appended, self._append_failed,
-                           callbackArgs=(channel,), errbackArgs=(channel,))
+                           callbackArgs=(channel, taken), errbackArgs=(channel,))
         else:
             d = self.store.insert(plan)
-            self.stats.persist_taken(d, len(plan.rows))
             d.addCallbacks(self._persisted, self._persist_failed,
-                           callbackArgs=(channel,), errbackArgs=(channel,))
+                           callbackArgs=(channel, taken), errbackArgs=(channel,))
         self._persists.add(d)
         d.addBoth(self._persist_done, d)
 
-    def _persisted(self, result: Tuple[int, int], channel: str) -> None:
+    def _persisted(self, result: Tuple[int, int], channel: str,
+                   taken: Tuple[float, int]) -> None:
+        self.stats.persist_answered(*taken)
         affected, insert_id = result
         self.publish(channel, wire.encode_ok_packet(affected, insert_id))
         self.publish(channel, wire.END_BODY)
 
     def _persist_failed(self, failure: Failure, channel: str) -> None:
+        self.stats.persist_failed(failure)
         if failure.check("eventsource.store.StoreStopping"):
             log.warn("persist for {channel} not written: the server stopped first",
                      channel=channel)
@@ -638,13 +671,16 @@ class EventSourceService(service.MultiService):
             log.failure("persist for {channel} failed", failure, channel=channel)
         self._reply_error(channel, "the database refused the insert")
 
-    def _appended(self, result: appends.Appended, channel: str) -> None:
+    def _appended(self, result: appends.Appended, channel: str,
+                  taken: Tuple[float, int]) -> None:
+        self.stats.persist_answered(taken[0], taken[1], result.duplicate)
         self.publish(channel, wire.encode_appended(
             [(appends.format_event_id(e.event_id), e.pid, e.version, e.position)
              for e in result.events], result.duplicate))
         self.publish(channel, wire.END_BODY)
 
     def _append_failed(self, failure: Failure, channel: str) -> None:
+        self.stats.persist_failed(failure)
         error = failure.value
         if isinstance(error, appends.WrongExpectedVersion):
             log.debug("persist for {channel} refused: {reason}", channel=channel, reason=error)
@@ -861,6 +897,8 @@ class EventSourceService(service.MultiService):
 
     def redis_lost(self) -> None:
         """The subscriber connection dropped: no acceptance can reach open streams."""
+        # (the next connection subscribes to every request channel)
+        self.persists_muted = False
         if self.streams or self.subscriptions:
             log.warn("Redis connection lost: ending {count} open streams and {subscriptions} "
                      "subscriptions", count=len(self.streams),

@@ -122,29 +122,21 @@ class ServerStats:
         key = (kind if kind in KINDS else OTHER, result if result in RESULTS else OTHER)
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def persist_taken(self, answer: "defer.Deferred[Any]", events: int) -> None:
+    def persist_answered(self, started: float, events: int, duplicate: bool = False) -> None:
         """
-        A persist of ``events`` went to the store: its answer is counted
-        (``ok``, ``conflict`` or ``failed``; the events of a version 2
-        repeat, stored before, are not written again) and timed.  Call it
-        before anything else is chained on ``answer``: the result passes
-        through unchanged.
+        A persist of ``events``, taken at ``started`` (the clock's seconds),
+        was written: counted and timed (the events of a version 2 repeat,
+        stored before, are not written again).
         """
-        answer.addBoth(self._persist_answered, self._clock.seconds(), events)
+        self.requests["persist", "ok"] += 1
+        if not duplicate:
+            self.events_written += events
+        self.append_latency.observe(self._clock.seconds() - started)
 
-    def _persist_answered(self, result: object, started: float, events: int) -> object:
-        try:
-            if isinstance(result, Failure):
-                conflict = result.check("eventsource.appends.AppendRefused")  # type: ignore[no-untyped-call]
-                self.requests["persist", "conflict" if conflict else "failed"] += 1
-            else:
-                self.requests["persist", "ok"] += 1
-                if not getattr(result, "duplicate", False):
-                    self.events_written += events
-                self.append_latency.observe(self._clock.seconds() - started)
-        except Exception:  # (a count gone wrong must never change an answer)
-            log.failure("could not count a persist")
-        return result
+    def persist_failed(self, failure: Failure) -> None:
+        """A persist was not written: refused (an expected version, an event id) or failed."""
+        conflict = failure.check("eventsource.appends.AppendRefused")  # type: ignore[no-untyped-call]
+        self.requests["persist", "conflict" if conflict else "failed"] += 1
 
     def first_row_timer(self) -> Callable[[], None]:
         """A fetch was taken: call the result when its first row goes out."""

@@ -138,7 +138,9 @@ _lenient_decoder = json.JSONDecoder()
 def encode_body(message: Any) -> str:
     """A message body as a client sends it: compact JSON text (a control
     word becomes a JSON string, as :data:`END_BODY`)."""
-    return _body_encoder.encode(message)
+    if type(message) is str:
+        return _quoted(message)  # (what JSONEncoder.encode does with a str)
+    return _encode_message(message)
 
 
 def decode_body(body: Any) -> Any:
@@ -747,6 +749,8 @@ def _one_shot(encoder: json.JSONEncoder) -> Callable[[Any], str]:
 
 #: ``_row_encoder.encode``, the C encoder made once (see :func:`_one_shot`)
 _encode = _one_shot(_row_encoder)
+#: ``_body_encoder.encode``, the same way (:func:`encode_body`)
+_encode_message = _one_shot(_body_encoder)
 
 
 def format_timestamp(value: datetime.datetime) -> str:

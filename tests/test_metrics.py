@@ -414,11 +414,19 @@ class RegistryTests(ServiceTestCase):
                 self.assertTrue(family.name.endswith(("_seconds", "_persists")), family.name)
 
 
-class FailurePassesThroughTests(SynchronousTestCase):
-    def test_persist_answer_unchanged(self):
-        counts = stats.ServerStats(Clock())
-        answer = defer.Deferred()
-        counts.persist_taken(answer, 1)
-        failure = Failure(RuntimeError("no"))
-        answer.errback(failure)
-        self.assertIs(self.failureResultOf(answer), failure)
+class PersistCountTests(SynchronousTestCase):
+    def test_answers_and_failures(self):
+        """Written (timed; a repeat's events not written again), refused, failed."""
+        clock = Clock()
+        counts = stats.ServerStats(clock)
+        clock.advance(2)
+        counts.persist_answered(1.5, 3)
+        counts.persist_answered(1.0, 2, duplicate=True)
+        counts.persist_failed(Failure(RuntimeError("no")))
+        from eventsource.appends import WrongExpectedVersion
+        counts.persist_failed(Failure(WrongExpectedVersion("p", 1, 2)))
+        self.assertEqual((counts.requests["persist", "ok"], counts.requests["persist", "failed"],
+                          counts.requests["persist", "conflict"]), (2, 1, 1))
+        self.assertEqual(counts.events_written, 3)
+        self.assertEqual(counts.append_latency.count, 2)
+        self.assertEqual(counts.append_latency.sum, 1.5)

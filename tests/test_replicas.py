@@ -418,6 +418,35 @@ class WriterLeaseTests(ReplicaTestCase):
         self.assertIn("went to", [e for e in self.logged
                                   if e["log_level"].name == "warn"][-1]["log_format"])
 
+    def test_replicas_that_leave_persists_leave_the_persist_channel(self):
+        """
+        Another replica holds the lease: this one unsubscribes from the
+        persist channel (Redis sends it nothing to drop), and subscribes
+        again when it takes the lease, or after Redis comes back.
+        """
+        self.make(count=2, writer_lease=2.0)
+        holder, other = self.services
+        self.assertFalse(holder.persists_muted)
+        self.assertTrue(other.persists_muted)
+        self.assertNotIn("persist", self.buses[1].subscribed)
+        # Redis lost and back: the new connection listens on every request channel
+        other.redis_lost()
+        self.assertFalse(other.persists_muted)
+        self.clock.advance(0.5)
+        self.assertTrue(other.persists_muted)
+        # the holder stops: the other takes the lease, and listens again
+        holder.stopService()
+        self.clock.advance(0.5)
+        self.assertTrue(other.writer_lease.held)
+        self.assertFalse(other.persists_muted)
+        self.assertIn("persist", self.buses[1].subscribed)
+
+    def test_tenant_mode_keeps_its_pattern(self):
+        self.make(count=2, writer_lease=2.0, tenants=True, channel_prefix="es:")
+        self.assertTrue(self.services[1].writer_lease.leaves_persists())
+        self.assertFalse(self.services[1].persists_muted)
+        self.assertEqual(self.buses[1].subscribed, set())
+
     def test_off_by_default(self):
         self.make(count=2)
         self.assertIsNone(self.services[0].writer_lease)

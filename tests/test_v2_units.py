@@ -284,6 +284,16 @@ class RowEncoderTests(SynchronousTestCase):
         ascii_only = wire._one_shot(json.JSONEncoder(ensure_ascii=True))
         self.assertEqual(ascii_only({"s": "é"}), '{"s": "\\u00e9"}')
 
+    def test_message_bodies_are_what_the_body_encoder_writes(self):
+        """encode_body (the C encoder made once, a str written at once) writes what json does."""
+        values = ["end", "accepted", "p\u00e9\"q\\\n\u2028\ud800\U0001f600", "",
+                  {"events": [{"eventId": EVENT_ID, "pid": "p\u00e9", "version": 3,
+                               "position": 2 ** 53}], "duplicate": False},
+                  {"error": {"code": "x", "message": "m", "n": 1.5e300}}, [1, None, True],
+                  {"caughtUp": 12}, 7, None]
+        for value in values:
+            self.assertEqual(wire.encode_body(value), wire._body_encoder.encode(value))
+
     def test_without_the_c_encoder_the_encoders_own(self):
         self.patch(json.encoder, "c_make_encoder", None)
         encoder = json.JSONEncoder(separators=(",", ":"))
