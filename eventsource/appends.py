@@ -9,7 +9,6 @@ event id means.  See docs/PROTOCOL.md, "Version 2".
 """
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -33,7 +32,10 @@ def stream_of(pid: str) -> str:
 
 def format_event_id(raw: bytes) -> str:
     """A stored 16-byte event id as the wire writes it: lowercase, with hyphens."""
-    return str(uuid.UUID(bytes=bytes(raw)))
+    if len(raw) != 16:
+        raise ValueError(f"an event id is 16 bytes, not {len(raw)}")
+    text = bytes(raw).hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(frozen=True)
