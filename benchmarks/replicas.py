@@ -42,8 +42,8 @@ class ReplicaRun(Run):
     redis_pid = 0
 
     def server_args(self) -> list[str]:
-        return super().server_args() + (["--replicas"] if self.replicas else []) + (
-            [f"--writer-lease={self.writer_lease}"] if self.writer_lease else [])
+        return super().server_args() + (
+            ["--replicas", f"--writer-lease={self.writer_lease}"] if self.replicas else [])
 
     @defer.inlineCallbacks
     def start_twin(self) -> Generator["defer.Deferred[Any]", Any, Child]:

@@ -111,7 +111,7 @@ class Config:
     #: replica mode: seconds of the writer lease (renewed every quarter of
     #: it): only its holder claims persists, so one replica writes at a time
     #: (docs/OPERATIONS.md "The writer lease"); 0: off, every replica writes
-    writer_lease: float = 0.0
+    writer_lease: float = 2.0
 
     #: seconds shutdown waits for persists in flight before closing anyway
     shutdown_timeout: float = 10.0

@@ -375,7 +375,7 @@ SETTINGS = (
         lease_seconds,
         "Replica mode: one replica at a time (the holder of a lease in Redis, kept this many "
         "seconds and renewed) serves the persists, so group commits stay whole; the others "
-        "serve fetches. 0: off, every replica writes.",
+        "serve fetches. 0: off, every replica writes (and they take turns on the append lock).",
     ),
     Setting(
         "shutdown-timeout",
@@ -423,8 +423,6 @@ def default_text(setting: Setting) -> str:
         return "empty"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if setting.coerce is lease_seconds and not value:
-        return "0 (off)"
     return str(value)
 
 

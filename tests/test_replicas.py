@@ -47,6 +47,9 @@ class ReplicaTestCase(SynchronousTestCase):
     def make(self, count=2, probes=None, **config):
         """``probes``: each replica's database check (:class:`Probe`), when given."""
         config.setdefault("replicas", True)
+        # (the claims are these tests' subject: every replica writes, unless a
+        # test asks for the writer lease)
+        config.setdefault("writer_lease", 0.0)
         self.clock = Clock()
         self.config = Config(**config)
         self.store = MemoryStore(page_size=self.config.page_size)
@@ -447,11 +450,20 @@ class WriterLeaseTests(ReplicaTestCase):
         self.assertFalse(self.services[1].persists_muted)
         self.assertEqual(self.buses[1].subscribed, set())
 
-    def test_off_by_default(self):
-        self.make(count=2)
+    def test_on_by_default_in_replica_mode_and_off_with_0(self):
+        self.assertEqual(Config().writer_lease, 2.0)
+        self.make(count=2, writer_lease=Config().writer_lease)
+        self.assertTrue(self.services[0].writer_lease.held)
+        for service in self.services:
+            service.stopService()
+        self.make(count=2, writer_lease=0)
         self.assertIsNone(self.services[0].writer_lease)
         self.clock.advance(5)
         self.assertEqual(self.leases, {})
+        # (and a single server has none)
+        single = EventSourceService(Config(), self.clock, bus=MemoryBus().attach,
+                                    store=self.store)
+        self.assertIsNone(single.writer_lease)
 
     def test_the_metric_says_who_holds_it(self):
         from eventsource.metrics import ServerCollector

@@ -35,7 +35,9 @@ def persist_v2(channel, pid, event_id):
 
 
 class ReplicaTestCase(IntegrationTestCase):
-    server_config = {"replicas": REPLICAS}
+    # (every replica writes: the claims are these tests' subject; the writer
+    # lease's tests ask for it)
+    server_config = {"replicas": REPLICAS, "writer_lease": 0.0}
 
     @defer.inlineCallbacks
     def start_replicas(self, count):
@@ -201,11 +203,11 @@ class KilledReplicaTests(TwistdReplicaTestCase):
     """A real ``twistd eventsource --replicas`` process, killed with SIGKILL mid-load."""
 
     # (the survivor's streams wait, unaccepted, through the whole load)
-    server_config = {"replicas": REPLICAS, "row_timeout": 120.0}
+    server_config = {"replicas": REPLICAS, "writer_lease": 0.0, "row_timeout": 120.0}
 
     @defer.inlineCallbacks
     def test_kill_9_loses_only_its_own_streams_and_nothing_acknowledged(self):
-        process = yield self.start_twistd()
+        process = yield self.start_twistd("--writer-lease", "0")
         self.insert_events(30, pid="k_")
         # streams on both replicas, each accepted up to its tenth row only
         streams = [unique(self.prefix + "s") for _ in range(12)]
@@ -483,6 +485,7 @@ class ReplicaACLTests(SecuredRedisTestCase):
 
     def server_settings(self):
         return dict(redis_user="eventsource", redis_password="server-pass", replicas=True,
+                    writer_lease=0.0,
                     channel_prefix="")
 
     @defer.inlineCallbacks

@@ -539,7 +539,7 @@ class ErrorTests(SynchronousTestCase):
         setting = next(s for s in tap.SETTINGS if s.option == "writer-lease")
         for text in ["-1", "0.1", "0.49", "3601", "nan", "inf", "x", ""]:
             self.assert_bad(setting, text)
-        self.assertEqual(parse([]).writer_lease, 0.0)
+        self.assertEqual(parse([]).writer_lease, 2.0)
         self.assertEqual(parse(["--replicas", "--writer-lease=0.5"]).writer_lease, 0.5)
         self.assertEqual(parse(["--writer-lease=0"]).writer_lease, 0.0)
         self.assertEqual(parse(["--replicas"], {"EVENTSOURCE_WRITER_LEASE": "2"}).writer_lease,

@@ -138,7 +138,7 @@ class ReplicaB(LoggedProcess):
         command = ["env", "-i", f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}",
                    f"PYTHONPATH={HERE}", sys.executable, "-c",
                    "from twisted.scripts.twistd import run; run()",
-                   "-n", "--pidfile=", "eventsource", "--replicas",
+                   "-n", "--pidfile=", "eventsource", "--replicas", "--writer-lease", "0",
                    "--table", self.table, "--channel-prefix", self.prefix,
                    "--redis-host", redis_host, "--redis-port", str(redis_port),
                    "--mysql-host", mysql_host, "--mysql-port", str(mysql_port),
@@ -308,7 +308,8 @@ class PartitionTests(TestCase):
         self.a = make_server(Config(
             table=self.table, redis_host=redis_host, redis_port=redis_port,
             mysql_host=mysql_host, mysql_port=mysql_port, mysql_user="root",
-            mysql_timeout=MYSQL_TIMEOUT, replicas=True, channel_prefix=self.prefix),
+            mysql_timeout=MYSQL_TIMEOUT, replicas=True, writer_lease=0.0,
+            channel_prefix=self.prefix),
             stop_reactor_on_failure=False)
         self.a.startService()
         self.addCleanup(lambda: self.a.stopService() if self.a.running else None)

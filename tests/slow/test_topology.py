@@ -63,8 +63,10 @@ LANES = 30
 
 
 def topology():
+    # (every server writes, through its own Galera node: commit order across
+    # writers and nodes is this test's subject, so no writer lease)
     return shared(__name__, lambda: Topology(server_arguments=[
-        "--heartbeat", str(HEARTBEAT)]))
+        "--heartbeat", str(HEARTBEAT), "--writer-lease", "0"]))
 
 
 def report(text):
