@@ -296,6 +296,29 @@ class RowEncoderTests(SynchronousTestCase):
             # (and persisted data, when nothing in it needs JavaScript's layout)
             self.assertEqual(wire._compact_encode(value), wire._compact_encoder.encode(value))
 
+    def test_an_appends_answer_by_format_is_the_encoders_text(self):
+        """wire.encode_appended's format writes what encode_body writes, for any values."""
+        cases = [
+            ([(EVENT_ID, "p", 1, 2)], False),
+            ([(EVENT_ID, "p\u00e9\"q\\\n\ud800", 2 ** 60, 3), (EVENT_ID, "", 0, 4)], True),
+            ([(EVENT_ID, "p", True, 2)], False),      # (a bool: the encoder's way)
+            ([(EVENT_ID, "p", 1.5, 2)], False),
+            ([(EVENT_ID, b"p", 1, 2)], False),
+            ([(None, "p", 1, 2)], False),
+            ([], False),
+            ([(EVENT_ID, "p", 1, 2)], 1),             # (not a bool)
+        ]
+        for events, duplicate in cases:
+            expected = wire.encode_body({"events": [
+                {"eventId": e, "pid": p, "version": v, "position": n} for e, p, v, n in events],
+                "duplicate": duplicate}) if not any(type(p) is bytes for _, p, _, _ in events) \
+                else None
+            if expected is None:
+                with self.assertRaises(TypeError):
+                    wire.encode_appended(events, duplicate)
+                continue
+            self.assertEqual(wire.encode_appended(events, duplicate), expected)
+
     def test_without_the_c_encoder_the_encoders_own(self):
         self.patch(json.encoder, "c_make_encoder", None)
         encoder = json.JSONEncoder(separators=(",", ":"))
