@@ -666,6 +666,10 @@ class SelectPlan:
     #: version 2 stream read) and the value before its first
     keyset_column: str = field(default="`id`", repr=False)
     keyset_start: int = field(default=0, repr=False)
+    #: keyset plans that output the keyset column themselves (version 2's
+    #: ``position``; a stream read's ``version``): its place among the
+    #: outputs, and the page is read without a ``__keyset`` column of its own
+    keyset_index: Optional[int] = field(default=None, repr=False)
     #: how each output column travels (:data:`wire.PLAIN_VALUE`, ``UUID_VALUE``,
     #: ``JSON_VALUE``); empty: all plain (version 1)
     encodings: Tuple[str, ...] = field(default=(), repr=False)
@@ -688,7 +692,8 @@ class SelectPlan:
         Keyset plans only: rows with ``after_id < id <= high_water`` that
         match the query, in ``id`` order, at most ``size`` of them.  The
         last column, ``__keyset``, is the row's id, for the next page; the
-        caller strips it.
+        caller strips it.  A plan that outputs the keyset column itself
+        (:attr:`keyset_index`) has no ``__keyset``: that output is read.
         """
         if not self.keyset:
             raise ValueError("page_sql() needs a keyset plan; use offset_sql()")
@@ -698,7 +703,8 @@ class SelectPlan:
         if self.union_values:
             return self._union_page_sql(after_id, high_water, size)
         key = self.keyset_column
-        sql = ("SELECT " + self.select_sql + ", " + key + " AS `__keyset` FROM " + self.table_sql
+        extra = "" if self.keyset_index is not None else ", " + key + " AS `__keyset`"
+        sql = ("SELECT " + self.select_sql + extra + " FROM " + self.table_sql
                + self.index_hint + self._where(key + " > %s AND `id` <= %s")
                + " ORDER BY " + key + " LIMIT %s")
         return sql, self.where_params + (after_id, high_water, size)
@@ -722,7 +728,8 @@ class SelectPlan:
                + ("" if self.union_rest_sql is None else " WHERE " + self.union_rest_sql)
                + "), `__page` AS (" + " UNION ".join([branch] * len(self.union_values))
                + " ORDER BY `id` LIMIT %s) SELECT " + self.select_sql
-               + ", `id` AS `__keyset` FROM `__page` STRAIGHT_JOIN " + self.table_sql
+               + ("" if self.keyset_index is not None else ", `id` AS `__keyset`")
+               + " FROM `__page` STRAIGHT_JOIN " + self.table_sql
                + " USING (`id`) ORDER BY `id`")
         params = list(self.union_rest_params)
         for value in self.union_values:
@@ -1062,6 +1069,11 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
                   "keyset_start": -1}
     elif keyset:
         access = _keyset_access(select.get("$where"), schema, column_refs, limits)
+    if keyset:
+        key = access.get("keyset_column", "`id`")
+        access["keyset_index"] = next(
+            (i for i, o in enumerate(outputs)
+             if not o.aggregate and (o.sql == key or o.sql.startswith(key + " AS "))), None)
     return SelectPlan(
         columns=tuple(o.name for o in outputs),
         keyset=keyset,

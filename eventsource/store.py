@@ -333,7 +333,12 @@ def _encode_page(txn: Txn, plan: SelectPlan,
     names = [column[0] for column in txn.description]
     rows = txn.fetchall()
     last = None
-    if plan.keyset:
+    if plan.keyset and plan.keyset_index is not None:
+        encode = plan.row_encoder(names, checked_json)
+        bodies = [encode(row) for row in rows]
+        if rows:
+            last = rows[-1][plan.keyset_index]
+    elif plan.keyset:
         encode = plan.row_encoder(names[:-1], checked_json)
         bodies = [encode(row[:-1]) for row in rows]
         if rows:
@@ -352,7 +357,10 @@ def _encode_bounded(cursor: Any, plan: SelectPlan, max_bytes: int,
     ``(bodies, last_keyset, cut)``, ``cut`` when rows were left unread.
     """
     names = [column[0] for column in cursor.description]
-    strip_keyset = plan.keyset
+    # (the keyset: read from its own last column, stripped before encoding,
+    # or from the output that is the keyset column; none for offset pages)
+    strip_keyset = plan.keyset and plan.keyset_index is None
+    index = plan.keyset_index if plan.keyset else None
     if strip_keyset:
         names = names[:-1]
     encode = plan.row_encoder(names, checked_json)
@@ -364,6 +372,9 @@ def _encode_bounded(cursor: Any, plan: SelectPlan, max_bytes: int,
         if strip_keyset:
             body = encode(row[:-1])
             last = row[-1]
+        elif index is not None:
+            body = encode(row)
+            last = row[index]
         else:
             body = encode(row)
         append(body)

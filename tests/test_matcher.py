@@ -199,7 +199,8 @@ class Differential(TestCase):
         plan = query.compile_select({"$where": where}, self.subscribe_schema)
         sql, params = plan.page_sql(0, self.EVENTS, self.EVENTS)
         self.cursor.execute(sql, params)
-        return sorted(row[-1] for row in self.cursor.fetchall())
+        at = -1 if plan.keyset_index is None else plan.keyset_index  # (__keyset, or position)
+        return sorted(row[at] for row in self.cursor.fetchall())
 
     def test_the_matcher_agrees_with_mariadb(self):
         decided = 0

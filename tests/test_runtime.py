@@ -41,6 +41,7 @@ class SlowPlan:
 
     keyset = True
     keyset_start = 0
+    keyset_index = None
 
     def __init__(self, seconds):
         self.seconds = seconds

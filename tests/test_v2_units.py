@@ -161,6 +161,32 @@ class Version2SelectTests(SynchronousTestCase):
         self.assertEqual(plan.encodings, (wire.PLAIN_VALUE, wire.UUID_VALUE, wire.JSON_VALUE))
         self.assertTrue(plan.keyset)
 
+    def test_a_plan_that_outputs_its_keyset_reads_it_there(self):
+        """
+        A keyset plan whose outputs hold the keyset column (version 2's
+        default columns: ``position``; a stream read: ``version``) pages
+        without a ``__keyset`` column of its own; one that does not (version
+        1's default columns) reads one.
+        """
+        default = query.compile_select({}, self.schema)
+        self.assertEqual(default.keyset_index, default.columns.index("position"))
+        sql, _ = default.page_sql(0, 100, 10)
+        self.assertNotIn("__keyset", sql)
+        stream = query.compile_select({"$where": {"pid": "p", "version": {"$gte": 3}}},
+                                      self.schema)
+        self.assertEqual(stream.keyset_column, "`version`")
+        self.assertEqual(stream.keyset_index, stream.columns.index("version"))
+        union = query.compile_select({"$where": {"pid": {"$in": ["a", "b"]}}}, self.schema)
+        self.assertTrue(union.union_values)
+        self.assertNotIn("__keyset", union.page_sql(0, 100, 10)[0])
+        for plan in (query.compile_select({}, query.TableSchema("db", "event")),
+                     query.compile_select({"$columns": ["pid", "data"]}, self.schema),
+                     query.compile_select({"$columns": [{"n": {"$max": "position"}}]},
+                                          self.schema)):
+            self.assertIsNone(plan.keyset_index)
+            if plan.keyset:
+                self.assertIn("`__keyset`", plan.page_sql(0, 100, 10)[0])
+
     def test_version_1_sees_none_of_it(self):
         v1 = query.TableSchema("db", "event")
         for name in ("position", "eventId", "version", "event_id"):
