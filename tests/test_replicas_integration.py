@@ -199,6 +199,28 @@ class TwistdReplicaTestCase(ReplicaTestCase):
         return process
 
 
+    @defer.inlineCallbacks
+    def append_until_answered(self, client, pid, event_id, answers=None):
+        """
+        One version 2 append, sent again (a new reply channel, the same event
+        id) until answered within 2 s; its answer.  ``answers`` gets every
+        reply channel used.
+        """
+        for _attempt in range(10):
+            channel = unique(self.prefix + "r")
+            yield client.subscribe(channel)
+            yield client.request("persist", persist_v2(channel, pid, event_id))
+            try:
+                yield client.wait_end(channel, timeout=2)
+            except AssertionError:
+                continue  # (its replica died: try again, the same event id)
+            finally:
+                if answers is not None:
+                    answers[channel] = client
+            return self.results(client, channel)[0]
+        raise AssertionError(f"{event_id} never acknowledged")
+
+
 class KilledReplicaTests(TwistdReplicaTestCase):
     """A real ``twistd eventsource --replicas`` process, killed with SIGKILL mid-load."""
 
@@ -230,23 +252,11 @@ class KilledReplicaTests(TwistdReplicaTestCase):
 
         @defer.inlineCallbacks
         def append(client, pid, event_id):
-            for _attempt in range(10):
-                channel = unique(self.prefix + "r")
-                yield client.subscribe(channel)
-                yield client.request("persist", persist_v2(channel, pid, event_id))
-                try:
-                    yield client.wait_end(channel, timeout=2)
-                except AssertionError:
-                    continue  # (its replica died: try again, the same event id)
-                finally:
-                    answers[channel] = client
-                reply = self.results(client, channel)[0]
-                acknowledged[event_id] = reply
-                if len(acknowledged) == 100 and not killed:
-                    process.send_signal(signal.SIGKILL)
-                    killed.append(True)
-                return
-            raise AssertionError(f"{event_id} never acknowledged")
+            acknowledged[event_id] = yield self.append_until_answered(
+                client, pid, event_id, answers)
+            if len(acknowledged) == 100 and not killed:
+                process.send_signal(signal.SIGKILL)
+                killed.append(True)
 
         @defer.inlineCallbacks
         def lane(client, number):
@@ -306,22 +316,12 @@ class KilledLeaseHolderTests(TwistdReplicaTestCase):
 
         @defer.inlineCallbacks
         def append(client, pid, event_id):
-            for _attempt in range(10):
-                channel = unique(self.prefix + "r")
-                yield client.subscribe(channel)
-                yield client.request("persist", persist_v2(channel, pid, event_id))
-                try:
-                    yield client.wait_end(channel, timeout=2)
-                except AssertionError:
-                    continue  # (no answer: try again, the same event id)
-                acknowledged[event_id] = self.results(client, channel)[0]
-                if len(acknowledged) == 100 and not killed:
-                    self.assertTrue(lease.leaves_persists())  # (the process writes)
-                    self.assertEqual(self.server.stats.requests["persist", "ok"], 0)
-                    process.send_signal(signal.SIGKILL)
-                    killed.append(self.server.seconds())
-                return
-            raise AssertionError(f"{event_id} never acknowledged")
+            acknowledged[event_id] = yield self.append_until_answered(client, pid, event_id)
+            if len(acknowledged) == 100 and not killed:
+                self.assertTrue(lease.leaves_persists())  # (the process writes)
+                self.assertEqual(self.server.stats.requests["persist", "ok"], 0)
+                process.send_signal(signal.SIGKILL)
+                killed.append(self.server.seconds())
 
         @defer.inlineCallbacks
         def lane(client, number):
