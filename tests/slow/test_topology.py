@@ -401,7 +401,8 @@ class TopologyTests(TestCase):
         seen = ("saw the same events in order, each once" if not problems
                 else f"did not all see the stored log ({len(problems)} problems)")
         text = (f"{what}: {APPENDS} appends from {CLIENTS} clients in {figures['seconds']:.1f} s, "
-                f"then {load.extra} more until every server had served one; persists served "
+                f"then {load.extra - figures.get('pressed', 0)} more until every server had "
+                f"served one (and {figures.get('pressed', 0)} during the fault); persists served "
                 f"per server (a restarted one: since its restart) {figures['served']}; "
                 f"{len(self.watchers)} subscriptions ({figures['added']} opened after the "
                 f"recovery; open per server at the end {figures['per_server']}) {seen}; "
@@ -443,13 +444,31 @@ class TopologyTests(TestCase):
             # Stopped (SIGSTOP) at a moment of the load, a server is killed
             # only once appends sent before that moment wait for it (it
             # claimed them): it dies holding requests.  If none does, it goes
-            # on (SIGCONT), and the next server in turn is stopped a moment
-            # later (servers 2, 3, 1, ...: the claims are a race, and a busy
-            # server, the one holding most subscriptions, say, may win none
-            # for a while).
-            order = self.servers[1:] + self.servers[:1]
-            for attempt in range(60):
-                server = order[attempt % len(order)]
+            # on (SIGCONT) and is tried again a moment later.  Meanwhile
+            # appends to new streams keep coming (the load itself may end
+            # first on a fast machine: an append takes a few ms), and the
+            # server stopped is the one with the most persists in flight (its
+            # /metrics): claims are a race, and one server may win nearly all
+            # of them for a while.
+            pressing = [True]
+            extra_before = load.extra
+
+            @defer.inlineCallbacks
+            def press():
+                while pressing[0]:
+                    yield load.one_each(LANES)
+
+            pressure = press()
+
+            def busiest():
+                return max((self.metric(s, "eventsource_persists_in_flight"), -i)
+                           for i, s in enumerate(self.servers))
+
+            attempts = 0
+            for _ in range(60):
+                attempts += 1
+                _, index = yield threads.deferToThread(busiest)
+                server = self.servers[-index]
                 killed_at = time.monotonic()
                 server.send(signal.SIGSTOP)
                 yield sleep(0.5)
@@ -458,13 +477,16 @@ class TopologyTests(TestCase):
                     break
                 server.send(signal.SIGCONT)
                 yield sleep(0.2)
+            pressing[0] = False
             killed.append(server)
             server.kill()
             yield sleep(1.0)
             restarted = time.monotonic()
             server.spawn()
             yield wait_until(server.serving, timeout=60, step=0.05, what="the server to serve")
-            return dict(killed_at=killed_at, held=held, attempts=attempt + 1,
+            yield pressure  # (its last appends, the held ones among them, answered)
+            return dict(killed_at=killed_at, held=held, attempts=attempts,
+                        pressed=load.extra - extra_before,
                         server_serving_after_its_restart_seconds=time.monotonic() - restarted)
 
         figures = yield self.load_with(fault)
