@@ -316,23 +316,18 @@ class _Subscriber(_Remembering, txredisapi.SubscriberProtocol):  # type: ignore[
         self.factory.deliver(channel, message)
 
 
-class _Claim:
-    """The pending reply of a claim (``SET ... NX PX``) on the publisher connection."""
-
-    __slots__ = ("key", "answer")
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.answer: defer.Deferred[bool] = defer.Deferred()
-
-
 class _Reply:
-    """The pending reply of any other command on the publisher connection."""
+    """The pending reply of a command (a claim, a lease's) on the publisher connection."""
 
     __slots__ = ("answer",)
 
     def __init__(self) -> None:
         self.answer: defer.Deferred[Any] = defer.Deferred()
+
+
+def _was_set(reply: Any) -> bool:
+    """``SET ... NX``'s reply: OK when it set the key, nil when the key was there."""
+    return reply is not None
 
 
 class _Ping:
@@ -350,7 +345,7 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
         #: the channel of each publish whose reply is still to come (with
         #: the Deferred of a counted publish), the pending claims and pings
         self._unanswered: deque[
-            Union[str, tuple[str, defer.Deferred[int]], _Claim, _Reply, _Ping]] = deque()
+            Union[str, tuple[str, defer.Deferred[int]], _Reply, _Ping]] = deque()
         #: when the heartbeat PING still unanswered was sent (None: none is)
         self.ping_sent: Optional[float] = None
         #: the heartbeat's checks since that PING was sent
@@ -367,11 +362,9 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
         ``SET key owner NX PX ttl_ms``, pipelined with the publishes: fires
         True when it set the key, False when the key was there already.
         """
-        claim = _Claim(key)
-        self._unanswered.append(claim)
-        self._write_command(b"SET", key.encode("utf-8"), owner.encode("utf-8"), b"NX", b"PX",
-                            b"%d" % ttl_ms)
-        return claim.answer
+        d = self.command(b"SET", key.encode("utf-8"), owner.encode("utf-8"), b"NX", b"PX",
+                         b"%d" % ttl_ms)
+        return d.addCallback(_was_set)
 
     def command(self, *parts: bytes) -> defer.Deferred[Any]:
         """
@@ -390,9 +383,9 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
     def connectionLost(self, why: Failure) -> None:
         # (a claim whose reply never came is a request nobody serves here:
         # its Deferred, like any command's, must not wait forever)
-        waiting = [entry for entry in self._unanswered if isinstance(entry, (_Claim, _Reply))]
+        waiting = [entry for entry in self._unanswered if isinstance(entry, _Reply)]
         self._unanswered = deque(entry for entry in self._unanswered
-                                 if not isinstance(entry, (_Claim, _Reply)))
+                                 if not isinstance(entry, _Reply))
         super().connectionLost(why)
         for entry in waiting:
             entry.answer.errback(RedisUnavailable("the Redis connection was lost"))
@@ -426,12 +419,6 @@ class _Publisher(_Remembering, txredisapi.RedisProtocol):  # type: ignore[misc]
             entry = self._unanswered.popleft()
             if isinstance(entry, _Ping):
                 self.ping_sent = None
-                return
-            if isinstance(entry, _Claim):
-                if isinstance(reply, Exception):
-                    entry.answer.errback(reply)
-                else:
-                    entry.answer.callback(reply is not None)
                 return
             if isinstance(entry, _Reply):
                 if isinstance(reply, Exception):
@@ -1065,10 +1052,10 @@ class RedisBus:
         publisher = self._publisher
         if publisher is None:
             return defer.fail(RedisUnavailable("Redis is not connected"))
-        ttl_ms = b"%d" % max(1, round(ttl * 1000))
+        ttl_ms = max(1, round(ttl * 1000))
         name = key.encode("utf-8")
         try:
-            took = publisher.claim(key, owner, int(ttl_ms))
+            took = publisher.claim(key, owner, ttl_ms)
             holder = publisher.command(b"GET", name)
         except Exception as error:
             return defer.fail(error)
@@ -1084,7 +1071,7 @@ class RedisBus:
             holder_name = _text(held_by)
             if holder_name != owner:
                 return holder_name
-            renewed: defer.Deferred[Any] = publisher.command(b"PEXPIRE", name, ttl_ms)
+            renewed: defer.Deferred[Any] = publisher.command(b"PEXPIRE", name, b"%d" % ttl_ms)
             # (0: the key expired between the GET and the PEXPIRE: nobody holds it)
             renewed.addCallback(lambda done: owner if done else None)
             return renewed

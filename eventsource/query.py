@@ -769,12 +769,14 @@ def _check_counts(**counts: int) -> None:
 class _Output:
     """One SELECT list item while compiling ``$columns``."""
 
-    __slots__ = ("name", "sql", "ref", "aggregate", "encoding")
+    __slots__ = ("name", "sql", "ref", "aggregate", "encoding", "column_sql")
 
     def __init__(self, name: str, sql: str, ref: _Ref, aggregate: bool,
-                 encoding: str = "") -> None:
+                 encoding: str = "", column_sql: Optional[str] = None) -> None:
         self.name, self.sql, self.ref, self.aggregate = name, sql, ref, aggregate
         self.encoding = encoding
+        #: a plain output: the table column it is, as SQL (None: an aggregate)
+        self.column_sql = column_sql
 
 
 def _alias(name: JSON, schema: TableSchema, column: Optional[str] = None) -> str:
@@ -815,11 +817,12 @@ def _encoding(schema: TableSchema, column: str) -> str:
 
 
 def _plain_output(schema: TableSchema, column: str, alias: str) -> _Output:
-    sql = schema.column_sql(column)
+    column_sql = schema.column_sql(column)
+    sql = column_sql
     if alias != schema.table_column(column):
         sql += " AS " + _quote_ident(alias)
     return _Output(alias, sql, _Ref(_quote_ident(alias), _kind(schema, column)), False,
-                   _encoding(schema, column))
+                   _encoding(schema, column), column_sql)
 
 
 def _aggregate_output(schema: TableSchema, alias: str, spec: JSON) -> _Output:
@@ -1072,8 +1075,7 @@ def _compile_select(select: JSON, schema: TableSchema, limits: Limits) -> Select
     if keyset:
         key = access.get("keyset_column", "`id`")
         access["keyset_index"] = next(
-            (i for i, o in enumerate(outputs)
-             if not o.aggregate and (o.sql == key or o.sql.startswith(key + " AS "))), None)
+            (i for i, o in enumerate(outputs) if o.column_sql == key), None)
     return SelectPlan(
         columns=tuple(o.name for o in outputs),
         keyset=keyset,

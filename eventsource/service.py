@@ -374,7 +374,7 @@ class EventSourceService(service.MultiService):
                          "(their outcome is unknown to their clients)",
                          count=len(self._persists), timeout=self.config.shutdown_timeout)
         if released is not None:
-            yield self._within(released, 1.0)
+            yield self._within(released, 1.0)  # (True, or False after a second: either way on)
         # (not MultiService's stop, which stops the children all at once:
         # the bus goes first, and the store only once the bus is gone)
         service.Service.stopService(self)
@@ -382,31 +382,26 @@ class EventSourceService(service.MultiService):
             yield child.stopService()
         _forget_sigterm(self._reactor)
 
-    def _within(self, d: "defer.Deferred[Any]", timeout: float) -> "defer.Deferred[None]":
-        """Fires when ``d`` does or after ``timeout``, whichever comes first (``d`` is left alone)."""
-        result: "defer.Deferred[None]" = defer.Deferred()
+    def _within(self, d: "defer.Deferred[Any]", timeout: float) -> "defer.Deferred[bool]":
+        """
+        Fires True when ``d`` fires, or False after ``timeout``, whichever
+        comes first.  ``d`` is not cancelled on timeout (a late answer must
+        still find its Deferred), and its result is left to its own callbacks.
+        """
+        result: "defer.Deferred[bool]" = defer.Deferred()
+        result.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda _, __: False)
 
-        def done(_: object = None) -> None:
-            if timer.active():
-                timer.cancel()
+        def finished(outcome: object) -> object:
             if not result.called:
-                result.callback(None)
-        timer = self._reactor.callLater(timeout, done)
-        d.addBoth(done)
+                result.callback(True)
+            return outcome
+
+        d.addBoth(finished)
         return result
 
     def _wait_for_persists(self, timeout: float) -> "defer.Deferred[bool]":
         """Fires True once every persist in flight is answered, False after ``timeout``."""
-        result: "defer.Deferred[bool]" = defer.Deferred()
-        result.addTimeout(timeout, self._reactor, onTimeoutCancel=lambda _, __: False)
-
-        def finished(_: object) -> None:
-            if not result.called:
-                result.callback(True)
-
-        # (not cancelled on timeout: a late answer must still find its Deferred)
-        defer.DeferredList(list(self._persists)).addCallback(finished)
-        return result
+        return self._within(defer.DeferredList(list(self._persists)), timeout)
 
     # -- messages in ------------------------------------------------------
 
@@ -642,7 +637,8 @@ class EventSourceService(service.MultiService):
         if plan.ignored:
             log.debug("persist for {channel}: ignored document fields {ignored}",
                       channel=channel, ignored=wire.truncate(repr(plan.ignored)))
-        # (counted and timed in the answer's own callbacks: no pass-through callback)
+        # (counted and timed in the answer's own callbacks, once the answer
+        # is out: no pass-through callback, and a count cannot hold an answer back)
         taken = (self._reactor.seconds(), len(plan.rows))
         if version == 2:
             d = self.store.append(plan)
@@ -657,10 +653,10 @@ class EventSourceService(service.MultiService):
 
     def _persisted(self, result: Tuple[int, int], channel: str,
                    taken: Tuple[float, int]) -> None:
-        self.stats.persist_answered(*taken)
         affected, insert_id = result
         self.publish(channel, wire.encode_ok_packet(affected, insert_id))
         self.publish(channel, wire.END_BODY)
+        self.stats.persist_answered(*taken)
 
     def _persist_failed(self, failure: Failure, channel: str) -> None:
         self.stats.persist_failed(failure)
@@ -673,11 +669,11 @@ class EventSourceService(service.MultiService):
 
     def _appended(self, result: appends.Appended, channel: str,
                   taken: Tuple[float, int]) -> None:
-        self.stats.persist_answered(taken[0], taken[1], result.duplicate)
         self.publish(channel, wire.encode_appended(
             [(appends.format_event_id(e.event_id), e.pid, e.version, e.position)
              for e in result.events], result.duplicate))
         self.publish(channel, wire.END_BODY)
+        self.stats.persist_answered(taken[0], taken[1], result.duplicate)
 
     def _append_failed(self, failure: Failure, channel: str) -> None:
         self.stats.persist_failed(failure)

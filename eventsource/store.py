@@ -327,26 +327,29 @@ def finish_upgrade(txn: Txn, table: str) -> Optional[int]:
     return None
 
 
+def _keyset_layout(plan: SelectPlan) -> Tuple[bool, Optional[int]]:
+    """
+    How a page's rows carry the keyset: ``(strip, at)``.  A keyset plan
+    whose outputs hold the keyset column reads it there (``at``: its
+    place); another reads its own ``__keyset`` last column, stripped before
+    encoding (``at`` -1); an offset page has none (``at`` None).
+    """
+    if not plan.keyset:
+        return False, None
+    if plan.keyset_index is not None:
+        return False, plan.keyset_index
+    return True, -1
+
+
 def _encode_page(txn: Txn, plan: SelectPlan,
                  checked_json: bool = False) -> Tuple[List[str], Optional[int]]:
     """Encode the rows of the last statement; returns ``(bodies, last_keyset)``."""
+    strip, at = _keyset_layout(plan)
     names = [column[0] for column in txn.description]
     rows = txn.fetchall()
-    last = None
-    if plan.keyset and plan.keyset_index is not None:
-        encode = plan.row_encoder(names, checked_json)
-        bodies = [encode(row) for row in rows]
-        if rows:
-            last = rows[-1][plan.keyset_index]
-    elif plan.keyset:
-        encode = plan.row_encoder(names[:-1], checked_json)
-        bodies = [encode(row[:-1]) for row in rows]
-        if rows:
-            last = rows[-1][-1]
-    else:
-        encode = plan.row_encoder(names, checked_json)
-        bodies = [encode(row) for row in rows]
-    return bodies, last
+    encode = plan.row_encoder(names[:-1] if strip else names, checked_json)
+    bodies = [encode(row[:-1]) for row in rows] if strip else [encode(row) for row in rows]
+    return bodies, rows[-1][at] if rows and at is not None else None
 
 
 def _encode_bounded(cursor: Any, plan: SelectPlan, max_bytes: int,
@@ -356,33 +359,21 @@ def _encode_bounded(cursor: Any, plan: SelectPlan, max_bytes: int,
     (so a page holds at most its budget plus one row); returns
     ``(bodies, last_keyset, cut)``, ``cut`` when rows were left unread.
     """
+    strip, at = _keyset_layout(plan)
     names = [column[0] for column in cursor.description]
-    # (the keyset: read from its own last column, stripped before encoding,
-    # or from the output that is the keyset column; none for offset pages)
-    strip_keyset = plan.keyset and plan.keyset_index is None
-    index = plan.keyset_index if plan.keyset else None
-    if strip_keyset:
-        names = names[:-1]
-    encode = plan.row_encoder(names, checked_json)
+    encode = plan.row_encoder(names[:-1] if strip else names, checked_json)
     bodies: List[str] = []
     append = bodies.append
     total = 0
-    last = None
+    row = None
     for row in cursor.fetchall_unbuffered():
-        if strip_keyset:
-            body = encode(row[:-1])
-            last = row[-1]
-        elif index is not None:
-            body = encode(row)
-            last = row[index]
-        else:
-            body = encode(row)
+        body = encode(row[:-1] if strip else row)
         append(body)
         total += len(body)
         if total >= max_bytes:
             # (whether more rows follow is left unread: the next page tells)
-            return bodies, last, True
-    return bodies, last, False
+            return bodies, None if at is None else row[at], True
+    return bodies, None if at is None or row is None else row[at], False
 
 
 def _high_water(txn: Txn, table: str, statement_time: float = 0) -> int:

@@ -38,7 +38,7 @@ import time
 
 import pymysql
 
-from tests.support import free_port
+from tests.support import free_port, sql_on
 
 #: where Debian's galera-4 puts the wsrep provider
 GALERA_PROVIDERS = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so")
@@ -258,13 +258,7 @@ class GaleraNode(LoggedProcess):
 
     def sql(self, statement, params=None, database=None):
         """Run one statement; all its rows."""
-        connection = self.connect(database)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(statement, params)
-                return cursor.fetchall()
-        finally:
-            connection.close()
+        return sql_on(self.connect(database), statement, params)
 
     def status(self, name):
         """A ``wsrep`` status variable, or None while the node does not answer."""

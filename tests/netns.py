@@ -40,7 +40,7 @@ import time
 import pymysql
 
 from tests.clusters import LoggedProcess, RedisProcess, _user_exists, kill_group, spawn, wait_for
-from tests.support import free_port
+from tests.support import free_port, sql_on
 
 #: every namespace of these tests is named so
 PREFIX = "es-part-"
@@ -256,14 +256,9 @@ class LocalMariaDB(LoggedProcess):
 
     def sql(self, statement, params=None):
         """One statement over TCP (the host's own route to ``host``); all its rows."""
-        connection = pymysql.connect(host=self.host, port=self.port, user="root", password="",
-                                     autocommit=True, connect_timeout=5, charset="utf8mb4")
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(statement, params)
-                return cursor.fetchall()
-        finally:
-            connection.close()
+        return sql_on(pymysql.connect(host=self.host, port=self.port, user="root", password="",
+                                      autocommit=True, connect_timeout=5, charset="utf8mb4"),
+                      statement, params)
 
 
     def stop(self):

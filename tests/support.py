@@ -186,9 +186,15 @@ def free_port():
 def sql(statement, params=None, database=None):
     """Run one statement on a fresh connection; returns all rows."""
     connection = pymysql.connect(database=database, autocommit=True, **MYSQL)
+    return sql_on(connection, statement, params, "SET time_zone = '+00:00'")
+
+
+def sql_on(connection, statement, params=None, *before):
+    """Run ``before`` and one statement on ``connection``, then close it; all its rows."""
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SET time_zone = '+00:00'")
+            for setting in before:
+                cursor.execute(setting)
             cursor.execute(statement, params)
             return cursor.fetchall()
     finally:

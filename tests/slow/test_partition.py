@@ -501,25 +501,12 @@ class PartitionTests(TestCase):
                 cursor.execute(f"INSERT INTO {self.table} (pid, domain, name, data, version, "
                                "event_id) VALUES (%s, 'd', 'n', '{}', 0, %s)",
                                (pid, uuid.uuid4().bytes))
-                # (INNODB_TRX is a cache MariaDB refreshes at most every 0.1 s:
-                # the new transaction may take that long to show)
-                found = None
-                for _ in range(40):
-                    cursor.execute("SELECT trx_id FROM information_schema.INNODB_TRX "
-                                   "WHERE trx_mysql_thread_id = CONNECTION_ID()")
-                    found = cursor.fetchone()
-                    if found is not None:
-                        break
-                    time.sleep(0.05)
-                if found is None:
-                    raise AssertionError("the holding transaction never showed in INNODB_TRX")
-                holder_trx = found[0]
             event = NewEvent("d", "n", {"blocked": attempt}, event_id=uuid.uuid4())
             appended = self.client.append(pid, [event])
             appended.addCallback(self._extra_acknowledged, event, pid)
             self.extra_appends.append(appended)
             waiting = yield threads.deferToThread(
-                wait_for_host, mariadb, holder_trx, timeout=CLIENT_TIMEOUT)
+                wait_for_host, mariadb, holder.thread_id(), timeout=CLIENT_TIMEOUT)
             if waiting == b_host:
                 cut_at = link.cut()
                 yield sleep(0.3)
@@ -543,19 +530,22 @@ class PartitionTests(TestCase):
         return result
 
 
-def wait_for_host(mariadb, holder_trx, timeout):
+def wait_for_host(mariadb, holder_thread, timeout):
     """
-    The address of the client whose transaction waits for ``holder_trx``'s
-    lock (a replica's append), once one does; None after ``timeout``.
-    Blocking.
+    The address of the client whose transaction waits for a lock of the
+    transaction of connection ``holder_thread`` (a replica's append), once
+    one does; None after ``timeout``.  Blocking.  (The holder is found by
+    its connection in the same snapshot of INNODB_TRX as the waiter: looked
+    up alone beforehand, a new transaction may not show there yet.)
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = mariadb.sql(
             "SELECT p.HOST FROM information_schema.INNODB_LOCK_WAITS w "
             "JOIN information_schema.INNODB_TRX t ON t.trx_id = w.requesting_trx_id "
+            "JOIN information_schema.INNODB_TRX b ON b.trx_id = w.blocking_trx_id "
             "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
-            "WHERE w.blocking_trx_id = %s", (holder_trx,))
+            "WHERE b.trx_mysql_thread_id = %s", (holder_thread,))
         if rows:
             return rows[0][0].rsplit(":", 1)[0]
         time.sleep(0.05)

@@ -461,14 +461,14 @@ class TopologyTests(TestCase):
             pressure = press()
 
             def busiest():
-                return max((self.metric(s, "eventsource_persists_in_flight"), -i)
-                           for i, s in enumerate(self.servers))
+                in_flight = [self.metric(s, "eventsource_persists_in_flight")
+                             for s in self.servers]
+                return self.servers[in_flight.index(max(in_flight))]
 
             attempts = 0
             for _ in range(60):
                 attempts += 1
-                _, index = yield threads.deferToThread(busiest)
-                server = self.servers[-index]
+                server = yield threads.deferToThread(busiest)
                 killed_at = time.monotonic()
                 server.send(signal.SIGSTOP)
                 yield sleep(0.5)
